@@ -1,0 +1,71 @@
+"""
+Speed of GPT-2 weight loading: CRC32C throughput (minidpo.tf_bundle's lane-parallel numpy version against the
+byte-at-a-time table and, for scale, zlib's C crc32 of a different polynomial) and load_gpt2 of a random GPT-2 124M
+in the OpenAI tensor-bundle layout and in HF safetensors layout.
+
+    python bench/weights_speed.py
+"""
+
+import os
+import platform
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+from minidpo.model import GPT, GPTConfig  # noqa: E402
+from minidpo.tf_bundle import crc32c, crc32c_bytewise  # noqa: E402
+from minidpo.weights import LINEAR, load_gpt2, openai_name, save_hf  # noqa: E402
+from test_tf_bundle import write_bundle  # noqa: E402  (the tests' reference writer of TF bundles)
+
+
+def timed(fn, *args, **kw) -> float:
+    t = time.perf_counter()
+    fn(*args, **kw)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    print(f"{platform.platform()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}, numpy {np.__version__}")
+    data = np.random.default_rng(0).integers(0, 256, 256 << 20, dtype=np.uint8)
+    crc32c(data[:1 << 20])  # build the tables once
+    for name, n, fn in [("crc32c lane-parallel numpy", data.size, lambda: crc32c(data)),
+                        ("crc32c byte-at-a-time", 4 << 20, lambda: crc32c_bytewise(data[:4 << 20].tobytes())),
+                        ("zlib.crc32 (C, not crc32c)", data.size, lambda: zlib.crc32(data))]:
+        dt = timed(fn)
+        print(f"{name:30s} {n / dt / 1e6:8.1f} MB/s  ({dt / (n / 497_759_232):6.2f} s per 124M data file)")
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig())
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        tf_dir, hf_dir = d / "openai", d / "hf"
+        tf_dir.mkdir()
+        state = {}
+        for k, v in model.state_dict().items():
+            if k == "lm_head.weight":
+                continue
+            state[openai_name(k)] = v.t().unsqueeze(0).contiguous() if k.endswith(LINEAR) else v
+        write_bundle(tf_dir / "model.ckpt", state)
+        (tf_dir / "hparams.json").write_text('{"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, '
+                                             '"n_layer": 12}')
+        save_hf(model, hf_dir)
+        load_gpt2(hf_dir)  # first use of the meta device costs ~2 s of one-time PyTorch setup; keep it out
+        for label, src, kw in [("openai bundle", tf_dir, {}), ("openai bundle, verify=True", tf_dir, {"verify": True}),
+                               ("hf safetensors", hf_dir, {})]:
+            dt = min(timed(load_gpt2, src, **kw) for _ in range(2))
+            print(f"load_gpt2 124M, {label:28s} {dt:6.2f} s")
+        loaded = load_gpt2(tf_dir, verify=True)
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""
+Typed configuration from dataclasses, with command-line overrides.
+
+Every field of a dataclass is a flag: `beta: float = 0.1` becomes `--beta 0.1` (or `--beta=0.1`); underscores may
+be written as dashes. A bool takes `--flag`, `--no-flag` or `--flag true|false`. `str | None` fields take `none`.
+An unknown flag is rejected with the closest valid name; a value that does not parse as the field's type is rejected
+naming the flag, the type and the value. Presets are plain dicts of overrides applied before the command line.
+
+This replaces nanoGPT's exec()-based configurator: nothing from the command line is ever executed, and a typo fails
+loudly instead of silently creating a new global.
+"""
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A bad flag or value; the message is meant to be shown to the user as is."""
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def parse_value(flag: str, raw: str, typ: Any) -> Any:
+    """Convert the string `raw` to `typ` (bool, int, float, str, Optional[...] of those)."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if raw.lower() in ("none", "null") and len(args) < len(typing.get_args(typ)):
+            return None
+        if len(args) == 1:
+            return parse_value(flag, raw, args[0])
+    if typ is bool:
+        low = raw.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{flag} expects true or false, got {raw!r}")
+    if typ is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"--{flag} expects an integer, got {raw!r}") from None
+    if typ is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"--{flag} expects a number, got {raw!r}") from None
+    if typ is str:
+        return raw
+    raise ConfigError(f"--{flag}: unsupported field type {typ}")
+
+
+def closest(name: str, choices: list[str]) -> str:
+    match = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return f"; did you mean --{match[0]}?" if match else ""
+
+
+def parse_overrides(argv: list[str], types_by_name: dict[str, Any]) -> dict[str, Any]:
+    """Turn ['--beta', '0.2', '--no-sft', ...] into {'beta': 0.2, 'sft': False, ...}."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected argument {arg!r}: options look like --name value")
+        key, eq, raw = arg[2:].partition("=")
+        name = key.replace("-", "_")
+        negated = False
+        if name not in types_by_name and name.startswith("no_") and types_by_name.get(name[3:]) is bool:
+            name, negated = name[3:], True
+        if name not in types_by_name:
+            flags = [n.replace("_", "-") for n in types_by_name]
+            raise ConfigError(f"unknown option --{key}{closest(key.replace('_', '-'), flags)}")
+        typ = types_by_name[name]
+        flag = name.replace("_", "-")
+        if negated:
+            if eq:
+                raise ConfigError(f"--no-{flag} takes no value")
+            out[name] = False
+        elif eq:
+            out[name] = parse_value(flag, raw, typ)
+        elif typ is bool and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            out[name] = True  # a bare boolean flag
+        else:
+            if i + 1 == len(argv):
+                raise ConfigError(f"--{flag} needs a value")
+            i += 1
+            out[name] = parse_value(flag, argv[i], typ)
+        i += 1
+    return out
+
+
+def build_config(cls: type[T], argv: list[str], presets: dict[str, dict[str, Any]] | None = None,
+                 preset_flag: str = "preset") -> T:
+    """Defaults, then the preset named by --preset (if any), then every other flag, then cls.validate()."""
+    types_by_name = field_types(cls)
+    overrides = parse_overrides(argv, types_by_name)
+    values: dict[str, Any] = {}
+    if presets is not None and overrides.get(preset_flag) is not None:
+        name = overrides[preset_flag]
+        if name not in presets:
+            raise ConfigError(f"--{preset_flag} must be one of {', '.join(presets)}, got {name!r}")
+        values.update(presets[name])
+    values.update(overrides)
+    cfg = cls(**values)
+    validate = getattr(cfg, "validate", None)
+    if validate is not None:
+        validate()
+    return cfg
+
+
+def help_text(cls: type, doc: str = "") -> str:
+    lines = [doc.strip(), "", "options (default in brackets):"] if doc else ["options (default in brackets):"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else "required"
+        lines.append(f"  --{f.name.replace('_', '-'):<24} [{default}]")
+    return "\n".join(lines)
+
+
+def save_config(cfg: Any, path: Path) -> None:
+    path.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")

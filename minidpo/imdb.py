@@ -1,0 +1,242 @@
+"""
+The IMDb movie-review corpus, read straight from Stanford's tarball or its extracted directory.
+
+Reference: Maas et al. 2011, "Learning Word Vectors for Sentiment Analysis" (ACL), which released the
+Large Movie Review Dataset v1.0 (https://ai.stanford.edu/~amaas/data/sentiment/). The DPO paper
+(Rafailov et al. 2023, sec. 6.1) uses its reviews as prompts for controlled sentiment generation.
+
+Stanford's layout, inside `aclImdb_v1.tar.gz`:
+
+    aclImdb/{train,test}/{pos,neg}/<id>_<rating>.txt    rating 7-10 for pos, 1-4 for neg
+    aclImdb/train/unsup/<id>_0.txt                      unlabelled, rating 0
+    aclImdb/README, aclImdb/imdb.vocab, aclImdb/{train,test}/urls_*.txt, ...  (ignored here)
+
+A gzip stream cannot be seeked, so the tarball is read in ONE sequential pass (`tarfile` mode "r|gz")
+that keeps only the wanted members; nothing is extracted to disk.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from minidpo.download import cache_dir, download_file  # one shared downloader and cache location
+
+IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
+# published size and sha256 of Stanford's archive (the same values tfds and torchtext pin)
+IMDB_SIZE = 84_125_825
+IMDB_SHA256 = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe"
+IMDB_FILENAME = "aclImdb_v1.tar.gz"
+# ~1,000 reviews cut from the full set by scripts/make_imdb_sample.py; see data/README.md
+IMDB_SAMPLE_PATH = Path(__file__).resolve().parent.parent / "data" / "imdb_sample.tar.gz"
+
+SPLITS = ("train", "test")
+LABELS = ("pos", "neg", "unsup")
+RATINGS = {"pos": range(7, 11), "neg": range(1, 5), "unsup": range(0, 1)}
+_NAME_RE = re.compile(r"(\d+)_(\d+)\.txt")
+_BR_RE = re.compile(r"<br\s*/?>", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Review:
+    id: int  # unique within (split, label), not across them
+    rating: int  # 1-10 stars; 0 for unsup
+    label: str  # "pos" | "neg" | "unsup"
+    split: str  # "train" | "test"
+    text: str  # `<br />` already turned into "\n"
+
+
+# -----------------------------------------------------------------------------
+# member names and text
+
+
+def parse_member(name: str) -> tuple[str, str, int, int] | None:
+    """Map a path like 'aclImdb/train/pos/12_8.txt' to ("train", "pos", 12, 8).
+
+    Returns None for members outside {train,test}/{pos,neg,unsup}/ (README, vocab, urls, .feat files).
+    Raises ValueError naming the member when a review path breaks the layout or the rating rule.
+    """
+    parts = name.replace("\\", "/").strip("/").split("/")
+    if parts and parts[0] == ".":
+        parts = parts[1:]
+    if parts and parts[0] == "aclImdb":
+        parts = parts[1:]
+    if len(parts) < 3 or parts[0] not in SPLITS or parts[1] not in LABELS:
+        return None
+    filename = parts[2] if len(parts) == 3 else "/".join(parts[2:])
+    return check_review_name(parts[0], parts[1], filename, name)
+
+
+def check_review_name(split: str, label: str, filename: str, name: str) -> tuple[str, str, int, int]:
+    """Validate `<id>_<rating>.txt` in split/label/ against the layout and rating rule; errors name `name`."""
+    m = _NAME_RE.fullmatch(filename)
+    if m is None:
+        raise ValueError(f"IMDB member {name!r}: expected {split}/{label}/<id>_<rating>.txt")
+    if split == "test" and label == "unsup":
+        raise ValueError(f"IMDB member {name!r}: Stanford's layout has unsup reviews only in train/")
+    review_id, rating = int(m.group(1)), int(m.group(2))
+    if rating not in RATINGS[label]:
+        allowed = RATINGS[label]
+        raise ValueError(
+            f"IMDB member {name!r}: rating {rating} breaks the rule for {label!r} "
+            f"(expected {allowed.start}-{allowed.stop - 1})"
+        )
+    return split, label, review_id, rating
+
+
+def clean_text(raw: bytes, name: str) -> str:
+    """Decode a review file and turn its HTML line breaks into newlines.
+
+    Naive equivalent: raw.decode("utf-8").replace("<br />", "\\n") (also catches '<br>' and '<br/>').
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"IMDB member {name!r}: not valid UTF-8 ({e})") from None
+    return _BR_RE.sub("\n", text)
+
+
+# -----------------------------------------------------------------------------
+# raw readers: yield (member name, split, label, id, rating, bytes) for the wanted (split, label) pairs
+
+
+RawReview = tuple[str, str, str, int, int, bytes]
+
+
+def _iter_tarball(path: Path, wanted: set[tuple[str, str]]) -> Iterator[RawReview]:
+    # one sequential pass over the gzip stream; members we do not want are skipped without reading
+    try:
+        with tarfile.open(path, mode="r|gz") as tf:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                parsed = parse_member(member.name)
+                if parsed is None or (parsed[0], parsed[1]) not in wanted:
+                    continue
+                f = tf.extractfile(member)
+                assert f is not None  # isfile() members always have a payload
+                yield (member.name, *parsed, f.read())
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ValueError(f"IMDB tarball {str(path)!r} is unreadable or truncated: {e}") from None
+
+
+def _iter_directory(root: Path, wanted: set[tuple[str, str]]) -> Iterator[RawReview]:
+    # root is the extracted `aclImdb` directory
+    for split, label in sorted(wanted):
+        folder = root / split / label
+        if not folder.is_dir():
+            raise ValueError(f"IMDB directory {str(root)!r}: missing {split}/{label}/ (Stanford's layout)")
+        for path in sorted(folder.iterdir()):
+            parsed = check_review_name(split, label, path.name, str(path))
+            yield (str(path), *parsed, path.read_bytes())
+
+
+def resolve_source(source: str | os.PathLike) -> tuple[str, Path]:
+    """Classify `source` as ("tarball", file) or ("dir", the aclImdb directory)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return "tarball", path
+    if path.is_dir():
+        if any((path / s).is_dir() for s in SPLITS):
+            return "dir", path
+        if (path / "aclImdb").is_dir():
+            return "dir", path / "aclImdb"
+        raise ValueError(
+            f"IMDB source {str(path)!r}: expected the aclImdb directory (with train/ and test/) or its parent"
+        )
+    raise FileNotFoundError(
+        f"IMDB source {str(path)!r} does not exist; expected {IMDB_FILENAME}, an extracted aclImdb dir, "
+        f"or its parent (download it with minidpo.imdb.download_imdb)"
+    )
+
+
+def iter_raw_reviews(source: str | os.PathLike, wanted: Iterable[tuple[str, str]]) -> Iterator[RawReview]:
+    """Yield every review file of the wanted (split, label) pairs as raw bytes, in storage order."""
+    wanted = set(wanted)
+    kind, path = resolve_source(source)
+    if kind == "tarball":
+        yield from _iter_tarball(path, wanted)
+    else:
+        yield from _iter_directory(path, wanted)
+
+
+# -----------------------------------------------------------------------------
+# public API
+
+
+def load_imdb(
+    source: str | os.PathLike, split: str = "train", labels: Iterable[str] = ("pos", "neg")
+) -> list[Review]:
+    """Read one split of IMDb as Reviews sorted by (position of label in `labels`, id).
+
+    `source` is `aclImdb_v1.tar.gz` (or the shipped sample tarball), the extracted `aclImdb` directory,
+    or its parent. `labels` is any subset of ("pos", "neg", "unsup"); "unsup" exists only in train.
+    """
+    labels = tuple(labels)
+    if split not in SPLITS:
+        raise ValueError(f"load_imdb: split={split!r}, expected one of {SPLITS}")
+    bad = [lab for lab in labels if lab not in LABELS]
+    if bad or not labels or len(set(labels)) != len(labels):
+        raise ValueError(f"load_imdb: labels={labels!r}, expected distinct values from {LABELS}")
+    if split == "test" and "unsup" in labels:
+        raise ValueError("load_imdb: split='test' has no 'unsup' reviews (they are in train only)")
+
+    order = {lab: i for i, lab in enumerate(labels)}
+    seen: dict[tuple[str, int], str] = {}
+    reviews = []
+    for name, sp, label, review_id, rating, raw in iter_raw_reviews(source, [(split, lab) for lab in labels]):
+        if (label, review_id) in seen:
+            raise ValueError(f"IMDB member {name!r}: duplicate id {review_id} (also in {seen[label, review_id]!r})")
+        seen[label, review_id] = name
+        reviews.append(Review(review_id, rating, label, sp, clean_text(raw, name)))
+
+    missing = [lab for lab in labels if lab not in {r.label for r in reviews}]
+    if missing:
+        raise ValueError(f"IMDB source {str(source)!r}: no reviews found under {split}/{missing[0]}/")
+    reviews.sort(key=lambda r: (order[r.label], r.id))
+    return reviews
+
+
+def default_imdb_source(verbose: bool = True) -> Path:
+    """The full set `<cache>/aclImdb_v1.tar.gz` if it was downloaded, else the ~1,000-review shipped sample.
+
+    With verbose=True it says on stderr which one was picked, since results on the sample are not
+    comparable to the paper's.
+    """
+    full = cache_dir() / IMDB_FILENAME
+    if full.is_file():
+        if verbose:
+            print(f"imdb: using the full set at {full}", file=sys.stderr)
+        return full
+    if verbose:
+        print(
+            f"imdb: {full} not found, using the shipped sample {IMDB_SAMPLE_PATH} (~1,000 reviews); "
+            f"run `python -c 'import minidpo.imdb as m; m.download_imdb()'` for the full set",
+            file=sys.stderr,
+        )
+    return IMDB_SAMPLE_PATH
+
+
+def download_imdb(dest: str | os.PathLike | None = None, url: str = IMDB_URL) -> Path:
+    """Download aclImdb_v1.tar.gz to `dest` (a file path or a directory; default: the cache dir).
+
+    The work (progress bar, resume, length check, atomic rename, offline error) is done by
+    minidpo.download.download_file. The published size and sha256 are only checked for Stanford's URL,
+    so `url` can point at a mirror or a test server.
+    """
+    dest = Path(dest).expanduser() if dest is not None else cache_dir()
+    if dest.is_dir() or dest.suffix == "":
+        dest = dest / IMDB_FILENAME
+    official = url == IMDB_URL
+    return download_file(
+        url,
+        dest,
+        expected_size=IMDB_SIZE if official else None,
+        sha256=IMDB_SHA256 if official else None,
+        desc="IMDB",
+    )

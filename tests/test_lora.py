@@ -1,0 +1,313 @@
+"""Tests for minidpo/lora.py: the LoRA math, merging, disabling (the DPO reference), freezing, save/load, export."""
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minidpo.lora import (LoRALinear, adapters_are_zero, apply_lora, export_peft, lora_disabled, lora_layers,
+                          lora_parameters, lora_state_dict, load_lora, merge_and_unwrap, merge_lora,
+                          remove_lora, save_lora, unmerge_lora)
+from minidpo.model import GPT, GPTConfig
+from minidpo.safetensors import load_file, read_header, save_file
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=32)
+ALL_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def tiny_gpt(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**TINY)).eval()
+
+
+def tokens(seed: int = 1, B: int = 2, T: int = 12) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, TINY["vocab_size"], (B, T), generator=g)
+
+
+def randomize_lora(model: nn.Module, seed: int = 2, std: float = 0.1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def lora_gpt(targets=("attn.c_attn",), rank: int = 4, seed: int = 0) -> tuple[GPT, GPT]:
+    """(base copy, model with random non-zero adapters)."""
+    base = tiny_gpt(seed)
+    model = apply_lora(copy.deepcopy(base), rank=rank, alpha=8, targets=targets)
+    randomize_lora(model)
+    return base, model
+
+
+# ---------------------------------------------------------------------------------------------- LoRALinear math
+
+@settings(max_examples=30, deadline=None)
+@given(in_f=st.integers(1, 24), out_f=st.integers(1, 24), rank=st.integers(1, 8),
+       alpha=st.floats(0.5, 32.0), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_lora_linear_output_equals_naive_formula(in_f, out_f, rank, alpha, bias, seed):
+    torch.manual_seed(seed)
+    base = nn.Linear(in_f, out_f, bias=bias).double()
+    layer = LoRALinear(base, rank, alpha)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 5, in_f, dtype=torch.float64)
+    naive = x @ base.weight.T + (base.bias if bias else 0) + x @ layer.lora_A.T @ layer.lora_B.T * (alpha / rank)
+    torch.testing.assert_close(layer(x), naive, rtol=1e-10, atol=1e-10)
+
+
+@settings(max_examples=30, deadline=None)
+@given(in_f=st.integers(1, 24), out_f=st.integers(1, 24), rank=st.integers(1, 8), seed=st.integers(0, 2**16))
+def test_merge_unmerge_round_trip_restores_weight_and_output(in_f, out_f, rank, seed):
+    torch.manual_seed(seed)
+    layer = LoRALinear(nn.Linear(in_f, out_f), rank, alpha=2.0 * rank)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.1)
+    w0 = layer.base.weight.detach().clone()
+    x = torch.randn(4, in_f)
+    y = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), y, rtol=0, atol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base.weight, w0, rtol=0, atol=1e-6)
+
+
+def test_lora_init_is_kaiming_uniform_A_and_zero_B():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(64, 48), rank=16, alpha=32)
+    assert layer.lora_A.shape == (16, 64) and layer.lora_B.shape == (48, 16)
+    assert torch.equal(layer.lora_B, torch.zeros(48, 16))
+    bound = 1 / 64 ** 0.5  # kaiming_uniform with a=sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert layer.lora_A.abs().max() <= bound and layer.lora_A.abs().max() > 0.8 * bound
+
+
+def test_lora_dropout_applies_to_the_adapter_branch_only():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(8, 8), rank=2, alpha=4, dropout=1.0).train()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 8)
+    assert torch.equal(layer(x), layer.base(x))  # dropout p=1 zeroes the adapter input, not the base input
+    assert not torch.equal(layer.eval()(x), layer.base(x))
+
+
+def test_weight_and_bias_properties_point_at_base():
+    layer = LoRALinear(nn.Linear(8, 6), rank=2, alpha=4)
+    assert layer.weight is layer.base.weight and layer.bias is layer.base.bias
+    assert (layer.in_features, layer.out_features) == (8, 6)
+
+
+@pytest.mark.parametrize("kwargs", [dict(rank=0, alpha=1), dict(rank=2, alpha=0), dict(rank=2, alpha=1, dropout=1.5)])
+def test_lora_linear_rejects_bad_hyperparameters(kwargs):
+    with pytest.raises(ValueError):
+        LoRALinear(nn.Linear(4, 4), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- on the GPT
+
+def test_zero_B_gives_base_outputs_exactly():
+    base = tiny_gpt()
+    model = apply_lora(copy.deepcopy(base), rank=4, alpha=8, targets=ALL_TARGETS)
+    idx = tokens()
+    assert torch.equal(model(idx), base(idx))
+    assert adapters_are_zero(model)
+
+
+def test_nonzero_B_changes_outputs():
+    base, model = lora_gpt()
+    assert not adapters_are_zero(model)
+    assert (model(tokens()) - base(tokens())).abs().max() > 1e-4
+
+
+def test_apply_lora_names_base_weight_under_base():
+    _, model = lora_gpt()
+    keys = set(model.state_dict())
+    assert "transformer.h.0.attn.c_attn.base.weight" in keys
+    assert "transformer.h.0.attn.c_attn.lora_A" in keys and "transformer.h.1.attn.c_attn.lora_B" in keys
+    assert "transformer.h.0.attn.c_attn.weight" not in keys
+
+
+def test_merge_then_forward_equals_unmerged_forward():
+    _, model = lora_gpt(targets=ALL_TARGETS)
+    idx = tokens()
+    y = model(idx)
+    merge_lora(model)
+    assert all(layer.merged for layer in lora_layers(model).values())
+    torch.testing.assert_close(model(idx), y, rtol=0, atol=1e-5)
+    merge_lora(model)  # a second merge must not add the delta again
+    torch.testing.assert_close(model(idx), y, rtol=0, atol=1e-5)
+
+
+def test_unmerge_restores_base_weights():
+    base, model = lora_gpt(targets=ALL_TARGETS)
+    merge_lora(model)
+    assert (model.transformer.h[0].attn.c_attn.base.weight - base.transformer.h[0].attn.c_attn.weight).abs().max() > 0
+    unmerge_lora(model)
+    for name, layer in lora_layers(model).items():
+        torch.testing.assert_close(layer.base.weight, base.get_submodule(name).weight, rtol=0, atol=1e-6)
+
+
+def test_outputs_inside_lora_disabled_equal_base_and_adapter_returns_after():
+    base, model = lora_gpt(targets=ALL_TARGETS)
+    idx = tokens()
+    y = model(idx)
+    with lora_disabled(model):
+        assert torch.equal(model(idx), base(idx))
+    assert torch.equal(model(idx), y)
+
+
+def test_lora_disabled_restores_flags_after_an_exception():
+    _, model = lora_gpt()
+    with pytest.raises(ZeroDivisionError):
+        with lora_disabled(model):
+            1 / 0
+    assert not any(layer.disabled for layer in lora_layers(model).values())
+
+
+def test_lora_disabled_refuses_a_merged_model():
+    _, model = lora_gpt()
+    merge_lora(model)
+    with pytest.raises(RuntimeError, match="unmerge_lora"):
+        with lora_disabled(model):
+            pass
+
+
+def test_lora_disabled_refuses_a_model_without_lora():
+    with pytest.raises(ValueError, match="apply_lora"):
+        with lora_disabled(tiny_gpt()):
+            pass
+
+
+@pytest.mark.parametrize("targets", [("attn.c_attn",), ALL_TARGETS])
+def test_only_lora_parameters_require_grad_and_count_matches_formula(targets):
+    _, model = lora_gpt(targets=targets, rank=4)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith((".lora_A", ".lora_B")) for n in trainable)
+    expected = sum(4 * (layer.in_features + layer.out_features) for layer in lora_layers(model).values())
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+    assert sum(p.numel() for p in lora_parameters(model)) == expected
+    assert len(lora_layers(model)) == TINY["n_layer"] * len(targets)
+
+
+def test_backward_reaches_only_lora_parameters():
+    _, model = lora_gpt()
+    model(tokens()).logsumexp(-1).sum().backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, name
+    assert all(p.grad.abs().sum() > 0 for p in lora_parameters(model))
+
+
+def test_apply_lora_without_match_names_targets_and_available_modules():
+    with pytest.raises(ValueError, match=r"attn\.nope.*c_attn"):
+        apply_lora(tiny_gpt(), targets=("attn.nope",))
+
+
+def test_apply_lora_matches_whole_name_components_only():
+    with pytest.raises(ValueError, match="no module"):
+        apply_lora(tiny_gpt(), targets=("_attn",))  # a suffix of "c_attn", but not a dotted component
+
+
+def test_apply_lora_refuses_non_linear_and_tied_targets():
+    with pytest.raises(TypeError, match="nn.Linear"):
+        apply_lora(tiny_gpt(), targets=("ln_1",))
+    with pytest.raises(ValueError, match="tied"):
+        apply_lora(tiny_gpt(), targets=("lm_head",))
+
+
+def test_apply_lora_refuses_a_model_that_already_has_lora():
+    _, model = lora_gpt()
+    with pytest.raises(RuntimeError, match="merge_and_unwrap"):
+        apply_lora(model)
+
+
+def test_merge_and_unwrap_restores_plain_linears_with_the_adapter_folded_in():
+    base, model = lora_gpt(targets=ALL_TARGETS)
+    idx = tokens()
+    y = model(idx)
+    merge_and_unwrap(model)
+    assert not lora_layers(model)
+    assert type(model.transformer.h[1].mlp.c_fc) is nn.Linear
+    assert set(model.state_dict()) == set(base.state_dict())
+    torch.testing.assert_close(model(idx), y, rtol=0, atol=1e-5)
+    # the SFT-then-DPO path: a fresh adapter on top, disabled == the merged SFT model
+    apply_lora(model, rank=2, alpha=4)
+    with lora_disabled(model):
+        reference = model(idx)
+    assert torch.equal(model(idx), reference)
+    torch.testing.assert_close(reference, y, rtol=0, atol=1e-5)
+
+
+def test_remove_lora_without_merge_gives_back_the_base_model():
+    base, model = lora_gpt()
+    merge_lora(model)
+    remove_lora(model, merge=False)
+    torch.testing.assert_close(model(tokens()), base(tokens()), rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+
+def test_save_load_round_trip_into_a_fresh_model(tmp_path):
+    _, model = lora_gpt(targets=("attn.c_attn", "mlp.c_fc"), rank=3)
+    save_lora(model, tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (cfg["rank"], cfg["alpha"], cfg["targets"]) == (3, 8.0, ["attn.c_attn", "mlp.c_fc"])
+    fresh = load_lora(tiny_gpt(), tmp_path / "adapter")
+    for k, v in lora_state_dict(model).items():
+        assert torch.equal(lora_state_dict(fresh)[k], v)
+    assert torch.equal(fresh(tokens()), model(tokens()))
+
+
+def test_load_lora_into_existing_adapters_overwrites_them(tmp_path):
+    _, model = lora_gpt()
+    save_lora(model, tmp_path)
+    other = apply_lora(tiny_gpt(), rank=4, alpha=8)
+    load_lora(other, tmp_path)
+    assert torch.equal(other(tokens()), model(tokens()))
+
+
+def test_load_lora_rejects_wrong_shapes_and_keys(tmp_path):
+    _, model = lora_gpt(rank=4)
+    save_lora(model, tmp_path)
+    sd = lora_state_dict(model)
+    key = "transformer.h.0.attn.c_attn.lora_A"
+    save_file({**sd, key: torch.zeros(4, 31)}, tmp_path / "adapter.safetensors")
+    with pytest.raises(ValueError, match=r"lora_A.*\(4, 31\)"):
+        load_lora(tiny_gpt(), tmp_path)
+    save_file({k: v for k, v in sd.items() if k != key}, tmp_path / "adapter.safetensors")
+    with pytest.raises(KeyError, match="missing keys"):
+        load_lora(tiny_gpt(), tmp_path)
+
+
+def test_load_lora_rejects_a_different_rank(tmp_path):
+    _, model = lora_gpt(rank=4)
+    save_lora(model, tmp_path)
+    with pytest.raises(ValueError, match="rank=4"):
+        load_lora(apply_lora(tiny_gpt(), rank=2, alpha=8), tmp_path)
+
+
+def test_load_lora_without_config_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_lora(tiny_gpt(), tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- PEFT export
+
+def test_export_peft_writes_peft_key_names_shapes_and_config(tmp_path):
+    _, model = lora_gpt(rank=4)
+    export_peft(model, tmp_path, base_model_name_or_path="gpt2")
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    C = TINY["n_embd"]
+    expected = {f"base_model.model.transformer.h.{i}.attn.c_attn.lora_{ab}.weight": shape
+                for i in range(TINY["n_layer"]) for ab, shape in (("A", (4, C)), ("B", (3 * C, 4)))}
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == expected
+    assert torch.equal(tensors["base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"],
+                       model.transformer.h[1].attn.c_attn.lora_B)
+    assert read_header(tmp_path / "adapter_model.safetensors")[0]["__metadata__"] == {"format": "pt"}
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["fan_in_fan_out"] is True
+    assert (cfg["r"], cfg["lora_alpha"], cfg["base_model_name_or_path"]) == (4, 8.0, "gpt2")
+    assert cfg["target_modules"] == [f"transformer.h.{i}.attn.c_attn" for i in range(TINY["n_layer"])]

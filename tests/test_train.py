@@ -1,0 +1,118 @@
+"""train.py end to end on the tiny preset: outputs, sampling, SIGKILL + resume, and two-process data parallelism."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from minidpo.safetensors import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["--preset", "tiny", "--num-prompts", "12", "--heldout-prompts", "4", "--eval-prompts", "4", "--steps", "8",
+         "--batch-size", "4", "--log-every", "2", "--checkpoint-every", "2", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    cache = tmp_path_factory.mktemp("cache")  # no full IMDB or GPT-2 here: the run must use what the repo ships
+    return {**os.environ, "MINIDPO_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+
+
+def run(args: list[str], env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{args} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+def adapter(out_dir: Path) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in load_file(out_dir / "adapter" / "adapter.safetensors").items()}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, env) -> tuple[Path, subprocess.CompletedProcess]:
+    out_dir = tmp_path_factory.mktemp("run") / "tiny"
+    return out_dir, run(["train.py", *SMALL, "--out-dir", str(out_dir)], env)
+
+
+def test_tiny_run_writes_summary_config_log_and_adapter(finished):
+    out_dir, proc = finished
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["model"] == "data/tiny-imdb-gpt2" and summary["data"].endswith("imdb_sample.tar.gz")
+    for key in ("reward",):
+        assert 0 <= summary["reference"][key] <= 1 and 0 <= summary["policy"][key] <= 1
+    assert summary["policy"]["kl"] >= 0
+    assert summary["train"]["steps"] == 8 and summary["train"]["tokens_per_s"] > 0
+    assert 0 <= summary["train"]["reward_accuracy"] <= 1 and summary["train"]["final_loss"] > 0
+    assert json.loads((out_dir / "config.json").read_text())["steps"] == 8
+    log = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4, 6, 8]
+    for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                 "logps/chosen", "logps/rejected", "kl", "tokens_per_s", "ms_per_step"):
+        assert name in log[-1]
+    assert "step     8/8" in proc.stdout and "tok/s" in proc.stdout and "eta" in proc.stdout
+    assert proc.stdout.count("prompt    |") == 3  # three prompts side by side
+    assert (out_dir / "adapter_peft" / "adapter_model.safetensors").is_file()
+
+
+def test_sample_py_uses_the_trained_adapter_merged_or_not(finished, env):
+    out_dir, _ = finished
+    args = ["sample.py", "--adapter", str(out_dir), "--temperature", "0", "--num-samples", "1", "--max-new-tokens",
+            "12", "--prompt", "This movie"]
+    plain = run(args, env).stdout
+    merged = run(args + ["--merged"], env).stdout
+    assert plain.split("--- sample 1")[1] == merged.split("--- sample 1")[1]
+    assert "adapter" in plain.splitlines()[0]
+
+
+def test_sigkill_then_resume_ends_with_the_same_adapter_as_an_uninterrupted_run(finished, env, tmp_path):
+    straight_dir, _ = finished
+    out_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "train.py", *SMALL, "--out-dir", str(out_dir)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out_dir / "checkpoint" / "state.pt"
+    deadline = time.time() + 500
+    try:
+        while not state.exists():
+            assert proc.poll() is None, "run ended before its first checkpoint"
+            assert time.time() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    step = torch.load(state, weights_only=True)["step"]
+    assert proc.returncode == -signal.SIGKILL and step < 8, "the kill must land mid-training"
+    assert not (out_dir / "summary.json").exists()
+    resumed = run(["train.py", "--resume", str(out_dir)], env)
+    assert f"resumed from {out_dir / 'checkpoint'} at step" in resumed.stdout
+    a, b = adapter(straight_dir), adapter(out_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_cpu_processes_train_like_one_process_with_the_combined_batch(env, tmp_path):
+    common = list(SMALL)
+    i = common.index("--batch-size")
+    one = common[:i] + ["--batch-size", "4"] + common[i + 2:]
+    two = common[:i] + ["--batch-size", "2"] + common[i + 2:]
+    run(["train.py", *one, "--out-dir", str(tmp_path / "one")], env)
+    ddp = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "train.py", *two, "--out-dir", str(tmp_path / "two")], env)
+    assert "device cpu x2" in ddp.stdout
+    assert ddp.stdout.count("step     8/8") == 1  # rank 0 logs, rank 1 does not
+    a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4)
