@@ -315,6 +315,36 @@ def write_frontier(out: Path, runs: list[dict]) -> None:
     print(f"wrote {out / 'frontier.csv'} and {out / 'frontier.png'}", flush=True)
 
 
+@torch.no_grad()
+def estimate_seconds(cfg: TrainConfig, model: GPT, device: torch.device, amp) -> dict[str, float]:
+    """Rough wall time of each phase from two probes: one forward of a DPO-shaped batch (a DPO step is about four:
+    policy forward + backward ~ 3, reference forward 1) and a short generate call (per-token decode cost)."""
+    def timed(fn) -> float:
+        fn()  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+    V = model.config.vocab_size
+    autocast = torch.autocast(device.type, dtype=amp, enabled=amp is not None)
+    ids = torch.randint(0, V, (2 * cfg.batch_size, cfg.max_length), device=device)
+    with autocast:
+        fwd = timed(lambda: model.hidden_states(ids))
+        prompt = torch.randint(0, V, (cfg.gen_batch_size, cfg.prompt_max_tokens), device=device)
+        per_token = timed(lambda: model.generate(prompt, 4, eos_id=None)) / 4
+    n_calls = math.ceil((cfg.num_prompts + cfg.heldout_prompts) * cfg.completions_per_prompt / cfg.gen_batch_size)
+    sft_fwd = fwd * cfg.sft_batch_size * cfg.sft_block_size / (2 * cfg.batch_size * cfg.max_length)
+    est = {"sft": cfg.sft_steps * 3 * sft_fwd,
+           "pairs": 0.0 if cfg.pairs_mode == "labels" else n_calls * cfg.max_new_tokens * per_token,
+           "dpo": len(cfg.betas()) * cfg.steps * cfg.grad_accum * fwd * (3 if cfg.precompute_ref else 4),
+           "eval": len(cfg.betas()) * (2 + (cfg.steps // cfg.eval_every if cfg.eval_every else 0)) *
+           math.ceil(cfg.eval_prompts / 32) * cfg.max_new_tokens * per_token}
+    return est
+
+
 def load_config(argv: list[str]) -> TrainConfig:
     cfg = build_config(TrainConfig, argv, PRESETS)
     if cfg.resume is None:
@@ -353,6 +383,10 @@ def main(argv: list[str]) -> None:
     if need > model.config.block_size or cfg.max_length > model.config.block_size:
         sys.exit(f"error: --prompt-max-tokens + --max-new-tokens ({need}) and --max-length ({cfg.max_length}) must "
                  f"fit the model's context of {model.config.block_size} tokens")
+    if cfg.resume is None:
+        est = estimate_seconds(cfg, model, device, amp)
+        say(f"[eta] about {format_seconds(sum(est.values()))} on {device} before classifier training: " +
+            ", ".join(f"{k} {format_seconds(v)}" for k, v in est.items() if v > 0))
     data_src = imdb_source(cfg.data)
     tok = Tokenizer()
     t0 = time.perf_counter()

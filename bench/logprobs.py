@@ -55,7 +55,7 @@ def make_inputs(variant: str, a: argparse.Namespace, B: int, T: int, V: int) -> 
         logits = torch.randn(B, T, V, device=dev, dtype=dtype, generator=g).requires_grad_()  # written in place
         return dict(targets=targets, leaves=[logits], logits=logits)
     hidden = torch.randn(B, T, a.C, device=dev, dtype=dtype, generator=g).requires_grad_()
-    weight = (0.02 * torch.randn(V, a.C, device=dev, dtype=dtype, generator=g)).requires_grad_(a.weight_grad)
+    weight = torch.randn(V, a.C, device=dev, dtype=dtype, generator=g).mul_(0.02).requires_grad_(a.weight_grad)
     return dict(targets=targets, leaves=[hidden, weight], hidden=hidden, weight=weight)
 
 

@@ -195,7 +195,8 @@ def load_imdb(
         seen[label, review_id] = name
         reviews.append(Review(review_id, rating, label, sp, clean_text(raw, name)))
 
-    missing = [lab for lab in labels if lab not in {r.label for r in reviews}]
+    found = {r.label for r in reviews}
+    missing = [lab for lab in labels if lab not in found]
     if missing:
         raise ValueError(f"IMDB source {str(source)!r}: no reviews found under {split}/{missing[0]}/")
     reviews.sort(key=lambda r: (order[r.label], r.id))

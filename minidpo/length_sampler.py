@@ -50,7 +50,7 @@ class LengthSampler:
         self._rng = random.Random(seed)
 
     def __call__(self) -> int:
-        return self._rng.randrange(self.min_value, self.max_value + (self.max_value == self.min_value))
+        return self._rng.randint(self.min_value, self.max_value)
 
     def sample(self, n: int) -> list[int]:
         """n independent draws (the same values n calls to the sampler would give)."""

@@ -142,6 +142,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
             logits = h[s:e] @ weight.t()  # (n, V)
             lse[s:e] = _logsumexp(logits, rows)
             target_logit[s:e] = logits.gather(1, t_safe[s:e, None]).squeeze(1)
+            del logits  # free it before the next chunk's matmul, so only one (n, V) chunk is ever alive
         logp = torch.where(valid, target_logit - lse, 0.0)
         ctx.save_for_backward(hidden, weight, lse, t_safe, valid)
         ctx.chunk_size, ctx.rows = chunk_size, rows
@@ -166,6 +167,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
                 torch.mm(logits, weight, out=grad_h[s:e])  # (n, C)
             if need_w:
                 grad_w.addmm_(logits.t().to(grad_w.dtype), h[s:e].to(grad_w.dtype))  # (V, C)
+            del logits  # as in forward: one (n, V) chunk alive at a time
         grad_hidden = grad_h.view(hidden.shape) if need_h else None
         grad_weight = grad_w.to(weight.dtype) if need_w else None
         return grad_hidden, grad_weight, None, None

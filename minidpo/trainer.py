@@ -174,19 +174,20 @@ def train_loop(
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         metric_sums: dict[str, Tensor] = {}
-        loss_sum = torch.zeros(())
+        loss_sum: Tensor | float = 0.0  # stays on the device: no host sync per micro-step
         tokens = 0
         for micro in range(cfg.grad_accum):
             loss, metrics, n_tok = step_fn(get_batch(step, micro))
             (loss / cfg.grad_accum).backward()
-            loss_sum = loss_sum + loss.detach().float().cpu() / cfg.grad_accum
+            loss_sum = loss_sum + loss.detach().float() / cfg.grad_accum
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0) + v.detach().float() / cfg.grad_accum
             tokens += n_tok
         # The one host sync per step: a NaN must stop the run before the optimizer spreads it into the weights.
-        if not math.isfinite(loss_sum.item()):
+        loss_value = loss_sum.item()
+        if not math.isfinite(loss_value):
             optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLoss(f"[{cfg.label}] loss is {loss_sum.item()} at step {step}; stopping. The last good "
+            raise NonFiniteLoss(f"[{cfg.label}] loss is {loss_value} at step {step}; stopping. The last good "
                                 f"checkpoint is kept in {checkpointer.dir if checkpointer else '(none)'}")
         average_gradients(trainable)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip > 0 else None
@@ -200,7 +201,7 @@ def train_loop(
             now = time.perf_counter()
             ms = 1000 * (now - t0)
             elapsed = now - t_log
-            last = {"step": done, "loss": loss_sum.item(), "lr": scheduler.get_last_lr()[0],
+            last = {"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                     **{k: v.item() for k, v in metric_sums.items()},
                     "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
                     "tokens_per_s": tokens_since / max(elapsed, 1e-9), "ms_per_step": ms}
