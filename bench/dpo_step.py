@@ -1,41 +1,24 @@
 """
 One DPO optimizer step, side by side: minidpo vs Hugging Face TRL's DPOTrainer + PEFT LoRA, at the same settings.
 
-Both sides train a LoRA adapter (r=8, alpha=16, dropout 0, on attn.c_attn) on the SAME weights (one random GPT-2
-124M-shaped minidpo GPT, seeded, exported with minidpo.weights.save_hf and loaded by each side) and the SAME tokens
-(every pair: P prompt tokens + C completion tokens, the last completion token <|endoftext|>), sigmoid loss, beta 0.1,
-reference = the model with the adapter disabled, AdamW (betas 0.9, 0.95, no weight decay), grad clip 1.0.
-CPU: fp32, 4 pairs of 8 + 32 tokens. CUDA: bf16 autocast over fp32 weights, 16 pairs of 8 + 248 tokens.
+Same weights (one seeded GPT-2 124M-shaped minidpo GPT, exported with minidpo.weights.save_hf, loaded by both sides),
+same tokens (pairs of P prompt + C completion tokens ending in <|endoftext|>), LoRA r=8 alpha=16 dropout 0 on c_attn,
+sigmoid loss, beta 0.1, reference = adapter disabled, AdamW (0.9, 0.95) same lr, grad clip 1.0. CPU: fp32, 4 pairs of
+8 + 32. CUDA: bf16 autocast over fp32 weights, 16 pairs of 8 + 248. Each variant runs in a fresh subprocess.
 
-What one timed step is, on each side (CUDA: synchronized at both ends):
-  minidpo  minidpo.trainer.train_loop with train.py's run_dpo step_fn (concatenated_forward for the policy, again
-           under no_grad + lora_disabled for the reference, dpo_step_loss, backward, the finite-loss check, clip,
-           AdamW, scheduler): from get_batch(step) (pre-collated with collate_pairs, moved to the device) to
-           on_step_end(step).
-  TRL      trainer.train(max_steps=...) with a TrainerCallback: from on_step_begin to on_step_end, i.e.
-           training_step (its own collated batch to the device, DPO loss and metrics, backward), clip,
-           optimizer.step, scheduler.step, zero_grad. TRL's dataset preparation and data collator run as in a real
-           run (its collator is called while prefetching, outside the timed region).
-Tokens per step = 2 * pairs * (P + C) on both sides (chosen + rejected sequences); tokens/s = that / median step time
-over the steps after the warm-up ones.
+Timed step (CUDA: synchronized at both ends); tokens/s = 2 * pairs * (P + C) / median step time after warm-up:
+  minidpo  minidpo.trainer.train_loop with train.py's run_dpo step_fn, from get_batch(step) (pre-collated with
+           collate_pairs, moved to the device) to on_step_end(step): forward, reference forward, loss, backward,
+           finite-loss check, clip, AdamW, scheduler.
+  TRL      trainer.train() with a TrainerCallback, from on_step_begin to on_step_end: training_step (its own collated
+           batch to the device, loss + metrics, backward), clip, optimizer and scheduler step, zero_grad.
+Peak memory: CPU: VmRSS right before the first step, then the high-water mark is reset (/proc/self/clear_refs) and
+VmHWM read after the steps; CUDA: memory_allocated() before the first step, max_memory_allocated() after.
+"step mem" = peak - that baseline. MFU (CUDA only): see flops_per_token. Details: bench/README.md.
 
-Peak memory, per side (each variant runs in a fresh subprocess):
-  CPU   baseline = VmRSS right before the first step; the kernel's high-water mark is then reset
-        (/proc/self/clear_refs = 5) so the peak is VmHWM over the steps alone, not the imports. Reported: the
-        absolute peak and peak - baseline (the memory a step needs on top of weights, adapter and optimizer).
-  CUDA  baseline = torch.cuda.memory_allocated() right before the first step, then reset_peak_memory_stats();
-        peak = max_memory_allocated() over all steps; reported absolute and minus the baseline.
-
-MFU (CUDA only): useful FLOPs per token over the bf16 dense peak (H100/H200 SXM: 989 TFLOPS; --peak-tflops).
-With N = 12 L C^2 + V C matmul weights (the tied head counted once), frozen weights need activation gradients in
-backward but no weight gradients: policy forward 2N + backward 2N, reference forward 2N -> 6N (4N with cached
-reference log-probs). Attention (no weights, so its backward is 2x its forward, 4 L T C per token forward, PaLM's
-convention without causal halving): 12 L T C for the policy + 4 L T C for the reference. Recomputation (minidpo's
-lm_head in backward, TRL's gradient checkpointing) is not useful work and is not counted.
-
-Usage:  /work/devenv/bin/python bench/dpo_step.py                  # every variant, CPU or CUDA defaults
+Usage:  /work/devenv/bin/python bench/dpo_step.py                      # every variant, CPU or CUDA defaults
         /work/devenv/bin/python bench/dpo_step.py --variants minidpo,trl --warmup 1 --steps 2
-        /work/devenv/bin/python bench/dpo_step.py --compile           # adds the torch.compile row
+        /work/devenv/bin/python bench/dpo_step.py --compile               # adds the torch.compile row
 Needs bench/requirements.txt (trl, peft, transformers); minidpo itself never imports them.
 """
 
@@ -115,12 +98,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def _proc_status_kb(key: str) -> int | None:
     try:
-        for line in open("/proc/self/status"):
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
+        return next((int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith(key + ":")), None)
     except OSError:
-        pass
-    return None
+        return None
 
 
 def mem_mark(device: str) -> float:
@@ -154,10 +134,6 @@ def sync(device: str) -> float:
     return time.perf_counter()
 
 
-def load_batch(work: Path) -> dict[str, list[list[int]]]:
-    return json.loads((work / "batch.json").read_text())
-
-
 # ----------------------------------------------------------------------------- minidpo side
 
 def run_minidpo(a: argparse.Namespace, v: dict, work: Path) -> dict:
@@ -174,8 +150,8 @@ def run_minidpo(a: argparse.Namespace, v: dict, work: Path) -> dict:
     model = load_gpt2(work / "model", device=device)
     for p in model.parameters():
         p.requires_grad_(False)
-    ids = load_batch(work)
-    pairs = [Pair("", "", "", pr, ch, rj, 1.0, 0.0) for pr, ch, rj in zip(ids["prompt"], ids["chosen"], ids["rejected"])]
+    ids = json.loads((work / "batch.json").read_text())
+    pairs = [Pair("", "", "", *seqs, 1.0, 0.0) for seqs in zip(ids["prompt"], ids["chosen"], ids["rejected"])]
     cpu_batch = collate_pairs(pairs, max_length=a.prompt_len + a.completion_len)
     idx = torch.arange(len(pairs), device=device)
     forward = concatenated_forward
@@ -188,7 +164,7 @@ def run_minidpo(a: argparse.Namespace, v: dict, work: Path) -> dict:
         with torch.no_grad(), autocast:
             out = concatenated_forward(model, {k: t.to(device) for k, t in cpu_batch.items()})
         ref_cache = {k: out[k].float() for k in ("chosen_logps", "rejected_logps", "chosen_logps_mean",
-                                                 "rejected_logps_mean")}
+                                                 "rejected_logps_mean")}  # pipeline.REF_KEYS
     torch.manual_seed(a.seed)
     apply_lora(model, **LORA)
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
@@ -248,7 +224,7 @@ def run_trl(a: argparse.Namespace, v: dict, work: Path) -> dict:
 
     transformers.logging.set_verbosity_error()
     cuda = a.device == "cuda"
-    ids = load_batch(work)
+    ids = json.loads((work / "batch.json").read_text())
     words = lambda seq: " ".join("<|endoftext|>" if t == EOT else f"w{t}" for t in seq)  # noqa: E731
     data = Dataset.from_dict({"prompt": [words(s) for s in ids["prompt"]],
                               "chosen": [" " + words(s) for s in ids["chosen"]],
@@ -324,6 +300,10 @@ def run_child(name: str, argv: list[str], work: Path) -> dict | None:
 
 
 def flops_per_token(cfg: GPTConfig, T: int, cached_ref: bool) -> float:
+    """Useful FLOPs per token. N = 12 L C^2 + V C matmul weights (tied head once). Frozen weights need activation
+    gradients but no weight gradients: policy forward 2N + backward 2N, reference forward 2N (6N; 4N when cached).
+    Attention has no weights, so its backward is 2x its forward of 4 L T C (PaLM, no causal halving): 12 L T C for
+    the policy + 4 L T C for the reference. Recomputation (minidpo's lm_head backward, checkpointing) is not counted."""
     N = 12 * cfg.n_layer * cfg.n_embd ** 2 + cfg.vocab_size * cfg.n_embd
     attn = 4 * cfg.n_layer * T * cfg.n_embd  # one forward
     return (4 * N + 3 * attn) if cached_ref else (6 * N + 4 * attn)
@@ -336,36 +316,50 @@ def peak_tflops(a: argparse.Namespace) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
+def summarize(a: argparse.Namespace, r: dict) -> None:
+    timed = r["times"][a.warmup:]
+    r["ms"] = 1000 * statistics.median(timed)
+    r["tok_s"] = 2 * a.pairs * (a.prompt_len + a.completion_len) / (r["ms"] / 1000)
+    r["delta"] = r["peak_mb"] - r["base_mb"]
+    r["spread"] = f"{1000 * min(timed):.0f}-{1000 * max(timed):.0f}"
+
+
+def baseline(name: str, results: dict[str, dict | None]) -> dict | None:
+    """The TRL row a row is compared with: trl-cached-ref for minidpo-cached-ref when it ran, else trl."""
+    v = VARIANTS[name]
+    if v["side"] == "minidpo" and v["ref"] == "cached" and results.get("trl-cached-ref"):
+        return results["trl-cached-ref"]
+    return results.get("trl")
+
+
 def print_table(a: argparse.Namespace, cfg: GPTConfig, results: dict[str, dict | None]) -> None:
-    tokens = 2 * a.pairs * (a.prompt_len + a.completion_len)
     cuda = a.device == "cuda"
     peak = peak_tflops(a) if cuda else None
-    cols = ["variant", "ms/step", "tokens/s", "x TRL", "step mem MB", "x TRL", "peak MB", "logps/chosen@1"]
-    cols += ["MFU"] if cuda else []
+    cols = ["variant", "ms/step", "min-max ms", "tokens/s", "x TRL", "step mem MB", "x TRL", "peak MB",
+            "logps/chosen@1"] + (["MFU"] if cuda else [])
+    ok = {n: r for n, r in results.items() if r is not None}
+    for r in ok.values():
+        summarize(a, r)
     rows = []
     for name, r in results.items():
         if r is None:
             rows.append([name, "failed"] + [""] * (len(cols) - 2))
             continue
-        med = statistics.median(r["times"][a.warmup:])
-        r["tok_s"], r["delta"] = tokens / med, r["peak_mb"] - r["base_mb"]
-    for name, r in results.items():
-        if r is None:
-            continue
-        cached = VARIANTS[name]["ref"] == "cached"
-        base = results.get("trl-cached-ref" if cached and VARIANTS[name]["side"] == "minidpo" else "trl")
-        ratio = lambda x, y: f"{x / y:.2f}" if base is not None and y > 0 else "-"  # noqa: E731
-        row = [name, f"{1000 * tokens / r['tok_s']:.0f}", f"{r['tok_s']:,.0f}",
-               ratio(r["tok_s"], base["tok_s"] if base else 0), f"{r['delta']:,.0f}",
-               ratio(r["delta"], base["delta"] if base else 0), f"{r['peak_mb']:,.0f}", f"{r['logps'][0]:.3f}"]
+        b = baseline(name, ok)
+        ratio = lambda key: f"{r[key] / b[key]:.2f}" if b and b[key] > 0 else "-"  # noqa: E731
+        rows.append([name, f"{r['ms']:.0f}", r["spread"], f"{r['tok_s']:,.0f}", ratio("tok_s"), f"{r['delta']:,.0f}",
+                     ratio("delta"), f"{r['peak_mb']:,.0f}", f"{r['logps'][0]:.4f}"])
         if cuda:
-            mfu = r["tok_s"] * flops_per_token(cfg, a.prompt_len + a.completion_len, cached) / (peak or 1) / 1e12
-            row.append(f"{100 * mfu:.1f}%" if peak else "n/a")
-        rows.append(row)
+            flops = flops_per_token(cfg, a.prompt_len + a.completion_len, VARIANTS[name]["ref"] == "cached")
+            rows[-1].append(f"{100 * r['tok_s'] * flops / (peak * 1e12):.1f}%" if peak else "n/a")
     widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
     for line in [cols, ["-" * w for w in widths], *rows]:
         print(" | ".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(line, widths))))
-    print("x TRL: minidpo rows vs `trl` (cached-ref row vs `trl-cached-ref`); tokens/s higher is better, memory "
+    logps = [r["logps"][0] for r in ok.values()]
+    if logps:
+        print(f"parity: logps/chosen of step 1 (same weights, same tokens) spans {max(logps) - min(logps):.2e} "
+              "across rows")
+    print("x TRL: vs the `trl` row (minidpo-cached-ref: vs `trl-cached-ref`); tokens/s higher is better, memory "
           "lower is better. step mem = peak - memory in use right before the first step.")
 
 

@@ -4,13 +4,14 @@ Wall time and peak memory of forward + backward of per-token log-probs: naive vs
 Variants (all end in `.sum().backward()`):
   naive         logits.float().log_softmax(-1).gather(-1, targets)   logits: a leaf [B, T, V] requiring grad
   fused         token_logprobs(logits, targets)                      the same leaf
+  fused-inplace token_logprobs(..., inplace_backward=True)           the same leaf, overwritten by its gradient
   naive-linear  naive on hidden @ weight.T                           hidden [B, T, C], weight [V, C]
   fused-linear  linear_token_logprobs(hidden, weight, targets)       the same hidden and weight
 
 What is counted. Every variant runs in a fresh subprocess that first builds its inputs (the logits leaf, or hidden
 and weight) and warms its kernels up on a tiny problem; those inputs are NOT counted. Peak = the most memory in use
 at any moment of `repeats` forward+backward passes above that baseline, so it DOES include the gradients the pass
-leaves in .grad (for naive/fused that is one [B, T, V] tensor in the logits' dtype, which no method can avoid; the
+returns (torch.autograd.grad) (for naive/fused that is one [B, T, V] tensor in the logits' dtype, which no method can avoid; the
 "peak - grads" column shows the working memory without it).
   CPU: baseline = VmRSS of the process just before the first pass (/proc/self/status); peak = ru_maxrss after the
   passes (the kernel's high-water mark of resident memory) minus that baseline. glibc gives blocks this large
@@ -38,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 from minidpo.logprobs import linear_token_logprobs, token_logprobs  # noqa: E402
 
-VARIANTS = ("naive", "fused", "naive-linear", "fused-linear")
+VARIANTS = ("naive", "fused", "fused-inplace", "naive-linear", "fused-linear")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MB = 2 ** 20
 
@@ -65,11 +66,15 @@ def step(variant: str, x: dict, a: argparse.Namespace) -> None:
         out = naive(x["logits"], t)
     elif variant == "fused":
         out = token_logprobs(x["logits"], t, chunk_rows=a.chunk_rows)
+    elif variant == "fused-inplace":  # the gradient overwrites the logits (train.py's unfused path does this)
+        out = token_logprobs(x["logits"], t, chunk_rows=a.chunk_rows, inplace_backward=True)
     elif variant == "naive-linear":
         out = naive(x["hidden"] @ x["weight"].t(), t)
     else:
         out = linear_token_logprobs(x["hidden"], x["weight"], t, chunk_size=a.chunk_size)
-    out.sum().backward()
+    # autograd.grad returns the gradients as backward produced them; accumulating into a leaf's .grad may clone
+    # (it does for fused-inplace, whose gradient is a view of the logits), which would count a copy no model makes
+    x["grads"] = torch.autograd.grad(out.sum(), [leaf for leaf in x["leaves"] if leaf.requires_grad])
 
 
 def current_rss_bytes() -> int:
@@ -97,8 +102,7 @@ def worker(a: argparse.Namespace) -> dict:
         base, maxrss_before = current_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     times = []
     for _ in range(a.repeats):
-        for leaf in x["leaves"]:
-            leaf.grad = None
+        x["grads"] = ()  # free the previous pass's gradients first, as zero_grad(set_to_none=True) would
         t0 = time.perf_counter()
         step(a.worker, x, a)
         if cuda:
@@ -110,7 +114,9 @@ def worker(a: argparse.Namespace) -> dict:
         maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         # if the passes never rose above an older high-water mark, the delta is only an upper bound
         peak, exact = maxrss - base, maxrss > maxrss_before
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in x["leaves"] if p.grad is not None)
+    inputs = {leaf.untyped_storage().data_ptr() for leaf in x["leaves"]}
+    # new memory only: fused-inplace's gradient lives in the logits' own storage
+    grads = sum(g.numel() * g.element_size() for g in x["grads"] if g.untyped_storage().data_ptr() not in inputs)
     return dict(variant=a.worker, time_s=statistics.median(times), min_s=min(times), peak=peak, grads=grads,
                 exact=exact)
 
@@ -142,11 +148,17 @@ def report(rows: dict, a: argparse.Namespace) -> None:
         print(f"{name:<14}{1e3 * r['time_s']:>10.1f}{r['peak'] / MB:>10.1f}{r['grads'] / MB:>10.1f}"
               f"{(r['peak'] - r['grads']) / MB:>12.1f}{rt:>12}{rp:>12}{flag}")
     goals = [("fused", "naive", "peak", 0.25), ("fused", "naive", "time_s", 1.0),
+             ("fused-inplace", "naive", "peak", 0.25), ("fused-inplace", "naive", "time_s", 1.0),
              ("fused-linear", "naive", "peak", 0.05), ("fused-linear", "naive-linear", "peak", 0.05)]
     for v, base, key, goal in goals:
         if v in rows and base in rows:
             ratio = rows[v][key] / rows[base][key]
             print(f"  {v} {key} / {base} = {ratio:.3f} (goal <= {goal}): {'met' if ratio <= goal else 'MISSED'}")
+    if "fused" in rows and ref:
+        f = rows["fused"]
+        print(f"  note: the [B, T, V] gradient alone is {f['grads'] / ref['peak']:.3f} of naive's peak, a floor for "
+              f"any method that returns one; working memory (peak - grads) fused / naive = "
+              f"{(f['peak'] - f['grads']) / (ref['peak'] - ref['grads']):.3f}")
 
 
 def main() -> None:
@@ -160,7 +172,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
     p.add_argument("--chunk-rows", type=int, default=None, help="token_logprobs rows per chunk (default: auto)")
-    p.add_argument("--chunk-size", type=int, default=256, help="linear_token_logprobs tokens per chunk")
+    p.add_argument("--chunk-size", type=int, default=128, help="linear_token_logprobs tokens per chunk")
     p.add_argument("--weight-grad", action="store_true", help="the lm_head weight requires grad (LoRA: it doesn't)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)

@@ -108,9 +108,9 @@ def _check_batch(batch: dict[str, Tensor]) -> None:
             if batch[k].shape != ids.shape:
                 raise ValueError(f"concatenated_forward: batch[{k!r}] has shape {tuple(batch[k].shape)}, "
                                  f"expected {tuple(ids.shape)} like batch['{side}_ids']")
-        # One host sync, before any model kernel is queued, so it costs nothing worth saving.
+        # Checked only where it is free: on a GPU this would be a host sync every step.
         am = batch[f"{side}_attention_mask"]
-        if bool((am[:, 1:] > am[:, :-1]).any()):
+        if am.device.type == "cpu" and bool((am[:, 1:] > am[:, :-1]).any()):
             raise ValueError(f"concatenated_forward: batch['{side}_attention_mask'] must be right-padded "
                              "(ones then zeros); left padding would shift the positions of real tokens")
     if batch["chosen_ids"].size(0) != batch["rejected_ids"].size(0):
@@ -123,7 +123,7 @@ def _pad_right(x: Tensor, T: int) -> Tensor:
 
 
 def concatenated_forward(model: nn.Module, batch: dict[str, Tensor], fused_linear: bool = True,
-                         chunk_size: int = 256) -> dict[str, Tensor]:
+                         chunk_size: int = 128) -> dict[str, Tensor]:
     """Sequence log-probs of the chosen and rejected responses from one forward over both stacked.
 
     Returns chosen_logps, rejected_logps (sums over response tokens, (B,)), chosen_logps_mean, rejected_logps_mean
@@ -153,7 +153,8 @@ def concatenated_forward(model: nn.Module, batch: dict[str, Tensor], fused_linea
         hidden = model.hidden_states(inputs)                                           # (2B, T-1, C)
         token_logps = linear_token_logprobs(hidden, head.weight, targets, chunk_size)  # (2B, T-1)
     else:
-        token_logps = token_logprobs(model(inputs), targets)                           # (2B, T-1)
+        # lm_head's output is read by nothing else, so its storage can take its own gradient in backward
+        token_logps = token_logprobs(model(inputs), targets, inplace_backward=True)    # (2B, T-1)
     total, mean = sequence_logprobs(token_logps, keep)  # (2B,) each
     num_tokens = keep.sum(-1)                           # (2B,)
     return {

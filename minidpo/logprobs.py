@@ -8,10 +8,11 @@ gradient of the log-softmax). At GPT-2's V = 50257 that is 823 MB each for one [
 
 Here instead:
 - `token_logprobs(logits, targets)`: forward computes logsumexp row chunk by row chunk in fp32 and saves only the
-  logits it was given (a reference, not a copy), the [B, T] logsumexp and the targets. Backward rebuilds the
-  softmax chunk by chunk from those and writes grad * (onehot - softmax) straight into the single [B, T, V]
-  gradient buffer, in the logits' dtype. This is the trick of Liger-Kernel's fused cross-entropy (Hsu et al. 2024)
-  and of Apple's "Cut Your Losses" (Wijmans et al. 2024), in plain PyTorch.
+  logits it was given (a reference, not a copy), the [B, T] logsumexp and the targets. Backward rebuilds
+  softmax = exp(logits - logsumexp) inside the single [B, T, V] gradient buffer and turns it, in place, into
+  grad * (onehot - softmax) in the logits' dtype (half-precision logits go through an fp32 scratch chunk by chunk).
+  This is the trick of Liger-Kernel's fused cross-entropy (Hsu et al. 2024) and of Apple's "Cut Your Losses"
+  (Wijmans et al. 2024), in plain PyTorch.
 - `linear_token_logprobs(hidden, weight, targets)`: also fuses the lm_head matmul, so even the logits are only
   ever alive one chunk of tokens at a time; backward recomputes each chunk's logits (one extra matmul traded for
   never holding [B, T, V]).
@@ -33,10 +34,10 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 def default_chunk_rows(V: int, device: torch.device) -> int:
     """Rows of V logits handled at once.
 
-    On CPU a chunk should fit in L2 (~1M fp32 elements = 4 MB) so the several passes over it (max, exp, sum,
-    scale) hit cache instead of memory; on a GPU fewer, larger chunks mean fewer kernel launches (~16M elements).
+    ~4M elements (16 MB in fp32) on CPU: small next to [B, T, V], in L3 cache for the few passes over it, and
+    few enough chunks that per-op overhead stays small; ~16M on a GPU, where each chunk costs kernel launches.
     """
-    budget = 1 << 24 if device.type == "cuda" else 1 << 20
+    budget = 1 << 24 if device.type == "cuda" else 1 << 22
     return max(1, budget // V)
 
 
@@ -54,52 +55,73 @@ def _check_targets(x: Tensor, targets: Tensor, vocab_size: int, name: str) -> No
                              f"{targets[bad].unique()[:5].tolist()}")
 
 
-def _logsumexp(x: Tensor, rows: int) -> Tensor:
-    """logsumexp over the last dim of x (N, V), in fp32 (fp64 for fp64 x), `rows` rows at a time.
+def _scratch(rows: int, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """One (rows, V) buffer reused by every chunk of a call: a fresh tensor per chunk lets the CPU allocator's heap
+    fragment and grow to several chunks' worth (measured: ~10x more resident memory for bf16)."""
+    return torch.empty(min(rows, x.size(0)), x.size(1), dtype=dtype, device=x.device)
 
-    Naive equivalent: x.float().logsumexp(-1); this never holds more than a (rows, V) temporary.
+
+def _target_logprobs(x: Tensor, targets: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """log p(targets) and logsumexp, both (N,), of x (N, V) in fp32 (fp64 for fp64 x), `rows` rows at a time.
+
+    Naive equivalent: lse = x.float().logsumexp(-1); logp = x.float().gather(1, targets[:, None]).squeeze(1) - lse.
+    Each chunk goes through torch's fused log_softmax kernel (one pass over memory where torch.logsumexp makes
+    four), so logp is bit-identical to the naive path and lse is recovered as x[target] - logp.
     """
     acc = _accumulate_dtype(x.dtype)
-    lse = torch.empty(x.size(0), dtype=acc, device=x.device)  # (N,)
+    logp = torch.empty(x.size(0), dtype=acc, device=x.device)  # (N,)
+    out_buf = _scratch(rows, x, acc)
+    in_buf = _scratch(rows, x, acc) if x.dtype != acc else None  # upcast target for half-precision x
     for s in range(0, x.size(0), rows):
-        lse[s:s + rows] = torch.logsumexp(x[s:s + rows].to(acc), dim=-1)
-    return lse
+        xc = x[s:s + rows]                                           # (rows, V), or fewer in the last chunk
+        if in_buf is not None:
+            xc = in_buf[:xc.size(0)].copy_(xc)
+        b = torch.log_softmax(xc, -1, out=out_buf[:xc.size(0)])
+        logp[s:s + rows] = b.gather(1, targets[s:s + rows, None]).squeeze(1)
+    lse = x.gather(1, targets[:, None]).squeeze(1).to(acc) - logp    # (N,)
+    return logp, lse
+
+
+def _softmax_grad_(log_softmax: Tensor, targets: Tensor, grad: Tensor) -> Tensor:
+    """Turn log_softmax (n, V) in place into grad[:, None] * (onehot(targets) - softmax), targets/grad (n,)."""
+    log_softmax.exp_().mul_(-grad[:, None])
+    return log_softmax.scatter_add_(1, targets[:, None], grad[:, None])
 
 
 def _grad_logits_(logits: Tensor, lse: Tensor, targets: Tensor, grad: Tensor, out: Tensor, rows: int) -> None:
     """Write grad[:, None] * (onehot(targets) - softmax(logits)) into out, all (N, V) but lse/targets/grad (N,).
 
     Naive equivalent: out = grad[:, None] * (F.one_hot(targets, V) - logits.softmax(-1)).
-    softmax is rebuilt as exp(logits - lse) in lse's (fp32 or fp64) precision, `rows` rows at a time. `out` may
-    be `logits` itself. Rows to ignore must come with grad == 0 and any valid target.
+    softmax is rebuilt as exp(logits - lse) in lse's (fp32 or fp64) precision. `out` may be `logits` itself.
+    Rows to ignore must come with grad == 0 and any valid target.
     """
+    if out.dtype == lse.dtype:
+        # out is its own workspace: a few in-place passes, no temporary at all. Chunking would add nothing but
+        # per-op overhead (which on a busy 2-core CPU costs more than the passes themselves).
+        _softmax_grad_(torch.sub(logits, lse[:, None], out=out), targets, grad)
+        return
+    buf = _scratch(rows, out, lse.dtype)  # half-precision out: work in fp32, `rows` rows at a time
     for s in range(0, logits.size(0), rows):
         e = s + rows
-        o = out[s:e]
-        work = o if o.dtype == lse.dtype else torch.empty(o.shape, dtype=lse.dtype, device=o.device)
-        torch.sub(logits[s:e], lse[s:e, None], out=work)  # (rows, V), log softmax
-        work.exp_().mul_(-grad[s:e, None])                 # -grad * softmax
-        work.scatter_add_(1, targets[s:e, None], grad[s:e, None])
-        if work is not o:
-            o.copy_(work)  # the only place the half-precision rounding happens
+        work = buf[:out[s:e].size(0)].copy_(logits[s:e]).sub_(lse[s:e, None])  # (rows, V), log softmax
+        out[s:e].copy_(_softmax_grad_(work, targets[s:e], grad[s:e]))  # the only half-precision rounding
 
 
 class TokenLogprobs(torch.autograd.Function):
     """log_softmax(logits)[targets] with O(chunk) extra memory in forward and backward."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor, chunk_rows: int | None) -> Tensor:
+    def forward(ctx, logits: Tensor, targets: Tensor, chunk_rows: int | None, inplace_backward: bool) -> Tensor:
         V = logits.size(-1)
         x = logits.reshape(-1, V)      # (N, V), a view for contiguous logits
         t = targets.reshape(-1)        # (N,)
         valid = t != IGNORE_INDEX
         t_safe = torch.where(valid, t, 0)
         rows = chunk_rows or default_chunk_rows(V, logits.device)
-        lse = _logsumexp(x, rows)                                             # (N,)
-        target_logit = x.gather(1, t_safe[:, None]).squeeze(1).to(lse.dtype)  # (N,)
-        logp = torch.where(valid, target_logit - lse, 0.0)
+        logp, lse = _target_logprobs(x, t_safe, rows)  # (N,) each
+        logp = torch.where(valid, logp, 0.0)
         ctx.save_for_backward(logits, lse, t_safe, valid)
-        ctx.rows = rows
+        ctx.rows, ctx.inplace = rows, inplace_backward
         return logp.view(targets.shape)
 
     @staticmethod
@@ -108,21 +130,29 @@ class TokenLogprobs(torch.autograd.Function):
         logits, lse, t_safe, valid = ctx.saved_tensors
         x = logits.reshape(-1, logits.size(-1))                          # (N, V)
         g = torch.where(valid, grad_out.reshape(-1).to(lse.dtype), 0.0)  # (N,)
-        grad_logits = torch.empty(x.shape, dtype=logits.dtype, device=logits.device)  # (N, V), the one big buffer
+        # (N, V): the one big buffer, or the logits' own storage when the caller allows it
+        grad_logits = x if ctx.inplace else torch.empty(x.shape, dtype=logits.dtype, device=logits.device)
         _grad_logits_(x, lse, t_safe, g, out=grad_logits, rows=ctx.rows)
-        return grad_logits.view(logits.shape), None, None
+        return grad_logits.view(logits.shape), None, None, None
 
 
-def token_logprobs(logits: Tensor, targets: Tensor, chunk_rows: int | None = None) -> Tensor:
+def token_logprobs(logits: Tensor, targets: Tensor, chunk_rows: int | None = None,
+                   inplace_backward: bool = False) -> Tensor:
     """log p(targets) (...,) in fp32 (fp64 for fp64 logits) from logits (..., V) of any float dtype.
 
     Naive equivalent: logits.float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1), with 0 where
     targets == -100. `chunk_rows` rows of V are processed at a time (default: `default_chunk_rows`).
+    Contiguous logits (what lm_head returns) are never copied; others are reshaped, which copies them.
+
+    inplace_backward=True writes the gradient into the logits' own storage (as Liger-Kernel does), so backward
+    allocates no [B, T, V] buffer at all. The logits are destroyed by backward: only for logits that nothing else
+    reads afterwards, such as lm_head's output (its matmul saves its inputs, not its output). If another autograd
+    node did save them, autograd's version check raises instead of computing a wrong gradient.
     """
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"token_logprobs: chunk_rows must be None or >= 1, got {chunk_rows}")
     _check_targets(logits, targets, logits.size(-1), "token_logprobs")
-    return TokenLogprobs.apply(logits, targets, chunk_rows)
+    return TokenLogprobs.apply(logits, targets, chunk_rows, inplace_backward)
 
 
 class LinearTokenLogprobs(torch.autograd.Function):
@@ -135,15 +165,14 @@ class LinearTokenLogprobs(torch.autograd.Function):
         valid = t != IGNORE_INDEX
         t_safe = torch.where(valid, t, 0)
         rows = default_chunk_rows(weight.size(0), hidden.device)
-        lse = torch.empty(h.size(0), dtype=_accumulate_dtype(hidden.dtype), device=h.device)  # (N,)
-        target_logit = torch.empty_like(lse)                                                   # (N,)
+        logp = torch.empty(h.size(0), dtype=_accumulate_dtype(hidden.dtype), device=h.device)  # (N,)
+        lse = torch.empty_like(logp)                                                            # (N,)
+        buf = torch.empty(min(chunk_size, h.size(0)), weight.size(0), dtype=h.dtype, device=h.device)  # (n, V)
         for s in range(0, h.size(0), chunk_size):
             e = s + chunk_size
-            logits = h[s:e] @ weight.t()  # (n, V)
-            lse[s:e] = _logsumexp(logits, rows)
-            target_logit[s:e] = logits.gather(1, t_safe[s:e, None]).squeeze(1)
-            del logits  # free it before the next chunk's matmul, so only one (n, V) chunk is ever alive
-        logp = torch.where(valid, target_logit - lse, 0.0)
+            logits = torch.mm(h[s:e], weight.t(), out=buf[:h[s:e].size(0)])  # (n, V), the only logits alive
+            logp[s:e], lse[s:e] = _target_logprobs(logits, t_safe[s:e], rows)
+        logp = torch.where(valid, logp, 0.0)
         ctx.save_for_backward(hidden, weight, lse, t_safe, valid)
         ctx.chunk_size, ctx.rows = chunk_size, rows
         return logp.view(targets.shape)
@@ -159,21 +188,21 @@ class LinearTokenLogprobs(torch.autograd.Function):
         # Summed over many chunks, so accumulate in fp32 even for bf16 weights.
         grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
         n = ctx.chunk_size
+        buf = torch.empty(min(n, h.size(0)), weight.size(0), dtype=h.dtype, device=h.device)  # (n, V)
         for s in range(0, h.size(0), n):
             e = s + n
-            logits = h[s:e] @ weight.t()  # (n, V), recomputed instead of saved
+            logits = torch.mm(h[s:e], weight.t(), out=buf[:h[s:e].size(0)])  # (n, V), recomputed instead of saved
             _grad_logits_(logits, lse[s:e], t_safe[s:e], g[s:e], out=logits, rows=ctx.rows)  # now its gradient
             if need_h:
                 torch.mm(logits, weight, out=grad_h[s:e])  # (n, C)
             if need_w:
                 grad_w.addmm_(logits.t().to(grad_w.dtype), h[s:e].to(grad_w.dtype))  # (V, C)
-            del logits  # as in forward: one (n, V) chunk alive at a time
         grad_hidden = grad_h.view(hidden.shape) if need_h else None
         grad_weight = grad_w.to(weight.dtype) if need_w else None
         return grad_hidden, grad_weight, None, None
 
 
-def linear_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int = 256) -> Tensor:
+def linear_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int = 128) -> Tensor:
     """log p(targets) (...,) for logits = hidden (..., C) @ weight.T (weight (V, C), an nn.Linear layout).
 
     Naive equivalent: token_logprobs(hidden @ weight.T, targets). Gradients for hidden and (when it requires grad)

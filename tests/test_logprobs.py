@@ -221,3 +221,31 @@ def test_bad_targets_raise_a_clear_error(bad):
         token_logprobs(logits, targets)
     with pytest.raises((ValueError, TypeError), match="targets"):
         linear_token_logprobs(torch.randn(3, 5, 4), torch.randn(37, 4), targets)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_backward_gives_the_same_gradient_in_the_logits_own_storage(dtype):
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(2, 5, 8, generator=g, dtype=dtype, requires_grad=True)
+    weight = torch.randn(40, 8, generator=g, dtype=dtype)
+    targets = torch.randint(0, 40, (2, 5), generator=g)
+    targets[0, 1] = IGNORE_INDEX
+    grads = []
+    for inplace in (False, True):
+        logits = hidden @ weight.t()  # an intermediate, as lm_head's output is
+        seen = []
+        logits.register_hook(lambda grad: seen.append(grad))
+        (token_logprobs(logits, targets, inplace_backward=inplace) * torch.arange(10.).view(2, 5)).sum().backward()
+        if inplace:
+            assert seen[0].untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
+        grads.append(hidden.grad.clone())
+        hidden.grad = None
+    torch.testing.assert_close(grads[1], grads[0], atol=0, rtol=0)
+
+
+def test_inplace_backward_refuses_logits_that_another_op_saved():
+    logits = torch.randn(3, 11, requires_grad=True).clone()  # non-leaf
+    other = (logits * logits).sum()  # mul saves logits for its own backward
+    loss = token_logprobs(logits, torch.tensor([1, 2, 3]), inplace_backward=True).sum() + other
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
