@@ -230,6 +230,9 @@ def run_trl(a: argparse.Namespace, v: dict, work: Path) -> dict:
                               "chosen": [" " + words(s) for s in ids["chosen"]],
                               "rejected": [" " + words(s) for s in ids["rejected"]]})
     model = GPT2LMHeadModel.from_pretrained(work / "model", dtype=torch.float32)
+    with torch.no_grad():  # from_pretrained memory-maps the file: fault the weights in now, or step 1's CPU peak
+        for t in [*model.parameters(), *model.buffers()]:  # would count ~0.5 GB of them paging in (minidpo copies)
+            t.sum()
     config = DPOConfig(
         output_dir=str(work / f"out-{a.child}"), max_steps=a.warmup + a.steps, per_device_train_batch_size=a.pairs,
         gradient_accumulation_steps=1, learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0,
