@@ -77,6 +77,7 @@ class TrainConfig:
     min_new_tokens: int = 4
     max_new_tokens: int = 16
     gen_temperature: float = 1.0
+    gen_top_k: int | None = None    # top-k for pair generation and evaluation samples (None: full softmax)
     gen_batch_size: int = 64
     max_length: int = 64            # prompt + response tokens per sequence in DPO batches
     # 5. DPO
@@ -141,10 +142,10 @@ class TrainConfig:
 
 PRESETS = {
     # bundled 4x128 model, shipped IMDB sample: the whole pipeline in a few minutes on 2 CPU cores
-    "tiny": dict(model="bundled", data="sample", out_dir="out/tiny", num_prompts=192, heldout_prompts=24,
-                 eval_prompts=64, steps=60, batch_size=16, lr=2e-3, beta=0.1, warmup_steps=5, lora_rank=8,
-                 log_every=5, checkpoint_every=20, min_new_tokens=8, max_new_tokens=16, max_length=32,
-                 lora_targets="attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"),
+    "tiny": dict(model="bundled", data="sample", out_dir="out/tiny", num_prompts=576, completions_per_prompt=8,
+                 gen_top_k=50, heldout_prompts=24, eval_prompts=128, steps=600, batch_size=16, lr=5e-3, beta=0.5,
+                 warmup_steps=10, lora_rank=8, log_every=25, checkpoint_every=100, min_new_tokens=8,
+                 max_new_tokens=16, max_length=32, lora_targets="attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"),
     # GPT-2 124M on the full set: about a quarter of an hour on one modern GPU
     "gpt2": dict(model="gpt2", data="auto", out_dir="out/gpt2", sft_steps=200, sft_batch_size=16, num_prompts=2048,
                  steps=400, batch_size=16, lr=5e-4, max_new_tokens=32, max_length=48, eval_every=100,
@@ -228,7 +229,7 @@ def run_dpo(cfg: TrainConfig, model: GPT, beta: float, sets: dict, run_dir: Path
     ref_cache = sets.get("reference")
     get_batch = make_batch_fn(sets["train"], cfg, rank, world, device)
     eval_cfg = EvalConfig(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
-                          temperature=cfg.gen_temperature, seed=cfg.seed + 1)
+                          temperature=cfg.gen_temperature, top_k=cfg.gen_top_k, seed=cfg.seed + 1)
     autocast = torch.autocast(device.type, dtype=amp, enabled=amp is not None)
 
     def step_fn(batch):
@@ -339,7 +340,7 @@ def estimate_seconds(cfg: TrainConfig, model: GPT, device: torch.device, amp) ->
     sft_fwd = fwd * cfg.sft_batch_size * cfg.sft_block_size / (2 * cfg.batch_size * cfg.max_length)
     est = {"sft": cfg.sft_steps * 3 * sft_fwd,
            "pairs": 0.0 if cfg.pairs_mode == "labels" else n_calls * cfg.max_new_tokens * per_token,
-           "dpo": len(cfg.betas()) * cfg.steps * cfg.grad_accum * fwd * (3 if cfg.precompute_ref else 4),
+           "dpo": len(cfg.betas()) * cfg.steps * cfg.grad_accum * fwd * (5 if cfg.precompute_ref else 6),
            "eval": len(cfg.betas()) * (2 + (cfg.steps // cfg.eval_every if cfg.eval_every else 0)) *
            math.ceil(cfg.eval_prompts / 32) * cfg.max_new_tokens * per_token}
     return est

@@ -123,7 +123,7 @@ def _pad_right(x: Tensor, T: int) -> Tensor:
 
 
 def concatenated_forward(model: nn.Module, batch: dict[str, Tensor], fused_linear: bool = True,
-                         chunk_size: int = 128) -> dict[str, Tensor]:
+                         chunk_size: int = 128, response_rows_only: bool | None = None) -> dict[str, Tensor]:
     """Sequence log-probs of the chosen and rejected responses from one forward over both stacked.
 
     Returns chosen_logps, rejected_logps (sums over response tokens, (B,)), chosen_logps_mean, rejected_logps_mean
@@ -151,7 +151,15 @@ def concatenated_forward(model: nn.Module, batch: dict[str, Tensor], fused_linea
         if getattr(head, "bias", None) is not None:
             raise ValueError("concatenated_forward: fused_linear needs a bias-free lm_head; pass fused_linear=False")
         hidden = model.hidden_states(inputs)                                           # (2B, T-1, C)
-        token_logps = linear_token_logprobs(hidden, head.weight, targets, chunk_size)  # (2B, T-1)
+        if response_rows_only if response_rows_only is not None else keep.device.type == "cpu":
+            # Only response positions go through the vocabulary projection; prompt and pad rows would be computed
+            # and thrown away. Off by default on accelerators: the data-dependent row count costs a host sync.
+            rows = keep.reshape(-1).nonzero().squeeze(1)                                     # (M,)
+            scored = linear_token_logprobs(hidden.reshape(-1, hidden.size(-1))[rows], head.weight,
+                                           targets.reshape(-1)[rows], chunk_size)           # (M,)
+            token_logps = scored.new_zeros(keep.numel()).index_copy(0, rows, scored).view(keep.shape)
+        else:
+            token_logps = linear_token_logprobs(hidden, head.weight, targets, chunk_size)  # (2B, T-1)
     else:
         # lm_head's output is read by nothing else, so its storage can take its own gradient in backward
         token_logps = token_logprobs(model(inputs), targets, inplace_backward=True)    # (2B, T-1)

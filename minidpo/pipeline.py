@@ -59,7 +59,8 @@ def build_pair_sets(cfg, model, tok, scorer, train_reviews, test_reviews, out: P
     """Training pairs (train prompts), held-out pairs and evaluation prompts (test prompts), all cached."""
     pcfg = PairsConfig(mode=cfg.pairs_mode, n_completions=cfg.completions_per_prompt, pairing=cfg.pairing,
                        min_new_tokens=cfg.min_new_tokens, max_new_tokens=cfg.max_new_tokens,
-                       temperature=cfg.gen_temperature, batch_size=cfg.gen_batch_size, seed=cfg.seed)
+                       temperature=cfg.gen_temperature, top_k=cfg.gen_top_k, batch_size=cfg.gen_batch_size,
+                       seed=cfg.seed)
     train_prompts = make_prompts(train_reviews, tok, cfg.num_prompts, cfg.prompt_min_tokens, cfg.prompt_max_tokens,
                                  seed=cfg.seed)
     test_prompts = make_prompts(test_reviews, tok, cfg.heldout_prompts + cfg.eval_prompts, cfg.prompt_min_tokens,
