@@ -1,4 +1,4 @@
-"""
+r"""
 Sample from GPT-2, from the bundled model, or from a policy trained by train.py.
 
     python sample.py --model gpt2 --prompt "This movie was" --num-samples 3 --max-new-tokens 40 \
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from minidpo.config import ConfigError, build_config, help_text
+from minidpo.config import ConfigError, cli_config
 from minidpo.lora import load_lora, merge_lora
 from minidpo.resolve import load_model, pick_device
 from minidpo.tokenizer import Tokenizer
@@ -62,13 +62,7 @@ def adapter_paths(path: Path) -> tuple[Path, str | None]:
 
 
 def main(argv: list[str]) -> None:
-    if "-h" in argv or "--help" in argv:
-        print(help_text(SampleConfig, __doc__))
-        return
-    try:
-        cfg = build_config(SampleConfig, argv)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    cfg = cli_config(SampleConfig, argv, __doc__)
     device = pick_device(cfg.device)
     model_name = cfg.model
     adapter_dir = None

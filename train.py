@@ -25,19 +25,19 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from minidpo.config import ConfigError, build_config, help_text, save_config
+from minidpo.config import ConfigError, build_config, cli_config, save_config
 from minidpo.pipeline import (build_pair_sets, fit_classifier, make_batch_fn, precompute_reference,
                                  reference_fingerprint)
-from minidpo.dpo import concatenated_forward, dpo_step_loss
+from minidpo.dpo import concatenated_forward, dpo_batch_loss
 from minidpo.evaluate import EvalConfig, evaluate, side_by_side
 from minidpo.imdb import load_imdb
-from minidpo.lora import apply_lora, export_peft, lora_disabled, merge_and_unwrap, merge_lora, save_lora
+from minidpo.lora import apply_lora, export_peft, merge_and_unwrap, merge_lora, remove_lora, save_lora
 from minidpo.model import GPT, GPTConfig
 from minidpo.resolve import autocast_dtype, imdb_source, load_model, pick_device
 from minidpo.sft import pack_texts, run_sft
@@ -235,19 +235,13 @@ def run_dpo(cfg: TrainConfig, model: GPT, beta: float, sets: dict, run_dir: Path
     def step_fn(batch):
         idx, tensors, n_tokens = batch
         with autocast:
-            pol = forward(model, tensors)
-            if ref_cache is not None:
-                ref = {k: v[idx] for k, v in ref_cache.items()}
-            else:
-                with torch.no_grad(), lora_disabled(model):
-                    ref = forward(model, tensors)
-        loss, metrics = dpo_step_loss(pol, ref, beta, cfg.loss_type, cfg.label_smoothing)
-        # KL(ref || policy) estimated on the pairs' responses, which the reference sampled: E_ref[log ref - log pi]
-        metrics["kl"] = ((ref["chosen_logps"] - pol["chosen_logps"]) +
-                         (ref["rejected_logps"] - pol["rejected_logps"])).detach().float().mean() / 2
+            loss, metrics = dpo_batch_loss(model, tensors, beta, cfg.loss_type, cfg.label_smoothing, ref_cache, idx,
+                                           forward)
         return loss, metrics, n_tokens
 
     def do_eval(step: int, with_reference: bool) -> dict:
+        say(f"[eval beta={beta}] step {step}: sampling {len(sets['eval_prompts'])} held-out prompts from the policy"
+            + (" and the reference" if with_reference else "") + ", exact KL, implicit-reward accuracy ...")
         with autocast:
             r = evaluate(model, tok, scorer, sets["eval_prompts"], sets["heldout"], eval_cfg, cfg.max_length, beta,
                          device, with_reference=with_reference)
@@ -354,17 +348,13 @@ def load_config(argv: list[str]) -> TrainConfig:
     if not saved.is_file():
         raise ConfigError(f"--resume {cfg.resume}: no config.json there (not a train.py output directory)")
     stored = json.loads(saved.read_text())
-    return replace(TrainConfig(**{**stored, "resume": cfg.resume}), out_dir=cfg.resume)
+    # the run's own settings win, so a resumed run is the same run; only where to export may be added
+    return replace(TrainConfig(**{**stored, "resume": cfg.resume}), out_dir=cfg.resume,
+                   export_merged=cfg.export_merged or stored.get("export_merged"))
 
 
 def main(argv: list[str]) -> None:
-    if "-h" in argv or "--help" in argv:
-        print(help_text(TrainConfig, __doc__))
-        return
-    try:
-        cfg = load_config(argv)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    cfg = cli_config(TrainConfig, argv, __doc__, build=load_config)
     t_start = time.perf_counter()
     rank, world, dev_override = setup_distributed()
     device = pick_device(dev_override or cfg.device)
@@ -425,22 +415,23 @@ def main(argv: list[str]) -> None:
             with open(run_dir / "run.json", "w") as f:
                 json.dump({"adapter": "adapter", "policy_base": base_desc, "beta": beta}, f)
         if beta != betas[-1]:
-            merge_and_unwrap_discard(model)
+            drop_adapter(model)
 
     if is_main():
-        best = runs[-1]
+        last = runs[-1]  # a sweep's summary leads with its last beta; every run is under "runs"
         summary = {"model": model_desc, "data": str(data_src), "reference_model": base_desc,
-                   "reference": best["reference"], "policy": best["policy"], "train": best["train"],
+                   "reference": last["reference"], "policy": last["policy"], "train": last["train"],
                    "device": str(device), "world_size": world, "total_seconds": time.perf_counter() - t_start,
                    "runs": [{k: r[k] for k in ("beta", "reference", "policy", "train")} for r in runs]}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if len(betas) > 1 or cfg.eval_every:
             write_frontier(out, runs)
-        print("\n" + side_by_side(best["examples"]))
-        print(f"reference reward {best['reference']['reward']:.3f} | policy reward {best['policy']['reward']:.3f} | "
-              f"KL {best['policy']['kl']:.3f} | held-out reward accuracy {best['train']['reward_accuracy']:.3f} | "
+        print("\n" + side_by_side(last["examples"]))
+        print(f"reference reward {last['reference']['reward']:.3f} | policy reward {last['policy']['reward']:.3f} | "
+              f"KL {last['policy']['kl']:.3f} | held-out reward accuracy {last['train']['reward_accuracy']:.3f} | "
               f"total {format_seconds(summary['total_seconds'])}")
-        print(f"wrote {out / 'summary.json'}; sample with: python sample.py --adapter {out}")
+        last_dir = out if len(betas) == 1 else out / f"beta_{betas[-1]:g}"
+        print(f"wrote {out / 'summary.json'}; sample with: python sample.py --adapter {last_dir}")
         if cfg.export_merged:
             merge_lora(model)
             save_hf(model, Path(cfg.export_merged))
@@ -449,9 +440,8 @@ def main(argv: list[str]) -> None:
         dist.destroy_process_group()
 
 
-def merge_and_unwrap_discard(model: GPT) -> None:
+def drop_adapter(model: GPT) -> None:
     """Drop the adapter (not merged) so the next beta starts from the same reference weights."""
-    from minidpo.lora import remove_lora
     remove_lora(model, merge=False)
     for p in model.parameters():
         p.requires_grad_(False)

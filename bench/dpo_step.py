@@ -46,13 +46,13 @@ LORA = dict(rank=8, alpha=16.0, dropout=0.0, targets=("attn.c_attn",))
 VARIANTS = {
     "minidpo": dict(side="minidpo", ref="forward"),
     "minidpo-cached-ref": dict(side="minidpo", ref="cached"),
-    "minidpo-unfused": dict(side="minidpo", ref="forward", fused_linear=False),
+    "minidpo-fused": dict(side="minidpo", ref="forward", fused_linear=True),
     "minidpo-compile": dict(side="minidpo", ref="forward", compile=True),
     "trl": dict(side="trl", ref="forward"),
     "trl-cached-ref": dict(side="trl", ref="cached"),
     "trl-grad-ckpt": dict(side="trl", ref="forward", gradient_checkpointing=True),  # TRL's default setting
 }
-DEFAULT_VARIANTS = "minidpo,minidpo-cached-ref,minidpo-unfused,trl,trl-cached-ref,trl-grad-ckpt"
+DEFAULT_VARIANTS = "minidpo,minidpo-cached-ref,minidpo-fused,trl,trl-cached-ref,trl-grad-ckpt"
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}  # bf16 dense, first match wins
 
 
@@ -138,8 +138,8 @@ def sync(device: str) -> float:
 
 def run_minidpo(a: argparse.Namespace, v: dict, work: Path) -> dict:
     """train.py's run_dpo step_fn inside minidpo.trainer.train_loop, timed from get_batch to on_step_end."""
-    from minidpo.dpo import concatenated_forward, dpo_step_loss
-    from minidpo.lora import apply_lora, lora_disabled
+    from minidpo.dpo import concatenated_forward, dpo_batch_loss
+    from minidpo.lora import apply_lora
     from minidpo.pairs import Pair, collate_pairs
     from minidpo.trainer import LoopConfig, train_loop
     from minidpo.weights import load_gpt2
@@ -155,8 +155,8 @@ def run_minidpo(a: argparse.Namespace, v: dict, work: Path) -> dict:
     cpu_batch = collate_pairs(pairs, max_length=a.prompt_len + a.completion_len)
     idx = torch.arange(len(pairs), device=device)
     forward = concatenated_forward
-    if v.get("fused_linear", True) is False:
-        forward = lambda m, b: concatenated_forward(m, b, fused_linear=False)  # noqa: E731
+    if v.get("fused_linear") is not None:  # default None: concatenated_forward picks by logits size
+        forward = lambda m, b: concatenated_forward(m, b, fused_linear=v["fused_linear"])  # noqa: E731
     if v.get("compile"):
         forward = torch.compile(forward)
     ref_cache = None
@@ -177,18 +177,10 @@ def run_minidpo(a: argparse.Namespace, v: dict, work: Path) -> dict:
         starts.append(sync(a.device))
         return idx, {k: t.to(device, non_blocking=True) for k, t in cpu_batch.items()}, n_tokens
 
-    def step_fn(batch):  # train.py run_dpo.step_fn, verbatim
+    def step_fn(batch):  # train.py run_dpo.step_fn
         idx, tensors, n_tokens = batch
         with autocast:
-            pol = forward(model, tensors)
-            if ref_cache is not None:
-                ref = {k: v[idx] for k, v in ref_cache.items()}
-            else:
-                with torch.no_grad(), lora_disabled(model):
-                    ref = forward(model, tensors)
-        loss, metrics = dpo_step_loss(pol, ref, a.beta, "sigmoid", 0.0)
-        metrics["kl"] = ((ref["chosen_logps"] - pol["chosen_logps"]) +
-                         (ref["rejected_logps"] - pol["rejected_logps"])).detach().float().mean() / 2
+            loss, metrics = dpo_batch_loss(model, tensors, a.beta, "sigmoid", 0.0, ref_cache, idx, forward)
         if "logps" not in first:  # parity check against TRL's metric of the same name (warm-up step only)
             first["logps"] = [metrics["logps/chosen"].item(), metrics["logps/rejected"].item()]
         return loss, metrics, n_tokens

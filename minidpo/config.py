@@ -16,7 +16,7 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
 
@@ -126,6 +126,18 @@ def help_text(cls: type, doc: str = "") -> str:
         default = f.default if f.default is not dataclasses.MISSING else "required"
         lines.append(f"  --{f.name.replace('_', '-'):<24} [{default}]")
     return "\n".join(lines)
+
+
+def cli_config(cls: type[T], argv: list[str], doc: str, build: Callable[[list[str]], T] | None = None) -> T:
+    """A program's config from its argv: --help prints the options and exits; a ConfigError exits with its one
+    message. `build` defaults to build_config(cls, argv) (train.py passes its own, which adds presets and resume)."""
+    if "-h" in argv or "--help" in argv:
+        print(help_text(cls, doc))
+        raise SystemExit(0)
+    try:
+        return build(argv) if build is not None else build_config(cls, argv)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def save_config(cfg: Any, path: Path) -> None:

@@ -122,17 +122,37 @@ def _pad_right(x: Tensor, T: int) -> Tensor:
     return F.pad(x, (0, T - x.size(1)), value=0)
 
 
-def concatenated_forward(model: nn.Module, batch: dict[str, Tensor], fused_linear: bool = True,
+SMALL_LOGITS_BYTES = 64 * 2**20  # below this, materializing the logits beats recomputing them in backward
+
+
+def head_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, fused: bool | None = None,
+                  chunk_size: int = 128) -> Tensor:
+    """log p(targets) (M,) for hidden rows (M, C) under the tied head weight (V, C).
+
+    Naive equivalent: (hidden @ weight.T).float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1).
+    fused=True never holds the (M, V) logits (linear_token_logprobs: one matmul recomputed in backward); False
+    materializes them once and lets backward write their gradient into their own storage (token_logprobs with
+    inplace_backward); None picks False when the logits fit in SMALL_LOGITS_BYTES (small batches, e.g. on a CPU,
+    where the recompute costs ~8% of a DPO step) and True otherwise.
+    """
+    if fused is None:
+        fused = hidden.size(0) * weight.size(0) * hidden.element_size() > SMALL_LOGITS_BYTES
+    if fused:
+        return linear_token_logprobs(hidden, weight, targets, chunk_size)
+    # the matmul saves its inputs, not its output, so nothing else reads the logits after this
+    return token_logprobs(hidden @ weight.t(), targets, inplace_backward=True)
+
+
+def concatenated_forward(model: nn.Module, batch: dict[str, Tensor], fused_linear: bool | None = None,
                          chunk_size: int = 128, response_rows_only: bool | None = None) -> dict[str, Tensor]:
     """Sequence log-probs of the chosen and rejected responses from one forward over both stacked.
 
     Returns chosen_logps, rejected_logps (sums over response tokens, (B,)), chosen_logps_mean, rejected_logps_mean
     (length-averaged, for IPO) and chosen_num_tokens, rejected_num_tokens (B,). The logprob of token t+1 uses the
     output at position t, so a response token at position 0 could not be scored (a prompt always precedes it).
-    fused_linear=True scores hidden states against model.lm_head.weight chunk by chunk (never holding [2B, T, V]);
-    False calls the model for full logits and uses token_logprobs (for heads that are not a bias-free linear map).
-    Naive equivalent per side: (model(ids).log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
-    * response_mask[:, 1:]).sum(-1).
+    The head is scored by `head_logprobs` (fused_linear: its `fused`). response_rows_only (default: on CPU) sends
+    only response positions through the head. Naive equivalent per side:
+    (model(ids).log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1) * response_mask[:, 1:]).sum(-1).
     """
     _check_batch(batch)
     B = batch["chosen_ids"].size(0)
@@ -143,26 +163,22 @@ def concatenated_forward(model: nn.Module, batch: dict[str, Tensor], fused_linea
     keep = keep[:, 1:]                                                   # (2B, T-1), aligned with the targets
     targets = ids[:, 1:].masked_fill(~keep, IGNORE_INDEX)                # (2B, T-1)
     inputs = ids[:, :-1]                                                 # (2B, T-1); the last token predicts nothing
+    head = model.lm_head
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("concatenated_forward: the head must be a bias-free linear map (GPT-2's tied lm_head)")
     # attention_mask=None (plain causal) is exact here: sequences are right-padded, so every real token sits at its
     # true position and only attends to earlier, real tokens. Pad positions compute garbage that `keep` masks out,
     # and the causal path lets SDPA use its fastest kernels.
-    if fused_linear:
-        head = model.lm_head
-        if getattr(head, "bias", None) is not None:
-            raise ValueError("concatenated_forward: fused_linear needs a bias-free lm_head; pass fused_linear=False")
-        hidden = model.hidden_states(inputs)                                           # (2B, T-1, C)
-        if response_rows_only if response_rows_only is not None else keep.device.type == "cpu":
-            # Only response positions go through the vocabulary projection; prompt and pad rows would be computed
-            # and thrown away. Off by default on accelerators: the data-dependent row count costs a host sync.
-            rows = keep.reshape(-1).nonzero().squeeze(1)                                     # (M,)
-            scored = linear_token_logprobs(hidden.reshape(-1, hidden.size(-1))[rows], head.weight,
-                                           targets.reshape(-1)[rows], chunk_size)           # (M,)
-            token_logps = scored.new_zeros(keep.numel()).index_copy(0, rows, scored).view(keep.shape)
-        else:
-            token_logps = linear_token_logprobs(hidden, head.weight, targets, chunk_size)  # (2B, T-1)
+    hidden = model.hidden_states(inputs)                                 # (2B, T-1, C)
+    hidden, flat_targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)  # (2B*(T-1), C), (2B*(T-1),)
+    if response_rows_only if response_rows_only is not None else keep.device.type == "cpu":
+        # Only response positions go through the vocabulary projection; prompt and pad rows would be computed
+        # and thrown away. Off by default on accelerators: the data-dependent row count costs a host sync.
+        rows = keep.reshape(-1).nonzero().squeeze(1)                                       # (M,)
+        scored = head_logprobs(hidden[rows], head.weight, flat_targets[rows], fused_linear, chunk_size)  # (M,)
+        token_logps = scored.new_zeros(keep.numel()).index_copy(0, rows, scored).view(keep.shape)
     else:
-        # lm_head's output is read by nothing else, so its storage can take its own gradient in backward
-        token_logps = token_logprobs(model(inputs), targets, inplace_backward=True)    # (2B, T-1)
+        token_logps = head_logprobs(hidden, head.weight, flat_targets, fused_linear, chunk_size).view(keep.shape)
     total, mean = sequence_logprobs(token_logps, keep)  # (2B,) each
     num_tokens = keep.sum(-1)                           # (2B,)
     return {
@@ -187,3 +203,27 @@ def dpo_step_loss(policy_out: dict[str, Tensor], reference_out: dict[str, Tensor
     losses, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, beta, loss_type, label_smoothing)
     metrics = preference_metrics(chosen_rewards, rejected_rewards, pc, pr)
     return losses.mean(), metrics
+
+
+def dpo_batch_loss(model: nn.Module, batch: dict[str, Tensor], beta: float = 0.1, loss_type: str = "sigmoid",
+                   label_smoothing: float = 0.0, reference: dict[str, Tensor] | None = None,
+                   idx: Tensor | None = None, forward=concatenated_forward) -> tuple[Tensor, dict[str, Tensor]]:
+    """One DPO micro-batch: (mean loss, TRL's metrics plus "kl"), the training step of train.py.
+
+    The reference log-probs are `reference[k][idx]` when precomputed for the whole dataset, else the same model
+    with its LoRA adapter disabled (exactly the starting policy, since the adapter starts at B = 0).
+    "kl" estimates KL(reference || policy) on the pairs' responses, which the reference sampled:
+    E_ref[log ref(y|x) - log pi(y|x)], averaged over chosen and rejected.
+    """
+    from minidpo.lora import lora_disabled  # here, not at the top: lora is only needed for this glue
+
+    policy = forward(model, batch)
+    if reference is not None:
+        ref = {k: v[idx] for k, v in reference.items()}
+    else:
+        with torch.no_grad(), lora_disabled(model):
+            ref = forward(model, batch)
+    loss, metrics = dpo_step_loss(policy, ref, beta, loss_type, label_smoothing)
+    metrics["kl"] = ((ref["chosen_logps"] - policy["chosen_logps"]) +
+                     (ref["rejected_logps"] - policy["rejected_logps"])).detach().float().mean() / 2
+    return loss, metrics

@@ -99,7 +99,9 @@ class CausalSelfAttention(nn.Module):
             k, v = self.kv_cache.update(cache_pos, k, v)  # (B, nh, cache_pos + T, hs)
         dropout_p = self.dropout if self.training else 0.0
         if attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            # no padding: causal over the block itself, or (one new token against the cache) every key so far;
+            # the mask-free calls let SDPA pick its flash kernels
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
@@ -187,7 +189,7 @@ class GPT(nn.Module):
         """Final-LayerNorm output (B, T, C): the input of lm_head.
 
         Without a cache, `attention_mask` (B, T) marks real tokens. With a cache (`cache_pos` = where idx starts),
-        `key_mask` (B, cache_pos + T) marks the real tokens among everything cached so far.
+        `key_mask` (B, cache_pos + T) marks the real tokens among everything cached so far (None: no padding).
         """
         B, T = idx.size()
         if cache_pos is None:
@@ -197,6 +199,9 @@ class GPT(nn.Module):
             else:
                 pos = positions_from_mask(attention_mask)  # (B, T)
                 attn_mask = attention_bias(attention_mask, 0, T)
+        elif key_mask is None:  # cached, no padding: T > 1 only for the prefill at cache_pos 0
+            pos = torch.arange(cache_pos, cache_pos + T, device=idx.device)[None]  # (1, T)
+            attn_mask = None
         else:
             pos = positions_from_mask(key_mask)[:, cache_pos:]  # (B, T)
             attn_mask = attention_bias(key_mask, cache_pos, T)
@@ -223,11 +228,11 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.kv_cache = None
 
-    def prefill(self, idx: Tensor, key_mask: Tensor) -> Tensor:
+    def prefill(self, idx: Tensor, key_mask: Tensor | None) -> Tensor:
         """Run the whole prompt through the model, filling the cache; logits of the last position (B, V)."""
         return self.lm_head(self.hidden_states(idx, cache_pos=0, key_mask=key_mask)[:, -1])
 
-    def decode_one_token(self, token: Tensor, pos: int, key_mask: Tensor) -> Tensor:
+    def decode_one_token(self, token: Tensor, pos: int, key_mask: Tensor | None) -> Tensor:
         """Feed one token per row (B, 1) at cache position `pos`; logits of it (B, V)."""
         return self.lm_head(self.hidden_states(token, cache_pos=pos, key_mask=key_mask)[:, -1])
 
@@ -247,11 +252,10 @@ class GPT(nn.Module):
         if T + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} exceeds block_size "
                              f"{self.config.block_size}")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(idx)
-        key_mask = torch.zeros(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # (B, L)
-        key_mask[:, :T] = attention_mask
-        key_mask[:, T:] = 1  # generated tokens are always real
+        key_mask = None  # without padding, attention needs no mask at all (one host sync here, once per call)
+        if attention_mask is not None and not bool(attention_mask.all()):
+            key_mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # (B, L)
+            key_mask[:, :T] = attention_mask  # generated tokens are always real
         out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
         out[:, :T] = idx
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
@@ -260,12 +264,13 @@ class GPT(nn.Module):
         try:
             for step in range(max_new_tokens):
                 pos = T + step
+                mask = key_mask[:, :pos] if key_mask is not None else None
                 if not use_cache:
-                    logits = self(out[:, :pos], key_mask[:, :pos])[:, -1]
+                    logits = self(out[:, :pos], mask)[:, -1]
                 elif step == 0:
-                    logits = self.prefill(idx, key_mask[:, :T])
+                    logits = self.prefill(idx, mask)
                 else:
-                    logits = self.decode_one_token(out[:, pos - 1:pos], pos - 1, key_mask[:, :pos])
+                    logits = self.decode_one_token(out[:, pos - 1:pos], pos - 1, mask)
                 if eos_id is not None and step < min_new_tokens:
                     logits[:, eos_id] = -float("inf")
                 token = sample(logits, temperature, top_k, top_p, generator)  # (B,)

@@ -61,10 +61,14 @@ def build_pair_sets(cfg, model, tok, scorer, train_reviews, test_reviews, out: P
                        min_new_tokens=cfg.min_new_tokens, max_new_tokens=cfg.max_new_tokens,
                        temperature=cfg.gen_temperature, top_k=cfg.gen_top_k, batch_size=cfg.gen_batch_size,
                        seed=cfg.seed)
-    train_prompts = make_prompts(train_reviews, tok, cfg.num_prompts, cfg.prompt_min_tokens, cfg.prompt_max_tokens,
-                                 seed=cfg.seed)
-    test_prompts = make_prompts(test_reviews, tok, cfg.heldout_prompts + cfg.eval_prompts, cfg.prompt_min_tokens,
-                                cfg.prompt_max_tokens, seed=cfg.seed + 1)
+    try:
+        train_prompts = make_prompts(train_reviews, tok, cfg.num_prompts, cfg.prompt_min_tokens,
+                                     cfg.prompt_max_tokens, seed=cfg.seed)
+        test_prompts = make_prompts(test_reviews, tok, cfg.heldout_prompts + cfg.eval_prompts, cfg.prompt_min_tokens,
+                                    cfg.prompt_max_tokens, seed=cfg.seed + 1)
+    except ValueError as e:  # one prompt per review: the shipped sample has 600 train and 300 test reviews
+        raise SystemExit(f"error: {e}; lower --num-prompts (train) or --heldout-prompts + --eval-prompts (test), "
+                         "or use the full IMDB set (--data)") from None
     heldout_prompts, eval_prompts = test_prompts[:cfg.heldout_prompts], test_prompts[cfg.heldout_prompts:]
     prompts = train_prompts + heldout_prompts
     scorer_id = hashlib.sha256(scorer.weight.numpy().tobytes()).hexdigest()

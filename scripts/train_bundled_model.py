@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from minidpo.config import ConfigError, build_config, help_text  # noqa: E402
+from minidpo.config import cli_config  # noqa: E402
 from minidpo.imdb import load_imdb  # noqa: E402
 from minidpo.model import GPT, GPTConfig  # noqa: E402
 from minidpo.sft import eval_loss, pack_texts, run_sft  # noqa: E402
@@ -45,13 +45,7 @@ class BundledConfig:
 
 
 def main(argv: list[str]) -> None:
-    if "-h" in argv or "--help" in argv:
-        print(help_text(BundledConfig, __doc__))
-        return
-    try:
-        cfg = build_config(BundledConfig, argv)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    cfg = cli_config(BundledConfig, argv, __doc__)
     torch.manual_seed(cfg.seed)
     tok = Tokenizer()
     t0 = time.perf_counter()

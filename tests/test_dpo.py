@@ -247,7 +247,8 @@ def naive_sequence_logps(model, ids, attn, resp):
     return torch.stack(sums), torch.stack(means)
 
 
-@pytest.mark.parametrize("fused_linear,rows_only", [(True, True), (True, False), (False, None)])
+@pytest.mark.parametrize("fused_linear,rows_only", [(True, True), (True, False), (False, True), (False, False),
+                                                    (None, None)])
 def test_concatenated_forward_equals_chosen_and_rejected_run_separately(model, fused_linear, rows_only):
     batch = make_batch()
     out = concatenated_forward(model, batch, fused_linear=fused_linear, chunk_size=7, response_rows_only=rows_only)
@@ -259,10 +260,10 @@ def test_concatenated_forward_equals_chosen_and_rejected_run_separately(model, f
         assert out[f"{side}_num_tokens"].tolist() == resp.sum(-1).tolist()
 
 
-@pytest.mark.parametrize("rows_only", [True, False])
-def test_concatenated_forward_gradients_equal_the_naive_ones(model, rows_only):
+@pytest.mark.parametrize("fused_linear,rows_only", [(True, True), (False, False), (None, None)])
+def test_concatenated_forward_gradients_equal_the_naive_ones(model, fused_linear, rows_only):
     batch = make_batch(seed=5)
-    out = concatenated_forward(model, batch, chunk_size=5, response_rows_only=rows_only)
+    out = concatenated_forward(model, batch, fused_linear=fused_linear, chunk_size=5, response_rows_only=rows_only)
     params = [p for p in model.parameters()]
     g_fused = torch.autograd.grad((out["chosen_logps"] - 2 * out["rejected_logps"]).sum(), params)
     c = naive_sequence_logps(model, *(batch[f"chosen_{k}"] for k in ("ids", "attention_mask", "response_mask")))

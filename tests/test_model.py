@@ -129,6 +129,14 @@ def test_greedy_with_cache_is_token_identical_to_greedy_without_cache_for_50_tok
     assert torch.equal(cached, uncached)
 
 
+def test_unpadded_greedy_with_cache_equals_without_cache(tiny_model):
+    ids = torch.randint(0, TINY.vocab_size, (2, 5), generator=torch.Generator().manual_seed(9))
+    for mask in (None, torch.ones_like(ids)):  # an all-ones mask takes the same mask-free path
+        cached = tiny_model.generate(ids, 50, temperature=0, eos_id=None, attention_mask=mask)
+        uncached = tiny_model.generate(ids, 50, temperature=0, eos_id=None, attention_mask=mask, use_cache=False)
+        assert torch.equal(cached, uncached)
+
+
 def test_batched_generation_equals_each_prompt_generated_alone(tiny_model):
     ids, mask = left_padded_prompts()
     batched = tiny_model.generate(ids, 20, temperature=0, attention_mask=mask, eos_id=None)

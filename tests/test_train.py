@@ -116,3 +116,14 @@ def test_two_cpu_processes_train_like_one_process_with_the_combined_batch(env, t
     a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4)
+
+
+def test_sample_py_takes_the_documented_flags(env):
+    out = run(["sample.py", "--model", "bundled", "--prompt", "This movie was", "--num-samples", "3",
+               "--max-new-tokens", "12", "--min-new-tokens", "10", "--temperature", "0.8", "--top-k", "50",
+               "--top-p", "0.95", "--seed", "0", "--device", "cpu"], env).stdout
+    samples = out.split("--- sample ")[1:]
+    assert len(samples) == 3 and all(s.split("\n", 1)[1].startswith("This movie was") for s in samples)
+    again = run(["sample.py", "--model", "bundled", "--num-samples", "3", "--max-new-tokens", "12", "--min-new-tokens",
+                 "10", "--top-k", "50", "--top-p", "0.95", "--seed", "0"], env).stdout
+    assert again.split("--- sample ")[1:] == samples  # same seed, same samples (defaults: the same prompt and T)
