@@ -37,7 +37,7 @@ from minidpo.pipeline import (build_pair_sets, fit_classifier, make_batch_fn, pr
 from minidpo.dpo import concatenated_forward, dpo_batch_loss
 from minidpo.evaluate import EvalConfig, evaluate, side_by_side
 from minidpo.imdb import load_imdb
-from minidpo.lora import apply_lora, export_peft, merge_and_unwrap, merge_lora, remove_lora, save_lora
+from minidpo.lora import apply_lora, export_peft, merge_and_unwrap, remove_lora, save_lora
 from minidpo.model import GPT, GPTConfig
 from minidpo.resolve import autocast_dtype, imdb_source, load_model, pick_device
 from minidpo.sft import pack_texts, run_sft
@@ -433,7 +433,7 @@ def main(argv: list[str]) -> None:
         last_dir = out if len(betas) == 1 else out / f"beta_{betas[-1]:g}"
         print(f"wrote {out / 'summary.json'}; sample with: python sample.py --adapter {last_dir}")
         if cfg.export_merged:
-            merge_lora(model)
+            merge_and_unwrap(model)  # plain nn.Linear weights with the adapter folded in, as transformers expects
             save_hf(model, Path(cfg.export_merged))
             print(f"wrote merged HF-layout model to {cfg.export_merged}")
     if dist.is_initialized():

@@ -56,7 +56,8 @@ def load_model(name: str, device: torch.device) -> tuple[GPT, str]:
         banner(["--model auto: the official GPT-2 weights are not cached and could not be downloaded:",
                 f"  {str(e).splitlines()[0][:150]}",
                 f"Using the small bundled model {BUNDLED_MODEL.relative_to(REPO)} (trained on IMDB, see data/README.md).",
-                "To use GPT-2 124M: run once with network access, or place OpenAI's files by hand (see README)."])
+                "To use GPT-2 124M: run once with network access, or place OpenAI's files by hand (see README).",
+                "train.py's defaults are sized for GPT-2; `python train.py --preset tiny` is tuned for this model."])
         return load_gpt2(BUNDLED_MODEL, device=device), str(BUNDLED_MODEL.relative_to(REPO))
 
 

@@ -317,10 +317,15 @@ def save_hf(model: GPT, out_dir: str | os.PathLike, dtype: torch.dtype | None = 
     [in, out]; lm_head.weight is left out because it is tied to wte (transformers re-ties it on load). `dtype`
     (e.g. torch.float16 for a small shipped model) casts floating tensors; default: as they are.
     """
+    state = model.state_dict()
+    wrapped = sorted({k.rsplit(".", 2)[0] for k in state if ".lora_" in k or ".base." in k})
+    if wrapped:
+        raise ValueError(f"save_hf: {len(wrapped)} layers still carry LoRA adapters (e.g. {wrapped[0]}); "
+                         "fold them into the weights first with minidpo.lora.merge_and_unwrap(model)")
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for key, t in model.state_dict().items():
+    for key, t in state.items():
         if key == "lm_head.weight":
             continue
         t = t.detach()

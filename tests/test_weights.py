@@ -272,3 +272,17 @@ def test_real_gpt2_124m_greedy_continuation():
     out = model.generate(idx, max_new_tokens=30, temperature=0)
     assert tok.decode(out[0].tolist()) == ("Every effort moves forward, but it's not enough.\n\n\"I'm not going to "
                                            "sit here and say, 'I'm not going to do this,'")
+
+
+def test_save_hf_refuses_a_model_that_still_has_lora_layers(tmp_path):
+    from minidpo.lora import apply_lora, merge_and_unwrap
+    from minidpo.model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=8))
+    apply_lora(model, rank=2, alpha=4)
+    with pytest.raises(ValueError, match="merge_and_unwrap"):
+        save_hf(model, tmp_path / "x")
+    assert not (tmp_path / "x").exists()  # nothing half-written
+    merge_and_unwrap(model)
+    save_hf(model, tmp_path / "y")
+    assert (tmp_path / "y" / "model.safetensors").is_file()
