@@ -39,7 +39,7 @@ from minidpo.evaluate import EvalConfig, evaluate, side_by_side
 from minidpo.imdb import load_imdb
 from minidpo.lora import apply_lora, export_peft, merge_and_unwrap, remove_lora, save_lora
 from minidpo.model import GPT, GPTConfig
-from minidpo.resolve import autocast_dtype, imdb_source, load_model, pick_device
+from minidpo.resolve import autocast_dtype, imdb_source, load_model, pick_device, timed
 from minidpo.sft import pack_texts, run_sft
 from minidpo.tokenizer import Tokenizer
 from minidpo.trainer import Checkpointer, LoopConfig, NonFiniteLoss, format_seconds, is_main, train_loop
@@ -314,22 +314,13 @@ def write_frontier(out: Path, runs: list[dict]) -> None:
 def estimate_seconds(cfg: TrainConfig, model: GPT, device: torch.device, amp) -> dict[str, float]:
     """Rough wall time of each phase from two probes: one forward of a DPO-shaped batch (a DPO step is about four:
     policy forward + backward ~ 3, reference forward 1) and a short generate call (per-token decode cost)."""
-    def timed(fn) -> float:
-        fn()  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
     V = model.config.vocab_size
     autocast = torch.autocast(device.type, dtype=amp, enabled=amp is not None)
     ids = torch.randint(0, V, (2 * cfg.batch_size, cfg.max_length), device=device)
     with autocast:
-        fwd = timed(lambda: model.hidden_states(ids))
+        fwd = timed(lambda: model.hidden_states(ids), device)
         prompt = torch.randint(0, V, (cfg.gen_batch_size, cfg.prompt_max_tokens), device=device)
-        per_token = timed(lambda: model.generate(prompt, 4, eos_id=None)) / 4
+        per_token = timed(lambda: model.generate(prompt, 4, eos_id=None), device) / 4
     n_calls = math.ceil((cfg.num_prompts + cfg.heldout_prompts) * cfg.completions_per_prompt / cfg.gen_batch_size)
     sft_fwd = fwd * cfg.sft_batch_size * cfg.sft_block_size / (2 * cfg.batch_size * cfg.max_length)
     est = {"sft": cfg.sft_steps * 3 * sft_fwd,

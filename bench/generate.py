@@ -11,30 +11,15 @@ Both sides decode greedily for exactly --new-tokens tokens (no early stop at end
 
 import argparse
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 from minidpo.model import GPT, GPTConfig  # noqa: E402
-
-
-def timed(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up: allocator, kernels, lazy init
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from minidpo.resolve import timed  # noqa: E402
 
 
 def hf_model_from(model: GPT, device: torch.device):
@@ -74,14 +59,14 @@ def main() -> None:
     for B in [int(b) for b in args.batch_sizes.split(",")]:
         idx = torch.randint(0, 50257, (B, args.prompt_tokens), device=device)
         with torch.inference_mode():
-            ours = timed(lambda: model.generate(idx, n, temperature=0, eos_id=None), args.repeats, device)
+            ours = timed(lambda: model.generate(idx, n, temperature=0, eos_id=None), device, args.repeats)
             plain = float("nan") if args.no_uncached else timed(
-                lambda: model.generate(idx, n, temperature=0, eos_id=None, use_cache=False), args.repeats, device)
+                lambda: model.generate(idx, n, temperature=0, eos_id=None, use_cache=False), device, args.repeats)
             theirs = float("nan")
             if hf is not None:
                 mask = torch.ones_like(idx)
                 theirs = timed(lambda: hf.generate(idx, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                                   do_sample=False, pad_token_id=50256), args.repeats, device)
+                                                   do_sample=False, pad_token_id=50256), device, args.repeats)
         tps = [B * n / t for t in (ours, plain, theirs)]
         ratio = tps[0] / tps[2] if hf is not None else float("nan")
         print(f"{B:>5} | {tps[0]:>11,.0f} t/s | {tps[1]:>12,.0f} t/s | {tps[2]:>9,.0f} t/s | {ratio:.2f}x")

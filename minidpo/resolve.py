@@ -7,8 +7,11 @@ in the cache or can be downloaded, else the small model bundled in data/tiny-imd
 reported back so that summary.json can record what was really used.
 """
 
+import statistics
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -26,6 +29,22 @@ def pick_device(name: str = "auto") -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int = 1) -> float:
+    """Median wall seconds of fn() over `repeats` runs after one warm-up (allocator, kernels, lazy init); on CUDA
+    the clock stops only when the queued kernels have finished."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
