@@ -142,3 +142,18 @@ def test_export_merged_is_the_trained_policy_in_hf_layout(finished):
         want, got, before = policy(ids), merged(ids), base(ids)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert (want - before).abs().max() > 1e-3  # the adapter did move the model, so the check means something
+
+
+def test_sft_stage_is_merged_into_the_reference_that_dpo_starts_from(env, tmp_path):
+    from minidpo.weights import load_gpt2
+    out_dir = tmp_path / "sft"
+    run(["train.py", *SMALL, "--steps", "2", "--sft-steps", "3", "--sft-batch-size", "2", "--sft-block-size", "32",
+         "--out-dir", str(out_dir)], env)
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["reference_model"] == str(out_dir / "sft_model")
+    assert json.loads((out_dir / "run.json").read_text())["policy_base"] == str(out_dir / "sft_model")
+    sft, base = load_gpt2(out_dir / "sft_model"), load_gpt2(ROOT / "data" / "tiny-imdb-gpt2")
+    assert not any(".lora_" in k for k in sft.state_dict())  # folded in: plain weights
+    moved = [k for k, v in sft.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert any("attn.c_attn.weight" in k for k in moved)
+    assert all(any(t in k for t in ("c_attn", "c_proj", "c_fc")) for k in moved)  # only LoRA targets changed
