@@ -289,18 +289,26 @@ def write_frontier(out: Path, runs: list[dict]) -> None:
         w = csv.DictWriter(f, fieldnames=["beta", "step", "kl", "reward"])
         w.writeheader()
         w.writerows({k: p[k] for k in w.fieldnames} for p in rows)
+    plot_frontier(out)
+
+
+def plot_frontier(out: str | Path) -> None:
+    """frontier.png from out/frontier.csv: reward against KL, one line per beta (the DPO paper's Figure 2, left)."""
+    out = Path(out)
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"wrote {out / 'frontier.csv'}; `pip install matplotlib` and rerun with --resume {out} for "
-              "frontier.png", flush=True)
+        print(f"wrote {out / 'frontier.csv'}; for frontier.png: pip install matplotlib, then "
+              f"python -c \"import train; train.plot_frontier('{out}')\"", flush=True)
         return
+    with open(out / "frontier.csv", newline="") as f:
+        rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
     fig, ax = plt.subplots(figsize=(6, 4))
     for beta in sorted({p["beta"] for p in rows}):
         pts = sorted((p for p in rows if p["beta"] == beta), key=lambda p: p["step"])
-        ax.plot([p["kl"] for p in pts], [p["reward"] for p in pts], "o-", label=f"beta={beta}")
+        ax.plot([p["kl"] for p in pts], [p["reward"] for p in pts], "o-", label=f"beta={beta:g}")
     ax.set_xlabel("KL(policy || reference)")
     ax.set_ylabel("mean reward (P(positive))")
     ax.set_title("IMDb sentiment: reward vs KL frontier")

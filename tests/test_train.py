@@ -157,3 +157,21 @@ def test_sft_stage_is_merged_into_the_reference_that_dpo_starts_from(env, tmp_pa
     moved = [k for k, v in sft.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
     assert any("attn.c_attn.weight" in k for k in moved)
     assert all(any(t in k for t in ("c_attn", "c_proj", "c_fc")) for k in moved)  # only LoRA targets changed
+
+
+def test_frontier_csv_has_one_row_per_beta_and_step_and_the_plot_or_how_to_get_it(tmp_path, capsys):
+    import csv
+    import importlib.util
+    from train import write_frontier
+    runs = [{"frontier": [{"beta": b, "step": s, "kl": s * b, "reward": 0.4 + s / 100} for s in (0, 5, 10)]}
+            for b in (0.1, 1.0)]
+    write_frontier(tmp_path, runs)
+    with open(tmp_path / "frontier.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(float(r["beta"]), int(r["step"])) for r in rows] == [(b, s) for b in (0.1, 1.0) for s in (0, 5, 10)]
+    printed = capsys.readouterr().out
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "pip install matplotlib" in printed and "plot_frontier" in printed
+        assert not (tmp_path / "frontier.png").exists()
+    else:
+        assert (tmp_path / "frontier.png").stat().st_size > 0
