@@ -175,3 +175,13 @@ def test_frontier_csv_has_one_row_per_beta_and_step_and_the_plot_or_how_to_get_i
         assert not (tmp_path / "frontier.png").exists()
     else:
         assert (tmp_path / "frontier.png").stat().st_size > 0
+
+
+def test_precomputed_reference_trains_the_same_adapter_as_the_live_one(finished, env, tmp_path):
+    live_dir, _ = finished
+    out_dir = tmp_path / "cached-ref"
+    out = run(["train.py", *SMALL, "--out-dir", str(out_dir), "--precompute-ref"], env)
+    assert "[reference] precomputing log-probs" in out.stdout
+    a, b = adapter(live_dir), adapter(out_dir)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
