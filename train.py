@@ -43,7 +43,7 @@ from minidpo.resolve import autocast_dtype, imdb_source, load_model, pick_device
 from minidpo.sft import pack_texts, run_sft
 from minidpo.tokenizer import Tokenizer
 from minidpo.trainer import Checkpointer, LoopConfig, NonFiniteLoss, format_seconds, is_main, train_loop
-from minidpo.weights import save_hf
+from minidpo.weights import load_gpt2, save_hf
 
 
 @dataclass
@@ -194,7 +194,6 @@ def stage_sft(cfg: TrainConfig, model: GPT, tok: Tokenizer, reviews, out: Path, 
     """SFT on review text, then fold it into the weights; the result is both the reference and DPO's start."""
     done = out / "sft_model"
     if (done / "config.json").is_file():
-        from minidpo.weights import load_gpt2
         say(f"[sft] reusing {done}")
         return load_gpt2(done, device=device)
     say(f"[sft] {cfg.sft_steps} steps on {len(reviews):,} reviews ({'LoRA' if cfg.sft_lora else 'all weights'})")
@@ -320,8 +319,10 @@ def plot_frontier(out: str | Path) -> None:
 
 @torch.no_grad()
 def estimate_seconds(cfg: TrainConfig, model: GPT, device: torch.device, amp) -> dict[str, float]:
-    """Rough wall time of each phase from two probes: one forward of a DPO-shaped batch (a DPO step is about four:
-    policy forward + backward ~ 3, reference forward 1) and a short generate call (per-token decode cost)."""
+    """Rough wall time of each phase from two probes: one forward of a DPO-shaped batch and a short generate call
+    (per-token decode cost). A DPO step costs about six such forwards (policy forward + backward ~3, reference
+    forward 1, and ~2 more for the adapter, the head and the optimizer, as measured on CPU); five with a cached
+    reference."""
     V = model.config.vocab_size
     autocast = torch.autocast(device.type, dtype=amp, enabled=amp is not None)
     ids = torch.randint(0, V, (2 * cfg.batch_size, cfg.max_length), device=device)
@@ -429,8 +430,7 @@ def main(argv: list[str]) -> None:
         print(f"reference reward {last['reference']['reward']:.3f} | policy reward {last['policy']['reward']:.3f} | "
               f"KL {last['policy']['kl']:.3f} | held-out reward accuracy {last['train']['reward_accuracy']:.3f} | "
               f"total {format_seconds(summary['total_seconds'])}")
-        last_dir = out if len(betas) == 1 else out / f"beta_{betas[-1]:g}"
-        print(f"wrote {out / 'summary.json'}; sample with: python sample.py --adapter {last_dir}")
+        print(f"wrote {out / 'summary.json'}; sample with: python sample.py --adapter {run_dir}")
         if cfg.export_merged:
             merge_and_unwrap(model)  # plain nn.Linear weights with the adapter folded in, as transformers expects
             save_hf(model, Path(cfg.export_merged))

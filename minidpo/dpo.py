@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from minidpo.logprobs import IGNORE_INDEX, linear_token_logprobs, sequence_logprobs, token_logprobs
+from minidpo.lora import lora_disabled
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
 BATCH_KEYS = ("chosen_ids", "chosen_attention_mask", "chosen_response_mask",
@@ -215,8 +216,6 @@ def dpo_batch_loss(model: nn.Module, batch: dict[str, Tensor], beta: float = 0.1
     "kl" estimates KL(reference || policy) on the pairs' responses, which the reference sampled:
     E_ref[log ref(y|x) - log pi(y|x)], averaged over chosen and rejected.
     """
-    from minidpo.lora import lora_disabled  # here, not at the top: lora is only needed for this glue
-
     policy = forward(model, batch)
     if reference is not None:
         ref = {k: v[idx] for k, v in reference.items()}
