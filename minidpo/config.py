@@ -22,7 +22,24 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A bad flag or value; the message is meant to be shown to the user as is."""
+    """A bad flag or value; the message is meant to be shown to the user as is.
+
+    `field` names the config field at fault (when known), so a program can map it to its own flag name.
+    """
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+        self.detail = message
+
+
+def require(ok: bool, field: str, detail: str) -> None:
+    """Raise ConfigError("<field> <detail>") unless ok. Components check their own config with this, e.g.
+    `require(rank >= 1, "rank", f"must be >= 1, got {rank}")`; train.py re-labels `field` as its flag."""
+    if not ok:
+        err = ConfigError(f"{field} {detail}", field)
+        err.detail = detail
+        raise err
 
 
 def field_types(cls: type) -> dict[str, Any]:
