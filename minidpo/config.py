@@ -10,9 +10,12 @@ This replaces nanoGPT's exec()-based configurator: nothing from the command line
 loudly instead of silently creating a new global.
 """
 
+import ast
 import dataclasses
 import difflib
+import inspect
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -137,12 +140,74 @@ def build_config(cls: type[T], argv: list[str], presets: dict[str, dict[str, Any
     return cfg
 
 
+def field_comments(cls: type) -> dict[str, str]:
+    """The `# comment` after each field in the class source, and `# ---` section lines: {field: help text}.
+
+    The comment a reader sees next to a field in the code is the help the user sees in --help, so the two cannot
+    drift apart.
+    """
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    out: dict[str, str] = {}
+    lines = source.splitlines()
+    tree = ast.parse(inspect.cleandoc(source) if source[0].isspace() else source)
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    for node in body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id in names:
+            line = lines[node.lineno - 1]
+            if "#" in line:
+                out[node.target.id] = line.split("#", 1)[1].strip()
+    return out
+
+
 def help_text(cls: type, doc: str = "") -> str:
     lines = [doc.strip(), "", "options (default in brackets):"] if doc else ["options (default in brackets):"]
+    comments = field_comments(cls)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else "required"
-        lines.append(f"  --{f.name.replace('_', '-'):<24} [{default}]")
+        flag = f"--{f.name.replace('_', '-')} [{default}]"
+        note = comments.get(f.name, "")
+        lines.append(f"  {flag:<34} {note}".rstrip() if len(flag) < 34 else f"  {flag}\n  {'':<34} {note}".rstrip())
     return "\n".join(lines)
+
+
+def _matches_type(value: Any, typ: Any) -> bool:
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches_type(value, a) for a in typing.get_args(typ))
+    if typ is type(None):
+        return value is None
+    if typ is bool:
+        return isinstance(value, bool)
+    if typ is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if typ is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, typ)
+
+
+def config_from_dict(cls: type[T], stored: Any, source: str) -> T:
+    """A config from a dict read back from disk (a run's config.json), type-checked field by field.
+
+    A resumed run must be exactly the run that was started, so an unknown key, a missing one or a value of the wrong
+    type (`"steps": "16"`) is rejected naming `source` and the key, before any work.
+    """
+    if not isinstance(stored, dict):
+        raise ConfigError(f"{source}: expected a JSON object of settings, got {type(stored).__name__}")
+    types_by_name = field_types(cls)
+    unknown = sorted(set(stored) - set(types_by_name))
+    if unknown:
+        raise ConfigError(f"{source}: unknown setting {unknown[0]!r} (not written by this version of minidpo?)")
+    for name, value in stored.items():
+        if not _matches_type(value, types_by_name[name]):
+            raise ConfigError(f"{source}: {name!r} must be {types_by_name[name]}, got {value!r}", name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{source}: {name!r} must be a finite number, got {value!r}", name)
+    values = {k: float(v) if types_by_name[k] is float else v for k, v in stored.items()}
+    return cls(**values)
 
 
 def cli_config(cls: type[T], argv: list[str], doc: str, build: Callable[[list[str]], T] | None = None) -> T:
@@ -158,4 +223,61 @@ def cli_config(cls: type[T], argv: list[str], doc: str, build: Callable[[list[st
 
 
 def save_config(cfg: Any, path: Path) -> None:
-    path.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    from minidpo.fileio import atomic_write_json
+    atomic_write_json(path, dataclasses.asdict(cfg))
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def build_component(cls: type[T], flags: dict[str, str] | None = None, **values: Any) -> T:
+    """cls(**values), with a ConfigError's field re-labelled as the program's flag: a component checks its own
+    config (`require`) in its own words, and the user reads the flag they typed (`--lora-rank must be >= 1`)."""
+    try:
+        return cls(**values)
+    except ConfigError as e:
+        field = (flags or {}).get(e.field, e.field) if e.field else None
+        if field is None:
+            raise
+        raise ConfigError(f"{flag_name(field)} {e.detail}", field) from None
+
+
+def parse_list(field: str, raw: str | None, typ: type) -> list:
+    """'0.1,0.5,1' -> [0.1, 0.5, 1.0] for a sweep option; a bad item is one message naming the option."""
+    if raw is None:
+        return []
+    try:
+        items = [typ(x) for x in raw.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag_name(field)} expects {typ.__name__}s separated by commas, got {raw!r}",
+                          field) from None
+    if not items:
+        raise ConfigError(f"{flag_name(field)} is empty", field)
+    return items
+
+
+def run_program(main: Callable[[list[str]], None], argv: list[str], doc: str, cls: type) -> int:
+    """Run a program's main: --help prints the options; an expected error (bad option, bad file, no network, a
+    refused out-dir...) is ONE line `error: ...` on stderr and exit code 1, with no traceback (set MINIDPO_DEBUG=1
+    to see it). Only the programs exit; library code raises."""
+    import os
+    import sys
+    if "-h" in argv or "--help" in argv:
+        print(help_text(cls, doc))
+        return 0
+    try:
+        main(argv)
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as e:
+        expected = isinstance(e, (ValueError, OSError)) or type(e).__module__.startswith("minidpo")
+        if os.environ.get("MINIDPO_DEBUG") or not expected:
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
+            msg = f"{e.filename}: {msg}"
+        print(f"error: {msg}", file=sys.stderr)
+        return 1

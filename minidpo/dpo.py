@@ -1,48 +1,75 @@
 """
-The DPO family of preference losses, and the policy forward pass they need.
+The DPO family of preference losses, and the forward passes that give them sequence log-probs.
 
 With D = (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x)) (w = chosen, l = rejected):
 - sigmoid: -log sigmoid(beta D). Direct Preference Optimization, Rafailov et al. 2023, eq. 7
   (arXiv:2305.18290). With label smoothing e > 0 it is conservative DPO (cDPO, E. Mitchell 2023, "A note on DPO
   with noisy preferences & relationship to IPO"): the preference label is assumed flipped with probability e,
-  -(1-e) log sigmoid(beta D) - e log sigmoid(-beta D).
+  -(1-e) log sigmoid(beta D) - e log sigmoid(-beta D). TRL 1.16's "sigmoid" ignores label_smoothing (it uses it
+  only for "robust" and "exo_pair"), so with e > 0 our sigmoid loss is cDPO and differs from TRL's.
 - robust: (-(1-e) log sigmoid(beta D) + e log sigmoid(-beta D)) / (1 - 2e), the unbiased loss under label flips
-  of rate e of Chowdhury et al. 2024, "Provably Robust DPO" (arXiv:2403.00409), eq. 7.
+  of rate e of Chowdhury et al. 2024, "Provably Robust DPO" (arXiv:2403.00409), eq. 7 (TRL's formula too).
 - ipo: (D - 1/(2 beta))^2, Identity Preference Optimisation, Azar et al. 2023, "A General Theoretical Paradigm to
-  Understand Learning from Human Preferences" (arXiv:2310.12036), eq. 17. Its authors use length-averaged
-  log-probs, so pass the `*_logps_mean` of `concatenated_forward` for it.
+  Understand Learning from Human Preferences" (arXiv:2310.12036), eq. 17, on length-averaged log-probs as its
+  authors (and TRL) use them.
 - hinge: relu(1 - beta D), the SLiC calibration loss, Zhao et al. 2023 (arXiv:2305.10425), with 1/beta as margin.
 Reference-free (reference log-probs None) sets the reference terms to 0.
 
-The loss names, defaults and metric names follow Hugging Face TRL's DPOTrainer so numbers compare one to one.
+The reference is always passed in by the caller: the same model under `minidpo.lora.lora_disabled`
+(`reference_forward` does that) or log-probs cached before training. Log-probs come from `concatenated_forward`
+(each pair's chosen and rejected sequences) or `sequence_forward` (each distinct sequence once, pairs given by
+index); both score tokens with `minidpo.logprobs.sequence_logps` ("naive") or a fused kernel ("fused").
+Loss names, defaults and metric names follow Hugging Face TRL's DPOTrainer so numbers compare one to one.
 """
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from minidpo.logprobs import IGNORE_INDEX, linear_token_logprobs, sequence_logprobs, token_logprobs
-from minidpo.lora import lora_disabled
+from minidpo.config import require
+from minidpo.fused_logprobs import linear_token_logprobs
+from minidpo.logprobs import sequence_logps
+from minidpo.lora import lora_disabled, lora_layers
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
+LOGPROBS = ("naive", "fused")
 BATCH_KEYS = ("chosen_ids", "chosen_attention_mask", "chosen_response_mask",
               "rejected_ids", "rejected_attention_mask", "rejected_response_mask")
+UNIQUE_KEYS = ("ids", "attention_mask", "response_mask", "chosen_index", "rejected_index")
 
 
-def _check_loss_args(beta: float, loss_type: str, label_smoothing: float) -> None:
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"dpo_loss: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if not (beta > 0 and beta < float("inf")):
-        raise ValueError(f"dpo_loss: beta must be a finite number > 0, got {beta}")
+def check_loss_args(beta: float, loss_type: str, label_smoothing: float) -> None:
+    """The one rule set for DPOConfig and dpo_loss; raises minidpo.config.ConfigError (a ValueError).
+
+    label_smoothing e is a label-flip rate: sigmoid (cDPO) takes [0, 0.5] (at 0.5 the labels carry no information),
+    robust [0, 0.5) (it divides by 1 - 2e), ipo and hinge have no such term, so e must be 0.
+    """
+    require(loss_type in LOSS_TYPES, "loss_type", f"must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+    require(math.isfinite(beta) and beta > 0, "beta", f"must be a finite number > 0, got {beta}")
     e = label_smoothing
-    if loss_type == "sigmoid" and not 0.0 <= e <= 1.0:
-        raise ValueError(f"dpo_loss: label_smoothing for 'sigmoid' must be in [0, 1], got {e}")
-    if loss_type == "robust" and not 0.0 <= e < 0.5:
-        raise ValueError(f"dpo_loss: label_smoothing for 'robust' must be in [0, 0.5), got {e}")
-    if loss_type in ("ipo", "hinge") and e != 0.0:
-        raise ValueError(f"dpo_loss: label_smoothing is only used by 'sigmoid' and 'robust'; it must be 0 for "
-                         f"{loss_type!r}, got {e}")
+    require(math.isfinite(e), "label_smoothing", f"must be a finite number, got {e}")
+    if loss_type == "sigmoid":
+        require(0.0 <= e <= 0.5, "label_smoothing", f"for 'sigmoid' (cDPO) must be in [0, 0.5], got {e}")
+    elif loss_type == "robust":
+        require(0.0 <= e < 0.5, "label_smoothing", f"for 'robust' must be in [0, 0.5), got {e}")
+    else:
+        require(e == 0.0, "label_smoothing", f"is only used by 'sigmoid' and 'robust'; it must be 0 for "
+                                             f"{loss_type!r}, got {e}")
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    beta: float = 0.1             # strength of the KL tie to the reference (IPO: its tau)
+    loss_type: str = "sigmoid"    # sigmoid | robust | ipo | hinge
+    label_smoothing: float = 0.0  # assumed label-flip rate: cDPO for sigmoid, rDPO for robust
+
+    def __post_init__(self) -> None:
+        check_loss_args(self.beta, self.loss_type, self.label_smoothing)
 
 
 def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
@@ -54,7 +81,7 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     Naive equivalent for 'sigmoid' with e = 0: -log(sigmoid(beta * ((pc - rc) - (pr - rr)))). See the module
     docstring for the other losses. Rewards are detached: they are for logging, not for gradients.
     """
-    _check_loss_args(beta, loss_type, label_smoothing)
+    check_loss_args(beta, loss_type, label_smoothing)
     if (reference_chosen_logps is None) != (reference_rejected_logps is None):
         raise ValueError("dpo_loss: pass both reference log-probs, or neither (reference-free)")
     shapes = {tuple(t.shape) for t in (policy_chosen_logps, policy_rejected_logps,
@@ -99,130 +126,153 @@ def preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor,
     }
 
 
-def _check_batch(batch: dict[str, Tensor]) -> None:
-    missing = [k for k in BATCH_KEYS if k not in batch]
+# ----------------------------------------------------------------------------- forward passes
+
+def _check_right_padded(attention_mask: Tensor, name: str) -> None:
+    # Checked only where it is free: on a GPU this would be a host sync every step.
+    if attention_mask.device.type == "cpu" and bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+        raise ValueError(f"batch[{name!r}] must be right-padded (ones then zeros); left padding would shift the "
+                         "positions of real tokens")
+
+
+def _check_keys(batch: dict[str, Tensor], keys: tuple[str, ...], who: str) -> None:
+    missing = [k for k in keys if k not in batch]
     if missing:
-        raise KeyError(f"concatenated_forward: batch lacks {missing}; expected keys {BATCH_KEYS}")
-    for side in ("chosen", "rejected"):
-        ids = batch[f"{side}_ids"]
-        for k in (f"{side}_attention_mask", f"{side}_response_mask"):
-            if batch[k].shape != ids.shape:
-                raise ValueError(f"concatenated_forward: batch[{k!r}] has shape {tuple(batch[k].shape)}, "
-                                 f"expected {tuple(ids.shape)} like batch['{side}_ids']")
-        # Checked only where it is free: on a GPU this would be a host sync every step.
-        am = batch[f"{side}_attention_mask"]
-        if am.device.type == "cpu" and bool((am[:, 1:] > am[:, :-1]).any()):
-            raise ValueError(f"concatenated_forward: batch['{side}_attention_mask'] must be right-padded "
-                             "(ones then zeros); left padding would shift the positions of real tokens")
-    if batch["chosen_ids"].size(0) != batch["rejected_ids"].size(0):
-        raise ValueError("concatenated_forward: chosen_ids and rejected_ids must have the same batch size")
+        raise KeyError(f"{who}: batch lacks {missing}; expected keys {keys}")
 
 
-def _pad_right(x: Tensor, T: int) -> Tensor:
-    """(B, t) -> (B, T) with zeros after; 0 is a valid token id, and pad positions are masked out anyway."""
-    return F.pad(x, (0, T - x.size(1)), value=0)
+def _check_shapes(batch: dict[str, Tensor], prefix: str, who: str) -> None:
+    ids = batch[f"{prefix}ids"]
+    for k in (f"{prefix}attention_mask", f"{prefix}response_mask"):
+        if batch[k].shape != ids.shape:
+            raise ValueError(f"{who}: batch[{k!r}] has shape {tuple(batch[k].shape)}, expected "
+                             f"{tuple(ids.shape)} like batch['{prefix}ids']")
+    _check_right_padded(batch[f"{prefix}attention_mask"], f"{prefix}attention_mask")
 
 
-SMALL_LOGITS_BYTES = 64 * 2**20  # below this, materializing the logits beats recomputing them in backward
+def score_sequences(model: nn.Module, ids: Tensor, keep: Tensor, logprobs: str = "fused") -> Tensor:
+    """Sum (N,) of log p(ids[:, t] | ids[:, :t]) over the t >= 1 where keep[:, t] (N, T) is nonzero.
 
-
-def head_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, fused: bool | None = None,
-                  chunk_size: int = 128) -> Tensor:
-    """log p(targets) (M,) for hidden rows (M, C) under the tied head weight (V, C).
-
-    Naive equivalent: (hidden @ weight.T).float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1).
-    fused=True never holds the (M, V) logits (linear_token_logprobs: one matmul recomputed in backward); False
-    materializes them once and lets backward write their gradient into their own storage (token_logprobs with
-    inplace_backward); None picks False when the logits fit in SMALL_LOGITS_BYTES (small batches, e.g. on a CPU,
-    where the recompute costs ~8% of a DPO step) and True otherwise.
+    The one place that picks how tokens are scored. ids must be right-padded: the forward then runs without an
+    attention mask (plain causal, SDPA's fastest kernels), every real token sits at its true position and attends
+    only to earlier real tokens, and the pad positions compute garbage that `keep` masks out.
     """
-    if fused is None:
-        fused = hidden.size(0) * weight.size(0) * hidden.element_size() > SMALL_LOGITS_BYTES
-    if fused:
-        return linear_token_logprobs(hidden, weight, targets, chunk_size)
-    # the matmul saves its inputs, not its output, so nothing else reads the logits after this
-    return token_logprobs(hidden @ weight.t(), targets, inplace_backward=True)
-
-
-def concatenated_forward(model: nn.Module, batch: dict[str, Tensor], fused_linear: bool | None = None,
-                         chunk_size: int = 128, response_rows_only: bool | None = None) -> dict[str, Tensor]:
-    """Sequence log-probs of the chosen and rejected responses from one forward over both stacked.
-
-    Returns chosen_logps, rejected_logps (sums over response tokens, (B,)), chosen_logps_mean, rejected_logps_mean
-    (length-averaged, for IPO) and chosen_num_tokens, rejected_num_tokens (B,). The logprob of token t+1 uses the
-    output at position t, so a response token at position 0 could not be scored (a prompt always precedes it).
-    The head is scored by `head_logprobs` (fused_linear: its `fused`). response_rows_only (default: on CPU) sends
-    only response positions through the head. Naive equivalent per side:
-    (model(ids).log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1) * response_mask[:, 1:]).sum(-1).
-    """
-    _check_batch(batch)
-    B = batch["chosen_ids"].size(0)
-    T = max(batch["chosen_ids"].size(1), batch["rejected_ids"].size(1))
-    ids = torch.cat([_pad_right(batch["chosen_ids"], T), _pad_right(batch["rejected_ids"], T)])  # (2B, T)
-    keep = torch.cat([_pad_right(batch[f"{s}_response_mask"] * batch[f"{s}_attention_mask"], T)
-                      for s in ("chosen", "rejected")]).bool()                                  # (2B, T)
-    keep = keep[:, 1:]                                                   # (2B, T-1), aligned with the targets
-    targets = ids[:, 1:].masked_fill(~keep, IGNORE_INDEX)                # (2B, T-1)
-    inputs = ids[:, :-1]                                                 # (2B, T-1); the last token predicts nothing
+    if logprobs == "naive":  # full (N, T, V) logits, log_softmax, gather, mask, sum
+        return sequence_logps(model(ids), ids, keep)
+    if logprobs != "fused":
+        raise ValueError(f"logprobs must be one of {LOGPROBS}, got {logprobs!r}")
+    # Fused: only response positions go through the vocabulary projection, and linear_token_logprobs never holds
+    # their (M, V) logits (it recomputes each chunk in backward). On an accelerator nonzero() costs one host sync
+    # per call, much less than projecting every prompt and pad position through a 50257-wide head.
     head = model.lm_head
     if getattr(head, "bias", None) is not None:
-        raise ValueError("concatenated_forward: the head must be a bias-free linear map (GPT-2's tied lm_head)")
-    # attention_mask=None (plain causal) is exact here: sequences are right-padded, so every real token sits at its
-    # true position and only attends to earlier, real tokens. Pad positions compute garbage that `keep` masks out,
-    # and the causal path lets SDPA use its fastest kernels.
-    hidden = model.hidden_states(inputs)                                 # (2B, T-1, C)
-    hidden, flat_targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)  # (2B*(T-1), C), (2B*(T-1),)
-    if response_rows_only if response_rows_only is not None else keep.device.type == "cpu":
-        # Only response positions go through the vocabulary projection; prompt and pad rows would be computed
-        # and thrown away. Off by default on accelerators: the data-dependent row count costs a host sync.
-        rows = keep.reshape(-1).nonzero().squeeze(1)                                       # (M,)
-        scored = head_logprobs(hidden[rows], head.weight, flat_targets[rows], fused_linear, chunk_size)  # (M,)
-        token_logps = scored.new_zeros(keep.numel()).index_copy(0, rows, scored).view(keep.shape)
-    else:
-        token_logps = head_logprobs(hidden, head.weight, flat_targets, fused_linear, chunk_size).view(keep.shape)
-    total, mean = sequence_logprobs(token_logps, keep)  # (2B,) each
-    num_tokens = keep.sum(-1)                           # (2B,)
-    return {
-        "chosen_logps": total[:B], "rejected_logps": total[B:],
-        "chosen_logps_mean": mean[:B], "rejected_logps_mean": mean[B:],
-        "chosen_num_tokens": num_tokens[:B], "rejected_num_tokens": num_tokens[B:],
-    }
+        raise ValueError("score_sequences: the head must be a bias-free linear map (GPT-2's tied lm_head)")
+    N, T = ids.shape
+    hidden = model.hidden_states(ids[:, :-1])                    # (N, T-1, C); the last token predicts nothing
+    rows = (keep[:, 1:] != 0).reshape(-1).nonzero().squeeze(1)  # (M,) flat positions of scored tokens
+    h = hidden.reshape(-1, hidden.size(-1))[rows]               # (M, C)
+    scored = linear_token_logprobs(h, head.weight, ids[:, 1:].reshape(-1)[rows])  # (M,)
+    return torch.zeros(N, dtype=scored.dtype, device=ids.device).index_add(0, rows // (T - 1), scored)
 
+
+def _scores(model: nn.Module, ids: Tensor, keep: Tensor, logprobs: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Sums, length means and token counts (N,) of the response log-probs."""
+    total = score_sequences(model, ids, keep, logprobs)  # (N,)
+    num_tokens = (keep[:, 1:] != 0).sum(-1)              # (N,); a token at position 0 cannot be scored
+    return total, total / num_tokens.clamp(min=1), num_tokens  # an empty response gives mean 0, not NaN
+
+
+def concatenated_forward(model: nn.Module, batch: dict[str, Tensor], logprobs: str = "fused") -> dict[str, Tensor]:
+    """Sequence log-probs of each pair's chosen and rejected responses from one forward over both stacked.
+
+    Returns chosen_logps, rejected_logps (sums over response tokens, (B,)), chosen_logps_mean, rejected_logps_mean
+    (length-averaged, for IPO) and chosen_num_tokens, rejected_num_tokens (B,). Naive equivalent per side:
+    minidpo.logprobs.sequence_logps(model(ids), ids, response_mask * attention_mask).
+    """
+    _check_keys(batch, BATCH_KEYS, "concatenated_forward")
+    for side in ("chosen_", "rejected_"):
+        _check_shapes(batch, side, "concatenated_forward")
+    B = batch["chosen_ids"].size(0)
+    if batch["rejected_ids"].size(0) != B:
+        raise ValueError("concatenated_forward: chosen_ids and rejected_ids must have the same batch size")
+    T = max(batch["chosen_ids"].size(1), batch["rejected_ids"].size(1))
+    pad = lambda x: F.pad(x, (0, T - x.size(1)))  # noqa: E731, (B, t) -> (B, T); pad positions are masked out
+    ids = torch.cat([pad(batch["chosen_ids"]), pad(batch["rejected_ids"])])  # (2B, T)
+    keep = torch.cat([pad(batch[f"{s}_response_mask"] * batch[f"{s}_attention_mask"])
+                      for s in ("chosen", "rejected")])                      # (2B, T)
+    total, mean, n = _scores(model, ids, keep, logprobs)                     # (2B,) each
+    return {"chosen_logps": total[:B], "rejected_logps": total[B:], "chosen_logps_mean": mean[:B],
+            "rejected_logps_mean": mean[B:], "chosen_num_tokens": n[:B], "rejected_num_tokens": n[B:]}
+
+
+def sequence_forward(model: nn.Module, batch: dict[str, Tensor], logprobs: str = "fused") -> dict[str, Tensor]:
+    """Log-probs of each distinct sequence of a unique batch (ids (N, T), chosen_index/rejected_index (P,)).
+
+    Returns logps (sums over response tokens), logps_mean (length-averaged) and num_tokens, each (N,).
+    Naive equivalent: minidpo.logprobs.sequence_logps(model(ids), ids, response_mask * attention_mask).
+    """
+    _check_keys(batch, UNIQUE_KEYS, "sequence_forward")
+    _check_shapes(batch, "", "sequence_forward")
+    total, mean, n = _scores(model, batch["ids"], batch["response_mask"] * batch["attention_mask"], logprobs)
+    return {"logps": total, "logps_mean": mean, "num_tokens": n}
+
+
+def reference_forward(model: nn.Module, batch: dict[str, Tensor], logprobs: str = "fused",
+                      unique: bool | None = None) -> dict[str, Tensor]:
+    """The reference's log-probs: the same model with its LoRA adapters disabled, without grad.
+
+    unique: sequence_forward's output for a unique batch, else concatenated_forward's (None: by the batch's keys).
+    A model without LoRA layers is its own reference (e.g. before the adapter is applied, to cache reference
+    log-probs).
+    """
+    unique = "ids" in batch if unique is None else unique
+    forward = sequence_forward if unique else concatenated_forward
+    with torch.no_grad(), (lora_disabled(model) if lora_layers(model) else nullcontext()):
+        return forward(model, batch, logprobs)
+
+
+# ----------------------------------------------------------------------------- the step's loss
 
 def dpo_step_loss(policy_out: dict[str, Tensor], reference_out: dict[str, Tensor] | None,
-                  beta: float = 0.1, loss_type: str = "sigmoid",
-                  label_smoothing: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
-    """Mean loss and metrics from two `concatenated_forward` outputs (reference_out None: reference-free).
+                  cfg: DPOConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """Mean loss and metrics from `concatenated_forward`-style outputs (reference_out None: reference-free).
 
-    Picks the length-averaged log-probs for IPO and the sums otherwise, so callers cannot mix them up.
+    The loss uses length-averaged log-probs for IPO and sums otherwise, so callers cannot mix them up. The metrics
+    are TRL's, always from sums, as TRL logs them (also for IPO): rewards/* = beta * (policy - reference) summed
+    log-probs, logps/* = the policy's summed log-probs. Plus "logratio/ref_minus_policy": the mean over chosen and
+    rejected of log ref(y|x) - log pi(y|x) on the pairs' responses. The reference sampled those responses, so it
+    estimates KL(reference || policy) on them; it is NOT the evaluation's exact KL(policy || reference).
     """
-    suffix = "_mean" if loss_type == "ipo" else ""
+    suffix = "_mean" if cfg.loss_type == "ipo" else ""
+    pick = lambda out, k: None if out is None else out[k].detach()  # noqa: E731
     pc, pr = policy_out["chosen_logps" + suffix], policy_out["rejected_logps" + suffix]
-    rc = rr = None
-    if reference_out is not None:
-        rc, rr = reference_out["chosen_logps" + suffix].detach(), reference_out["rejected_logps" + suffix].detach()
-    losses, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, beta, loss_type, label_smoothing)
+    rc, rr = pick(reference_out, "chosen_logps" + suffix), pick(reference_out, "rejected_logps" + suffix)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.loss_type,
+                                                        cfg.label_smoothing)
+    pc, pr = policy_out["chosen_logps"].detach(), policy_out["rejected_logps"].detach()  # sums, for the logs
+    rc, rr = pick(reference_out, "chosen_logps"), pick(reference_out, "rejected_logps")
+    if suffix:  # IPO: rewards from the sums, as TRL logs them
+        chosen_rewards = cfg.beta * (pc if rc is None else pc - rc)
+        rejected_rewards = cfg.beta * (pr if rr is None else pr - rr)
     metrics = preference_metrics(chosen_rewards, rejected_rewards, pc, pr)
+    if rc is not None:
+        metrics["logratio/ref_minus_policy"] = ((rc - pc) + (rr - pr)).float().mean() / 2
     return losses.mean(), metrics
 
 
-def dpo_batch_loss(model: nn.Module, batch: dict[str, Tensor], beta: float = 0.1, loss_type: str = "sigmoid",
-                   label_smoothing: float = 0.0, reference: dict[str, Tensor] | None = None,
-                   idx: Tensor | None = None, forward=concatenated_forward) -> tuple[Tensor, dict[str, Tensor]]:
-    """One DPO micro-batch: (mean loss, TRL's metrics plus "kl"), the training step of train.py.
+def pair_logps(seq_out: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Per-pair chosen/rejected log-probs (P,) (concatenated_forward's keys) from per-sequence ones (N,).
 
-    The reference log-probs are `reference[k][idx]` when precomputed for the whole dataset, else the same model
-    with its LoRA adapter disabled (exactly the starting policy, since the adapter starts at B = 0).
-    "kl" estimates KL(reference || policy) on the pairs' responses, which the reference sampled:
-    E_ref[log ref(y|x) - log pi(y|x)], averaged over chosen and rejected.
+    Naive equivalent: {f"chosen_{k}": seq_out[k][batch["chosen_index"]], f"rejected_{k}": ...} for each key.
+    A sequence in several pairs is gathered several times; backward sums its gradient over those pairs.
     """
-    policy = forward(model, batch)
-    if reference is not None:
-        ref = {k: v[idx] for k, v in reference.items()}
-    else:
-        with torch.no_grad(), lora_disabled(model):
-            ref = forward(model, batch)
-    loss, metrics = dpo_step_loss(policy, ref, beta, loss_type, label_smoothing)
-    metrics["kl"] = ((ref["chosen_logps"] - policy["chosen_logps"]) +
-                     (ref["rejected_logps"] - policy["rejected_logps"])).detach().float().mean() / 2
-    return loss, metrics
+    return {f"{side}_{k}": v[batch[f"{side}_index"]] for k, v in seq_out.items()
+            for side in ("chosen", "rejected")}
+
+
+def dpo_unique_loss(policy_seq: dict[str, Tensor], reference_seq: dict[str, Tensor] | None,
+                    batch: dict[str, Tensor], cfg: DPOConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """dpo_step_loss over every pair of a unique batch, from `sequence_forward` outputs (or cached reference
+    log-probs with keys logps and logps_mean). Equals the pairwise computation over the same pairs."""
+    reference = None if reference_seq is None else pair_logps(reference_seq, batch)
+    return dpo_step_loss(pair_logps(policy_seq, batch), reference, cfg)

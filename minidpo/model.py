@@ -8,8 +8,9 @@ References:
 2) Karpathy's nanoGPT model.py for the module layout; the parameter names follow Hugging Face's GPT2LMHeadModel
    (`transformer.h.0.attn.c_attn.weight`, ...) so checkpoints map one to one, except that every projection is an
    `nn.Linear` ([out, in]) where OpenAI and Hugging Face store Conv1D ([in, out]).
-3) gpt-fast (PyTorch team) for the generation loop: `prefill`, `decode_one_token`, `sample`, and a KV cache that is
-   allocated once per `generate` call instead of growing by concatenation.
+3) gpt-fast (PyTorch team) for the KV cache: allocated once per `generate` call instead of growing by
+   concatenation. The generation loop itself (`prefill`, `decode_one_token`, `sample`, `generate`) is in
+   generate.py; `GPT.generate` and `sample` here are kept as shortcuts to it.
 
 Padding. `attention_mask` ([B, T], 1 for a real token, 0 for a pad) makes left- and right-padded batches exact: a real
 token's position counts only the real tokens before it, and no real token ever attends to a pad. A pad query attends
@@ -25,6 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from minidpo.config import require
+from minidpo.generate import generate, sample, sample_naive  # noqa: F401  (sample, sample_naive: re-exported)
 
 
 @dataclass
@@ -46,8 +50,13 @@ class GPTConfig:
         return cls(**PRESETS[key])
 
     def __post_init__(self) -> None:
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 1, name, f"must be an integer >= 1, got {value!r}")
+        require(self.n_embd % self.n_head == 0, "n_embd",
+                f"({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        require(math.isfinite(self.dropout) and 0 <= self.dropout < 1, "dropout",
+                f"must be in [0, 1), got {self.dropout}")
 
 
 PRESETS = {
@@ -228,81 +237,11 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.kv_cache = None
 
-    def prefill(self, idx: Tensor, key_mask: Tensor | None) -> Tensor:
-        """Run the whole prompt through the model, filling the cache; logits of the last position (B, V)."""
-        return self.lm_head(self.hidden_states(idx, cache_pos=0, key_mask=key_mask)[:, -1])
-
-    def decode_one_token(self, token: Tensor, pos: int, key_mask: Tensor | None) -> Tensor:
-        """Feed one token per row (B, 1) at cache position `pos`; logits of it (B, V)."""
-        return self.lm_head(self.hidden_states(token, cache_pos=pos, key_mask=key_mask)[:, -1])
-
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, min_new_tokens: int = 0, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_id: int | None = 50256,
                  attention_mask: Tensor | None = None, generator: torch.Generator | None = None,
                  use_cache: bool = True) -> Tensor:
-        """Continue left-padded prompts idx (B, T); returns (B, T + n) with n <= max_new_tokens.
-
-        temperature=0 is greedy decoding. End-of-text is forbidden before `min_new_tokens`; after a row emits it,
-        that row's later tokens are eos_id, and the loop ends once every row has finished.
-        """
-        if min_new_tokens > max_new_tokens:
-            raise ValueError(f"min_new_tokens ({min_new_tokens}) > max_new_tokens ({max_new_tokens})")
-        B, T = idx.size()
-        if T + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} exceeds block_size "
-                             f"{self.config.block_size}")
-        key_mask = None  # without padding, attention needs no mask at all (one host sync here, once per call)
-        if attention_mask is not None and not bool(attention_mask.all()):
-            key_mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # (B, L)
-            key_mask[:, :T] = attention_mask  # generated tokens are always real
-        out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
-        out[:, :T] = idx
-        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        if use_cache:
-            self.setup_cache(B, T + max_new_tokens)
-        try:
-            for step in range(max_new_tokens):
-                pos = T + step
-                mask = key_mask[:, :pos] if key_mask is not None else None
-                if not use_cache:
-                    logits = self(out[:, :pos], mask)[:, -1]
-                elif step == 0:
-                    logits = self.prefill(idx, mask)
-                else:
-                    logits = self.decode_one_token(out[:, pos - 1:pos], pos - 1, mask)
-                if eos_id is not None and step < min_new_tokens:
-                    logits[:, eos_id] = -float("inf")
-                token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
-                if eos_id is not None:
-                    token = torch.where(finished, torch.full_like(token, eos_id), token)
-                    finished |= token == eos_id
-                out[:, pos] = token
-                # one host sync per token buys early exit when every row is done
-                if eos_id is not None and bool(finished.all()):
-                    return out[:, :pos + 1]
-        finally:
-            if use_cache:
-                self.clear_cache()
-        return out
-
-
-def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-           generator: torch.Generator | None = None) -> Tensor:
-    """Next token (B,) from logits (B, V): greedy at temperature 0, else softmax(logits / T) after top-k and
-    nucleus (top-p) filtering. Naive top-p: keep the smallest set of most likely tokens whose mass reaches p."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, -float("inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # drop a token when the mass before it already reaches p (the most likely token always stays)
-        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_idx, drop_sorted)  # back to vocab order
-        logits = logits.masked_fill(drop, -float("inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+        """Continue left-padded prompts idx (B, T) to (B, T + n), n <= max_new_tokens: see generate.generate."""
+        return generate(self, idx, max_new_tokens, min_new_tokens, temperature, top_k, top_p, eos_id,
+                        attention_mask, generator, use_cache)

@@ -1,34 +1,59 @@
 """
-What a run uses when the user leaves it to us: the device, the model weights and the IMDB data.
+What a run uses when the user leaves it to us: the device, the precision, the model weights and the IMDB data; and
+the checks that every path is usable before any work starts.
 
-`--device auto` picks CUDA, then Apple's MPS, then the CPU. `--model auto` picks the official GPT-2 (124M) when it is
-in the cache or can be downloaded, else the small model bundled in data/tiny-imdb-gpt2/, with a banner that says so.
-`--data auto` picks the full IMDB set in the cache, else the ~1,000-review sample shipped in data/. Every choice is
-reported back so that summary.json can record what was really used.
+`--device auto` picks CUDA, then Apple's MPS, then the CPU. `--dtype auto` is bf16 autocast on CUDA and fp32
+elsewhere. `--model auto` picks the official GPT-2 (124M) when it is in the cache or can be downloaded, else the
+small model bundled in data/tiny-imdb-gpt2/ (the caller then applies the tiny preset's settings and says so).
+`--data auto` picks the full IMDB set in the cache, else the sample shipped in data/. Every choice is reported back
+so that summary.json can record what was really used. Nothing here prints: notes are returned to the caller.
 """
 
+import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from minidpo.config import ConfigError
 from minidpo.model import GPT
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED_MODEL = REPO / "data" / "tiny-imdb-gpt2"
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}", "device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine (try --device cpu)", "device")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}", "device")
+    return device
+
+
+def autocast_dtype(device: torch.device, name: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for --dtype: bf16 on CUDA for auto (tensor cores, no loss scaling), else fp32 (None)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if name not in DTYPES:
+        raise ConfigError(f"--dtype must be auto, fp32 or bf16, got {name!r}", "dtype")
+    return DTYPES[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeats: int = 1) -> float:
@@ -47,49 +72,70 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int = 1) -> f
     return statistics.median(times)
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA (tensor cores, no loss scaling needed); plain fp32 elsewhere."""
-    return torch.bfloat16 if device.type == "cuda" else None
+def looks_like_path(name: str) -> bool:
+    return os.sep in name or name.startswith(".") or Path(name).suffix in (".safetensors", ".bin", ".json")
 
 
-def banner(lines: list[str]) -> None:
-    width = max(len(s) for s in lines) + 4
-    print("+" + "-" * (width - 2) + "+", file=sys.stderr)
-    for s in lines:
-        print(f"| {s:<{width - 4}} |", file=sys.stderr)
-    print("+" + "-" * (width - 2) + "+", file=sys.stderr, flush=True)
+def check_model_name(name: str) -> None:
+    """A --model that is meant as a path must exist, checked before any work."""
+    if name not in ("auto", "bundled", "random") and looks_like_path(name) and not Path(name).exists():
+        raise ConfigError(f"--model {name}: no such file or directory (expected a GPT-2 name such as gpt2, "
+                          "bundled, or the path of a model directory or weights file)", "model")
 
 
-def load_model(name: str, device: torch.device) -> tuple[GPT, str]:
-    """(model, what was loaded). `auto`: official gpt2, else the bundled model; anything else goes to load_gpt2."""
+def load_model(name: str, device: torch.device) -> tuple[GPT, str, list[str]]:
+    """(model, what was loaded, notes for the user). `auto`: official gpt2, else the bundled model."""
     from minidpo.download import DownloadError
     from minidpo.weights import load_gpt2
 
     if name == "bundled":
-        return load_gpt2(BUNDLED_MODEL, device=device), str(BUNDLED_MODEL.relative_to(REPO))
+        return load_gpt2(BUNDLED_MODEL, device=device), "bundled", []
     if name != "auto":
-        return load_gpt2(name, device=device), name
+        return load_gpt2(name, device=device), name, []
     try:
-        return load_gpt2("gpt2", device=device), "gpt2"
+        return load_gpt2("gpt2", device=device), "gpt2", []
     except DownloadError as e:
-        banner(["--model auto: the official GPT-2 weights are not cached and could not be downloaded:",
-                f"  {str(e).splitlines()[0][:150]}",
-                f"Using the small bundled model {BUNDLED_MODEL.relative_to(REPO)} (trained on IMDB, see data/README.md).",
-                "To use GPT-2 124M: run once with network access, or place OpenAI's files by hand (see README).",
-                "train.py's defaults are sized for GPT-2; `python train.py --preset tiny` is tuned for this model."])
-        return load_gpt2(BUNDLED_MODEL, device=device), str(BUNDLED_MODEL.relative_to(REPO))
+        notes = ["--model auto: the official GPT-2 weights are not cached and could not be downloaded",
+                 f"  ({str(e).splitlines()[0][:150]})",
+                 f"  so this run uses the small bundled model {BUNDLED_MODEL.relative_to(REPO)} (see data/README.md)",
+                 "  with the tiny preset's settings; for GPT-2 124M run once with network access, or place",
+                 "  OpenAI's files by hand (see README)."]
+        return load_gpt2(BUNDLED_MODEL, device=device), "bundled", notes
 
 
-def imdb_source(name: str) -> Path:
-    """`auto`: the full set in the cache, else the shipped sample; `sample`: the sample; else a path."""
-    from minidpo.imdb import IMDB_SAMPLE_PATH, default_imdb_source
+def model_source(desc: str) -> str:
+    """What run.json records for a model: names stay names, paths become absolute (the run folder may move)."""
+    if desc in ("bundled", "auto") or not looks_like_path(desc):
+        return desc
+    return str(Path(desc).resolve())
+
+
+def imdb_source(name: str) -> tuple[Path, str]:
+    """(path, note). `auto`: the full set in the cache, else the shipped sample; `sample`: the sample; else a path."""
+    from minidpo.download import cache_dir
+    from minidpo.imdb import IMDB_FILENAME, IMDB_SAMPLE_PATH
 
     if name == "auto":
-        return Path(default_imdb_source(verbose=True))
+        full = cache_dir() / IMDB_FILENAME
+        if full.is_file():
+            return full, f"[data] using the full IMDB set at {full}"
+        return Path(IMDB_SAMPLE_PATH), (f"[data] {full} not found: using the shipped sample; "
+                                        "`python -c 'import minidpo.imdb as m; m.download_imdb()'` gets the full set")
     if name == "sample":
-        return Path(IMDB_SAMPLE_PATH)
+        return Path(IMDB_SAMPLE_PATH), ""
     path = Path(name)
     if not path.exists():
-        raise FileNotFoundError(f"--data {name}: no such file or directory (expected aclImdb_v1.tar.gz or an "
-                                "extracted aclImdb directory; `auto` uses the cache or the shipped sample)")
-    return path
+        raise ConfigError(f"--data {name}: no such file or directory (expected aclImdb_v1.tar.gz or an extracted "
+                          "aclImdb directory; `auto` uses the cache or the shipped sample)", "data")
+    return path.resolve(), ""
+
+
+def check_writable(directory: Path, what: str) -> None:
+    """Create `directory` if needed and prove we can write there, before any work that would be lost otherwise."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{what} {directory}: not writable ({e.strerror or e})") from None

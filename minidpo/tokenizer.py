@@ -25,6 +25,7 @@ VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726
 # r50k_base / gpt2 pre-tokenization pattern, as in tiktoken_ext/openai_public.py.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 ENDOFTEXT = "<|endoftext|>"
+EOT_ID = 50256  # the id of <|endoftext|>: defined here once, imported everywhere else
 
 
 def _read_checked(path: Path, sha256: str) -> bytes:
@@ -76,10 +77,10 @@ class Tokenizer:
             name="gpt2",
             pat_str=GPT2_PATTERN,
             mergeable_ranks=mergeable_ranks(encoder_json, vocab_bpe),
-            special_tokens={ENDOFTEXT: 50256},
+            special_tokens={ENDOFTEXT: EOT_ID},
             explicit_n_vocab=50257,
         )
-        self.eot_id = 50256
+        self.eot_id = EOT_ID
         self.vocab_size = self.encoding.n_vocab
 
     def encode(self, text: str) -> list[int]:

@@ -9,6 +9,9 @@ Deterministic: reviews are picked with random.Random(seed) from each folder's id
 tar members are sorted with fixed owner/mode/mtime, and the gzip header carries mtime=0 and no file
 name, so re-running on the same input gives byte-identical output.
 
+Beside the tarball it writes its manifest (`imdb_sample.manifest.json`: size, sha256 and the number of
+reviews per folder), which minidpo.imdb checks on every read, so a truncated or altered copy is an error.
+
     python scripts/make_imdb_sample.py                       # ../shared/data/aclImdb_v1.tar.gz -> data/
     python scripts/make_imdb_sample.py --src ~/.cache/minidpo/aclImdb_v1.tar.gz --out /tmp/s.tar.gz
 """
@@ -26,7 +29,8 @@ import tarfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from minidpo.imdb import iter_raw_reviews  # noqa: E402
+from minidpo.fileio import atomic_write_bytes, atomic_write_json  # noqa: E402
+from minidpo.imdb import iter_raw_reviews, manifest_path  # noqa: E402
 
 # (split, label) -> how many reviews; 1,000 in all
 SAMPLE_COUNTS: dict[tuple[str, str], int] = {
@@ -83,19 +87,31 @@ def tarball_bytes(files: list[tuple[str, bytes]]) -> bytes:
     return buf.getvalue()
 
 
+def write_manifest(tarball: str | os.PathLike, counts: dict[tuple[str, str], int], seed: int) -> Path:
+    """Write `<name>.manifest.json` beside the tarball: what minidpo.imdb checks the tarball against."""
+    tarball = Path(tarball)
+    data = tarball.read_bytes()
+    manifest = {"file": tarball.name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                "reviews": {f"{s}/{lab}": n for (s, lab), n in sorted(counts.items())},
+                "made_by": f"scripts/make_imdb_sample.py --seed {seed}",
+                "source": "aclImdb_v1.tar.gz, Large Movie Review Dataset v1.0 (Maas et al. 2011)"}
+    path = manifest_path(tarball)
+    atomic_write_json(path, manifest)
+    return path
+
+
 def make_sample(
     src: str | os.PathLike,
     out: str | os.PathLike,
     counts: dict[tuple[str, str], int] = SAMPLE_COUNTS,
     seed: int = SEED,
 ) -> Path:
-    """Write the sample tarball atomically (tmp file + os.replace) and return its path."""
+    """Write the sample tarball and its manifest atomically (each: temp file + rename); return the tarball."""
     data = tarball_bytes(pick_reviews(src, counts, seed))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, out)
+    atomic_write_bytes(out, data)
+    write_manifest(out, counts, seed)
     return out
 
 
@@ -112,7 +128,7 @@ def main() -> None:
     out = make_sample(args.src, args.out, SAMPLE_COUNTS, args.seed)
     data = out.read_bytes()
     counts = ", ".join(f"{s}/{lab} {n}" for (s, lab), n in sorted(SAMPLE_COUNTS.items()))
-    print(f"wrote {out}: {len(data):,} bytes, sha256 {hashlib.sha256(data).hexdigest()}")
+    print(f"wrote {out}: {len(data):,} bytes, sha256 {hashlib.sha256(data).hexdigest()}, and {manifest_path(out)}")
     print(f"reviews: {counts} (seed {args.seed})")
 
 

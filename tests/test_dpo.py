@@ -1,4 +1,5 @@
-"""Tests for minidpo/dpo.py: the DPO-family losses' invariants, metrics, and the stacked chosen/rejected forward."""
+"""Tests for minidpo/dpo.py: the DPO-family losses' invariants, their one validation rule set, metrics, the stacked
+chosen/rejected forward (naive and fused), and unique batching (one forward per distinct sequence) equal to pairs."""
 
 import math
 
@@ -7,7 +8,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from minidpo.dpo import LOSS_TYPES, concatenated_forward, dpo_loss, dpo_step_loss, preference_metrics
+from minidpo.config import ConfigError
+from minidpo.dpo import (LOSS_TYPES, DPOConfig, concatenated_forward, dpo_loss, dpo_step_loss, dpo_unique_loss,
+                         pair_logps, preference_metrics, reference_forward, sequence_forward)
+from minidpo.lora import apply_lora, lora_disabled, lora_layers
 from minidpo.model import GPT, GPTConfig
 
 SETTINGS = settings(max_examples=40, deadline=None)
@@ -49,9 +53,10 @@ def test_sigmoid_loss_difference_between_D_and_minus_D_is_minus_beta_D(beta, D):
 
 
 @SETTINGS
-@given(betas, Ds, st.floats(0.0, 1.0))
-def test_label_smoothing_e_at_D_equals_smoothing_1_minus_e_at_minus_D(beta, D, e):
-    assert loss_at(D, beta, e=e).item() == pytest.approx(loss_at(-D, beta, e=1 - e).item(), rel=1e-12, abs=1e-12)
+@given(betas, Ds, st.floats(0.0, 0.5))
+def test_conservative_dpo_loss_at_D_minus_loss_at_minus_D_is_minus_one_minus_2e_beta_D(beta, D, e):
+    diff = loss_at(D, beta, e=e) - loss_at(-D, beta, e=e)
+    assert diff.item() == pytest.approx(-(1 - 2 * e) * beta * D, abs=1e-9 * (1 + abs(beta * D)))
 
 
 @SETTINGS
@@ -175,6 +180,7 @@ def test_sigmoid_with_smoothing_is_the_conservative_dpo_formula():
     (dict(beta=0.0), "beta"), (dict(beta=-1.0), "beta"), (dict(beta=float("nan")), "beta"),
     (dict(beta=float("inf")), "beta"), (dict(loss_type="kto"), "sigmoid"),
     (dict(label_smoothing=-0.1), "label_smoothing"), (dict(label_smoothing=1.5), "label_smoothing"),
+    (dict(label_smoothing=0.6), r"\[0, 0.5\]"), (dict(label_smoothing=float("nan")), "label_smoothing"),
     (dict(loss_type="robust", label_smoothing=0.5), r"\[0, 0.5\)"),
     (dict(loss_type="ipo", label_smoothing=0.1), "only used by"),
 ])
@@ -247,11 +253,13 @@ def naive_sequence_logps(model, ids, attn, resp):
     return torch.stack(sums), torch.stack(means)
 
 
-@pytest.mark.parametrize("fused_linear,rows_only", [(True, True), (True, False), (False, True), (False, False),
-                                                    (None, None)])
-def test_concatenated_forward_equals_chosen_and_rejected_run_separately(model, fused_linear, rows_only):
+LOGPROBS = ["naive", "fused"]
+
+
+@pytest.mark.parametrize("logprobs", LOGPROBS)
+def test_concatenated_forward_equals_chosen_and_rejected_run_separately(model, logprobs):
     batch = make_batch()
-    out = concatenated_forward(model, batch, fused_linear=fused_linear, chunk_size=7, response_rows_only=rows_only)
+    out = concatenated_forward(model, batch, logprobs)
     for side in ("chosen", "rejected"):
         ids, attn, resp = (batch[f"{side}_{k}"] for k in ("ids", "attention_mask", "response_mask"))
         s, m = naive_sequence_logps(model, ids, attn, resp)
@@ -260,10 +268,10 @@ def test_concatenated_forward_equals_chosen_and_rejected_run_separately(model, f
         assert out[f"{side}_num_tokens"].tolist() == resp.sum(-1).tolist()
 
 
-@pytest.mark.parametrize("fused_linear,rows_only", [(True, True), (False, False), (None, None)])
-def test_concatenated_forward_gradients_equal_the_naive_ones(model, fused_linear, rows_only):
+@pytest.mark.parametrize("logprobs", LOGPROBS)
+def test_concatenated_forward_gradients_equal_the_naive_ones(model, logprobs):
     batch = make_batch(seed=5)
-    out = concatenated_forward(model, batch, fused_linear=fused_linear, chunk_size=5, response_rows_only=rows_only)
+    out = concatenated_forward(model, batch, logprobs)
     params = [p for p in model.parameters()]
     g_fused = torch.autograd.grad((out["chosen_logps"] - 2 * out["rejected_logps"]).sum(), params)
     c = naive_sequence_logps(model, *(batch[f"chosen_{k}"] for k in ("ids", "attention_mask", "response_mask")))
@@ -273,24 +281,27 @@ def test_concatenated_forward_gradients_equal_the_naive_ones(model, fused_linear
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_concatenated_forward_ignores_pad_and_prompt_token_scores(model):
+@pytest.mark.parametrize("logprobs", LOGPROBS)
+def test_concatenated_forward_ignores_pad_and_prompt_token_scores(model, logprobs):
     batch = make_batch(seed=1)
-    out = concatenated_forward(model, batch)
+    out = concatenated_forward(model, batch, logprobs)
     junk = dict(batch)
     pads = batch["chosen_attention_mask"] == 0
     junk["chosen_ids"] = batch["chosen_ids"].masked_fill(pads, 7)  # other pad ids: same result
-    torch.testing.assert_close(concatenated_forward(model, junk)["chosen_logps"], out["chosen_logps"])
+    torch.testing.assert_close(concatenated_forward(model, junk, logprobs)["chosen_logps"], out["chosen_logps"])
     no_resp = dict(batch, chosen_response_mask=torch.zeros_like(batch["chosen_response_mask"]))
-    assert concatenated_forward(model, no_resp)["chosen_logps"].abs().max() == 0
+    assert concatenated_forward(model, no_resp, logprobs)["chosen_logps"].abs().max() == 0
 
 
-def test_concatenated_forward_rejects_left_padding_and_missing_keys(model):
+def test_concatenated_forward_rejects_left_padding_missing_keys_and_unknown_logprobs(model):
     batch = make_batch()
     left = dict(batch, chosen_attention_mask=batch["chosen_attention_mask"].flip(-1))
     with pytest.raises(ValueError, match="right-padded"):
         concatenated_forward(model, left)
     with pytest.raises(KeyError, match="rejected_response_mask"):
         concatenated_forward(model, {k: v for k, v in batch.items() if k != "rejected_response_mask"})
+    with pytest.raises(ValueError, match="naive"):
+        concatenated_forward(model, batch, "fast")
 
 
 def test_dpo_step_loss_uses_length_averaged_logps_for_ipo_and_sums_otherwise(model):
@@ -298,8 +309,160 @@ def test_dpo_step_loss_uses_length_averaged_logps_for_ipo_and_sums_otherwise(mod
     pol = concatenated_forward(model, batch)
     ref = {k: v.detach() - 0.5 for k, v in pol.items()}
     for loss_type, suffix in (("ipo", "_mean"), ("sigmoid", "")):
-        loss, metrics = dpo_step_loss(pol, ref, beta=0.1, loss_type=loss_type)
+        loss, metrics = dpo_step_loss(pol, ref, DPOConfig(beta=0.1, loss_type=loss_type))
         expected = dpo_loss(pol["chosen_logps" + suffix], pol["rejected_logps" + suffix],
                             ref["chosen_logps" + suffix], ref["rejected_logps" + suffix], 0.1, loss_type)[0].mean()
         torch.testing.assert_close(loss, expected)
-        torch.testing.assert_close(metrics["logps/chosen"], pol["chosen_logps" + suffix].mean().detach())
+        # logged as TRL logs them: sums, also for IPO
+        torch.testing.assert_close(metrics["logps/chosen"], pol["chosen_logps"].mean().detach())
+
+
+def test_ipo_logs_rewards_from_summed_logps_like_trl():
+    pol = {"chosen_logps": torch.tensor([-10.0, -20.0]), "rejected_logps": torch.tensor([-12.0, -18.0]),
+           "chosen_logps_mean": torch.tensor([-1.0, -2.0]), "rejected_logps_mean": torch.tensor([-3.0, -1.5])}
+    ref = {"chosen_logps": torch.tensor([-11.0, -19.0]), "rejected_logps": torch.tensor([-12.0, -17.0]),
+           "chosen_logps_mean": torch.tensor([-1.1, -1.9]), "rejected_logps_mean": torch.tensor([-3.0, -1.4])}
+    _, m = dpo_step_loss(pol, ref, DPOConfig(beta=0.5, loss_type="ipo"))
+    assert m["rewards/chosen"].item() == pytest.approx(0.5 * (1.0 - 1.0) / 2)
+    assert m["rewards/rejected"].item() == pytest.approx(0.5 * (0.0 - 1.0) / 2)
+    assert m["rewards/margins"].item() == pytest.approx(0.25)
+    assert m["logps/rejected"].item() == pytest.approx(-15.0)
+    assert m["logratio/ref_minus_policy"].item() == pytest.approx(((-1 + 1) + (0 + 1)) / 4)
+
+
+@SETTINGS
+@given(st.sampled_from(LOSS_TYPES), st.floats(-1.0, 2.0), st.sampled_from([0.0, 0.1, 0.3, 0.5, 0.7, 1.0, -0.1]))
+def test_dpo_config_and_dpo_loss_accept_exactly_the_same_settings(loss_type, beta, e):
+    def accepted(f):
+        try:
+            f()
+            return True
+        except ValueError:
+            return False
+    x = torch.zeros(1)
+    cfg_ok = accepted(lambda: DPOConfig(beta=beta, loss_type=loss_type, label_smoothing=e))
+    assert cfg_ok == accepted(lambda: dpo_loss(x, x, x, x, beta, loss_type, e))
+    expected = beta > 0 and (e == 0 or (loss_type == "sigmoid" and 0 <= e <= 0.5)
+                             or (loss_type == "robust" and 0 <= e < 0.5))
+    assert cfg_ok == expected
+
+
+@pytest.mark.parametrize("kwargs,field", [(dict(beta=0.0), "beta"), (dict(beta=float("inf")), "beta"),
+                                          (dict(loss_type="kto"), "loss_type"),
+                                          (dict(loss_type="hinge", label_smoothing=0.1), "label_smoothing")])
+def test_dpo_config_names_the_bad_field(kwargs, field):
+    with pytest.raises(ConfigError) as err:
+        DPOConfig(**kwargs)
+    assert err.value.field == field
+
+
+# ---------------------------------------------------------------- unique batching: one forward per sequence
+
+def lora_model(seed=0):
+    torch.manual_seed(seed)
+    m = GPT(GPTConfig(block_size=32, vocab_size=V, n_layer=2, n_head=2, n_embd=32))
+    apply_lora(m, rank=4, alpha=8.0)
+    with torch.no_grad():  # a trained-looking adapter, so the policy differs from the reference
+        for layer in lora_layers(m).values():
+            layer.B.normal_(0, 0.2)
+    return m
+
+
+def unique_batch(seed=0):
+    """Two prompts with 4 and 3 completions, every pair within a prompt (6 + 3 pairs), right-padded by hand."""
+    g = torch.Generator().manual_seed(seed)
+    groups = [(3, [4, 2, 6, 1]), (5, [3, 7, 2])]  # (prompt length, completion lengths incl. a final eot)
+    rows, chosen, rejected = [], [], []
+    for p, lens in groups:
+        prompt = torch.randint(0, V, (p,), generator=g)
+        first = len(rows)
+        rows += [(prompt, torch.randint(0, V, (n,), generator=g)) for n in lens]
+        for i in range(len(lens)):
+            for j in range(i + 1, len(lens)):  # which one is chosen does not matter here; vary it
+                a, b = (i, j) if (i + j) % 2 else (j, i)
+                chosen.append(first + a)
+                rejected.append(first + b)
+    T = max(len(p) + len(c) for p, c in rows)
+    ids = torch.randint(0, V, (len(rows), T), generator=g)  # junk after the end: it must not matter
+    attn = torch.zeros(len(rows), T, dtype=torch.long)
+    resp = torch.zeros_like(attn)
+    for n, (p, c) in enumerate(rows):
+        ids[n, :len(p) + len(c)] = torch.cat([p, c])
+        attn[n, :len(p) + len(c)] = 1
+        resp[n, len(p):len(p) + len(c)] = 1
+    return {"ids": ids, "attention_mask": attn, "response_mask": resp,
+            "chosen_index": torch.tensor(chosen), "rejected_index": torch.tensor(rejected)}
+
+
+def as_pairs(u):
+    """The same pairs in concatenated_forward's layout: every pair's two sequences forwarded separately."""
+    return {f"{side}_{k}": u[k][u[f"{side}_index"]] for side in ("chosen", "rejected")
+            for k in ("ids", "attention_mask", "response_mask")}
+
+
+@pytest.mark.parametrize("logprobs", LOGPROBS)
+@pytest.mark.parametrize("loss_type,e", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0)])
+def test_unique_batching_loss_and_gradient_equal_the_pairwise_computation(logprobs, loss_type, e):
+    model, u = lora_model(), unique_batch()
+    cfg = DPOConfig(beta=0.3, loss_type=loss_type, label_smoothing=e)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    uloss, umetrics = dpo_unique_loss(sequence_forward(model, u, logprobs), reference_forward(model, u, logprobs),
+                                      u, cfg)
+    ugrad = torch.autograd.grad(uloss, params)
+    pairs = as_pairs(u)
+    ploss, pmetrics = dpo_step_loss(concatenated_forward(model, pairs, logprobs),
+                                    reference_forward(model, pairs, logprobs), cfg)
+    pgrad = torch.autograd.grad(ploss, params)
+
+    torch.testing.assert_close(uloss, ploss, atol=1e-5, rtol=1e-5)
+    for a, b in zip(ugrad, pgrad):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert set(umetrics) == set(pmetrics)
+    for k in umetrics:
+        torch.testing.assert_close(umetrics[k], pmetrics[k], atol=1e-5, rtol=1e-5)
+    assert any(g.abs().max() > 1e-4 for g in ugrad)  # a real gradient, not two zeros
+
+
+def test_sequence_forward_naive_and_fused_agree_and_count_response_tokens():
+    model, u = lora_model(1), unique_batch(1)
+    naive, fused = sequence_forward(model, u, "naive"), sequence_forward(model, u, "fused")
+    for k in ("logps", "logps_mean"):
+        torch.testing.assert_close(fused[k], naive[k], atol=1e-4, rtol=1e-5)
+    assert naive["num_tokens"].tolist() == [4, 2, 6, 1, 3, 7, 2]
+
+
+def test_reference_forward_is_the_adapter_disabled_model_without_grad():
+    model, u = lora_model(2), unique_batch(2)
+    ref = reference_forward(model, u, "fused")
+    with lora_disabled(model):
+        base = sequence_forward(model, u, "fused")
+    torch.testing.assert_close(ref["logps"], base["logps"].detach())
+    assert not ref["logps"].requires_grad
+    assert (ref["logps"] - sequence_forward(model, u, "fused")["logps"]).abs().max() > 1e-3  # adapter matters
+    plain = GPT(GPTConfig(block_size=32, vocab_size=V, n_layer=1, n_head=2, n_embd=32))  # no LoRA: itself
+    torch.testing.assert_close(reference_forward(plain, as_pairs(u))["chosen_logps"],
+                               concatenated_forward(plain, as_pairs(u))["chosen_logps"].detach())
+
+
+def test_dpo_unique_loss_takes_cached_reference_logps_and_reference_free():
+    model, u = lora_model(3), unique_batch(3)
+    pol = sequence_forward(model, u)
+    live = reference_forward(model, u)
+    cached = {k: live[k].clone() for k in ("logps", "logps_mean")}  # what a reference cache stores
+    cfg = DPOConfig()
+    torch.testing.assert_close(dpo_unique_loss(pol, cached, u, cfg)[0], dpo_unique_loss(pol, live, u, cfg)[0])
+    free, metrics = dpo_unique_loss(pol, None, u, cfg)
+    pc, pr = pair_logps(pol, u)["chosen_logps"], pair_logps(pol, u)["rejected_logps"]
+    torch.testing.assert_close(free, dpo_loss(pc, pr, None, None, 0.1)[0].mean())
+    assert "logratio/ref_minus_policy" not in metrics
+
+
+def test_logratio_metric_is_ref_minus_policy_averaged_over_chosen_and_rejected():
+    model, u = lora_model(4), unique_batch(4)
+    pol, ref = sequence_forward(model, u), reference_forward(model, u)
+    _, m = dpo_unique_loss(pol, ref, u, DPOConfig())
+    expected = (ref["logps"] - pol["logps"].detach())
+    expected = (expected[u["chosen_index"]].mean() + expected[u["rejected_index"]].mean()) / 2
+    torch.testing.assert_close(m["logratio/ref_minus_policy"], expected)
+    assert "kl" not in m

@@ -1,24 +1,30 @@
-"""Tests for minidpo/pairs.py: prompts, both pair modes, the pairs cache and the DPO collate, on the shipped sample."""
+"""Tests for minidpo/pairs.py and minidpo/pairs_cache.py: both pair modes, the config checks, the pairs file and
+its cache, on the shipped IMDB sample."""
 
+import hashlib
+import importlib
+import itertools
 import json
+import math
 import os
-import warnings
 from dataclasses import replace
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from minidpo.dpo import concatenated_forward
+import minidpo.pairs
+from minidpo.config import ConfigError
 from minidpo.imdb import IMDB_SAMPLE_PATH, load_imdb
 from minidpo.model import GPT, GPTConfig
-from minidpo.pairs import (Pair, PairsConfig, Prompt, build_pairs, cached_pairs, collate_pairs, cut_at_eot,
-                           fit_pairs, load_pairs, make_prompts, module_fingerprint, pairs_fingerprint,
-                           preference_pairs, read_fingerprint, save_pairs, split_pairs)
-from minidpo.tokenizer import Tokenizer
+from minidpo.pairs import Pair, PairsConfig, build_pairs, cut_at_eot, preference_pairs
+from minidpo.pairs_cache import (FORMAT, PairsFileError, cached_pairs, load_pairs, module_fingerprint,
+                                 pairs_fingerprint, read_fingerprint, save_pairs)
+from minidpo.prompts import Prompt, make_prompts
+from minidpo.tokenizer import EOT_ID, Tokenizer
 
 SETTINGS = settings(max_examples=40, deadline=None)
-EOT = 50256
+EOT = EOT_ID
 
 
 @pytest.fixture(scope="module")
@@ -60,30 +66,6 @@ def len_scorer(texts: list[str]) -> list[float]:
 def make_pair(prompt_len: int, chosen_len: int, rejected_len: int, split: str = "train") -> Pair:
     p, c, r = list(range(1, prompt_len + 1)), list(range(100, 100 + chosen_len)), list(range(200, 200 + rejected_len))
     return Pair("p", "c", "r", p, c, r, 1.0, 0.0, split)
-
-
-# ----------------------------------------------------------------------------- prompts
-
-
-def test_prompts_are_the_first_2_to_8_tokens_of_distinct_train_reviews(reviews, tok):
-    train = reviews[0]
-    out = make_prompts(train, tok, n=200, seed=3)
-    by_name = {f"{r.split}/{r.label}/{r.id}": r for r in train}
-    assert len(out) == 200 and len({p.review for p in out}) == 200
-    assert {len(p.ids) for p in out} == set(range(2, 9))  # inclusive range, both ends reached in 200 draws
-    for p in out:
-        assert p.ids == tok.encode(by_name[p.review].text)[:len(p.ids)]
-        assert p.text == tok.decode(p.ids) and p.split == "train"
-
-
-def test_prompts_are_reproducible_from_the_seed_and_change_with_it(reviews, tok):
-    a, b, c = (make_prompts(reviews[0], tok, n=20, seed=s) for s in (5, 5, 6))
-    assert a == b and a != c
-
-
-def test_make_prompts_rejects_more_prompts_than_reviews(reviews, tok):
-    with pytest.raises(ValueError, match="n=601"):
-        make_prompts(reviews[0], tok, n=len(reviews[0]) + 1)
 
 
 # ----------------------------------------------------------------------------- pairing logic
@@ -130,7 +112,7 @@ def test_generated_pairs_rank_scored_completions_within_length_bounds(prompts, t
         return len_scorer(texts)
 
     cfg = PairsConfig(min_new_tokens=2, max_new_tokens=6, batch_size=8, seed=1)
-    pairs = build_pairs(cfg, prompts, tok, model=tiny_gpt(), scorer=recording_scorer, progress=False)
+    pairs = build_pairs(cfg, prompts, tok, model=tiny_gpt(), scorer=recording_scorer)
     assert len(seen) == 4 * len(prompts)
     for q, p in enumerate(prompts):
         texts = seen[4 * q:4 * q + 4]
@@ -146,15 +128,15 @@ def test_generated_pairs_rank_scored_completions_within_length_bounds(prompts, t
 
 def test_generated_pairs_are_reproducible_and_change_with_the_seed(prompts, tok):
     cfg = PairsConfig(min_new_tokens=2, max_new_tokens=4, batch_size=8, seed=1)
-    a = build_pairs(cfg, prompts[:3], tok, model=tiny_gpt(), scorer=len_scorer, progress=False)
-    b = build_pairs(cfg, prompts[:3], tok, model=tiny_gpt(), scorer=len_scorer, progress=False)
-    c = build_pairs(replace(cfg, seed=2), prompts[:3], tok, model=tiny_gpt(), scorer=len_scorer, progress=False)
+    a = build_pairs(cfg, prompts[:3], tok, model=tiny_gpt(), scorer=len_scorer)
+    b = build_pairs(cfg, prompts[:3], tok, model=tiny_gpt(), scorer=len_scorer)
+    c = build_pairs(replace(cfg, seed=2), prompts[:3], tok, model=tiny_gpt(), scorer=len_scorer)
     assert a == b and a != c
 
 
 def test_completion_ends_at_first_eot_which_ids_keep_and_text_drops(prompts, tok):
     cfg = PairsConfig(min_new_tokens=3, max_new_tokens=8, length_per_batch=False, batch_size=16)
-    pairs = build_pairs(cfg, prompts[:3], tok, model=eot_loving_gpt(), scorer=len_scorer, progress=False)
+    pairs = build_pairs(cfg, prompts[:3], tok, model=eot_loving_gpt(), scorer=len_scorer)
     assert pairs
     for x in pairs:
         for ids, text in ((x.chosen_ids, x.chosen), (x.rejected_ids, x.rejected)):
@@ -164,17 +146,31 @@ def test_completion_ends_at_first_eot_which_ids_keep_and_text_drops(prompts, tok
 def test_budget_is_drawn_per_batch_and_shared_by_a_prompts_completions(prompts, tok):
     # random tiny GPT virtually never emits eot, so every completion uses its whole budget
     cfg = PairsConfig(min_new_tokens=2, max_new_tokens=9, n_completions=2, batch_size=2, seed=4)
-    pairs = build_pairs(cfg, prompts, tok, model=tiny_gpt(), scorer=len_scorer, progress=False)
+    pairs = build_pairs(cfg, prompts, tok, model=tiny_gpt(), scorer=len_scorer)
     for x in pairs:
         assert len(x.chosen_ids) == len(x.rejected_ids)
     assert len({len(x.chosen_ids) for x in pairs}) > 1
 
 
-def test_generation_progress_goes_to_stderr(prompts, tok, capsys):
+def test_progress_goes_through_log_one_line_per_phase_and_nothing_is_printed(prompts, tok, capsys):
     cfg = PairsConfig(min_new_tokens=1, max_new_tokens=2, batch_size=4)
-    build_pairs(cfg, prompts[:2], tok, model=tiny_gpt(), scorer=len_scorer, progress=True)
-    err = capsys.readouterr().err
-    assert "generated prompts 2/2" in err and "elapsed" in err
+    lines: list[str] = []
+    build_pairs(cfg, prompts[:3], tok, model=tiny_gpt(), scorer=len_scorer, log=lines.append)
+    assert capsys.readouterr() == ("", "")
+    assert [x.split(" (")[0] for x in lines] == ["pairs: generated prompts 3/3", "pairs: scored 12/12"]
+
+
+def test_identical_completions_never_form_a_pair_and_are_reported(prompts, tok):
+    counter = itertools.count()
+
+    def impure_scorer(texts):  # a scorer that is not a function of the text, e.g. batch-dependent rounding
+        return [float(next(counter)) for _ in texts]
+
+    cfg = PairsConfig(min_new_tokens=2, max_new_tokens=3, temperature=0.0, batch_size=8)  # greedy: 4 equal samples
+    lines: list[str] = []
+    pairs = build_pairs(cfg, prompts[:2], tok, model=tiny_gpt(), scorer=impure_scorer, log=lines.append)
+    assert pairs == []
+    assert any("dropped 12 of 12 pairs" in x and "same tokens" in x for x in lines)
 
 
 def test_scorer_object_with_score_method_and_bad_scores(prompts, tok):
@@ -183,10 +179,10 @@ def test_scorer_object_with_score_method_and_bad_scores(prompts, tok):
             return torch.tensor(len_scorer(texts))
 
     cfg = PairsConfig(min_new_tokens=1, max_new_tokens=2, batch_size=4, pairing="best_vs_worst")
-    pairs = build_pairs(cfg, prompts[:2], tok, model=tiny_gpt(), scorer=Classifier(), progress=False)
+    pairs = build_pairs(cfg, prompts[:2], tok, model=tiny_gpt(), scorer=Classifier())
     assert len(pairs) <= 2 and all(x.chosen_score > x.rejected_score for x in pairs)
     with pytest.raises(ValueError, match="one finite score per text"):
-        build_pairs(cfg, prompts[:2], tok, model=tiny_gpt(), scorer=lambda t: [0.0], progress=False)
+        build_pairs(cfg, prompts[:2], tok, model=tiny_gpt(), scorer=lambda t: [0.0])
 
 
 # ----------------------------------------------------------------------------- labels mode
@@ -210,12 +206,29 @@ def test_label_pairs_continue_with_same_range_of_a_pos_and_a_neg_review(reviews,
         assert x.chosen == tok.decode(x.chosen_ids)
 
 
-@pytest.mark.parametrize("bad, match", [(dict(mode="ppo"), "mode"), (dict(pairing="best"), "pairing"),
-                                        (dict(min_new_tokens=5, max_new_tokens=4), "min_new_tokens"),
-                                        (dict(n_completions=1), "n_completions")])
-def test_pairs_config_rejects_bad_values_naming_them(bad, match):
-    with pytest.raises(ValueError, match=match):
+@pytest.mark.parametrize("bad, field", [
+    (dict(mode="ppo"), "mode"), (dict(pairing="best"), "pairing"), (dict(n_completions=1), "n_completions"),
+    (dict(batch_size=0), "batch_size"), (dict(min_new_tokens=0), "min_new_tokens"),
+    (dict(min_new_tokens=5, max_new_tokens=4), "max_new_tokens"), (dict(temperature=-0.5), "temperature"),
+    (dict(temperature=math.nan), "temperature"), (dict(temperature=math.inf), "temperature"),
+    (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_p=math.nan), "top_p"),
+])
+def test_pairs_config_rejects_bad_values_with_a_config_error_naming_the_field(bad, field):
+    with pytest.raises(ConfigError) as err:
         PairsConfig(**bad)
+    assert err.value.field == field and str(err.value).startswith(field)
+
+
+def test_pairs_config_accepts_the_edge_values_that_mean_off_or_greedy():
+    cfg = PairsConfig(temperature=0.0, top_k=0, top_p=1.0, min_new_tokens=1, max_new_tokens=1, n_completions=2,
+                      batch_size=1)
+    assert cfg.top_k == 0 and cfg.top_p == 1.0
+
+
+def test_top_k_zero_samples_like_top_k_off(prompts, tok):
+    cfg = PairsConfig(min_new_tokens=2, max_new_tokens=3, batch_size=8, seed=3)
+    off = build_pairs(cfg, prompts[:2], tok, model=tiny_gpt(), scorer=len_scorer)
+    assert build_pairs(replace(cfg, top_k=0), prompts[:2], tok, model=tiny_gpt(), scorer=len_scorer) == off
 
 
 def test_labels_mode_needs_reviews_and_generated_mode_needs_model(prompts, tok):
@@ -246,11 +259,11 @@ def test_cached_pairs_reuses_file_when_fingerprint_same_and_rebuilds_when_change
         return [make_pair(2, 3, len(calls))]
 
     path = tmp_path / "pairs.jsonl"
-    first = cached_pairs(path, "fp1", build, verbose=False)
+    first = cached_pairs(path, "fp1", build)
     mtime = path.stat().st_mtime_ns
-    again = cached_pairs(path, "fp1", build, verbose=False)
+    again = cached_pairs(path, "fp1", build)
     assert len(calls) == 1 and again == first and path.stat().st_mtime_ns == mtime
-    rebuilt = cached_pairs(path, "fp2", build, verbose=False)
+    rebuilt = cached_pairs(path, "fp2", build)
     assert len(calls) == 2 and rebuilt != first and read_fingerprint(path) == "fp2"
 
 
@@ -269,7 +282,7 @@ def test_failed_write_leaves_old_file_untouched_and_no_partial_file(tmp_path):
     with pytest.raises(ValueError):
         save_pairs(bad, path, "new")
     with pytest.raises(RuntimeError):
-        cached_pairs(path, "new", failing_build, verbose=False)
+        cached_pairs(path, "new", failing_build)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["pairs.jsonl"]
 
 
@@ -296,71 +309,87 @@ def test_module_fingerprint_follows_the_weights():
     assert module_fingerprint(a) != module_fingerprint(b)
 
 
-def test_split_pairs_holds_out_test_review_prompts():
-    pairs = [make_pair(2, 2, 2), make_pair(3, 2, 2, "test"), make_pair(4, 2, 2)]
-    train, held_out = split_pairs(pairs)
-    assert train == [pairs[0], pairs[2]] and held_out == [pairs[1]]
+def test_old_names_stay_importable_from_minidpo_pairs():
+    for module, names in minidpo.pairs._MOVED.items():
+        new = importlib.import_module(module)
+        for name in names:
+            assert getattr(minidpo.pairs, name) is getattr(new, name)
+    from minidpo.pairs import Prompt as P, collate_pairs, make_prompts as mp  # noqa: F401
+    assert P is Prompt and mp is make_prompts
+    with pytest.raises(ImportError):
+        from minidpo.pairs import no_such_name  # noqa: F401
 
 
-# ----------------------------------------------------------------------------- collate
+# ----------------------------------------------------------------------------- damaged files
 
 
-pair_shapes = st.lists(st.tuples(st.integers(1, 6), st.integers(1, 7), st.integers(1, 7)), min_size=1, max_size=6)
+def _pairs_file(tmp_path, n: int = 3):
+    path = tmp_path / "pairs.jsonl"
+    pairs = [make_pair(2, 3, 4 + i) for i in range(n)]
+    save_pairs(pairs, path, "fp")
+    return path, pairs
 
 
-@SETTINGS
-@given(pair_shapes, st.integers(2, 10))
-def test_fit_pairs_drops_exactly_the_prompts_with_no_room_in_one_warning(shapes, max_length):
-    pairs = [make_pair(*s) for s in shapes]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        kept, n_dropped = fit_pairs(pairs, max_length)
-    assert kept == [p for p in pairs if len(p.prompt_ids) < max_length]
-    assert n_dropped == len(pairs) - len(kept)
-    assert len(caught) == (1 if n_dropped else 0)
-    if n_dropped:
-        assert str(n_dropped) in str(caught[0].message)
+def _with_valid_sha(header: dict, body: bytes) -> bytes:
+    """A file whose header sha256 matches its body, so the checks after the checksum are reached."""
+    header = dict(header, sha256=hashlib.sha256(body).hexdigest())
+    return json.dumps(header).encode() + b"\n" + body
 
 
-@SETTINGS
-@given(pair_shapes, st.integers(2, 10), st.integers(0, EOT))
-def test_collate_masks_are_exact_and_no_response_is_empty(shapes, max_length, pad_id):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pairs, _ = fit_pairs([make_pair(*s) for s in shapes], max_length)
-    if not pairs:
-        return
-    batch = collate_pairs(pairs, max_length, pad_id=pad_id)
-    T = batch["chosen_ids"].size(1)
-    assert T <= max_length
-    for side in ("chosen", "rejected"):
-        ids, attn, resp = (batch[f"{side}_{k}"] for k in ("ids", "attention_mask", "response_mask"))
-        assert ids.shape == attn.shape == resp.shape == (len(pairs), T) and ids.dtype == torch.long
-        for b, p in enumerate(pairs):
-            n_p = len(p.prompt_ids)
-            response = getattr(p, f"{side}_ids")[:max_length - n_p]
-            n = n_p + len(response)
-            assert len(response) >= 1
-            assert ids[b, :n].tolist() == p.prompt_ids + response
-            assert ids[b, n:].tolist() == [pad_id] * (T - n)
-            assert attn[b].tolist() == [1] * n + [0] * (T - n)
-            assert resp[b].tolist() == [0] * n_p + [1] * len(response) + [0] * (T - n)
+DAMAGES = {
+    "cut mid-line": lambda data: data[:-7],
+    "last line lost": lambda data: data[:data.rstrip(b"\n").rfind(b"\n") + 1],
+    "line edited": lambda data: data.replace(b'"chosen_score": 1.0', b'"chosen_score": 9.0', 1),
+    "header missing": lambda data: data[data.find(b"\n") + 1:],
+    "header cut": lambda data: data[:20],
+    "empty": lambda data: b"",
+    "not utf-8": lambda data: data[:-3] + b"\xff\xfe\n",
+    "older format": lambda data: data.replace(FORMAT.encode(), b"minidpo-pairs/1", 1),
+}
 
 
-def test_collate_refuses_pairs_that_fit_pairs_would_drop():
-    with pytest.raises(ValueError, match="fit_pairs"):
-        collate_pairs([make_pair(2, 2, 2), make_pair(5, 2, 2)], max_length=5)
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_cached_pairs_rebuilds_a_damaged_file_with_one_message_naming_it(tmp_path, damage):
+    path, _ = _pairs_file(tmp_path)
+    path.write_bytes(DAMAGES[damage](path.read_bytes()))
+    with pytest.raises(PairsFileError, match=str(path)):
+        load_pairs(path)
+    fresh = [make_pair(2, 2, 2)]
+    lines: list[str] = []
+    assert cached_pairs(path, "fp", lambda: fresh, log=lines.append) == fresh
+    assert len(lines) == 1 and str(path) in lines[0] and "cannot use it" in lines[0]
+    assert load_pairs(path) == fresh and os.listdir(tmp_path) == ["pairs.jsonl"]
 
 
-def test_collated_batch_gives_dpo_the_naive_response_logprob():
-    model = tiny_gpt()
-    pairs = [make_pair(3, 4, 2), make_pair(2, 6, 5)]
-    batch = collate_pairs(pairs, max_length=7)
-    out = concatenated_forward(model, batch)
-    for b, p in enumerate(pairs):
-        for side in ("chosen", "rejected"):
-            resp = getattr(p, f"{side}_ids")[:7 - len(p.prompt_ids)]
-            seq = torch.tensor([p.prompt_ids + resp])
-            logp = model(seq).log_softmax(-1)[0, :-1].gather(-1, seq[0, 1:, None]).squeeze(-1)  # (n-1,)
-            expected = logp[len(p.prompt_ids) - 1:].sum()
-            torch.testing.assert_close(out[f"{side}_logps"][b], expected, atol=1e-4, rtol=1e-4)
+def test_load_pairs_names_the_line_of_a_bad_pair_even_with_a_matching_checksum(tmp_path):
+    path, pairs = _pairs_file(tmp_path)
+    header, *lines = path.read_bytes().split(b"\n")[:-1]
+    header = json.loads(header)
+    cases = {3: b'{"prompt": "p"}', 4: b"{not json", 2: lines[0].replace(b"[1, 2]", b"[1, -2]")}
+    for lineno, bad in cases.items():
+        body = lines[:]
+        body[lineno - 2] = bad
+        path.write_bytes(_with_valid_sha(header, b"\n".join(body) + b"\n"))
+        with pytest.raises(PairsFileError, match=f"{path}:{lineno}: "):
+            load_pairs(path)
+    path.write_bytes(_with_valid_sha(header, b"\n".join(lines[:2]) + b"\n"))
+    with pytest.raises(PairsFileError, match="header says 3 pairs, file has 2"):
+        load_pairs(path)
+    path.write_bytes(_with_valid_sha(header, b"\n".join(lines).replace(b"1.0", b"NaN", 1) + b"\n"))
+    with pytest.raises(PairsFileError, match=":2: "):
+        load_pairs(path)
+
+
+def test_header_records_count_and_body_checksum(tmp_path):
+    path, pairs = _pairs_file(tmp_path)
+    data = path.read_bytes()
+    header = json.loads(data[:data.find(b"\n")])
+    assert header == {"format": FORMAT, "fingerprint": "fp", "n_pairs": 3,
+                      "sha256": hashlib.sha256(data[data.find(b"\n") + 1:]).hexdigest()}
+
+
+def test_line_separators_inside_texts_survive_the_file(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    pairs = [replace(make_pair(2, 2, 2), chosen="a\u2028b\rc\nd\u0085e", rejected="\u00e9\u4e2d")]
+    save_pairs(pairs, path, "fp")
+    assert load_pairs(path) == pairs

@@ -5,7 +5,9 @@ import socket
 import pytest
 import torch
 
-from minidpo.resolve import BUNDLED_MODEL, imdb_source, load_model, pick_device
+from minidpo.config import ConfigError
+from minidpo.resolve import (BUNDLED_MODEL, autocast_dtype, check_model_name, check_writable, imdb_source,
+                             load_model, model_source, pick_device)
 
 
 def closed_port() -> int:
@@ -21,11 +23,13 @@ def offline(monkeypatch, tmp_path):
     return tmp_path
 
 
-def test_model_auto_falls_back_to_the_bundled_model_with_a_banner_when_offline(offline, capsys):
-    model, desc = load_model("auto", torch.device("cpu"))
-    err = capsys.readouterr().err
-    assert desc == "data/tiny-imdb-gpt2"
-    assert "--model auto" in err and "bundled" in err and "could not be downloaded" in err
+def test_model_auto_falls_back_to_the_bundled_model_and_says_why_when_offline(offline, capsys):
+    model, desc, notes = load_model("auto", torch.device("cpu"))
+    assert capsys.readouterr().err == ""  # library code does not print; the program shows the notes
+    text = "\n".join(notes)
+    assert desc == "bundled"
+    assert "--model auto" in text and "bundled" in text and "could not be downloaded" in text
+    assert "tiny preset" in text
     assert model.config.n_layer >= 1 and not model.training
     assert torch.isfinite(model(torch.tensor([[464, 3807]]))).all()
 
@@ -39,15 +43,48 @@ def test_bundled_model_is_small_fp16_safetensors_with_config():
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16"}
 
 
-def test_data_auto_uses_the_shipped_sample_without_the_full_set(offline, capsys):
-    path = imdb_source("auto")
+def test_data_auto_uses_the_shipped_sample_without_the_full_set(offline):
+    path, note = imdb_source("auto")
     assert path.name == "imdb_sample.tar.gz" and path.is_file()
-    assert "shipped sample" in capsys.readouterr().err
+    assert "shipped sample" in note
 
 
 def test_data_path_that_does_not_exist_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--data .*no such file"):
+    with pytest.raises(ConfigError, match="--data .*no such file"):
         imdb_source(str(tmp_path / "nope.tar.gz"))
+
+
+def test_model_path_that_does_not_exist_is_a_clear_error_but_names_pass(tmp_path):
+    with pytest.raises(ConfigError, match="--model .*no such file"):
+        check_model_name(str(tmp_path / "nope"))
+    for name in ("gpt2", "gpt2-xl", "124M", "bundled", "auto", "random"):
+        check_model_name(name)
+
+
+def test_run_records_names_as_names_and_paths_as_absolute_paths(tmp_path):
+    assert model_source("gpt2") == "gpt2" and model_source("bundled") == "bundled"
+    assert model_source("./some/dir") == str((tmp_path.cwd() / "some" / "dir").resolve())
+
+
+@pytest.mark.parametrize("name", ["bogus", "cuda:x", "tpu"])
+def test_a_device_that_does_not_exist_is_one_message(name):
+    with pytest.raises(ConfigError, match="--device"):
+        pick_device(name)
+
+
+def test_dtype_names_map_to_autocast_dtypes():
+    cpu = torch.device("cpu")
+    assert autocast_dtype(cpu, "auto") is None and autocast_dtype(cpu, "fp32") is None
+    assert autocast_dtype(cpu, "bf16") is torch.bfloat16
+    with pytest.raises(ConfigError, match="--dtype"):
+        autocast_dtype(cpu, "fp8")
+
+
+def test_an_unwritable_directory_is_found_before_any_work(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="--out-dir .*not writable"):
+        check_writable(blocker / "sub", "--out-dir")
 
 
 def test_device_auto_is_cpu_without_accelerators():

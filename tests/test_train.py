@@ -1,6 +1,7 @@
 """train.py end to end on the tiny preset: outputs, sampling, SIGKILL + resume, and two-process data parallelism."""
 
 import json
+import math
 import os
 import signal
 import socket
@@ -25,10 +26,19 @@ def env(tmp_path_factory) -> dict:
     return {**os.environ, "MINIDPO_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
 
 
-def run(args: list[str], env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+def run(args: list[str], env: dict, timeout: int = 600, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"{args} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out
+
+
+def fails(args: list[str], env: dict, timeout: int = 300) -> str:
+    """Run a program that must refuse: exit code 1 and exactly one line on stderr, `error: ...`, no traceback."""
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1, f"{args}: exit {out.returncode}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-2000:]
+    return lines[0]
 
 
 def adapter(out_dir: Path) -> dict[str, torch.Tensor]:
@@ -45,17 +55,19 @@ def finished(tmp_path_factory, env) -> tuple[Path, subprocess.CompletedProcess]:
 def test_tiny_run_writes_summary_config_log_and_adapter(finished):
     out_dir, proc = finished
     summary = json.loads((out_dir / "summary.json").read_text())
-    assert summary["model"] == "data/tiny-imdb-gpt2" and summary["data"].endswith("imdb_sample.tar.gz")
+    assert summary["model"] == "bundled" and summary["data"].endswith("imdb_sample.tar.gz")
     for key in ("reward",):
         assert 0 <= summary["reference"][key] <= 1 and 0 <= summary["policy"][key] <= 1
-    assert summary["policy"]["kl"] >= 0
+    assert summary["policy"]["kl_exact"] >= 0 and "kl_sampled" in summary["policy"]
     assert summary["train"]["steps"] == 8 and summary["train"]["tokens_per_s"] > 0
+    assert summary["train"]["pairs_per_s"] > 0 and summary["finished"] is True
     assert 0 <= summary["train"]["reward_accuracy"] <= 1 and summary["train"]["final_loss"] > 0
     assert json.loads((out_dir / "config.json").read_text())["steps"] == 8
     log = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4, 6, 8]
     for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                 "logps/chosen", "logps/rejected", "kl", "tokens_per_s", "ms_per_step"):
+                 "logps/chosen", "logps/rejected", "logratio/ref_minus_policy", "tokens_per_s", "pairs_per_s",
+                 "ms_per_step"):
         assert name in log[-1]
     assert "step     8/8" in proc.stdout and "tok/s" in proc.stdout and "eta" in proc.stdout
     assert proc.stdout.count("prompt    |") == 3  # three prompts side by side
@@ -150,31 +162,13 @@ def test_sft_stage_is_merged_into_the_reference_that_dpo_starts_from(env, tmp_pa
     run(["train.py", *SMALL, "--steps", "2", "--sft-steps", "3", "--sft-batch-size", "2", "--sft-block-size", "32",
          "--out-dir", str(out_dir)], env)
     summary = json.loads((out_dir / "summary.json").read_text())
-    assert summary["reference_model"] == str(out_dir / "sft_model")
-    assert json.loads((out_dir / "run.json").read_text())["policy_base"] == str(out_dir / "sft_model")
+    assert summary["reference_model"] == "sft_model"
+    assert json.loads((out_dir / "run.json").read_text())["policy_base"] == "sft_model"  # relative: folders move
     sft, base = load_gpt2(out_dir / "sft_model"), load_gpt2(ROOT / "data" / "tiny-imdb-gpt2")
     assert not any(".lora_" in k for k in sft.state_dict())  # folded in: plain weights
     moved = [k for k, v in sft.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
     assert any("attn.c_attn.weight" in k for k in moved)
     assert all(any(t in k for t in ("c_attn", "c_proj", "c_fc")) for k in moved)  # only LoRA targets changed
-
-
-def test_frontier_csv_has_one_row_per_beta_and_step_and_the_plot_or_how_to_get_it(tmp_path, capsys):
-    import csv
-    import importlib.util
-    from train import write_frontier
-    runs = [{"frontier": [{"beta": b, "step": s, "kl": s * b, "reward": 0.4 + s / 100} for s in (0, 5, 10)]}
-            for b in (0.1, 1.0)]
-    write_frontier(tmp_path, runs)
-    with open(tmp_path / "frontier.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert [(float(r["beta"]), int(r["step"])) for r in rows] == [(b, s) for b in (0.1, 1.0) for s in (0, 5, 10)]
-    printed = capsys.readouterr().out
-    if importlib.util.find_spec("matplotlib") is None:
-        assert "pip install matplotlib" in printed and "plot_frontier" in printed
-        assert not (tmp_path / "frontier.png").exists()
-    else:
-        assert (tmp_path / "frontier.png").stat().st_size > 0
 
 
 def test_precomputed_reference_trains_the_same_adapter_as_the_live_one(finished, env, tmp_path):
@@ -185,3 +179,75 @@ def test_precomputed_reference_trains_the_same_adapter_as_the_live_one(finished,
     a, b = adapter(live_dir), adapter(out_dir)
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
+
+
+def test_a_new_run_into_a_folder_made_with_other_settings_is_refused_naming_them(finished, env):
+    out_dir, _ = finished
+    before = (out_dir / "summary.json").read_bytes()
+    msg = fails(["train.py", *SMALL, "--out-dir", str(out_dir), "--beta", "0.1", "--lr", "1e-4"], env)
+    assert "--beta" in msg and "--lr" in msg and "--resume" in msg and "--overwrite" in msg
+    assert (out_dir / "summary.json").read_bytes() == before  # nothing of the earlier run was touched
+
+
+def test_resuming_a_finished_run_leaves_its_outputs_as_they_were(finished, env):
+    out_dir, _ = finished
+    files = {p: p.read_bytes() for p in out_dir.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl")}
+    out = run(["train.py", "--resume", str(out_dir)], env)
+    assert "finished" in out.stdout
+    assert {p: p.read_bytes() for p in files} == files
+
+
+@pytest.mark.parametrize("args,names", [
+    (["--model", "/nonexistent/model"], "--model /nonexistent/model"),
+    (["--data", "/nonexistent/imdb.tar.gz"], "--data /nonexistent/imdb.tar.gz"),
+    (["--gen-batch-size", "0"], "--gen-batch-size"),
+    (["--lora-targets", "bogus"], "--lora-targets"),
+    (["--lora-alpha", "0"], "--lora-alpha"),
+    (["--grad-clip", "nan"], "--grad-clip"),
+    (["--beta", "inf"], "--beta"),
+    (["--device", "bogus"], "--device"),
+    (["--eval-every", "-1"], "--eval-every"),
+    (["--heldout-prompts", "-2"], "--heldout-prompts"),
+])
+def test_bad_paths_and_values_are_one_line_before_any_work_or_write(args, names, env, tmp_path):
+    msg = fails(["train.py", *SMALL, "--out-dir", str(tmp_path / "o"), *args], env)
+    assert names in msg
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_an_output_folder_works_from_another_directory_and_after_being_moved(finished, env, tmp_path):
+    out_dir, _ = finished
+    moved = tmp_path / "elsewhere" / "tiny"
+    moved.parent.mkdir()
+    import shutil
+    shutil.copytree(out_dir, moved)
+    out = run([str(ROOT / "sample.py"), "--adapter", str(moved), "--temperature", "0", "--num-samples", "1",
+               "--max-new-tokens", "6"], env, cwd=tmp_path)
+    assert "--- sample 1" in out.stdout
+
+
+def test_rloo_and_best_of_n_and_dpo_share_one_frontier(env, tmp_path):
+    import csv
+    out_dir = tmp_path / "cmp"
+    run(["train.py", *SMALL, "--out-dir", str(out_dir), "--compare", "dpo,rloo,best-of-n", "--beta-sweep", "0.5",
+         "--kl-coef-sweep", "0.1", "--rloo-steps", "2", "--rloo-prompts", "2", "--rloo-k", "2",
+         "--best-of-n", "1,2"], env)
+    with open(out_dir / "frontier.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["method"] for r in rows} == {"dpo", "rloo", "best-of-n"}
+    for method in ("dpo", "rloo"):
+        first = min((r for r in rows if r["method"] == method), key=lambda r: int(r["step"]))
+        assert float(first["kl"]) == 0.0  # every line starts at the reference's own point
+    bon = {r["setting"]: float(r["kl"]) for r in rows if r["method"] == "best-of-n"}
+    assert bon["N=1"] == 0.0 and abs(bon["N=2"] - (math.log(2) - 0.5)) < 1e-9
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert [r["method"] for r in summary["runs"]] == ["dpo", "rloo", "best-of-n"]
+    assert (out_dir / "rloo_kl_coef_0.1" / "run.json").is_file()
+
+
+def test_plain_train_py_offline_uses_the_tiny_settings_for_the_bundled_model():
+    from train import PRESETS, TrainConfig, with_tiny_defaults
+    cfg = with_tiny_defaults(TrainConfig(steps=7), {"steps"})
+    assert cfg.steps == 7  # what the user gave wins
+    assert cfg.lr == PRESETS["tiny"]["lr"] and cfg.beta == PRESETS["tiny"]["beta"]
+    assert cfg.out_dir == TrainConfig().out_dir and cfg.model == "auto"
