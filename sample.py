@@ -1,10 +1,12 @@
 r"""
 Sample from GPT-2, from the bundled model, or from a policy trained by train.py.
 
-    python sample.py --model gpt2 --prompt "This movie was" --num-samples 3 --max-new-tokens 40 \
+    python sample.py --model bundled --prompt "This movie was" --num-samples 3 --max-new-tokens 40 \
         --min-new-tokens 10 --temperature 0.8 --top-k 50 --top-p 0.95 --seed 0
     python sample.py --adapter out/tiny            # the DPO policy of a train.py run (LoRA applied on the fly)
     python sample.py --adapter out/tiny --merged   # the same, with the adapter merged into the weights first
+
+--top-k 0 (or none) and --top-p 1 switch those filters off; --temperature 0 is greedy.
 """
 
 import json
@@ -14,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from minidpo.config import ConfigError, cli_config
+from minidpo.config import ConfigError, build_component, build_config, run_program
+from minidpo.generate import SamplingConfig, generate
 from minidpo.lora import load_lora, merge_lora
-from minidpo.resolve import load_model, pick_device
+from minidpo.resolve import check_model_name, load_model, pick_device
 from minidpo.tokenizer import Tokenizer
 
 
@@ -29,32 +32,58 @@ class SampleConfig:
     num_samples: int = 3
     max_new_tokens: int = 40
     min_new_tokens: int = 0
-    temperature: float = 0.8
-    top_k: int | None = 50
-    top_p: float | None = None
+    temperature: float = 0.8       # 0 is greedy
+    top_k: int | None = 50         # 0 or none: off
+    top_p: float | None = None     # 1 or none: off
     seed: int = 0
     device: str = "auto"
 
     def validate(self) -> None:
         if self.num_samples < 1:
-            raise ConfigError(f"--num-samples must be >= 1, got {self.num_samples}")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ConfigError(f"need 0 <= --min-new-tokens ({self.min_new_tokens}) <= --max-new-tokens "
-                              f"({self.max_new_tokens})")
-        if self.temperature < 0:
-            raise ConfigError(f"--temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"--num-samples must be >= 1, got {self.num_samples}", "num_samples")
         if self.merged and self.adapter is None:
-            raise ConfigError("--merged needs --adapter")
+            raise ConfigError("--merged needs --adapter", "merged")
+        self.sampling()  # the sampling flags fail here, before any model is loaded
+        check_model_name(self.model)
+
+    def sampling(self) -> SamplingConfig:
+        return build_component(SamplingConfig, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                               min_new_tokens=self.min_new_tokens, max_new_tokens=self.max_new_tokens)
+
+
+def read_run_json(path: Path) -> dict:
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("adapter"), str) \
+            or not isinstance(info.get("policy_base"), str):
+        raise ValueError(f"{path}: expected a JSON object with string keys 'adapter' and 'policy_base' "
+                         "(written by train.py)")
+    return info
+
+
+def resolve_base(base: str, run_dir: Path) -> str:
+    """run.json's policy_base as something load_model takes. A relative path means relative to the run folder (so
+    the folder can be moved), and for files written before that, relative to the current directory; anything
+    else that does not exist there is a model name (gpt2, bundled, ...)."""
+    if Path(base).is_absolute():
+        return base
+    for candidate in (run_dir / base, Path(base)):
+        if candidate.exists():
+            return str(candidate)
+    return base
 
 
 def adapter_paths(path: Path) -> tuple[Path, str | None]:
     """(adapter directory, base model the run trained on) for a train.py out_dir or a bare adapter directory."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"--adapter {path}: no such directory (expected a train.py output directory or an "
+                                "adapter directory)")
     run = path / "run.json"
     if run.is_file():
-        info = json.loads(run.read_text())
-        return path / info["adapter"], info["policy_base"]
+        info = read_run_json(run)
+        return path / info["adapter"], resolve_base(info["policy_base"], path)
     if (path / "adapter_config.json").is_file():
         return path, None
     raise FileNotFoundError(f"--adapter {path}: expected a train.py output directory (with run.json) or an adapter "
@@ -62,33 +91,38 @@ def adapter_paths(path: Path) -> tuple[Path, str | None]:
 
 
 def main(argv: list[str]) -> None:
-    cfg = cli_config(SampleConfig, argv, __doc__)
+    cfg = build_config(SampleConfig, argv)
+    sampling = cfg.sampling()
     device = pick_device(cfg.device)
+    tok = Tokenizer()
+    prompt = tok.encode(cfg.prompt)
+    if not prompt:
+        raise ConfigError("--prompt is empty", "prompt")
     model_name = cfg.model
     adapter_dir = None
     if cfg.adapter is not None:
         adapter_dir, base = adapter_paths(Path(cfg.adapter))
         if base is not None and cfg.model == "auto":
             model_name = base
-    model, loaded = load_model(model_name, device)
+    model, loaded, notes = load_model(model_name, device)
+    for note in notes:
+        print(note, file=sys.stderr)
     if adapter_dir is not None:
-        load_lora(model, adapter_dir)
+        try:
+            load_lora(model, adapter_dir)
+        except KeyError as e:  # keys that do not fit the model: report it as bad input, not as a crash
+            raise ValueError(str(e).strip("'\"")) from None
         if cfg.merged:
             merge_lora(model)
     model.eval()
-    tok = Tokenizer()
-    prompt = tok.encode(cfg.prompt)
-    if not prompt:
-        sys.exit("error: --prompt is empty")
     idx = torch.tensor([prompt] * cfg.num_samples, device=device)
     g = torch.Generator(device=device).manual_seed(cfg.seed)
-    out = model.generate(idx, cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens, temperature=cfg.temperature,
-                         top_k=cfg.top_k, top_p=cfg.top_p, eos_id=tok.eot_id, generator=g)
+    out = generate(model, idx, sampling.max_new_tokens, sampling.min_new_tokens, sampling.temperature,
+                   sampling.top_k, sampling.top_p, eos_id=tok.eot_id, generator=g)
     print(f"# model: {loaded}" + (f" + adapter {adapter_dir}" + (" (merged)" if cfg.merged else "")
                                    if adapter_dir else ""))
     for i in range(cfg.num_samples):
-        ids = out[i].tolist()
-        new = ids[len(prompt):]
+        new = out[i, len(prompt):].tolist()
         if tok.eot_id in new:
             new = new[:new.index(tok.eot_id)]
         print(f"--- sample {i + 1}")
@@ -96,4 +130,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_program(main, sys.argv[1:], __doc__, SampleConfig))

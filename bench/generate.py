@@ -1,12 +1,18 @@
 """
 Generation throughput: minidpo's `generate` with and without the KV cache, and transformers' `generate` on the same
-weights when transformers is installed (bench/requirements.txt). gpt2-shaped model with random weights.
+weights when transformers is installed (bench/requirements.txt).
 
-    python bench/generate.py                      # batch 1 and 32, 16 prompt + 64 new tokens, greedy
+Greedy rows: a gpt2-shaped (124M) model with random weights. Sampled rows: the bundled model (data/tiny-imdb-gpt2,
+7M parameters, 50,257-token vocabulary), where choosing the token is a large part of each step, so they measure
+minidpo's inverse-CDF `sample` against transformers' softmax + torch.multinomial (do_sample=True), with the same
+temperature / top-k / top-p on both sides.
+
+    python bench/generate.py                      # greedy at batch 1 and 32, sampled at batch 64
     python bench/generate.py --batch-sizes 1 --new-tokens 32 --device cuda
+    python bench/generate.py --batch-sizes none --sampled-batch 64 --threads 1   # only the sampled rows
 
 Tokens/s counts generated tokens only (batch * new tokens), median of --repeats timed runs after one warm-up.
-Both sides decode greedily for exactly --new-tokens tokens (no early stop at end-of-text).
+Both sides decode for exactly --new-tokens tokens (end-of-text is suppressed by min_new_tokens on both sides).
 """
 
 import argparse
@@ -19,7 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 from minidpo.model import GPT, GPTConfig  # noqa: E402
-from minidpo.resolve import timed  # noqa: E402
+from minidpo.resolve import BUNDLED_MODEL, timed  # noqa: E402
+from minidpo.weights import load_gpt2  # noqa: E402
+
+# (label, temperature, top_k, top_p): plain sampling as train.py's pairs use it, and sample.py's defaults
+SAMPLED = [("T=1", 1.0, None, None), ("T=0.8 top-k 50", 0.8, 50, None), ("T=1 top-k 50 top-p 0.95", 1.0, 50, 0.95)]
 
 
 def hf_model_from(model: GPT, device: torch.device):
@@ -32,9 +42,40 @@ def hf_model_from(model: GPT, device: torch.device):
     return hf.to(device).eval()
 
 
+def sampled_rows(args: argparse.Namespace, device: torch.device) -> None:
+    """Sampled generation of the bundled model at --sampled-batch, minidpo vs transformers on the same weights."""
+    model = load_gpt2(BUNDLED_MODEL, device=device).eval()
+    try:
+        hf = hf_model_from(model, device)
+    except ImportError:
+        hf = None
+        print("transformers not installed: `pip install -r bench/requirements.txt` for the side-by-side column")
+    B, n = args.sampled_batch, args.new_tokens
+    idx = torch.randint(0, model.config.vocab_size, (B, args.prompt_tokens), device=device,
+                        generator=torch.Generator(device=device).manual_seed(0))
+    mask = torch.ones_like(idx)
+    g = torch.Generator(device=device).manual_seed(0)
+    print(f"sampled, bundled model ({model.num_params() / 1e6:.1f}M parameters), batch {B}, "
+          f"{args.prompt_tokens} prompt + {n} new tokens")
+    print(f"{'sampling':>24} | {'minidpo cached':>15} | {'transformers':>13} | ratio")
+    for label, temperature, top_k, top_p in SAMPLED:
+        with torch.inference_mode():
+            ours = timed(lambda: model.generate(idx, n, min_new_tokens=n, temperature=temperature, top_k=top_k,
+                                                top_p=top_p, generator=g), device, args.repeats)
+            theirs = float("nan")
+            if hf is not None:
+                theirs = timed(lambda: hf.generate(idx, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                                   do_sample=True, temperature=temperature, top_k=top_k or 0,
+                                                   top_p=top_p or 1.0, pad_token_id=50256, eos_token_id=50256),
+                               device, args.repeats)
+        print(f"{label:>24} | {B * n / ours:>11,.0f} t/s | {B * n / theirs:>9,.0f} t/s | {theirs / ours:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch-sizes", default="1,32")
+    ap.add_argument("--batch-sizes", default="1,32", help="greedy rows (124M, random weights); none: skip them")
+    ap.add_argument("--sampled-batch", type=int, default=64, help="sampled rows (bundled model); 0: skip them")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
@@ -42,7 +83,19 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--no-uncached", action="store_true", help="skip the slow no-cache baseline")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {device}, {args.dtype}")
+    if args.batch_sizes != "none":
+        greedy_rows(args, device, dtype)
+    if args.sampled_batch:
+        sampled_rows(args, device)
+
+
+def greedy_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
+    """Greedy decoding of a gpt2-shaped model: KV cache, no cache, transformers."""
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name("gpt2")).to(device=device, dtype=dtype).eval()
     try:
@@ -50,8 +103,6 @@ def main() -> None:
         model.to(dtype)
     except ImportError:
         hf = None
-    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {device}, {args.dtype}")
     if hf is None:
         print("transformers not installed: `pip install -r bench/requirements.txt` for the side-by-side column")
     print(f"{'batch':>5} | {'minidpo cached':>15} | {'minidpo no cache':>16} | {'transformers':>13} | ratio")

@@ -112,6 +112,15 @@ def file_problem(path: str | os.PathLike, size: int | None = None, sha256: str |
     return None
 
 
+def already_verified(path: str | os.PathLike) -> bool:
+    """Whether file_problem already matched `path` against a pinned sha256 in this process, unchanged since."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return False
+    return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns) in _VERIFIED
+
+
 def looks_like_html(head: bytes) -> bool:
     """Whether a body starts like an HTML page (`<!DOCTYPE html`, `<html`), after a BOM and whitespace."""
     start = head[:512].removeprefix(b"\xef\xbb\xbf").lstrip().lower()

@@ -54,8 +54,8 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
     """Raise ConfigError (a ValueError naming the field) for settings no distribution corresponds to."""
     require(math.isfinite(temperature) and temperature >= 0, "temperature",
             f"must be a finite number >= 0 (0 is greedy), got {temperature}")
-    require(top_k is None or top_k >= 0, "top_k", f"must be >= 0 (0 or None: off), got {top_k}")
-    require(top_p is None or 0 < top_p <= 1, "top_p", f"must be in (0, 1] (1 or None: off), got {top_p}")
+    require(top_k is None or top_k >= 0, "top_k", f"must be >= 0 (0 or none: off), got {top_k}")
+    require(top_p is None or 0 < top_p <= 1, "top_p", f"must be in (0, 1] (1 or none: off), got {top_p}")
 
 
 def active_top_k(top_k: int | None, vocab_size: int) -> int | None:
@@ -205,6 +205,9 @@ def generate(model: "GPT", idx: Tensor, max_new_tokens: int, min_new_tokens: int
     if T + max_new_tokens > model.config.block_size:
         raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} exceeds block_size "
                          f"{model.config.block_size}")
+    if eos_id is not None and not 0 <= eos_id < model.config.vocab_size:
+        raise ValueError(f"eos_id {eos_id} is outside the vocabulary (size {model.config.vocab_size}); "
+                         "pass eos_id=None for a model without end-of-text")
     key_mask = key_mask_for(attention_mask, T + max_new_tokens)
     out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # preallocated, filled in place
     out[:, :T] = idx

@@ -75,11 +75,13 @@ def pairs_fingerprint(cfg: PairsConfig, prompts: Sequence[Prompt], model_id: str
 
 
 class PairsFileError(ValueError):
-    """A pairs file that does not read back as written; str() names the file (and line) and the problem."""
+    """A pairs file that does not read back as written; str() names the file (and line), the problem and the
+    remedy (the file is a cache: cached_pairs rebuilds it by itself)."""
 
     def __init__(self, path: Path, problem: str, line: int | None = None):
         where = f"{path}:{line}" if line is not None else str(path)
-        super().__init__(f"{where}: {problem}")
+        super().__init__(f"{where}: {problem}; delete it (or rerun, which rebuilds it) to make it again from its "
+                         f"inputs")
         self.path, self.problem, self.line = path, problem, line
 
 

@@ -35,9 +35,9 @@ the sequence KL (logged as "kl/sampled").
 Adaptive coefficient (Ziegler et al. 2019, TRL's AdaptiveKLController): after each step, with KL the batch's mean
 sequence KL and n the completions it used, beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon).
 
-Sampling with top-k (or a temperature other than 1) draws from a distribution other than pi; the log-probs are then
-taken of the tempered logits (as TRL does) but top-k truncation is not modelled, so the estimator is slightly
-off-policy. The tiny preset samples from the full softmax, which is also what evaluation does.
+Samples are drawn at temperature 1, from pi itself. Top-k sampling (optional) draws from pi truncated to its k most
+likely tokens while the log-probs are pi's, so the estimator is then slightly off-policy, and the sampled KL
+estimate is of the truncated policy; by default RLOO samples from the full softmax, as evaluation does.
 """
 
 import math
@@ -47,6 +47,8 @@ import torch
 from torch import Tensor
 
 from minidpo.config import require
+
+LOGPROBS = ("fused", "naive")
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,8 @@ class RLOOConfig:
     horizon: int = 10000            # adaptive KL horizon, in sampled completions
     min_new_tokens: int = 4         # end-of-text is forbidden before this many new tokens
     max_new_tokens: int = 16        # each prompt's budget is drawn from [min_new_tokens, max_new_tokens]
-    temperature: float = 1.0        # sampling temperature (log-probs are of the tempered logits)
     top_k: int | None = None        # top-k of the training samples (None: full softmax, exactly on-policy)
+    logprobs: str = "fused"         # fused (response rows only, memory-lean) | naive (log_softmax + gather)
     eot_id: int = 50256
     seed: int = 0
 
@@ -76,9 +78,8 @@ class RLOOConfig:
         require(self.min_new_tokens >= 1, "min_new_tokens", f"must be >= 1, got {self.min_new_tokens}")
         require(self.max_new_tokens >= self.min_new_tokens, "max_new_tokens",
                 f"must be >= min_new_tokens ({self.min_new_tokens}), got {self.max_new_tokens}")
-        require(math.isfinite(self.temperature) and self.temperature > 0, "temperature",
-                f"must be a finite number > 0 (policy gradients need a stochastic policy), got {self.temperature}")
         require(self.top_k is None or self.top_k >= 1, "top_k", f"must be none or >= 1, got {self.top_k}")
+        require(self.logprobs in LOGPROBS, "logprobs", f"must be one of {', '.join(LOGPROBS)}, got {self.logprobs!r}")
 
 
 # Settings for train.py's tiny preset (bundled 7M model, IMDB sample, 2 CPU cores); see the report in rloo.py's

@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from minidpo.dpo import score_sequences
 from minidpo.length_sampler import LengthSampler
-from minidpo.logprobs import sequence_logps
 from minidpo.lora import adapters_are_zero, lora_disabled, lora_layers
 from minidpo.pairs import cut_at_eot, response_text
 from minidpo.pg import RLOO_SHOW, RLOOConfig, adaptive_kl_coef, kl_penalized_rewards, policy_gradient_loss, \
@@ -76,14 +76,6 @@ def stream_indices(n: int, start: int, count: int, seed: int) -> list[int]:
     return out
 
 
-def sequence_policy_logps(model: torch.nn.Module, ids: Tensor, response_mask: Tensor, temperature: float) -> Tensor:
-    """(B,) log pi(completion | prompt) of right-padded rows: plain causal attention is exact for right padding."""
-    logits = model(ids)  # (B, T, V)
-    if temperature != 1.0:
-        logits = logits.float() / temperature
-    return sequence_logps(logits, ids, response_mask)
-
-
 @torch.no_grad()
 def sample_rollout(model: torch.nn.Module, tokenizer, scorer, prompts: list, cfg: RLOOConfig, budgets: list[int],
                    generator: torch.Generator, device: torch.device, micro: int = 0,
@@ -97,7 +89,7 @@ def sample_rollout(model: torch.nn.Module, tokenizer, scorer, prompts: list, cfg
     idx, mask = tokenizer.pad(prompt_ids, padding_side="left")  # (P*K, Tp)
     with amp:
         seqs = model.generate(idx.to(device), max(budgets), min_new_tokens=cfg.min_new_tokens,
-                              temperature=cfg.temperature, top_k=cfg.top_k, eos_id=cfg.eot_id,
+                              temperature=1.0, top_k=cfg.top_k, eos_id=cfg.eot_id,
                               attention_mask=mask.to(device), generator=generator)
     new = seqs[:, idx.size(1):].tolist()
     completions = [cut_at_eot(row[:budgets[b // K]], cfg.eot_id) for b, row in enumerate(new)]
@@ -109,7 +101,7 @@ def sample_rollout(model: torch.nn.Module, tokenizer, scorer, prompts: list, cfg
         response_mask[b, len(p):len(p) + len(c)] = True
     ids, response_mask = ids.to(device), response_mask.to(device)
     with amp, lora_disabled(model):
-        reference = sequence_policy_logps(model, ids, response_mask, cfg.temperature).float()
+        reference = score_sequences(model, ids, response_mask, cfg.logprobs).float()
     return Rollout(ids, response_mask, scores.to(device), reference, int(attention.sum()), micro)
 
 
@@ -118,7 +110,7 @@ def rloo_loss(model: torch.nn.Module, rollout: Rollout, cfg: RLOOConfig, kl_coef
     """The RLOO surrogate loss of one rollout, its metrics (0-dim tensors) and the (P*K,) sampled log-ratios
     log pi(y|x) - log ref(y|x), whose mean estimates KL(policy || reference)."""
     with autocast or nullcontext():
-        policy = sequence_policy_logps(model, rollout.ids, rollout.response_mask, cfg.temperature).float()  # (B,)
+        policy = score_sequences(model, rollout.ids, rollout.response_mask, cfg.logprobs).float()  # (B,)
     kl = policy.detach() - rollout.reference_logps                                     # (B,) sampled log-ratio
     rewards = kl_penalized_rewards(rollout.scores, policy.detach(), rollout.reference_logps, kl_coef)
     advantages = rloo_advantages(rewards.view(-1, cfg.k))                              # (P, K)
@@ -199,13 +191,13 @@ def train_rloo(model: torch.nn.Module, tokenizer, scorer, prompts: list, cfg: RL
     get_batch = make_rollout_fn(model, tokenizer, scorer, prompts, cfg, loop.grad_accum, rank, world, device,
                                 autocast)
 
-    def step_fn(rollout: Rollout) -> tuple[Tensor, dict[str, Tensor], int]:
+    def step_fn(rollout: Rollout) -> tuple[Tensor, dict[str, Tensor], int, int]:
         loss, metrics, log_ratio = rloo_loss(model, rollout, cfg, kl.value, autocast)
         kl.observe(log_ratio, rollout.micro)  # after the loss: this step used the previous coefficient
-        return loss, metrics, rollout.n_tokens
+        return loss, metrics, rollout.n_tokens, log_ratio.numel()
 
     t0 = time.perf_counter()
-    summary = train_loop(replace(loop, show=RLOO_SHOW), params, get_batch, step_fn,
+    summary = train_loop(replace(loop, show=RLOO_SHOW, item_name="completions"), params, get_batch, step_fn,
                          Checkpointer(run_dir / "checkpoint", params), run_dir / "log.jsonl", on_step_end,
                          resume=resume, log=log, get_state=kl.state, set_state=kl.load)
     return {**summary, "kl_coef": kl.value, "seconds": time.perf_counter() - t0}

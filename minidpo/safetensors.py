@@ -9,15 +9,21 @@ Reference: the format spec in huggingface/safetensors (README, "Format"):
 The reader memory-maps the file and views each tensor straight out of the map (no read into a Python bytes object,
 no copy until the caller moves the tensor to another device or dtype). The writer is atomic: it writes a temporary
 file beside the target and renames it over, so a crash never leaves a half-written checkpoint.
+
+The header is validated as the reference implementation does (safetensors' Metadata::validate) before any byte is
+used: every field has the right JSON type, shapes are non-negative, and the tensors' byte ranges, sorted, tile the
+data section exactly, with no overlap (one tensor reading another's bytes), no hole and nothing after the last one.
+Every error is a SafetensorsError naming the file and the tensor or key.
 """
 
 import json
-import os
 import struct
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from minidpo.fileio import atomic_path
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -44,28 +50,61 @@ def read_header(path: str | Path) -> tuple[dict, int]:
         if n > MAX_HEADER or 8 + n > size:
             raise SafetensorsError(f"{path}: header length {n} is impossible for a file of {size} bytes "
                                    "(truncated or not a safetensors file)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SafetensorsError(f"{path}: header is not valid JSON ({e})") from None
+        raw = f.read(n)
+    try:  # the spec says UTF-8; json.loads(bytes) would also guess UTF-16/32
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, json.JSONDecodeError, SafetensorsError) as e:
+        raise SafetensorsError(f"{path}: header is not valid UTF-8 JSON ({e})") from None
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path}: header must be a JSON object")
-    data_len = size - 8 - n
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= info.keys()):
-            raise SafetensorsError(f"{path}: header entry {name!r} must be an object with dtype, shape and "
-                                   f"data_offsets, got {info!r}")
-        begin, end = info["data_offsets"]
-        if info["dtype"] not in DTYPES:
-            raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']!r}")
-        nbytes = _numel(info["shape"]) * DTYPES[info["dtype"]].itemsize
-        if not 0 <= begin <= end <= data_len or end - begin != nbytes:
-            raise SafetensorsError(f"{path}: tensor {name!r} with shape {info['shape']} and dtype {info['dtype']} "
-                                   f"needs {nbytes} bytes but has offsets [{begin}, {end}] in a data section of "
-                                   f"{data_len} bytes (truncated or corrupt file)")
+    meta = header.get("__metadata__", {})
+    if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise SafetensorsError(f"{path}: '__metadata__' must be an object of strings, got {meta!r}")
+    spans = sorted((_check_entry(path, name, info), name) for name, info in header.items() if name != "__metadata__")
+    end, prev = 0, None
+    for (begin, stop), name in spans:
+        if begin != end:
+            what = f"overlaps tensor {prev!r}" if begin < end else f"leaves a hole of {begin - end} bytes before it"
+            raise SafetensorsError(f"{path}: tensor {name!r} with data_offsets [{begin}, {stop}] {what} (corrupt "
+                                   "file: each tensor must own its own bytes)")
+        end, prev = stop, name
+    if end != size - 8 - n:
+        raise SafetensorsError(f"{path}: the tensors cover {end} bytes but the data section has {size - 8 - n} "
+                               "(truncated, or bytes after the last tensor)")
     return header, 8 + n
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise SafetensorsError(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r}")
+    return dict(pairs)
+
+
+def _is_count(v: object) -> bool:
+    return type(v) is int and v >= 0  # bool is an int subclass; true and false are no sizes
+
+
+def _check_entry(path: Path, name: str, info: object) -> tuple[int, int]:
+    """The (begin, end) of one tensor's bytes, after checking its dtype, shape and offsets."""
+    if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= info.keys()):
+        raise SafetensorsError(f"{path}: header entry {name!r} must be an object with dtype, shape and "
+                               f"data_offsets, got {info!r}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise SafetensorsError(f"{path}: tensor {name!r}: 'dtype' {dtype!r} is not one of {', '.join(DTYPES)}")
+    if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+        raise SafetensorsError(f"{path}: tensor {name!r}: 'shape' must be a list of non-negative integers, "
+                               f"got {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise SafetensorsError(f"{path}: tensor {name!r}: 'data_offsets' must be two non-negative integers "
+                               f"[begin, end], got {offsets!r}")
+    begin, end = offsets
+    nbytes = _numel(shape) * DTYPES[dtype].itemsize
+    if end - begin != nbytes:
+        raise SafetensorsError(f"{path}: tensor {name!r} with shape {shape} and dtype {dtype} needs {nbytes} bytes "
+                               f"but has data_offsets [{begin}, {end}] (truncated or corrupt file)")
+    return begin, end
 
 
 def _numel(shape: list[int]) -> int:
@@ -118,13 +157,9 @@ def save_file(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, 
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)  # the spec allows padding; 8-byte alignment keeps views aligned
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(header_bytes)))
         f.write(header_bytes)
         for t in blobs:
             if t.numel():
                 f.write(t.reshape(-1).view(torch.uint8).numpy())  # raw bytes, no copy; numpy lacks bf16
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

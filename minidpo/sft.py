@@ -6,7 +6,9 @@ reviews, so that it writes movie reviews before DPO teaches it to write positive
 bundled small model from random initialisation (see data/README.md).
 
 Reviews are tokenized and concatenated into one stream, each preceded by end-of-text (GPT-2's document separator), and
-training windows of block_size + 1 tokens are cut at random offsets, as in nanoGPT's openwebtext setup.
+training windows of block_size + 1 tokens are cut at random offsets, as in nanoGPT's openwebtext setup. Every
+offset 0 .. len(stream) - block_size - 1 is possible, so every token of the stream, the last one included, can be
+a target (nanoGPT's `randint(len(data) - block_size)` draws the same range).
 """
 
 import hashlib
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from minidpo.model import GPT
+from minidpo.progress import Log, quiet
 from minidpo.tokenizer import Tokenizer
 from minidpo.trainer import Checkpointer, LoopConfig, train_loop
 
@@ -37,9 +40,15 @@ def batch_seed(seed: int, *parts: int) -> int:
 
 
 def random_windows(stream: Tensor, batch_size: int, block_size: int, seed: int) -> tuple[Tensor, Tensor]:
-    """(x, y), each (B, block_size): windows at random offsets; y is x shifted left by one token."""
+    """(x, y), each (B, block_size): windows at uniform random offsets; y is x shifted left by one token.
+
+    Naive: s = random.randint(0, len(stream) - block_size - 1) (inclusive), x = stream[s:s + block_size],
+    y = stream[s + 1:s + block_size + 1]; the last start puts stream[-1] in y.
+    """
+    if len(stream) < block_size + 1:
+        raise ValueError(f"a window needs block_size + 1 = {block_size + 1} tokens, the stream has {len(stream)}")
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(stream) - block_size - 1, (batch_size,), generator=g)
+    starts = torch.randint(0, len(stream) - block_size, (batch_size,), generator=g)  # high is exclusive
     windows = torch.stack([stream[s:s + block_size + 1] for s in starts.tolist()]).long()  # (B, block_size + 1)
     return windows[:, :-1], windows[:, 1:]
 
@@ -71,10 +80,10 @@ def eval_loss(model: GPT, stream: Tensor, block_size: int, batch_size: int = 8, 
 
 def run_sft(model: GPT, stream: Tensor, loop: LoopConfig, batch_size: int, block_size: int, seed: int,
             device: str | torch.device, out_dir: Path | None = None, resume: bool = False,
-            autocast_dtype: torch.dtype | None = None, rank: int = 0) -> dict[str, float]:
+            autocast_dtype: torch.dtype | None = None, rank: int = 0, log: Log = quiet) -> dict[str, float]:
     """Train every parameter that requires grad (all of them, or only LoRA's) on random windows of `stream`."""
-    if len(stream) <= block_size + 1:
-        raise ValueError(f"SFT needs more than {block_size + 1} tokens of text, got {len(stream)}")
+    if len(stream) < block_size + 1:
+        raise ValueError(f"SFT needs at least block_size + 1 = {block_size + 1} tokens of text, got {len(stream)}")
     model.train()
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
 
@@ -90,4 +99,4 @@ def run_sft(model: GPT, stream: Tensor, loop: LoopConfig, batch_size: int, block
 
     ckpt = Checkpointer(out_dir / "sft_checkpoint", params) if out_dir is not None else None
     log_path = out_dir / "log.jsonl" if out_dir is not None else None
-    return train_loop(loop, params, get_batch, step_fn, ckpt, log_path, resume=resume)
+    return train_loop(loop, params, get_batch, step_fn, ckpt, log_path, resume=resume, log=log)

@@ -28,8 +28,9 @@ from minidpo.export import save_hf
 from minidpo.imdb import Review, load_imdb
 from minidpo.lora import LoRAConfig, apply_lora, remove_lora
 from minidpo.model import GPT, GPTConfig
-from minidpo.pairs import (Pair, PairsConfig, build_pairs, cached_pairs, fingerprint, module_fingerprint,
-                           pairs_fingerprint, reviews_fingerprint)
+from minidpo.pairs import Pair, PairsConfig, build_pairs
+from minidpo.pairs_cache import (cached_pairs, fingerprint, module_fingerprint, pairs_fingerprint,
+                                 reviews_fingerprint)
 from minidpo.progress import Log, quiet
 from minidpo.prompts import Prompt, make_prompts
 from minidpo.resolve import load_model

@@ -14,12 +14,13 @@ References (TensorFlow sources):
    varint (offset, size) pairs, zero padding, magic 0xdb4775248b80fb57); each block is followed by a 5-byte trailer
    (compression type: 0 none, 1 snappy; masked CRC32C of block + type). A block is a run of entries
    (varint shared, varint non_shared, varint value_len, key suffix, value; keys are prefix-compressed against the
-   previous key), then uint32 restart offsets (entries that store their key in full) and their uint32 count.
-   The index block maps keys to the BlockHandles of the data blocks.
+   previous key), then uint32 restart offsets (entries that store their key in full) and their uint32 count. The
+   index block maps keys to the BlockHandles of the data blocks.
 4) CRC32C (Castagnoli, reflected polynomial 0x82F63B78; RFC 3720 sec. B.4) and LevelDB's crc32c::Mask.
 """
 
 import functools
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,8 +189,8 @@ def parse_message(buf: bytes) -> dict[int, list]:
     return fields
 
 
-def _int64(v: int) -> int:
-    return v - (1 << 64) if v >= 1 << 63 else v  # int64 fields are two's complement varints
+def _int64(v: int) -> int:  # int64 fields are two's complement varints
+    return v - (1 << 64) if v >= 1 << 63 else v
 
 
 # --------------------------------------------------------------------------- SSTable
@@ -200,11 +201,10 @@ def read_block(data: bytes, offset: int, size: int, path: Path) -> bytes:
         raise BundleError(f"{path}: block [{offset}, {offset + size}) runs past the end of the {len(data)}-byte "
                           "file (truncated or corrupt index)")
     block, kind = data[offset:offset + size], data[offset + size]
-    if kind == 1:
-        raise BundleError(f"{path}: block at {offset} is snappy-compressed, which this reader does not support "
-                          "(TensorFlow writes bundle indexes uncompressed)")
     if kind != 0:
-        raise BundleError(f"{path}: block at {offset} has unknown compression type {kind} (corrupt index)")
+        raise BundleError(f"{path}: block at {offset} " + ("is snappy-compressed, which this reader does not support "
+                          "(TensorFlow writes bundle indexes uncompressed)" if kind == 1 else
+                          f"has unknown compression type {kind} (corrupt index)"))
     (stored,) = struct.unpack_from("<I", data, offset + size + 1)
     if unmask_crc(stored) != crc32c(data[offset:offset + size + 1]):
         raise BundleError(f"{path}: block at {offset} fails its crc32c check (corrupt index)")
@@ -268,43 +268,56 @@ class BundleEntry:
 
 
 def parse_entry(name: str, value: bytes, path: Path) -> BundleEntry:
-    f = parse_message(value)
+    try:
+        f = parse_message(value)
+        dims = [parse_message(d).get(1, [0])[-1] for d in parse_message(f[2][-1]).get(2, [])] if 2 in f else []
+        if not all(isinstance(v, int) for v in dims + [f.get(k, [0])[-1] for k in (1, 3, 4, 5, 6)]):
+            raise BundleError("a numeric field has a non-numeric wire type")
+    except (BundleError, TypeError) as e:  # TypeError: a nested message where a number was expected
+        raise BundleError(f"{path}: tensor {name!r}: malformed entry ({e}) (corrupt index)") from None
+    shape = tuple(_int64(d) for d in dims)
+    if any(d < 0 for d in shape):
+        raise BundleError(f"{path}: tensor {name!r} has a negative dimension in shape {list(shape)} (corrupt index)")
     if 7 in f:
         raise BundleError(f"{path}: tensor {name!r} is stored as slices, which this reader does not support")
     tf_dtype = f.get(1, [0])[-1]
     if tf_dtype not in TF_DTYPES:
         raise BundleError(f"{path}: tensor {name!r} has TensorFlow dtype enum {tf_dtype}, unsupported here")
-    dims = [parse_message(d).get(1, [0])[-1] for d in parse_message(f[2][-1]).get(2, [])] if 2 in f else []
-    return BundleEntry(name, TF_DTYPES[tf_dtype], tuple(_int64(d) for d in dims), f.get(3, [0])[-1],
-                       f.get(4, [0])[-1], f.get(5, [0])[-1], f.get(6, [None])[-1])
+    return BundleEntry(name, TF_DTYPES[tf_dtype], shape, f.get(3, [0])[-1], f.get(4, [0])[-1], f.get(5, [0])[-1],
+                       f.get(6, [None])[-1])
 
 
 def read_index(prefix: str | Path) -> tuple[int, dict[str, BundleEntry]]:
-    """(number of data shards, entries by tensor name) of `<prefix>.index`."""
+    """(number of data shards, entries by tensor name) of `<prefix>.index`; every error names the index file."""
     path = Path(f"{prefix}.index")
     if not path.is_file():
         raise BundleError(f"checkpoint index {path} not found")
-    records = read_table(path)
-    if not records or records[0][0] != b"":
-        raise BundleError(f"{path}: the BundleHeaderProto (empty key) is missing (not a tensor bundle?)")
-    header = parse_message(records[0][1])
-    num_shards = header.get(1, [1])[-1] or 1
-    if header.get(2, [0])[-1] != 0:
-        raise BundleError(f"{path}: the bundle is big-endian; only little-endian bundles are supported")
-    entries = {}
-    for key, value in records[1:]:
-        name = key.decode("utf-8")
-        entries[name] = e = parse_entry(name, value, path)
-        if not 0 <= e.shard_id < num_shards:
-            raise BundleError(f"{path}: tensor {name!r} is in shard {e.shard_id} of {num_shards} (corrupt index)")
+    try:
+        records = read_table(path)
+        if not records or records[0][0] != b"":
+            raise BundleError(f"{path}: the BundleHeaderProto (empty key) is missing (not a tensor bundle?)")
+        header = parse_message(records[0][1])
+        num_shards = header.get(1, [1])[-1] or 1
+        if header.get(2, [0])[-1] != 0:
+            raise BundleError(f"{path}: the bundle is big-endian; only little-endian bundles are supported")
+        entries = {}
+        for key, value in records[1:]:
+            name = key.decode("utf-8")
+            entries[name] = e = parse_entry(name, value, path)
+            if not 0 <= e.shard_id < num_shards:
+                raise BundleError(f"{path}: tensor {name!r} is in shard {e.shard_id} of {num_shards} (corrupt index)")
+    except UnicodeDecodeError:
+        raise BundleError(f"{path}: a tensor name is not valid UTF-8 (corrupt index)") from None
+    except (BundleError, TypeError) as e:  # varint and table errors deep in the reader do not know the file
+        raise e if str(path) in str(e) else BundleError(f"{path}: {e} (corrupt index)") from None
     return num_shards, entries
 
 
-def load_bundle(prefix: str | Path, verify: bool = False) -> dict[str, Tensor]:
+def load_bundle(prefix: str | Path, verify: bool = True) -> dict[str, Tensor]:
     """All tensors of the bundle `<prefix>.index` / `<prefix>.data-*`, as CPU views of memory-mapped data files.
 
-    With verify=True each tensor's bytes are checked against the masked CRC32C stored in its entry.
-    """
+    verify=True (the default) checks each tensor's bytes against the masked CRC32C in its entry: one read of every
+    byte (cost: bench/weights_speed.py) turns a corrupt download or copy into an error naming file and tensor."""
     num_shards, entries = read_index(prefix)
     maps: dict[int, tuple[Path, Tensor]] = {}
     out = {}
@@ -317,7 +330,7 @@ def load_bundle(prefix: str | Path, verify: bool = False) -> dict[str, Tensor]:
             buf = torch.from_file(str(data_path), shared=False, size=n, dtype=torch.uint8) if n else torch.empty(0)
             maps[e.shard_id] = (data_path, buf)
         data_path, buf = maps[e.shard_id]
-        numel = int(np.prod(e.shape, dtype=np.int64))
+        numel = math.prod(e.shape)  # exact: np.prod would wrap around for absurd (corrupt) shapes
         if e.size != numel * e.dtype.itemsize:
             raise BundleError(f"{prefix}.index: tensor {name!r} of shape {list(e.shape)} and dtype {e.dtype} needs "
                               f"{numel * e.dtype.itemsize} bytes but its entry says {e.size} (corrupt index)")

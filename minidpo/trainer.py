@@ -1,36 +1,40 @@
 """
-One training loop for both stages (SFT and DPO): AdamW, linear warmup then cosine decay, gradient accumulation,
-gradient clipping, data-parallel gradient averaging, a log line every few steps, atomic checkpoints and exact resume.
+One training loop for every stage (SFT, DPO, RLOO): AdamW, linear warmup then cosine decay, gradient accumulation,
+gradient clipping, data-parallel gradient averaging, a log line every few steps, checkpoints and exact resume.
 
 References: llm.c's train_gpt2.py (every step logs loss, ms and tokens/s), nanoGPT's train.py (warmup + cosine,
-accumulation), PyTorch's DistributedDataParallel for the gradient all-reduce semantics.
+accumulation), PyTorch's DistributedDataParallel for the gradient all-reduce (`minidpo.distributed`).
 
 Exact resume. Batches are a pure function of (step, micro_step, rank): the caller's `get_batch` derives them from the
-seed, so the data position is just the step number. A checkpoint holds the trainable tensors, the optimizer and
-scheduler state, every RNG state and the step; resuming restores all of it, so a run killed at any moment and resumed
-from its last checkpoint ends bit-identical to an uninterrupted run (on the same device and thread count).
+seed, so the data position is just the step number. A checkpoint (`minidpo.checkpoint`) holds the trainable tensors,
+the optimizer and scheduler state, every RNG state, the step and the caller's own state (`get_state`, e.g. an
+adaptive KL coefficient); resuming restores all of it, so a run killed at any moment and resumed from its last
+checkpoint ends bit-identical to an uninterrupted run (on the same device and thread count).
 
-Data parallelism. Only the trainable (LoRA) parameters get gradients, a few hundred kilobytes, so after backward their
-gradients are flattened into one buffer and averaged with a single all_reduce: the same arithmetic as
-DistributedDataParallel, without wrapping the model (which would hide `hidden_states` and `lora_disabled` behind
-`.module`) and without DDP's bucketing machinery, which pays only for large gradients.
+Throughput and ETA. Step times exclude the caller's `on_step_end` (evaluations) and checkpoint writes. The summary's
+tokens/s and items/s cover the whole run (totals are carried in the checkpoint across resumes); the log line's cover
+its logging window; the ETA uses an exponential moving average of recent step times, skipping each session's first
+step (allocator and kernel warm-up), so it settles instead of swinging with a whole-run average.
 """
 
 import json
 import math
-import os
-import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from minidpo.safetensors import load_file, save_file
+from minidpo.checkpoint import Checkpointer, CheckpointCorrupt  # noqa: F401  (re-exported: minidpo.trainer.Checkpointer)
+from minidpo.config import require
+from minidpo.distributed import average_gradients, barrier, is_main, rank_and_world  # noqa: F401  (is_main re-exported)
+from minidpo.progress import Log, quiet
+
+# (metric key, short label, format) for the log line; DPO's by default
+DPO_SHOW = (("rewards/accuracies", "acc", "{:.2f}"), ("rewards/margins", "margin", "{:+.3f}"),
+            ("logratio/ref_minus_policy", "ref-pi", "{:+.3f}"))
 
 
 @dataclass
@@ -41,10 +45,39 @@ class LoopConfig:
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     grad_accum: int = 1
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0: no clipping
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only at the end
     label: str = "train"
+    show: tuple[tuple[str, str, str], ...] = DPO_SHOW
+    item_name: str = "pairs"  # what step_fn's optional 4th value counts: logged as f"{item_name}_per_s"
+
+    def __post_init__(self):
+        require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        require(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be a finite number > 0, got {self.lr}")
+        require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require(math.isfinite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio",
+                f"must be in [0, 1], got {self.min_lr_ratio}")
+        require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
+                f"must be a finite number >= 0, got {self.weight_decay}")
+        require(self.grad_accum >= 1, "grad_accum", f"must be >= 1, got {self.grad_accum}")
+        require(math.isfinite(self.grad_clip) and self.grad_clip >= 0, "grad_clip",
+                f"must be a finite number >= 0 (0: no clipping), got {self.grad_clip}")
+        require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+        require(self.checkpoint_every >= 0, "checkpoint_every",
+                f"must be >= 0 (0: only at the end), got {self.checkpoint_every}")
+        require(self.item_name.isidentifier(), "item_name", f"must be a plain name, got {self.item_name!r}")
+        for entry in self.show:
+            require(len(entry) == 3 and all(isinstance(s, str) for s in entry) and _formats(entry[2]), "show",
+                    f"entries must be (metric key, label, format such as '{{:.3f}}'), got {entry!r}")
+
+
+def _formats(fmt: str) -> bool:
+    try:
+        fmt.format(0.0)
+    except (ValueError, IndexError, KeyError):
+        return False
+    return True
 
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -55,180 +88,184 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def average_gradients(params: list[Tensor]) -> None:
-    """All-reduce the mean gradient over ranks in one flat buffer (what DDP computes)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
-        offset += n
-
-
-def rng_state() -> dict:
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    # numpy's key array as a tensor: weights_only loading accepts tensors and plain Python values, not ndarrays
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class Checkpointer:
-    """Checkpoints in `directory`: `trainable.safetensors` plus `state.pt` (optimizer, scheduler, RNG, step).
-
-    Each file is written to a temporary name and renamed, the state file last: a kill at any point leaves either the
-    previous complete checkpoint or the new one. `state.pt` is only ever our own file, and is still read with
-    weights_only=True.
-    """
-
-    def __init__(self, directory: str | Path, named_params: dict[str, Tensor]):
-        self.dir = Path(directory)
-        self.params = named_params
-
-    def exists(self) -> bool:
-        return (self.dir / "state.pt").is_file()
-
-    def save(self, step: int, optimizer, scheduler, extra: dict | None = None) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tensors = {k: p.detach() for k, p in self.params.items()}
-        save_file(tensors, self.dir / f"trainable-{step}.safetensors")
-        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": rng_state(), "trainable": f"trainable-{step}.safetensors", "extra": extra or {}}
-        tmp = self.dir / "state.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.dir / "state.pt")
-        for old in self.dir.glob("trainable-*.safetensors"):  # keep only the file the state points at
-            if old.name != state["trainable"]:
-                old.unlink(missing_ok=True)
-
-    def load(self, optimizer, scheduler) -> tuple[int, dict]:
-        state = torch.load(self.dir / "state.pt", weights_only=True)
-        tensors = load_file(self.dir / state["trainable"])
-        missing = set(self.params) - set(tensors)
-        if missing:
-            raise ValueError(f"checkpoint {self.dir} lacks trainable tensors {sorted(missing)[:5]}")
-        with torch.no_grad():
-            for k, p in self.params.items():
-                p.copy_(tensors[k])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        return state["step"], state["extra"]
-
-
 class NonFiniteLoss(RuntimeError):
     pass
 
 
-def train_loop(
-    cfg: LoopConfig,
-    params: dict[str, Tensor],
-    get_batch: Callable[[int, int], object],
-    step_fn: Callable[[object], tuple[Tensor, dict[str, Tensor], int]],
-    checkpointer: Checkpointer | None = None,
-    log_path: Path | None = None,
-    on_step_end: Callable[[int], None] | None = None,
-    resume: bool = False,
-) -> dict[str, float]:
-    """Run cfg.steps optimizer steps; returns the last logged metrics plus throughput.
+@dataclass
+class Totals:
+    """Counts over steps: whole-run totals (saved in the checkpoint) or one logging window."""
+    seconds: float = 0.0
+    tokens: float = 0.0
+    items: float = 0.0
+    steps: int = 0
 
-    get_batch(step, micro) -> a micro-batch; step_fn(batch) -> (loss, metrics, tokens). The loss is divided by
-    grad_accum here, so step_fn returns the plain mean loss of its micro-batch.
-    """
-    trainable = [p for p in params.values() if p.requires_grad]
+    def add(self, seconds: float, tokens: float, items: float) -> None:
+        self.seconds, self.tokens, self.items, self.steps = (self.seconds + seconds, self.tokens + tokens,
+                                                             self.items + items, self.steps + 1)
+
+    def rates(self, item_name: str) -> dict[str, float]:
+        s = max(self.seconds, 1e-9)
+        out = {"tokens_per_s": self.tokens / s, "ms_per_step": 1000 * self.seconds / max(self.steps, 1)}
+        if self.items:
+            out[f"{item_name}_per_s"] = self.items / s
+        return out
+
+
+@dataclass
+class StepClock:
+    """ETA from an exponential moving average of step times (the first step of a session is warm-up, skipped once
+    a second one exists). Naive equivalent: elapsed / steps_done * steps_left, which a slow first step skews."""
+    decay: float = 0.9
+    ema: float | None = None
+    first: float | None = field(default=None, repr=False)
+
+    def update(self, seconds: float) -> None:
+        if self.first is None:
+            self.first = seconds
+        else:
+            self.ema = seconds if self.ema is None else self.decay * self.ema + (1 - self.decay) * seconds
+
+    def eta(self, steps_left: int) -> float:
+        per_step = self.ema if self.ema is not None else (self.first or 0.0)
+        return per_step * steps_left
+
+
+def print_on_main(msg: str) -> None:
+    """The default log of train_loop: what train.py has always shown, from rank 0 only."""
+    if is_main():
+        print(msg, flush=True)
+
+
+def make_optimizer(cfg: LoopConfig, trainable: list[Tensor]):
+    """AdamW (decay on matrices only, betas as GPT-2 fine-tuning uses) and the warmup + cosine schedule."""
     decay = [p for p in trainable if p.dim() >= 2]
     no_decay = [p for p in trainable if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
-    start = 0
+    return optimizer, scheduler
+
+
+def train_loop(
+    cfg: LoopConfig,
+    params: dict[str, Tensor],
+    get_batch: Callable[[int, int], object],
+    step_fn: Callable[[object], tuple],
+    checkpointer: Checkpointer | None = None,
+    log_path: Path | None = None,
+    on_step_end: Callable[[int], None] | None = None,
+    resume: bool = False,
+    log: Log | None = None,
+    get_state: Callable[[], dict] | None = None,
+    set_state: Callable[[dict], None] | None = None,
+) -> dict[str, float]:
+    """Run the optimizer steps left until cfg.steps; returns the last logged metrics, plus whole-run throughput.
+
+    get_batch(step, micro) -> a micro-batch; step_fn(batch) -> (loss, metrics, n_tokens) or (loss, metrics,
+    n_tokens, n_items), metrics being 0-dim tensors. The loss is divided by grad_accum here, so step_fn returns the
+    plain mean loss of its micro-batch. `get_state()` (plain Python values) is saved with each checkpoint and given
+    back to `set_state` on resume. `log` gets the progress lines on rank 0 (default: print them).
+    """
+    say = (log if log is not None else print_on_main) if is_main() else quiet
+    _, world = rank_and_world()
+    trainable = [p for p in params.values() if p.requires_grad]
+    optimizer, scheduler = make_optimizer(cfg, trainable)
+    start, totals, last = 0, Totals(), {}
     if resume and checkpointer is not None and checkpointer.exists():
-        start, _ = checkpointer.load(optimizer, scheduler)
-        if is_main():
-            print(f"[{cfg.label}] resumed from {checkpointer.dir} at step {start}/{cfg.steps}", flush=True)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    last: dict[str, float] = {}
-    tokens_since, t_log = 0, time.perf_counter()
-    t_start, steps_timed = t_log, 0
+        start, extra = checkpointer.load(optimizer, scheduler)
+        if start > cfg.steps:
+            raise ValueError(f"[{cfg.label}] checkpoint {checkpointer.dir} is at step {start}, past this run's "
+                             f"{cfg.steps} steps; give at least {start} steps, or delete it to start again")
+        totals, last = Totals(**extra.get("totals", {})), dict(extra.get("last", {}))
+        if set_state is not None and "loop_state" in extra:
+            set_state(extra["loop_state"])
+        say(f"[{cfg.label}] resumed from {checkpointer.dir} at step {start}/{cfg.steps}")
+    window, clock = Totals(), StepClock()
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
-        metric_sums: dict[str, Tensor] = {}
-        loss_sum: Tensor | float = 0.0  # stays on the device: no host sync per micro-step
-        tokens = 0
-        for micro in range(cfg.grad_accum):
-            loss, metrics, n_tok = step_fn(get_batch(step, micro))
-            (loss / cfg.grad_accum).backward()
-            loss_sum = loss_sum + loss.detach().float() / cfg.grad_accum
-            for k, v in metrics.items():
-                metric_sums[k] = metric_sums.get(k, 0) + v.detach().float() / cfg.grad_accum
-            tokens += n_tok
-        # The one host sync per step: a NaN must stop the run before the optimizer spreads it into the weights.
-        loss_value = loss_sum.item()
+        loss_value, metrics, grad_norm, tokens, items = one_step(cfg, step, trainable, get_batch, step_fn,
+                                                                 optimizer, scheduler, world)
         if not math.isfinite(loss_value):
-            optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLoss(f"[{cfg.label}] loss is {loss_value} at step {step}; stopping. The last good "
-                                f"checkpoint is kept in {checkpointer.dir if checkpointer else '(none)'}")
-        average_gradients(trainable)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_since += tokens * world
-        steps_timed += 1
+            saved = checkpointer.saved_step() if checkpointer is not None else None
+            kept = (f"the last good checkpoint (step {saved}) is kept in {checkpointer.dir}" if saved is not None
+                    else "no checkpoint was written yet")
+            raise NonFiniteLoss(f"[{cfg.label}] loss is {loss_value} at step {step + 1}/{cfg.steps}; stopping "
+                                f"before the optimizer step, {kept}")
+        seconds = time.perf_counter() - t0
+        for t in (totals, window):
+            t.add(seconds, tokens, items)
+        clock.update(seconds)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            now = time.perf_counter()
-            ms = 1000 * (now - t0)
-            elapsed = now - t_log
             last = {"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                    **{k: v.item() for k, v in metric_sums.items()},
-                    "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
-                    "tokens_per_s": tokens_since / max(elapsed, 1e-9), "ms_per_step": ms}
-            eta = (now - t_start) / steps_timed * (cfg.steps - done)
-            if is_main():
-                print(format_log_line(cfg.label, done, cfg.steps, last, eta), flush=True)
-                if log_path is not None:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps({"stage": cfg.label, **last}) + "\n")
-            tokens_since, t_log = 0, now
+                    **{k: v.item() for k, v in metrics.items()},
+                    "grad_norm": float(grad_norm) if grad_norm is not None else 0.0, **window.rates(cfg.item_name)}
+            say(format_log_line(cfg, done, last, clock.eta(cfg.steps - done)))
+            if log_path is not None and is_main():
+                append_jsonl(log_path, {"stage": cfg.label, **last})
+            window = Totals()
         if checkpointer is not None and is_main() and (
                 (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps):
-            checkpointer.save(done, optimizer, scheduler)
+            checkpointer.save(done, optimizer, scheduler, extra={
+                "loop_state": get_state() if get_state is not None else {}, "totals": vars(totals), "last": last})
         if on_step_end is not None:
             on_step_end(done)
-    if dist.is_initialized():
-        dist.barrier()
-    return last
+    barrier()
+    return {**last, "steps": cfg.steps, "steps_this_session": cfg.steps - start,
+            "final_loss": last.get("loss", math.nan), "seconds": totals.seconds, **totals.rates(cfg.item_name)}
 
 
-SHOWN = [("rewards/accuracies", "acc", "{:.2f}"), ("rewards/margins", "margin", "{:+.3f}"), ("kl", "kl", "{:.3f}")]
+def one_step(cfg: LoopConfig, step: int, trainable: list[Tensor], get_batch, step_fn, optimizer, scheduler,
+             world: int) -> tuple[float, dict[str, Tensor], Tensor | None, float, float]:
+    """Forward/backward over grad_accum micro-batches, average over ranks, clip, optimizer step.
+
+    Returns (loss, metrics, grad norm, tokens, items) with tokens and items summed over ranks. On a non-finite loss
+    the gradients are dropped and nothing is stepped, so the weights stay those of the last good step.
+    """
+    metric_sums: dict[str, Tensor] = {}
+    loss_sum: Tensor | float = 0.0  # stays on the device: no host sync per micro-step
+    tokens = items = 0
+    for micro in range(cfg.grad_accum):
+        out = step_fn(get_batch(step, micro))
+        loss, metrics, n_tokens = out[:3]
+        (loss / cfg.grad_accum).backward()
+        loss_sum = loss_sum + loss.detach().float() / cfg.grad_accum
+        for k, v in metrics.items():
+            metric_sums[k] = metric_sums.get(k, 0) + v.detach().float() / cfg.grad_accum
+        tokens = tokens + n_tokens
+        items = items + (out[3] if len(out) > 3 else 0)
+    # one all-reduce for gradients, loss and metrics: every rank sees the same loss, so a NaN stops them all
+    keys = list(metric_sums)
+    loss_sum, *values = average_gradients(trainable, [loss_sum, *metric_sums.values()])
+    metrics = dict(zip(keys, values))
+    loss_value = loss_sum.item()  # the one host sync per step: a NaN must stop the run before the optimizer step
+    if not math.isfinite(loss_value):
+        optimizer.zero_grad(set_to_none=True)
+        return loss_value, metrics, None, 0.0, 0.0
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip > 0 else None
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, metrics, grad_norm, float(tokens) * world, float(items) * world
 
 
-def format_log_line(label: str, step: int, total: int, m: dict[str, float], eta_s: float) -> str:
-    parts = [f"[{label}] step {step:>5}/{total}", f"loss {m['loss']:.4f}"]
-    parts += [f"{short} {fmt.format(m[k])}" for k, short, fmt in SHOWN if k in m]
-    parts += [f"{m['tokens_per_s']:,.0f} tok/s", f"{m['ms_per_step']:.0f} ms", f"eta {format_seconds(eta_s)}"]
+def append_jsonl(path: Path, record: dict) -> None:
+    """One strict-JSON line appended (a non-finite metric is written as null, which every JSON reader parses)."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    with open(path, "a") as f:
+        f.write(json.dumps(clean, allow_nan=False) + "\n")
+
+
+def format_log_line(cfg: LoopConfig, step: int, m: dict[str, float], eta_s: float) -> str:
+    """`[dpo] step 25/600 | loss 0.8669 | acc 0.44 | ... | 3,333 tok/s | 80.0 pairs/s | 197 ms | eta 1m38s`."""
+    parts = [f"[{cfg.label}] step {step:>5}/{cfg.steps}", f"loss {m['loss']:.4f}"]
+    parts += [f"{short} {fmt.format(m[k])}" for k, short, fmt in cfg.show if k in m]
+    parts.append(f"{m['tokens_per_s']:,.0f} tok/s")
+    if f"{cfg.item_name}_per_s" in m:
+        parts.append(f"{m[f'{cfg.item_name}_per_s']:,.1f} {cfg.item_name}/s")
+    parts += [f"{m['ms_per_step']:.0f} ms", f"eta {format_seconds(eta_s)}"]
     return " | ".join(parts)
 
 

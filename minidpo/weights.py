@@ -7,38 +7,42 @@ GPT2LMHeadModel (state-dict names, config.json keys, Conv1D weights stored [in, 
 
 `load_gpt2(source)` accepts:
 1. an OpenAI release directory: hparams.json + model.ckpt.index + model.ckpt.data-00000-of-00001, read by
-   minidpo.tf_bundle (no TensorFlow); `verify=True` checks every tensor's CRC32C;
+   minidpo.tf_bundle (no TensorFlow), every tensor's CRC32C checked unless `verify=False` (likewise the zip CRC32s
+   of a pytorch_model.bin; safetensors has no checksum);
 2. a `model.safetensors` file (read by minidpo.safetensors: memory-mapped, no needless copies);
 3. a `pytorch_model.bin` (torch.load with weights_only=True);
 4. a directory with config.json and one of those two files;
 5. a name: gpt2, gpt2-medium, gpt2-large, gpt2-xl or 124M, 355M, 774M, 1558M. The release files are looked up in
    `<cache_dir()>/gpt2/<124M|355M|774M|1558M>/` (cache_dir() is $MINIDPO_CACHE, else ~/.cache/minidpo) and, if
-   missing, downloaded (download_gpt2) from $MINIDPO_GPT2_URL, default OpenAI's public storage, with resume.
+   missing or failing their pinned size/sha256, downloaded (minidpo.gpt2_files) from $MINIDPO_GPT2_URL, default
+   OpenAI's public storage, with resume.
 Keys may carry the `transformer.` prefix or not; the `attn.bias` / `attn.masked_bias` mask buffers are ignored. A
 state dict of minidpo's own GPT (nn.Linear layout) is recognised by c_attn's [3C, C] shape. Sizes come from
 hparams.json or config.json, else from the safetensors metadata key `minidpo.config` (a JSON GPTConfig), else from
 the tensor shapes for the four released sizes.
+
+What a model will meet is checked at load, each failure a CheckpointError naming the file and the key: sizes must be
+positive integers that GPTConfig accepts (n_head=0 would divide by zero), every name and shape must match the
+config, and every floating tensor must be finite (a NaN weight turns every logit into NaN: greedy text of `!!!!`).
 """
 
 import json
 import os
+import zipfile
+import zlib
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from minidpo.download import DownloadError, cache_dir, download_file
+from minidpo.download import already_verified
+from minidpo.gpt2_files import (NEEDED, OPENAI_FILES, OPENAI_URL, SIZE_OF, download_gpt2,  # noqa: F401 (re-exported)
+                                 ensure_gpt2, gpt2_cache_dir)
 from minidpo.model import GPT, PRESETS, GPTConfig
+from minidpo.progress import Log, quiet
 from minidpo.safetensors import SafetensorsError, load_file, load_metadata, save_file
 from minidpo.tf_bundle import BundleError, load_bundle
 
-OPENAI_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
-OPENAI_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001", "model.ckpt.index",
-                "model.ckpt.meta", "vocab.bpe")  # the list in openai/gpt-2 download_model.py
-NEEDED = ("hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001")
-KNOWN_SIZES = {("124M", "model.ckpt.data-00000-of-00001"): 497_759_232}  # only where certain
-SIZE_OF = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
-SIZE_OF.update({v: v for v in list(SIZE_OF.values())})
 LINEAR = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 IGNORED = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers some HF checkpoints carry
 
@@ -50,23 +54,35 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------- configs
 
 def _read_json(path: Path, keys: tuple[str, ...]) -> dict:
+    """A JSON object whose `keys` are positive integers; anything else is one CheckpointError naming file and key."""
     try:
-        cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read JSON ({e})") from None
+        cfg = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read it as UTF-8 JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path}: expected a JSON object with keys {', '.join(keys)}")
     for k in keys:
-        if not isinstance(cfg.get(k), int):
-            raise CheckpointError(f"{path}: missing or non-integer key {k!r} (expected keys: {', '.join(keys)})")
+        if type(cfg.get(k)) is not int or cfg[k] < 1:
+            raise CheckpointError(f"{path}: key {k!r} must be a positive integer, got {cfg.get(k)!r} "
+                                  f"(expected keys: {', '.join(keys)})")
     return cfg
+
+
+def make_config(path: Path, names: dict[str, str], **sizes) -> GPTConfig:
+    """GPTConfig(**sizes), its own checks reported as CheckpointError naming the file and the key in it (`names`
+    maps GPTConfig fields to the file's keys: block_size -> n_ctx, ...)."""
+    try:
+        return GPTConfig(**sizes)
+    except (TypeError, ValueError) as e:
+        field = getattr(e, "field", None)
+        raise CheckpointError(f"{path}: key {names.get(field, field)!r}: {getattr(e, 'detail', e)}") from None
 
 
 def config_from_hparams(path: Path) -> GPTConfig:
     """OpenAI's hparams.json: n_vocab, n_ctx, n_embd, n_head, n_layer."""
     h = _read_json(path, ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"))
-    return GPTConfig(block_size=h["n_ctx"], vocab_size=h["n_vocab"], n_layer=h["n_layer"], n_head=h["n_head"],
-                     n_embd=h["n_embd"])
+    return make_config(path, {"block_size": "n_ctx", "vocab_size": "n_vocab"}, block_size=h["n_ctx"],
+                       vocab_size=h["n_vocab"], n_layer=h["n_layer"], n_head=h["n_head"], n_embd=h["n_embd"])
 
 
 def config_from_hf(path: Path) -> GPTConfig:
@@ -79,10 +95,10 @@ def config_from_hf(path: Path) -> GPTConfig:
         if c.get(key) not in allowed:
             raise CheckpointError(f"{path}: {key}={c.get(key)!r} is not supported (expected one of {allowed})")
     n_pos = c.get("n_positions", c.get("n_ctx"))
-    if not isinstance(n_pos, int):
-        raise CheckpointError(f"{path}: missing integer key 'n_positions'")
-    return GPTConfig(block_size=n_pos, vocab_size=c["vocab_size"], n_layer=c["n_layer"], n_head=c["n_head"],
-                     n_embd=c["n_embd"])
+    if type(n_pos) is not int or n_pos < 1:
+        raise CheckpointError(f"{path}: key 'n_positions' must be a positive integer, got {n_pos!r}")
+    return make_config(path, {"block_size": "n_positions"}, block_size=n_pos, vocab_size=c["vocab_size"],
+                       n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"])
 
 
 def infer_config(tensors: dict[str, Tensor], path: Path) -> GPTConfig:
@@ -164,9 +180,17 @@ def to_state_dict(tensors: dict[str, Tensor], config: GPTConfig, layout: str, pa
 
 # --------------------------------------------------------------------------- readers
 
-def read_torch_bin(path: Path) -> dict[str, Tensor]:
+def read_torch_bin(path: Path, verify: bool = True) -> dict[str, Tensor]:
     """A state dict via torch.load(weights_only=True): never arbitrary pickle. Zip-format files are memory-mapped;
-    the pre-1.6 format cannot be, and is read into memory."""
+    the pre-1.6 format cannot be, and is read into memory. torch.load does not check the CRC32 the zip format keeps
+    for every record (a flipped byte in a tensor loads silently), so `verify` checks them first (zipfile.testzip)."""
+    if verify and zipfile.is_zipfile(path):
+        try:
+            bad = zipfile.ZipFile(path).testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as e:
+            raise CheckpointError(f"{path}: unreadable zip archive (truncated or corrupt?): {e}") from None
+        if bad is not None:
+            raise CheckpointError(f"{path}: record {bad!r} fails its CRC32 check: the file is corrupt")
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -182,14 +206,14 @@ def read_torch_bin(path: Path) -> dict[str, Tensor]:
     return obj
 
 
-def read_hf_file(path: Path, config_json: Path | None) -> tuple[GPTConfig, dict[str, Tensor], str]:
+def read_hf_file(path: Path, config_json: Path | None, verify: bool = True) -> tuple[GPTConfig, dict[str, Tensor], str]:
     """(config, tensors with HF names, layout) of a model.safetensors or pytorch_model.bin."""
     meta = {}
     try:
         if path.suffix == ".safetensors":
             tensors, meta = load_file(path), load_metadata(path)
         else:
-            tensors = read_torch_bin(path)
+            tensors = read_torch_bin(path, verify)
     except SafetensorsError as e:
         raise CheckpointError(str(e)) from None
     tensors = normalise_keys(tensors, path)
@@ -197,9 +221,12 @@ def read_hf_file(path: Path, config_json: Path | None) -> tuple[GPTConfig, dict[
         config = config_from_hf(config_json)
     elif "minidpo.config" in meta:
         try:
-            config = GPTConfig(**json.loads(meta["minidpo.config"]))
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: metadata 'minidpo.config' is not a JSON GPTConfig ({e})") from None
+            sizes = json.loads(meta["minidpo.config"])
+        except ValueError as e:
+            raise CheckpointError(f"{path}: metadata 'minidpo.config' is not JSON ({e})") from None
+        if not isinstance(sizes, dict):
+            raise CheckpointError(f"{path}: metadata 'minidpo.config' must be a JSON object of GPTConfig fields")
+        config = make_config(path, {k: f"minidpo.config.{k}" for k in sizes}, **sizes)
     else:
         config = infer_config(tensors, path)
     c_attn = tensors.get("h.0.attn.c_attn.weight")
@@ -207,7 +234,7 @@ def read_hf_file(path: Path, config_json: Path | None) -> tuple[GPTConfig, dict[
     return config, tensors, "linear" if linear else "conv1d"
 
 
-def find_source(source: str | os.PathLike) -> tuple[str, Path]:
+def find_source(source: str | os.PathLike, log: Log = quiet) -> tuple[str, Path]:
     """("openai" | "hf", path) for a directory, a file, an OpenAI checkpoint prefix or a model name."""
     p = Path(source).expanduser()
     if p.is_dir():
@@ -224,31 +251,40 @@ def find_source(source: str | os.PathLike) -> tuple[str, Path]:
     if Path(f"{p}.index").is_file():
         return "openai", p
     if str(source) in SIZE_OF:
-        return "openai", ensure_gpt2(str(source)) / "model.ckpt"
+        return "openai", ensure_gpt2(str(source), log) / "model.ckpt"
     raise CheckpointError(f"no such file or directory {str(p)!r}, and it is not a GPT-2 name either "
                           f"({', '.join(SIZE_OF)}); expected a checkpoint file, a directory holding one, or a name")
 
 
 def load_gpt2(source: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-              verify: bool = False) -> GPT:
+              verify: bool = True, log: Log = quiet) -> GPT:
     """GPT-2 from `source` (see the module docstring), in eval mode, on `device` (default CPU) in `dtype` (default
-    float32, also for fp16 files). `verify=True` checks the CRC32C of every tensor of an OpenAI checkpoint."""
-    kind, path = find_source(source)
+    float32, also for fp16 files); `model.config.vocab_size` is the file's. `verify=False` skips the checksums (the
+    CRC32C of an OpenAI checkpoint's tensors, the zip CRC32 of a pytorch_model.bin's records)."""
+    kind, path = find_source(source, log)
     if kind == "openai":
         hparams = path.parent / "hparams.json"
         if not hparams.is_file():
             raise CheckpointError(f"{hparams} not found: OpenAI checkpoints keep their sizes there")
         config = config_from_hparams(hparams)
         try:
-            tensors, layout = load_bundle(path, verify=verify), "openai"
+            # a shard whose sha256 matched OpenAI's pin in this process needs no second, slower checksum
+            crc = verify and not already_verified(Path(f"{path}.data-00000-of-00001"))
+            tensors, layout = load_bundle(path, verify=crc), "openai"
         except BundleError as e:
             raise CheckpointError(str(e)) from None
         where = Path(f"{path}.index")
     else:
         config_json = path.parent / "config.json"
-        config, tensors, layout = read_hf_file(path, config_json if config_json.is_file() else None)
+        config, tensors, layout = read_hf_file(path, config_json if config_json.is_file() else None, verify)
         where = path
-    return build_model(config, to_state_dict(tensors, config, layout, where), device, dtype)
+    model = build_model(config, to_state_dict(tensors, config, layout, where), device, dtype)
+    bad = [k for k, p in model.named_parameters() if p.is_floating_point() and not bool(p.isfinite().all())]
+    if bad:  # checked after the cast: a float32 value beyond float16's range becomes inf too
+        name = {dst: src for src, (dst, _) in source_spec(config, layout).items()}.get(bad[0], bad[0])
+        raise CheckpointError(f"{where}: tensor {name!r} holds NaN or infinite values" + (f" (after the cast to "
+                              f"{dtype})" if dtype else "") + "; a model with them computes only NaN")
+    return model
 
 
 def build_model(config: GPTConfig, state: dict[str, Tensor], device: str | torch.device | None,
@@ -265,47 +301,6 @@ def build_model(config: GPTConfig, state: dict[str, Tensor], device: str | torch
     model.load_state_dict(params, assign=True)
     model.lm_head.weight = model.transformer.wte.weight  # assign=True made two Parameters; tie them again
     return model.eval()
-
-
-# --------------------------------------------------------------------------- OpenAI release: cache and download
-
-def gpt2_cache_dir(name: str) -> Path:
-    """`<cache_dir()>/gpt2/<124M|355M|774M|1558M>/`, where load_gpt2(name) looks for OpenAI's release files."""
-    return cache_dir() / "gpt2" / SIZE_OF[name]
-
-
-def download_gpt2(name: str = "124M", dest_dir: str | os.PathLike | None = None, base_url: str | None = None) -> Path:
-    """Fetch OpenAI's release files of GPT-2 `name` into `dest_dir` (default gpt2_cache_dir(name)); returns it.
-
-    Files come from `<base_url>/<size>/<file>`, base_url defaulting to $MINIDPO_GPT2_URL, else OpenAI's public
-    storage. Finished files are skipped and partial ones resumed (minidpo.download); sizes are pinned only for
-    OpenAI's own URL, so a mirror or test server can serve other bytes.
-    """
-    if name not in SIZE_OF:
-        raise ValueError(f"unknown GPT-2 model {name!r}; expected one of {', '.join(SIZE_OF)}")
-    size = SIZE_OF[name]
-    dest = Path(dest_dir).expanduser() if dest_dir is not None else gpt2_cache_dir(name)
-    base = (base_url or os.environ.get("MINIDPO_GPT2_URL") or OPENAI_URL).rstrip("/")
-    for fname in OPENAI_FILES:
-        url = f"{base}/{size}/{fname}"
-        try:
-            download_file(url, dest / fname, expected_size=KNOWN_SIZES.get((size, fname)) if base == OPENAI_URL
-                          else None, desc=f"GPT-2 {size} {fname}")
-        except DownloadError as e:
-            raise DownloadError(
-                f"could not fetch GPT-2 {size}: {e}.\nTo install it by hand, put OpenAI's release files "
-                f"({', '.join(NEEDED)}; from {base}/{size}/ or `python download_model.py {size}` in openai/gpt-2) "
-                f"into {dest}/ (set MINIDPO_CACHE to move the cache), or pass load_gpt2 a directory with "
-                "config.json + model.safetensors / pytorch_model.bin") from None
-    return dest
-
-
-def ensure_gpt2(name: str) -> Path:
-    """The cache directory of GPT-2 `name`, downloading the release first if any needed file is missing."""
-    d = gpt2_cache_dir(name)
-    if all((d / f).is_file() for f in NEEDED):
-        return d
-    return download_gpt2(name, d)
 
 
 # --------------------------------------------------------------------------- export

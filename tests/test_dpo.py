@@ -362,9 +362,11 @@ def lora_model(seed=0):
     torch.manual_seed(seed)
     m = GPT(GPTConfig(block_size=32, vocab_size=V, n_layer=2, n_head=2, n_embd=32))
     apply_lora(m, rank=4, alpha=8.0)
-    with torch.no_grad():  # a trained-looking adapter, so the policy differs from the reference
-        for layer in lora_layers(m).values():
-            layer.B.normal_(0, 0.2)
+    assert lora_layers(m)
+    with torch.no_grad():  # a trained-looking adapter (B != 0), so the policy differs from the reference
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn_like(p))
     return m
 
 

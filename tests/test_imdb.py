@@ -1,7 +1,9 @@
 """Tests for minidpo/imdb.py and scripts/make_imdb_sample.py (reads only the sample and synthetic tarballs)."""
 
 import gzip
+import hashlib
 import http.server
+import json
 import importlib.util
 import io
 import shutil
@@ -15,8 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minidpo.imdb import (IMDB_FILENAME, IMDB_SAMPLE_PATH, RATINGS, default_imdb_source, download_imdb, load_imdb,
-                          parse_member)
+from minidpo.download import DownloadError
+from minidpo.imdb import (IMDB_FILENAME, IMDB_SAMPLE_PATH, IMDB_SIZE, RATINGS, ImdbError, default_imdb_source,
+                          download_imdb, load_imdb, manifest_path, parse_member)
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("make_imdb_sample", ROOT / "scripts" / "make_imdb_sample.py")
@@ -54,6 +57,14 @@ def test_sample_has_the_documented_count_per_split_and_label():
     test = load_imdb(IMDB_SAMPLE_PATH, "test")
     got = Counter((r.split, r.label) for r in train + test)
     assert got == Counter(make_imdb_sample.SAMPLE_COUNTS)
+
+
+def test_sample_manifest_describes_the_sample_exactly():
+    manifest = json.loads(manifest_path(IMDB_SAMPLE_PATH).read_text())
+    data = IMDB_SAMPLE_PATH.read_bytes()
+    assert manifest_path(IMDB_SAMPLE_PATH).name == "imdb_sample.manifest.json"
+    assert (manifest["size"], manifest["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
+    assert manifest["reviews"] == {f"{s}/{lab}": n for (s, lab), n in make_imdb_sample.SAMPLE_COUNTS.items()}
 
 
 def test_sample_is_at_most_1_5_mb():
@@ -150,6 +161,71 @@ def test_truncated_tarball_is_a_clear_error(tmp_path):
         load_imdb(cut, "test")
 
 
+def test_tarball_cut_where_tarfile_sees_an_end_of_archive_is_an_error(tmp_path):
+    """At this cut tarfile alone returns 422 of the 600 train reviews without a word; the gzip trailer is missing."""
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(IMDB_SAMPLE_PATH.read_bytes()[:440_182])
+    with pytest.raises(ImdbError, match="truncated") as e:
+        load_imdb(cut, "train")
+    assert str(cut) in str(e.value)
+
+
+def test_gzip_crc_mismatch_is_an_error(tmp_path):
+    data = bytearray(IMDB_SAMPLE_PATH.read_bytes())
+    data[-8] ^= 0x01  # the trailer: CRC32 of the uncompressed stream, then its length
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ImdbError, match="(?i)crc") as e:
+        load_imdb(bad, "test")
+    assert str(bad) in str(e.value)
+
+
+def test_truncated_copy_beside_its_manifest_fails_the_manifest_check(tmp_path):
+    cut = tmp_path / "imdb_sample.tar.gz"
+    cut.write_bytes(IMDB_SAMPLE_PATH.read_bytes()[:440_182])
+    shutil.copy(manifest_path(IMDB_SAMPLE_PATH), manifest_path(cut))
+    with pytest.raises(ImdbError, match="602,293") as e:
+        load_imdb(cut, "train")
+    assert str(cut) in str(e.value) and "manifest" in str(e.value)
+
+
+def test_fewer_reviews_than_the_manifest_promises_is_an_error_naming_the_folder(tmp_path):
+    src = write_tarball(tmp_path / "s.tar.gz", tiny_imdb(n=2))
+    data = src.read_bytes()
+    manifest = {"file": src.name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                "reviews": {"train/pos": 3, "train/neg": 2, "train/unsup": 2, "test/pos": 2, "test/neg": 2}}
+    manifest_path(src).write_text(json.dumps(manifest))
+    assert len(load_imdb(src, "test")) == 4  # the folders that keep their promise load
+    with pytest.raises(ImdbError, match="train/pos/ holds 2 reviews but its manifest .* promises 3"):
+        load_imdb(src, "train")
+
+
+def test_archive_with_stanfords_readme_must_hold_stanfords_counts(tmp_path):
+    files = tiny_imdb(n=2)
+    files["aclImdb/README"] = b"Large Movie Review Dataset v1.0\n\nOverview\n"
+    src = write_tarball(tmp_path / "trimmed.tar.gz", files)
+    with pytest.raises(ImdbError, match="test/neg/ holds 2 reviews but Stanford's README .* promises 12,500"):
+        load_imdb(src, "test")
+
+
+def test_cached_download_must_be_stanfords_exact_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIDPO_CACHE", str(tmp_path))
+    cached = tmp_path / IMDB_FILENAME
+    shutil.copy(IMDB_SAMPLE_PATH, cached)  # a valid tarball, but not the file download_imdb installs there
+    with pytest.raises(ImdbError, match=f"{IMDB_SIZE:,}") as e:
+        load_imdb(cached, "test")
+    assert str(cached) in str(e.value) and "download_imdb" in str(e.value)
+    assert len(load_imdb(shutil.copy(cached, tmp_path / "mine.tar.gz"), "test")) == 300  # elsewhere: CRC + counts
+
+
+def test_empty_tarball_is_an_error_naming_it(tmp_path):
+    empty = tmp_path / "empty.tar.gz"
+    empty.write_bytes(b"")
+    with pytest.raises(ImdbError, match="empty") as e:
+        load_imdb(empty, "test")
+    assert str(empty) in str(e.value)
+
+
 def test_non_utf8_review_is_an_error_naming_the_member(tmp_path):
     files = tiny_imdb()
     files["aclImdb/test/pos/7_7.txt"] = b"caf\xe9"
@@ -222,7 +298,8 @@ def test_make_sample_is_byte_identical_across_runs_and_loadable(tmp_path):
     def everything(source):
         return load_imdb(source, "train", ("pos", "neg", "unsup")) + load_imdb(source, "test")
 
-    reviews = everything(tmp_path / "a.tar.gz")
+    reviews = everything(tmp_path / "a.tar.gz")  # checked against the manifest written beside it
+    assert json.loads(manifest_path(tmp_path / "a.tar.gz").read_text())["sha256"] == hashlib.sha256(a).hexdigest()
     assert Counter((r.split, r.label) for r in reviews) == Counter(counts)
     full = {(r.split, r.label, r.id): r for r in everything(src)}
     assert all(full[r.split, r.label, r.id] == r for r in reviews)  # cut, not altered
@@ -234,25 +311,35 @@ def test_make_sample_fails_clearly_when_a_folder_is_too_small(tmp_path):
         make_imdb_sample.make_sample(src, tmp_path / "s.tar.gz", {("test", "neg"): 5})
 
 
-def test_download_imdb_fetches_from_a_local_server(tmp_path):
+@pytest.fixture
+def sample_url(tmp_path):
+    """The shipped sample served as aclImdb_v1.tar.gz by a local HTTP server."""
     served = tmp_path / "served"
     served.mkdir()
     shutil.copy(IMDB_SAMPLE_PATH, served / IMDB_FILENAME)
+
     class QuietHandler(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):  # keep pytest output clean
             pass
 
-    handler = partial(QuietHandler, directory=str(served))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(served)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/{IMDB_FILENAME}"
-        (tmp_path / "cache").mkdir()
-        got = download_imdb(tmp_path / "cache", url=url)
-    finally:
-        server.shutdown()
-        thread.join()
+    yield f"http://127.0.0.1:{server.server_address[1]}/{IMDB_FILENAME}"
+    server.shutdown()
+    thread.join()
+
+
+def test_download_imdb_fetches_from_a_local_server(tmp_path, sample_url):
+    (tmp_path / "cache").mkdir()
+    got = download_imdb(tmp_path / "cache", url=sample_url)
     assert Path(got) == tmp_path / "cache" / IMDB_FILENAME
     assert Path(got).read_bytes() == IMDB_SAMPLE_PATH.read_bytes()
     assert load_imdb(got, "test") == load_imdb(IMDB_SAMPLE_PATH, "test")
+
+
+def test_download_imdb_into_the_cache_accepts_only_stanfords_file(tmp_path, monkeypatch, sample_url):
+    monkeypatch.setenv("MINIDPO_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(DownloadError, match=f"{IMDB_SIZE:,}"):  # from a mirror too: load_imdb expects that file
+        download_imdb(url=sample_url)
+    assert not (tmp_path / "cache" / IMDB_FILENAME).exists()

@@ -1,4 +1,5 @@
-"""Tests for minidpo/logprobs.py: fused log-probs equal the naive log_softmax + gather, in value and gradient."""
+"""Tests for minidpo/logprobs.py (the plain path) and minidpo/fused_logprobs.py (the kernels): fused log-probs equal
+the naive log_softmax + gather, in value and gradient, including -inf logits."""
 
 import math
 
@@ -7,7 +8,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from minidpo.logprobs import IGNORE_INDEX, linear_token_logprobs, sequence_logprobs, token_logprobs
+from minidpo.fused_logprobs import IGNORE_INDEX, linear_token_logprobs, sequence_logprobs, token_logprobs
+from minidpo.logprobs import naive_token_logps, sequence_logps
 
 # bf16 keeps 8 mantissa bits: a gradient entry stored in bf16 is within 2^-8 relative of the fp32 value, so we
 # allow rtol 2^-7 (one rounding plus slack) and a small atol for entries near 0.
@@ -249,3 +251,114 @@ def test_inplace_backward_refuses_logits_that_another_op_saved():
     loss = token_logprobs(logits, torch.tensor([1, 2, 3]), inplace_backward=True).sum() + other
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+# ---------------------------------------------------------------- the plain path, and -inf logits
+
+def test_old_names_stay_importable_from_minidpo_logprobs():
+    import minidpo.logprobs as plain
+    assert plain.token_logprobs is token_logprobs and plain.linear_token_logprobs is linear_token_logprobs
+    assert plain.sequence_logprobs is sequence_logprobs and plain.IGNORE_INDEX == IGNORE_INDEX
+
+
+def test_naive_token_logps_is_log_softmax_gather_with_zero_at_ignored_targets():
+    logits, targets = make()
+    torch.testing.assert_close(naive_token_logps(logits, targets), naive_logprobs(logits, targets), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sequence_logps_equals_a_python_loop_and_the_fused_kernels(dtype):
+    g = torch.Generator().manual_seed(11)
+    B, T, V = 3, 7, 23
+    logits = torch.randn(B, T, V, generator=g, dtype=dtype, requires_grad=True)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0]])
+    out = sequence_logps(logits, ids, mask)
+    assert out.dtype == dtype and out.shape == (B,)
+    for b in range(B):  # position 0 predicts nothing, even when the mask marks it
+        loop = sum(logits[b, t - 1].log_softmax(-1)[ids[b, t]].item() for t in range(1, T) if mask[b, t])
+        assert out[b].item() == pytest.approx(loop, abs=1e-5)
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)
+    fused = token_logprobs(logits[:, :-1], targets, chunk_rows=4).sum(-1)
+    torch.testing.assert_close(fused, out, atol=1e-5, rtol=1e-6)
+    w = torch.tensor([1.0, -2.0, 3.0], dtype=dtype)
+    (g_naive,) = torch.autograd.grad((out * w).sum(), logits)
+    (g_fused,) = torch.autograd.grad((fused * w).sum(), logits)
+    torch.testing.assert_close(g_fused, g_naive, atol=1e-6, rtol=1e-6)
+
+
+def minus_inf_logits(dtype=torch.float32):
+    """Rows with -inf at the target, at a non-target, and at index 0 of an ignored row (whose safe target is 0)."""
+    g = torch.Generator().manual_seed(12)
+    logits = torch.randn(4, 9, generator=g).to(dtype)
+    targets = torch.tensor([2, 4, IGNORE_INDEX, 5])
+    logits[0, 2] = -math.inf  # the target's logit
+    logits[1, 0] = logits[1, 7] = -math.inf
+    logits[2, 0] = -math.inf
+    logits[3, 1] = -math.inf
+    return logits.requires_grad_(), targets
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, None])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_minus_inf_logits_give_the_naive_gradients_not_nan(chunk_rows, inplace):
+    leaf, targets = minus_inf_logits()
+    w = torch.tensor([1.0, 2.0, 3.0, -1.0])
+    naive = naive_token_logps(leaf, targets)
+    (g_naive,) = torch.autograd.grad((naive * w)[1:].sum() + naive[0], leaf)  # d(-inf)/dx is finite
+    logits = leaf * 1  # inplace_backward overwrites its input: give it an intermediate
+    fused = token_logprobs(logits, targets, chunk_rows=chunk_rows, inplace_backward=inplace)
+    assert fused[0].item() == -math.inf and torch.isfinite(fused[1:]).all()
+    torch.testing.assert_close(fused[1:], naive[1:], atol=1e-6, rtol=0)
+    (g_fused,) = torch.autograd.grad((fused * w)[1:].sum() + fused[0], leaf)
+    assert torch.isfinite(g_fused).all()
+    torch.testing.assert_close(g_fused, g_naive, atol=1e-6, rtol=0)
+    assert torch.all(g_fused[2] == 0)  # the ignored row
+
+
+def test_minus_inf_logits_in_bf16_give_finite_gradients_close_to_fp32():
+    leaf, targets = minus_inf_logits(torch.bfloat16)
+    (g,) = torch.autograd.grad(token_logprobs(leaf, targets, chunk_rows=2)[1:].sum(), leaf)
+    ref = leaf.detach().float().requires_grad_()
+    (g_ref,) = torch.autograd.grad(naive_token_logps(ref, targets)[1:].sum(), ref)
+    assert torch.isfinite(g.float()).all()
+    torch.testing.assert_close(g.float(), g_ref, rtol=BF16_RTOL, atol=BF16_ATOL)
+
+
+def test_linear_token_logprobs_with_a_minus_inf_logit_matches_the_unfused_gradients():
+    # hidden[:, 0] * weight[0, 0] overflows fp32 to -inf; every other row of weight has a 0 there, so only the
+    # logit of token 0 is -inf: the target of row 0, and the safe target of the ignored row 1.
+    hidden = torch.tensor([[1e30, 1.0], [1e30, -0.5], [0.0, 2.0]], requires_grad=True)
+    weight = torch.tensor([[-1e10, 0.0], [0.0, 1.0], [0.0, 2.0], [0.0, -1.0]], requires_grad=True)
+    targets = torch.tensor([0, IGNORE_INDEX, 2])
+    assert (hidden @ weight.t())[:2, 0].eq(-math.inf).all()
+    fused = linear_token_logprobs(hidden, weight, targets, chunk_size=2)
+    naive = naive_logprobs(hidden @ weight.t(), targets)
+    torch.testing.assert_close(fused, naive)
+    gf = torch.autograd.grad(fused.sum(), (hidden, weight))
+    gn = torch.autograd.grad(naive.sum(), (hidden, weight))
+    for a, b in zip(gf, gn):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_linear_token_logprobs_under_autocast_matches_the_autocast_matmul():
+    g = torch.Generator().manual_seed(13)
+    hidden = torch.randn(2, 5, 16, generator=g, requires_grad=True)
+    weight = (0.3 * torch.randn(50, 16, generator=g)).requires_grad_()
+    targets = torch.randint(0, 50, (2, 5), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = linear_token_logprobs(hidden, weight, targets, chunk_size=3)
+        naive = naive_logprobs(hidden @ weight.t(), targets)  # the matmul in bf16, the log-softmax in fp32
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, naive, atol=2e-2, rtol=0)
+    gf = torch.autograd.grad(fused.sum(), (hidden, weight))
+    gn = torch.autograd.grad(naive.sum(), (hidden, weight))
+    for a, b in zip(gf, gn):
+        assert a.dtype == torch.float32  # the leaves' dtype, as for nn.Linear under autocast
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=2e-2)
+
+
+def test_linear_token_logprobs_refuses_mixed_dtypes_outside_autocast():
+    with pytest.raises(TypeError, match="same dtype"):
+        linear_token_logprobs(torch.randn(2, 4).bfloat16(), torch.randn(9, 4), torch.tensor([1, 2]))

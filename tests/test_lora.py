@@ -1,7 +1,9 @@
-"""Tests for minidpo/lora.py: the LoRA math, merging, disabling (the DPO reference), freezing, save/load, export."""
+"""Tests for minidpo/lora.py: the LoRA math, merging, disabling (the DPO reference), freezing, config checks,
+save/load and its errors. The Hugging Face exports are tested in tests/test_export.py."""
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -9,11 +11,12 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minidpo.lora import (LoRALinear, adapters_are_zero, apply_lora, export_peft, lora_disabled, lora_layers,
-                          lora_parameters, lora_state_dict, load_lora, merge_and_unwrap, merge_lora,
-                          remove_lora, save_lora, unmerge_lora)
+from minidpo.config import ConfigError
+from minidpo.lora import (GPT2_TARGETS, LoRAConfig, LoRAFileError, LoRALinear, adapters_are_zero, apply_lora,
+                          lora_config_of, lora_disabled, lora_layers, lora_parameters, lora_state_dict, load_lora,
+                          merge_lora, read_lora_config, remove_lora, save_lora, unmerge_lora)
 from minidpo.model import GPT, GPTConfig
-from minidpo.safetensors import load_file, read_header, save_file
+from minidpo.safetensors import save_file
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=32)
 ALL_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -87,12 +90,19 @@ def test_lora_init_is_kaiming_uniform_A_and_zero_B():
 
 def test_lora_dropout_applies_to_the_adapter_branch_only():
     torch.manual_seed(0)
-    layer = LoRALinear(nn.Linear(8, 8), rank=2, alpha=4, dropout=1.0).train()
+    layer = LoRALinear(nn.Linear(8, 8), rank=2, alpha=4, dropout=0.5).train()
     with torch.no_grad():
         layer.lora_B.normal_()
     x = torch.randn(3, 8)
-    assert torch.equal(layer(x), layer.base(x))  # dropout p=1 zeroes the adapter input, not the base input
-    assert not torch.equal(layer.eval()(x), layer.base(x))
+    torch.manual_seed(7)
+    y = layer(x)
+    torch.manual_seed(7)  # the same dropout mask, drawn by hand
+    dropped = nn.functional.dropout(x, 0.5, training=True)
+    expected = layer.base(x) + dropped @ layer.lora_A.T @ layer.lora_B.T * layer.scaling  # base input undropped
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(dropped, x)
+    eval_expected = layer.base(x) + x @ layer.lora_A.T @ layer.lora_B.T * layer.scaling
+    torch.testing.assert_close(layer.eval()(x), eval_expected, rtol=1e-6, atol=1e-6)  # no dropout in eval mode
 
 
 def test_weight_and_bias_properties_point_at_base():
@@ -101,10 +111,40 @@ def test_weight_and_bias_properties_point_at_base():
     assert (layer.in_features, layer.out_features) == (8, 6)
 
 
-@pytest.mark.parametrize("kwargs", [dict(rank=0, alpha=1), dict(rank=2, alpha=0), dict(rank=2, alpha=1, dropout=1.5)])
-def test_lora_linear_rejects_bad_hyperparameters(kwargs):
-    with pytest.raises(ValueError):
-        LoRALinear(nn.Linear(4, 4), **kwargs)
+BAD_SETTINGS = [(dict(rank=0), "rank"), (dict(rank=2.0), "rank"), (dict(alpha=0), "alpha"), (dict(alpha=-1), "alpha"),
+                (dict(alpha=math.nan), "alpha"), (dict(alpha=math.inf), "alpha"), (dict(dropout=1.0), "dropout"),
+                (dict(dropout=2), "dropout"), (dict(dropout=-0.1), "dropout")]
+
+
+@pytest.mark.parametrize("kwargs,field", BAD_SETTINGS)
+def test_lora_linear_rejects_bad_hyperparameters(kwargs, field):
+    with pytest.raises(ConfigError) as e:
+        LoRALinear(nn.Linear(4, 4), **{"rank": 2, "alpha": 4.0, **kwargs})
+    assert e.value.field == field
+
+
+@pytest.mark.parametrize("kwargs,field", BAD_SETTINGS + [(dict(targets=("bogus",)), "targets"),
+                                                         (dict(targets=()), "targets"),
+                                                         (dict(targets=("attn.c_attn", "_attn")), "targets"),
+                                                         (dict(targets=("lm_head",)), "targets")])
+def test_lora_config_rejects_bad_values_naming_the_field(kwargs, field):
+    with pytest.raises(ConfigError) as e:
+        LoRAConfig(**kwargs)
+    assert e.value.field == field
+    if field == "targets":  # the message lists what is valid
+        assert all(t in str(e.value) for t in GPT2_TARGETS)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rank=st.integers(1, 64), alpha=st.floats(1e-3, 1e3), dropout=st.floats(0.0, 0.99),
+       targets=st.lists(st.sampled_from(GPT2_TARGETS), min_size=1, max_size=6))
+def test_lora_config_accepts_every_valid_setting_and_normalizes_targets(rank, alpha, dropout, targets):
+    cfg = LoRAConfig(rank, alpha, dropout, targets)
+    assert cfg.targets == tuple(dict.fromkeys(targets))  # a tuple, each once, order kept
+    assert LoRAConfig(rank, alpha, dropout, "mlp.c_fc").targets == ("mlp.c_fc",)
+    assert LoRAConfig(targets=("transformer.h.0.attn.c_attn",)).targets == ("transformer.h.0.attn.c_attn",)
+    with pytest.raises(AttributeError):
+        cfg.rank = 3  # frozen
 
 
 # ---------------------------------------------------------------------------------------------- on the GPT
@@ -202,33 +242,56 @@ def test_backward_reaches_only_lora_parameters():
 
 
 def test_apply_lora_without_match_names_targets_and_available_modules():
-    with pytest.raises(ValueError, match=r"attn\.nope.*c_attn"):
-        apply_lora(tiny_gpt(), targets=("attn.nope",))
+    with pytest.raises(ValueError, match=r"attn\.c_proj.*mlp\.c_fc"):
+        apply_lora(toy(nn.Linear(4, 4)), targets=("attn.c_proj",))
+
+
+def toy(c_fc: nn.Module, parent: str = "mlp") -> nn.Module:
+    """A model whose only candidate module is `<parent>.c_fc`, plus an embedding."""
+    model = nn.Module()
+    model.emb = nn.Embedding(4, 4)
+    setattr(model, parent, nn.Module())
+    getattr(model, parent).c_fc = c_fc
+    return model
 
 
 def test_apply_lora_matches_whole_name_components_only():
     with pytest.raises(ValueError, match="no module"):
-        apply_lora(tiny_gpt(), targets=("_attn",))  # a suffix of "c_attn", but not a dotted component
+        apply_lora(toy(nn.Linear(4, 4), parent="xmlp"), targets=("mlp.c_fc",))  # "xmlp.c_fc" is not "mlp.c_fc"
+    assert list(lora_layers(apply_lora(toy(nn.Linear(4, 4)), targets=("mlp.c_fc",)))) == ["mlp.c_fc"]
 
 
 def test_apply_lora_refuses_non_linear_and_tied_targets():
     with pytest.raises(TypeError, match="nn.Linear"):
-        apply_lora(tiny_gpt(), targets=("ln_1",))
+        apply_lora(toy(nn.LayerNorm(4)), targets=("mlp.c_fc",))
+    tied = toy(nn.Linear(4, 4, bias=False))
+    tied.mlp.c_fc.weight = tied.emb.weight
     with pytest.raises(ValueError, match="tied"):
-        apply_lora(tiny_gpt(), targets=("lm_head",))
+        apply_lora(tied, targets=("mlp.c_fc",))
+
+
+def test_apply_lora_takes_a_config_or_its_fields_by_name_not_both():
+    cfg = LoRAConfig(rank=3, alpha=6.0, targets=("attn.c_attn", "mlp.c_proj"))
+    a, b = apply_lora(tiny_gpt(), cfg), apply_lora(tiny_gpt(), rank=3, alpha=6.0, targets=cfg.targets)
+    assert lora_config_of(a) == lora_config_of(b) == cfg
+    assert list(lora_layers(a)) == list(lora_layers(b)) and len(lora_layers(a)) == 2 * TINY["n_layer"]
+    with pytest.raises(TypeError, match="not both"):
+        apply_lora(tiny_gpt(), cfg, rank=2)
+    with pytest.raises(ConfigError, match="targets"):
+        apply_lora(tiny_gpt(), targets=("bogus",))
 
 
 def test_apply_lora_refuses_a_model_that_already_has_lora():
     _, model = lora_gpt()
-    with pytest.raises(RuntimeError, match="merge_and_unwrap"):
+    with pytest.raises(RuntimeError, match="remove_lora"):
         apply_lora(model)
 
 
-def test_merge_and_unwrap_restores_plain_linears_with_the_adapter_folded_in():
+def test_remove_lora_with_merge_restores_plain_linears_with_the_adapter_folded_in():
     base, model = lora_gpt(targets=ALL_TARGETS)
     idx = tokens()
     y = model(idx)
-    merge_and_unwrap(model)
+    remove_lora(model, merge=True)
     assert not lora_layers(model)
     assert type(model.transformer.h[1].mlp.c_fc) is nn.Linear
     assert set(model.state_dict()) == set(base.state_dict())
@@ -275,10 +338,10 @@ def test_load_lora_rejects_wrong_shapes_and_keys(tmp_path):
     sd = lora_state_dict(model)
     key = "transformer.h.0.attn.c_attn.lora_A"
     save_file({**sd, key: torch.zeros(4, 31)}, tmp_path / "adapter.safetensors")
-    with pytest.raises(ValueError, match=r"lora_A.*\(4, 31\)"):
+    with pytest.raises(LoRAFileError, match=r"adapter\.safetensors: key .*lora_A.*\(4, 31\)"):
         load_lora(tiny_gpt(), tmp_path)
     save_file({k: v for k, v in sd.items() if k != key}, tmp_path / "adapter.safetensors")
-    with pytest.raises(KeyError, match="missing keys"):
+    with pytest.raises(LoRAFileError, match=r"adapter\.safetensors does not fit the model: missing keys"):
         load_lora(tiny_gpt(), tmp_path)
 
 
@@ -294,20 +357,59 @@ def test_load_lora_without_config_names_the_file(tmp_path):
         load_lora(tiny_gpt(), tmp_path)
 
 
-# ---------------------------------------------------------------------------------------------- PEFT export
+def test_save_lora_leaves_no_temporary_files_and_overwrites_atomically(tmp_path):
+    _, model = lora_gpt()
+    save_lora(model, tmp_path)
+    randomize_lora(model, seed=5)
+    save_lora(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    assert torch.equal(load_lora(tiny_gpt(), tmp_path)(tokens()), model(tokens()))
 
-def test_export_peft_writes_peft_key_names_shapes_and_config(tmp_path):
-    _, model = lora_gpt(rank=4)
-    export_peft(model, tmp_path, base_model_name_or_path="gpt2")
-    tensors = load_file(tmp_path / "adapter_model.safetensors")
-    C = TINY["n_embd"]
-    expected = {f"base_model.model.transformer.h.{i}.attn.c_attn.lora_{ab}.weight": shape
-                for i in range(TINY["n_layer"]) for ab, shape in (("A", (4, C)), ("B", (3 * C, 4)))}
-    assert {k: tuple(v.shape) for k, v in tensors.items()} == expected
-    assert torch.equal(tensors["base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"],
-                       model.transformer.h[1].attn.c_attn.lora_B)
-    assert read_header(tmp_path / "adapter_model.safetensors")[0]["__metadata__"] == {"format": "pt"}
-    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "LORA" and cfg["fan_in_fan_out"] is True
-    assert (cfg["r"], cfg["lora_alpha"], cfg["base_model_name_or_path"]) == (4, 8.0, "gpt2")
-    assert cfg["target_modules"] == [f"transformer.h.{i}.attn.c_attn" for i in range(TINY["n_layer"])]
+
+CORRUPT_CONFIGS = {
+    "truncated": lambda text: text[:len(text) // 2],
+    "not JSON": lambda text: "\x00\x01garbage",
+    "a list": lambda text: "[1, 2]",
+    "other format": lambda text: text.replace("minidpo-lora-v1", "peft"),
+    "missing key": lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "alpha"}),
+    "rank 0": lambda text: json.dumps({**json.loads(text), "rank": 0}),
+    "alpha as text": lambda text: json.dumps({**json.loads(text), "alpha": "big"}),
+    "bogus target": lambda text: json.dumps({**json.loads(text), "targets": ["bogus"]}),
+    "targets not a list": lambda text: json.dumps({**json.loads(text), "targets": 3}),
+}
+
+
+@pytest.mark.parametrize("damage", CORRUPT_CONFIGS.values(), ids=CORRUPT_CONFIGS.keys())
+def test_a_corrupt_adapter_config_raises_one_error_naming_the_file(tmp_path, damage):
+    _, model = lora_gpt()
+    save_lora(model, tmp_path)
+    config = tmp_path / "adapter_config.json"
+    config.write_text(damage(config.read_text()))
+    for call in (lambda: read_lora_config(tmp_path), lambda: load_lora(tiny_gpt(), tmp_path)):
+        with pytest.raises(LoRAFileError, match="adapter_config.json"):
+            call()
+
+
+@pytest.mark.parametrize("keep", [0, 5, 40, -8])
+def test_a_truncated_adapter_file_raises_one_error_naming_the_file(tmp_path, keep):
+    _, model = lora_gpt()
+    save_lora(model, tmp_path)
+    file = tmp_path / "adapter.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[:keep] if keep >= 0 else data[:len(data) + keep])
+    fresh = tiny_gpt()
+    with pytest.raises(LoRAFileError, match="adapter.safetensors"):
+        load_lora(fresh, tmp_path)
+    assert not lora_layers(fresh)  # the file is read before the model is touched
+
+
+def test_load_lora_without_adapter_tensors_names_the_file(tmp_path):
+    _, model = lora_gpt()
+    save_lora(model, tmp_path)
+    (tmp_path / "adapter.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="adapter.safetensors"):
+        load_lora(tiny_gpt(), tmp_path)
+
+
+def test_lora_errors_are_value_errors():
+    assert issubclass(LoRAFileError, ValueError) and issubclass(ConfigError, ValueError)

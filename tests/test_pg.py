@@ -13,7 +13,7 @@ from minidpo.lora import apply_lora, lora_state_dict
 from minidpo.model import GPT, GPTConfig
 from minidpo.pairs import Prompt
 from minidpo.pg import RLOOConfig, adaptive_kl_coef, kl_penalized_rewards, policy_gradient_loss, rloo_advantages
-from minidpo.rloo import derived_seed, stream_indices, train_rloo
+from minidpo.rloo import KLController, derived_seed, stream_indices, train_rloo
 from minidpo.tokenizer import Tokenizer
 from minidpo.trainer import LoopConfig
 
@@ -77,7 +77,7 @@ def test_adaptive_kl_coef_follows_trl_and_clips_the_error_at_20_percent():
 @pytest.mark.parametrize("field, bad", [("k", 1), ("prompts_per_step", 0), ("kl_coef", -0.1),
                                         ("kl_coef", math.nan), ("kl_coef", math.inf), ("target_kl", 0.0),
                                         ("target_kl", math.nan), ("horizon", 0), ("min_new_tokens", 0),
-                                        ("max_new_tokens", 3), ("temperature", 0.0), ("top_k", 0)])
+                                        ("max_new_tokens", 3), ("top_k", 0), ("logprobs", "fast")])
 def test_rloo_config_rejects_bad_values_naming_the_field(field, bad):
     with pytest.raises(ConfigError) as e:
         RLOOConfig(**{field: bad})
@@ -188,11 +188,11 @@ def tiny_setup():
     return model, tok, prompts
 
 
-def run(tmp, steps, crash_at=None, target_kl=None):
+def run(tmp, steps, crash_at=None, target_kl=0.01):
     model, tok, prompts = tiny_setup()
     cfg = RLOOConfig(k=3, prompts_per_step=2, kl_coef=0.1, target_kl=target_kl, horizon=20, min_new_tokens=2,
                      max_new_tokens=5, seed=1)
-    loop = LoopConfig(steps=steps, lr=1e-2, grad_accum=2, log_every=1, checkpoint_every=2, label="rloo")
+    loop = LoopConfig(steps=steps, lr=1e-2, grad_accum=2, log_every=1, checkpoint_every=1, label="rloo")
 
     def crash(step):
         if step == crash_at:
@@ -202,22 +202,36 @@ def run(tmp, steps, crash_at=None, target_kl=None):
     return model, out
 
 
-@pytest.mark.parametrize("target_kl", [None, 0.01])
-def test_tiny_rloo_run_logs_its_metrics_and_resumes_bit_identically(tmp_path, target_kl):
-    model, out = run(tmp_path / "a", 4, target_kl=target_kl)
+def test_tiny_rloo_run_logs_its_metrics_and_resumes_bit_identically(tmp_path):
+    model, out = run(tmp_path / "a", 3)
     lines = [json.loads(s) for s in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    assert [m["step"] for m in lines] == [1, 2, 3]
     for m in lines:
         assert 0 <= m["reward"] <= 1 and math.isfinite(m["kl/sampled"]) and m["tokens_per_s"] > 0
+        assert m["completions_per_s"] > 0 and 2 <= m["completion_tokens"] <= 5
     assert lines[0]["kl/sampled"] == pytest.approx(0.0, abs=1e-5)  # the adapter starts at B = 0: policy == reference
-    coefs = [m["kl_coef"] for m in lines]
-    assert coefs[0] == 0.1 and (coefs[-1] != 0.1 if target_kl else coefs == [0.1] * 4)
+    coefs = [m["kl_coef"] for m in lines]  # adapted after every step toward the target KL
+    assert coefs[0] == pytest.approx(0.1) and len(set(coefs)) == 3 and out["kl_coef"] not in coefs
     straight = lora_state_dict(model)
     assert any(bool(v.abs().sum() > 0) for k, v in straight.items() if k.endswith("lora_B"))  # it trained
 
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "b", 4, crash_at=3)  # dies after step 3; the last checkpoint is step 2
-    resumed, out_b = run(tmp_path / "b", 4)
+        run(tmp_path / "b", 3, crash_at=2)  # dies after step 2; the last checkpoint is step 1
+    resumed, out_b = run(tmp_path / "b", 3)
     for k, v in lora_state_dict(resumed).items():
         assert torch.equal(v, straight[k]), k
-    assert out_b["kl_coef"] == out["kl_coef"]
+    assert out_b["kl_coef"] == out["kl_coef"]  # the adaptive coefficient came back from the checkpoint
+
+
+def test_fixed_kl_coef_never_moves_and_adaptive_one_updates_once_per_optimizer_step():
+    fixed = KLController(RLOOConfig(kl_coef=0.3), grad_accum=2, world=1)
+    for micro in (0, 1, 0, 1):
+        fixed.observe(torch.full((8,), 50.0), micro)
+    assert fixed.value == 0.3
+    adaptive = KLController(RLOOConfig(kl_coef=0.3, target_kl=1.0, horizon=100), grad_accum=2, world=1)
+    adaptive.observe(torch.full((8,), 1.1), 0)
+    assert adaptive.value == 0.3  # not after the first micro-batch
+    adaptive.observe(torch.full((8,), 1.0), 1)  # step mean KL 1.05 over 16 completions
+    assert adaptive.value == pytest.approx(adaptive_kl_coef(0.3, 1.05, 1.0, 16, 100))
+    adaptive.load({"kl_coef": 0.7})
+    assert adaptive.state() == {"kl_coef": 0.7}

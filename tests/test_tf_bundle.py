@@ -253,3 +253,37 @@ def test_corrupt_index_block_fails_its_crc(bundle):
     patch(index, 10, bytes([index.read_bytes()[10] ^ 0x01]))
     with pytest.raises(tb.BundleError, match="crc32c"):
         tb.read_index(bundle)
+
+
+def test_load_bundle_checks_crc32c_by_default(bundle):
+    data = Path(f"{bundle}.data-00000-of-00001")
+    patch(data, 5000, bytes([data.read_bytes()[5000] ^ 0x10]))  # inside model/h0/attn/c_attn/w
+    with pytest.raises(tb.BundleError, match="crc32c") as e:
+        tb.load_bundle(bundle)
+    assert "model/h0/attn/c_attn/w" in str(e.value) and str(data) in str(e.value)
+    tb.load_bundle(bundle, verify=False)  # the opt-out reads it
+
+
+def entry_proto(dims: list[int], dtype: int = 1, shape_wire: int = 2) -> bytes:
+    """A BundleEntryProto for a float tensor of `dims` (int64 varints, so -1 is 2**64 - 1) at offset 0."""
+    dim_msgs = b"".join(field(2, 2, varint(len(m)) + m) for m in (field(1, 0, varint(d % 2**64)) for d in dims))
+    shape = field(2, 2, varint(len(dim_msgs)) + dim_msgs) if shape_wire == 2 else field(2, 0, varint(7))
+    return field(1, 0, varint(dtype)) + shape + field(5, 0, varint(0))
+
+
+HEADER = field(1, 0, varint(1)) + field(3, 2, varint(2) + field(1, 0, varint(1)))
+
+
+@pytest.mark.parametrize("key, value, words", [
+    (b"model/\xff\xfe", entry_proto([0]), ["not valid UTF-8"]),
+    (b"model/wpe", entry_proto([-1, 4]), ["'model/wpe'", "negative dimension", "[-1, 4]"]),
+    (b"model/wpe", entry_proto([4], shape_wire=0), ["'model/wpe'", "malformed entry"]),
+], ids=["non_utf8_name", "negative_dim", "shape_as_varint"])
+def test_malformed_index_entry_is_a_bundle_error_naming_the_index(tmp_path, key, value, words):
+    prefix = tmp_path / "model.ckpt"
+    Path(f"{prefix}.index").write_bytes(write_table([(b"", HEADER), (key, value)]))
+    Path(f"{prefix}.data-00000-of-00001").write_bytes(b"")
+    with pytest.raises(tb.BundleError) as e:
+        tb.load_bundle(prefix)
+    for w in words + [str(prefix) + ".index"]:
+        assert w in str(e.value)

@@ -137,14 +137,14 @@ def test_truncated_tf_data_file_names_file_and_tensor(tmp_path):
     assert str(d / DATA) in str(e.value) and "model/" in str(e.value)
 
 
-def test_flipped_byte_is_caught_by_crc32c_only_with_verify(tmp_path):
+def test_flipped_byte_is_caught_by_crc32c_by_default(tmp_path):
     d = copy_dir(OPENAI, tmp_path / "m")
     data = bytearray((d / DATA).read_bytes())
     data[5000] ^= 0x10  # inside model/h0/attn/c_attn/w (bytes 384..12672)
     (d / DATA).write_bytes(bytes(data))
-    load_gpt2(d)  # without verify the damage goes unnoticed
+    load_gpt2(d, verify=False)  # the opt-out: the damage goes unnoticed
     with pytest.raises(CheckpointError, match="crc32c") as e:
-        load_gpt2(d, verify=True)
+        load_gpt2(d)
     assert "model/h0/attn/c_attn/w" in str(e.value) and str(d / DATA) in str(e.value)
 
 
@@ -211,6 +211,23 @@ def test_unknown_source_lists_the_accepted_names(tmp_path):
         load_gpt2(tmp_path / "nothing-here")
 
 
+def test_flipped_byte_in_pytorch_bin_is_caught_by_the_zip_crc(tmp_path):
+    import zipfile
+    d = copy_dir(BIN, tmp_path / "m")
+    info = next(i for i in zipfile.ZipFile(d / "pytorch_model.bin").infolist() if i.filename.endswith("/data/0"))
+    data = bytearray((d / "pytorch_model.bin").read_bytes())
+    data[info.header_offset + 30 + len(info.filename) + len(info.extra) + 100] ^= 0x10  # inside the tensor bytes
+    (d / "pytorch_model.bin").write_bytes(bytes(data))
+    load_gpt2(d, verify=False)  # torch.load itself does not look at the CRCs
+    with pytest.raises(CheckpointError, match="CRC32") as e:
+        load_gpt2(d)
+    assert str(d / "pytorch_model.bin") in str(e.value) and "data/0" in str(e.value)
+
+
+def test_config_reports_the_files_vocab_size():
+    assert load_gpt2(ST).config.vocab_size == 512 and load_gpt2(OPENAI).config.vocab_size == 512
+
+
 # --------------------------------------------------------------------------- names: cache and download
 
 @pytest.fixture
@@ -242,6 +259,37 @@ def test_name_downloads_into_cache_resuming_a_cut_transfer(release_server, tmp_p
     n = len(release_server.requests)
     assert_matches_hf(load_gpt2("124M"))  # now served from the cache
     assert len(release_server.requests) == n
+
+
+def test_corrupt_file_in_the_cache_is_fetched_again_before_loading(release_server, tmp_path, monkeypatch):
+    import hashlib
+    from minidpo import gpt2_files
+    monkeypatch.setenv("MINIDPO_CACHE", str(tmp_path))
+    monkeypatch.delenv("MINIDPO_GPT2_URL", raising=False)
+    monkeypatch.setattr(gpt2_files, "OPENAI_URL", release_server.url)  # the test server plays OpenAI, with pins
+    monkeypatch.setattr(gpt2_files, "PINS", {("124M", f.split("/")[-1]): (len(b), hashlib.sha256(b).hexdigest())
+                                             for f, b in release_server.files.items()})
+    d = copy_dir(OPENAI, tmp_path / "gpt2" / "124M")
+    data = bytearray((d / DATA).read_bytes())
+    data[5000] ^= 0x10  # same size, wrong bytes: placed by hand or damaged on disk
+    (d / DATA).write_bytes(bytes(data))
+    log = []
+    assert_matches_hf(load_gpt2("gpt2", log=log.append))
+    assert (d / DATA).read_bytes() == (OPENAI / DATA).read_bytes()
+    assert [p for p, _ in release_server.requests if p.endswith(DATA)] == [f"/gpt-2/models/124M/{DATA}"]
+    assert any(str(d / DATA) in line and "sha256" in line for line in log)
+
+
+def test_damaged_cache_offline_says_what_was_wrong(tmp_path, monkeypatch):
+    from minidpo import gpt2_files
+    monkeypatch.setenv("MINIDPO_CACHE", str(tmp_path))
+    monkeypatch.delenv("MINIDPO_GPT2_URL", raising=False)
+    monkeypatch.setattr(gpt2_files, "OPENAI_URL", f"http://127.0.0.1:{closed_port()}/gpt-2/models")
+    monkeypatch.setattr(gpt2_files, "PINS", {("124M", "hparams.json"): (1, None)})
+    copy_dir(OPENAI, tmp_path / "gpt2" / "124M")
+    with pytest.raises(DownloadError, match="damaged") as e:
+        load_gpt2("gpt2")
+    assert "hparams.json" in str(e.value) and "expected 1" in str(e.value) and "unreachable" in str(e.value)
 
 
 def test_offline_name_error_names_url_cache_path_and_manual_steps(tmp_path, monkeypatch):

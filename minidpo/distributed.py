@@ -1,0 +1,130 @@
+"""
+Everything about ranks in one place: starting and ending the process group under torchrun, who is rank 0, waiting
+for each other, building a shared artifact once, and averaging gradients.
+
+References: PyTorch's torch.distributed (init_process_group reads MASTER_ADDR/PORT, RANK and WORLD_SIZE that torchrun
+sets) and DistributedDataParallel, whose gradient all-reduce `average_gradients` reproduces for the few trainable
+(LoRA) tensors: one flat buffer, one all_reduce, divide by the world size. Backends as PyTorch recommends: nccl when
+every process has a GPU, gloo on CPU.
+
+Without torchrun (WORLD_SIZE unset or 1) nothing is initialized and every function here is the single-process no-op,
+so the same code runs both ways.
+"""
+
+import os
+from typing import Callable, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+T = TypeVar("T")
+
+
+def is_main() -> bool:
+    """True on rank 0, and in a plain (non-distributed) run."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) when not distributed."""
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (nothing to wait for in a plain run)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def setup_distributed(device: str = "auto") -> tuple[int, int, str | None]:
+    """(rank, world size, device override) under torchrun; (0, 1, None) otherwise.
+
+    nccl with one GPU per local rank when CUDA is available (and `device` does not ask for the CPU), else gloo with
+    the CPU cores shared out between the local processes so that they do not oversubscribe them.
+    """
+    world = _env_int("WORLD_SIZE", 1)
+    if world == 1:
+        return 0, 1, None
+    local = _env_int("LOCAL_RANK", 0)
+    cuda = torch.cuda.is_available() and not device.startswith("cpu")
+    if cuda and local >= torch.cuda.device_count():
+        raise RuntimeError(f"LOCAL_RANK {local} has no GPU: this machine has {torch.cuda.device_count()}; start "
+                           f"at most that many processes per node (torchrun --nproc_per_node)")
+    if cuda:
+        torch.cuda.set_device(local)  # before init, so nccl's communicator binds to this rank's GPU
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        return dist.get_rank(), world, f"cuda:{local}"
+    local_world = _env_int("LOCAL_WORLD_SIZE", world)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return dist.get_rank(), world, "cpu"
+
+
+def teardown() -> None:
+    """End the process group if one was started (a no-op otherwise), so torchrun sees a clean exit."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise RuntimeError(f"environment variable {name}={raw!r} is not an integer (set by torchrun)") from None
+
+
+def rank_zero_first(build: Callable[[], T]) -> T:
+    """Run `build` on rank 0, then on the other ranks (which then read the cache rank 0 wrote).
+
+    Naive equivalent: `build()` on every rank at once, each generating the same artifact, or racing to write it.
+    If rank 0 fails, every rank raises instead of waiting forever at a barrier that rank 0 never reaches.
+    """
+    if not dist.is_initialized():
+        return build()
+    if dist.get_rank() != 0:
+        status: list[object] = [None]
+        dist.broadcast_object_list(status, src=0)
+        if status[0] is not None:
+            raise RuntimeError(f"rank 0 failed while building a shared stage: {status[0]}")
+        return build()
+    try:
+        result = build()
+    except BaseException as e:
+        dist.broadcast_object_list([f"{type(e).__name__}: {e}"], src=0)
+        raise
+    dist.broadcast_object_list([None], src=0)
+    return result
+
+
+def average_gradients(params: Sequence[Tensor], extras: Sequence[Tensor] = ()) -> list[Tensor]:
+    """All-reduce the mean gradient over ranks in one flat buffer (what DDP computes), and with it the mean of
+    `extras` (0-dim values such as the step's loss and metrics, so that every rank sees the same loss and a NaN on
+    one rank stops all of them). Returns the averaged extras; a no-op returning `extras` when not distributed.
+
+    Naive equivalent: `for p in params: dist.all_reduce(p.grad); p.grad /= world` plus one all_reduce per extra.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(extras)
+    world = dist.get_world_size()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    like = grads[0] if grads else extras[0]
+    pieces = [g.reshape(-1) for g in grads] + [e.detach().reshape(-1).to(like) for e in extras]
+    flat = torch.cat(pieces)  # (sum of numels,)
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+    out = []
+    for e in extras:
+        out.append(flat[offset:offset + e.numel()].view_as(e).to(e.dtype))
+        offset += e.numel()
+    return out

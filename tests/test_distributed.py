@@ -1,0 +1,86 @@
+"""Rank handling: single-process no-ops, and two gloo processes averaging gradients and building stages in turn."""
+
+import json
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from minidpo.distributed import (average_gradients, barrier, is_main, rank_and_world, rank_zero_first,
+                                 setup_distributed, teardown)
+
+
+def test_without_torchrun_everything_is_the_single_process_no_op(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert setup_distributed() == (0, 1, None) and not dist.is_initialized()
+    assert is_main() and rank_and_world() == (0, 1)
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 2.0)
+    loss = torch.tensor(0.5)
+    assert average_gradients([p], [loss])[0] is loss and torch.equal(p.grad, torch.full((3,), 2.0))
+    assert rank_zero_first(lambda: 7) == 7
+    barrier()
+    teardown()
+
+
+def test_a_non_integer_world_size_is_named(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(RuntimeError, match="WORLD_SIZE='two'"):
+        setup_distributed()
+
+
+def worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    rank_, world, device = setup_distributed(device="cpu")
+    result: dict = {"setup": [rank_, world, device], "main": is_main()}
+    p = torch.nn.Parameter(torch.zeros(2, 3))
+    q = torch.nn.Parameter(torch.zeros(4))  # no gradient on this rank's side for rank 1: counts as zeros
+    p.grad = torch.full((2, 3), float(rank + 1))
+    q.grad = torch.full((4,), 4.0) if rank == 0 else None
+    loss, metric = average_gradients([p, q], [torch.tensor(float(rank)), torch.tensor(10.0 * rank)])
+    result["grads"] = [p.grad.tolist(), q.grad.tolist()]
+    result["extras"] = [loss.item(), metric.item()]
+    order = []
+    result["built"] = rank_zero_first(lambda: order.append(time.monotonic()) or f"built by {rank}")
+    result["build_time"] = order[0]
+
+    def fails_on_rank_0():
+        if rank == 0:
+            raise OSError("disk full")
+        return "should not be reached"
+    try:
+        rank_zero_first(fails_on_rank_0)
+    except BaseException as e:
+        result["failure"] = f"{type(e).__name__}: {e}"
+    teardown()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_average_gradients_and_extras_and_share_a_failure_of_rank_0(tmp_path):
+    ctx = mp.start_processes(worker, args=(free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    deadline = time.time() + 240
+    while not ctx.join(timeout=5):  # a hang (a rank waiting for one that failed) fails here instead of forever
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("distributed workers did not finish")
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["setup"] == [0, 2, "cpu"] and r1["setup"] == [1, 2, "cpu"] and r0["main"] and not r1["main"]
+    for r in (r0, r1):
+        assert r["grads"] == [[[1.5] * 3] * 2, [2.0] * 4]  # the mean over ranks, a missing gradient as zero
+        assert r["extras"] == [0.5, 5.0]
+    assert r0["built"] == "built by 0" and r1["built"] == "built by 1" and r0["build_time"] <= r1["build_time"]
+    assert r0["failure"] == "OSError: disk full"
+    assert r1["failure"].startswith("RuntimeError: rank 0 failed") and "disk full" in r1["failure"]
