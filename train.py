@@ -133,22 +133,27 @@ class TrainConfig:
         return stage_configs(self)
 
 
+def need(ok: bool, field: str, detail: str) -> None:
+    C.require(ok, C.flag_name(field), detail)
+
+
 def stage_configs(cfg: TrainConfig) -> dict:
     """Each component's own small config, built from the flags. Each checks itself; a bad value fails here, before
     any stage runs, with the flag's name."""
     make = C.build_component
-    C.require(cfg.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got {cfg.method!r}")
+    need(cfg.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got {cfg.method!r}")
     compare = C.parse_list("compare", cfg.compare, str)
     for m in compare:
-        C.require(m in METHODS, "compare", f"items must be among {', '.join(METHODS)}, got {m!r}")
-    C.require(cfg.prompt_max_tokens < cfg.max_length, "prompt_max_tokens",
+        need(m in METHODS, "compare", f"items must be among {', '.join(METHODS)}, got {m!r}")
+    need(cfg.prompt_max_tokens < cfg.max_length, "prompt_max_tokens",
               f"({cfg.prompt_max_tokens}) must be < --max-length ({cfg.max_length})")
-    C.require(not cfg.precompute_ref or cfg.batching == "unique", "precompute_ref", "needs --batching unique")
-    C.require(cfg.eval_every >= 0, "eval_every", f"must be >= 0 (0: only at the end), got {cfg.eval_every}")
-    betas = C.parse_list("beta_sweep", cfg.beta_sweep, float) or [cfg.beta]
-    kl_coefs = C.parse_list("kl_coef_sweep", cfg.kl_coef_sweep, float) or [cfg.kl_coef]
+    need(not cfg.precompute_ref or cfg.batching == "unique", "precompute_ref", "needs --batching unique")
+    need(cfg.eval_every >= 0, "eval_every", f"must be >= 0 (0: only at the end), got {cfg.eval_every}")
+    sweeps = COMPARE_SWEEPS if compare else {}
+    betas = C.parse_list("beta_sweep", cfg.beta_sweep or sweeps.get("beta_sweep"), float) or [cfg.beta]
+    kl_coefs = C.parse_list("kl_coef_sweep", cfg.kl_coef_sweep or sweeps.get("kl_coef_sweep"), float) or [cfg.kl_coef]
     ns = C.parse_list("best_of_n", cfg.best_of_n, int)
-    C.require(all(n >= 1 for n in ns), "best_of_n", f"values must be >= 1, got {cfg.best_of_n}")
+    need(all(n >= 1 for n in ns), "best_of_n", f"values must be >= 1, got {cfg.best_of_n}")
     loop = dict(warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, grad_accum=cfg.grad_accum,
                 grad_clip=cfg.grad_clip, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every)
     loop_flags = {"lr": "lr", "steps": "steps"}
@@ -192,24 +197,23 @@ def stage_configs(cfg: TrainConfig) -> dict:
 
 
 RLOO_FLAGS = {"k": "rloo_k", "prompts_per_step": "rloo_prompts", "kl_coef": "kl_coef_sweep", "top_k": "rloo_top_k",
-              "horizon": "kl_horizon", "temperature": "gen_temperature"}
+              "horizon": "kl_horizon"}
 
 
 def rloo_values(cfg: TrainConfig, kl_coef: float) -> dict:
     return dict(k=cfg.rloo_k, prompts_per_step=cfg.rloo_prompts, kl_coef=kl_coef, target_kl=cfg.target_kl,
                 horizon=cfg.kl_horizon, min_new_tokens=cfg.min_new_tokens, max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.gen_temperature, top_k=cfg.rloo_top_k or None, eot_id=EOT_ID, seed=cfg.seed)
+                top_k=cfg.rloo_top_k or None, logprobs=cfg.logprobs, eot_id=EOT_ID, seed=cfg.seed)
 
 
 PRESETS = {
     # bundled 4x128 model, shipped IMDB sample: the whole pipeline in a few minutes on 2 CPU cores
     "tiny": dict(model="bundled", data="sample", out_dir="out/tiny", num_prompts=576, completions_per_prompt=8,
                  gen_top_k=50, heldout_prompts=24, eval_prompts=128, steps=300, batch_prompts=2, batch_size=16,
-                 lr=5e-3, beta=0.5, beta_sweep="0.1,0.5,1", warmup_steps=10, lora_rank=8, log_every=25,
+                 lr=5e-3, beta=0.5, warmup_steps=10, lora_rank=8, log_every=25,
                  checkpoint_every=100, min_new_tokens=8, max_new_tokens=16, max_length=32,
                  lora_targets="attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj", rloo_steps=150, rloo_lr=3e-3,
-                 rloo_k=4, rloo_prompts=16, rloo_top_k=50, kl_coef=0.05, kl_coef_sweep="0.02,0.05,0.2",
-                 best_of_n="1,2,4,8,16"),
+                 rloo_k=4, rloo_prompts=16, rloo_top_k=50, kl_coef=0.05, best_of_n="1,2,4,8,16"),
     # GPT-2 124M on the full set: about a quarter of an hour on one modern GPU
     "gpt2": dict(model="gpt2", data="auto", out_dir="out/gpt2", sft_steps=200, sft_batch_size=16, num_prompts=2048,
                  steps=400, batch_prompts=4, batch_size=16, lr=5e-4, max_new_tokens=32, max_length=48,
@@ -220,8 +224,10 @@ PRESETS = {
                        heldout_prompts=64),
 }
 # options that do not change results: a run into a folder may differ in these from the run that made it
-NOT_SETTINGS = {"out_dir", "resume", "overwrite", "log_every", "checkpoint_every", "export_merged", "device",
-                "compile", "compare", "method"}
+NOT_SETTINGS = {"preset", "out_dir", "resume", "overwrite", "log_every", "checkpoint_every", "export_merged",
+                "device", "compile"}
+# a --compare without its own sweeps: the settings each method is swept over
+COMPARE_SWEEPS = {"beta_sweep": "0.1,0.5,1", "kl_coef_sweep": "0.02,0.05,0.2"}
 
 
 def load_config(argv: list[str]) -> tuple[TrainConfig, set[str]]:
@@ -241,10 +247,10 @@ def load_config(argv: list[str]) -> tuple[TrainConfig, set[str]]:
         raise C.ConfigError(f"{saved}: not valid JSON ({e}); the run cannot be resumed, start it again") from None
     stored = C.config_from_dict(TrainConfig, stored_raw, str(saved))
     merged, ignored = resume_overrides(dataclasses.asdict(stored), {k: getattr(cfg, k) for k in given},
-                                       safe={"steps", "rloo_steps", "export_merged", "resume", "device"})
+                                       safe={"export_merged", "resume", "device", "log_every"})
     if ignored:
         print(f"[resume] ignoring {', '.join('--' + k.replace('_', '-') for k in sorted(ignored))}: a resumed run "
-              "keeps its own settings (only --steps/--rloo-steps may grow)", file=sys.stderr)
+              "keeps the settings it was started with (start a new --out-dir to change them)", file=sys.stderr)
     cfg = replace(TrainConfig(**merged), out_dir=cfg.resume, resume=cfg.resume)
     cfg.stages()
     return cfg, set(given)
@@ -279,14 +285,18 @@ def main(argv: list[str]) -> None:
     for line in notes:
         say(line)
     stages = cfg.stages()
-    check_model_fits(model, cfg.prompt_max_tokens + cfg.max_new_tokens, cfg.max_length, Tokenizer().n_vocab)
+    check_model_fits(model, cfg.prompt_max_tokens + cfg.max_new_tokens, cfg.max_length, Tokenizer().vocab_size)
     if is_main():
         check_writable(out, "--out-dir")
         check_writable(cache_dir(), "the cache dir ($MINIDPO_CACHE)")
     with OutDirLock(out) if is_main() else nullcontext():
         if is_main():
-            check_out_dir(out, {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_SETTINGS},
-                          resume=cfg.resume is not None, overwrite=cfg.overwrite)
+            state = check_out_dir(out, {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_SETTINGS},
+                                  resume=cfg.resume is not None, overwrite=cfg.overwrite, exclude=NOT_SETTINGS)
+            if state.status == "finished":
+                print(f"{out} already holds this run, finished; its outputs stay as they are (--overwrite to run "
+                      f"it again). Sample it with: python sample.py --adapter {out}")
+                return
             C.save_config(cfg, out / "config.json")
         torch.manual_seed(cfg.seed)
         say(f"minidpo: device {device}{' x' + str(world) if world > 1 else ''}, "

@@ -142,7 +142,7 @@ class Checkpointer:
             raise CheckpointCorrupt(path, "is not a minidpo checkpoint", self.dir)
         if "payload" not in envelope:  # format 1: everything inline, nothing checksummed
             return {**envelope, "files": {}, "settings": None}
-        payload = envelope["payload"].numpy().tobytes()
+        payload = envelope["payload"].numpy().tobytes() if isinstance(envelope["payload"], Tensor) else b""
         if hashlib.sha256(payload).hexdigest() != envelope.get("sha256"):
             raise CheckpointCorrupt(path, "fails its sha256 check (damaged)", self.dir)
         body = torch.load(io.BytesIO(payload), weights_only=True)

@@ -16,7 +16,7 @@ import torch
 from minidpo.best_of_n import best_of_n
 from minidpo.distributed import barrier, is_main
 from minidpo.dpo_train import RunResult, run_dpo
-from minidpo.evaluate import evaluate, side_by_side
+from minidpo.evaluate import evaluate, sample_reference, side_by_side
 from minidpo.export import export_peft, save_hf
 from minidpo.fileio import atomic_write_json
 from minidpo.frontier import append_point, read_points
@@ -24,6 +24,7 @@ from minidpo.lora import apply_lora, remove_lora, save_lora
 from minidpo.progress import Log
 from minidpo.resolve import model_source
 from minidpo.rloo import train_rloo
+from minidpo.runs import to_portable
 from minidpo.stages import (PairData, PromptSets, ReferenceCacheConfig, Reviews, build_pair_data,
                             precompute_reference)
 from minidpo.tokenizer import Tokenizer
@@ -49,6 +50,7 @@ class RunContext:
     log: Log
     pairs: PairData | None = field(default=None)
     reference_cache: dict | None = field(default=None)
+    reference_samples: list | None = field(default=None)  # the reference's evaluation samples, drawn once
 
 
 def method_runs(stages: dict, out: Path) -> list[tuple[str, object, Path]]:
@@ -74,8 +76,12 @@ def evaluate_now(ctx: RunContext, step: int, with_reference: bool, beta: float |
     ctx.log(f"[eval] step {step}: sampling {len(ctx.prompts.eval)} held-out prompts from the policy"
             + (" and the reference" if with_reference else "") + ", exact KL ...")
     with ctx.amp:
+        if with_reference and ctx.reference_samples is None:  # the same for every run of a sweep: sampled once
+            ctx.reference_samples = sample_reference(ctx.model, ctx.tok, ctx.prompts.eval, ctx.stages["eval"],
+                                                     ctx.device)
         r = evaluate(ctx.model, ctx.tok, ctx.scorer, ctx.prompts.eval, ctx.pairs.heldout if ctx.pairs and beta else None,
-                     ctx.stages["eval"], ctx.stages["max_length"], beta, ctx.device, with_reference=with_reference)
+                     ctx.stages["eval"], ctx.stages["max_length"], beta, ctx.device, with_reference=with_reference,
+                     reference_completions=ctx.reference_samples)
     ctx.log(f"[eval] step {step}: policy reward {r['policy']['reward']:.3f}, KL(policy||reference) exact "
             f"{r['policy']['kl_exact']:.3f} (sampled estimate {r['policy']['kl_sampled']:.3f})"
             + (f", held-out reward accuracy {r['reward_accuracy']:.3f}" if r.get("reward_accuracy") is not None
@@ -113,9 +119,9 @@ def run_one(ctx: RunContext, method: str, setting, run_dir: Path) -> RunResult:
     if is_main():
         save_lora(ctx.model, run_dir / "adapter")
         export_peft(ctx.model, run_dir / "adapter_peft", base_model_name_or_path=model_source(ctx.base))
-        base = ctx.base if ctx.base in ("sft_model", "base_model") else model_source(ctx.base)
-        if base in ("sft_model", "base_model"):  # stored relative to the run folder, so the folder can move
-            base = str(Path("..") / base) if run_dir != ctx.out else base
+        base = model_source(ctx.base)
+        if ctx.base in ("sft_model", "base_model"):  # stored relative to the run folder, so the folder can move
+            base = to_portable(ctx.out / ctx.base, run_dir, within=ctx.out)
         atomic_write_json(run_dir / "run.json", {"adapter": "adapter", "policy_base": base, "method": method,
                                                  "setting": name})
         atomic_write_json(run_dir / "result.json", asdict(result))

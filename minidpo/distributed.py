@@ -112,6 +112,8 @@ def average_gradients(params: Sequence[Tensor], extras: Sequence[Tensor] = ()) -
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return list(extras)
     world = dist.get_world_size()
+    if not params and not extras:
+        return []
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     like = grads[0] if grads else extras[0]
     pieces = [g.reshape(-1) for g in grads] + [e.detach().reshape(-1).to(like) for e in extras]

@@ -20,7 +20,7 @@ sequence log-probs of the same weights computed before training (--precompute-re
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -129,7 +129,7 @@ class RunResult:
 def run_dpo(model: torch.nn.Module, data: PairData, dpo: DPOConfig, lora: LoRAConfig, bcfg: BatchConfig,
             loop: LoopConfig, run_dir: Path, evaluate_fn: Callable[[int, bool], dict], eval_every: int,
             rank: int, world: int, autocast: torch.autocast, reference_cache: dict[int, Tensor] | None = None,
-            compile: bool = False, settings: dict | None = None, log: Log = quiet) -> RunResult:
+            compile: bool = False, log: Log = quiet) -> RunResult:
     """Fresh adapter, train, evaluate. `evaluate_fn(step, with_reference)` measures reward and KL on held-out
     prompts (the same function for every method), so points on the frontier compare like for like."""
     torch.manual_seed(bcfg.seed)
@@ -155,7 +155,8 @@ def run_dpo(model: torch.nn.Module, data: PairData, dpo: DPOConfig, lora: LoRACo
             point(step_no, evaluate_fn(step_no, False))
 
     t0 = time.perf_counter()
-    summary = train_loop(loop, params, get_batch, step_fn, Checkpointer(run_dir / "checkpoint", params),
+    settings = {"dpo": asdict(dpo), "lora": asdict(lora), "batch": asdict(bcfg), "steps": loop.steps, "lr": loop.lr}
+    summary = train_loop(loop, params, get_batch, step_fn, Checkpointer(run_dir / "checkpoint", params, settings),
                          run_dir / "log.jsonl", on_step_end, resume=True, log=log)
     train_s = time.perf_counter() - t0
     result = RunResult("dpo", setting, {}, {}, {}, [], [])

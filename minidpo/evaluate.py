@@ -18,11 +18,12 @@ model's next-token distribution with end-of-text removed and the rest renormaliz
 - kl_sampled: the sampled log-ratio log pi~(y|x) - log ref~(y|x) of the same completions, averaged over prompts.
 Both are unbiased estimates of the same number: KL(pi~(.|x) || ref~(.|x)) between the two samplers actually used,
 averaged over prompts (a completion's length is decided by its own tokens, so the sequence KL splits into these
-per-position terms). kl_exact sums the conditional expectation at each step of kl_sampled's terms, so it has lower
-variance and every term is >= 0. With min_new_tokens = 0 this is the KL of the models' own distributions, the
-paper's quantity. Top-k or a temperature are kept out of evaluation: with top-k the two samplers' supports differ
-(their top-50 sets differ at nearly every position), so the KL between what was sampled would be infinite; top-k is
-for data generation (preference pairs) only.
+per-position terms). kl_exact replaces each of kl_sampled's per-token terms by its expectation given the prefix,
+so every term is >= 0 and the variance is usually much lower. With min_new_tokens = 0 this is the KL of the models'
+own distributions, the paper's quantity. Top-k and temperature are kept out of evaluation: with top-k the two
+samplers' supports differ (their top-50 sets differ at nearly every position), so the KL between what was sampled
+would be infinite; top-k is for data generation (preference pairs) only. Each "_se" is the standard error of the
+mean over prompts (None with fewer than two prompts).
 
 The reference is the policy with its LoRA adapter disabled (`lora_disabled`), which is exactly the model training
 started from as long as the adapter was created at B = 0 (minidpo merges an SFT adapter before adding a new one).

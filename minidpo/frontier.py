@@ -71,7 +71,7 @@ def reward_range(rewards: list[float]) -> tuple[float, float]:
     lo, hi = min(rewards), max(rewards)
     mid, half = (lo + hi) / 2, min(0.5, max(0.1, (hi - lo) / 2 + 0.05))
     shift = max(0.0, half - mid) - max(0.0, mid + half - 1.0)  # slide the window back inside [0, 1]
-    return mid + shift - half, mid + shift + half
+    return max(0.0, min(lo, mid + shift - half)), min(1.0, max(hi, mid + shift + half))
 
 
 def plot_frontier(out: str | Path, log: Log = quiet) -> None:

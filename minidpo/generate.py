@@ -69,11 +69,13 @@ def active_top_p(top_p: float | None) -> float | None:
 
 # ---------------------------------------------------------------------------------------------------- sampling
 
-def softmax_weights(logits: Tensor, temperature: float) -> Tensor:
+def softmax_weights(logits: Tensor, temperature: float, overwrite: bool = False) -> Tensor:
     """Unnormalised float32 probabilities exp((x - max) / T); naive: softmax(x / T) times a per-row constant.
-    Skipping the normalisation saves a pass: the inverse CDF scales u by the total instead."""
+    Skipping the normalisation saves a pass: the inverse CDF scales u by the total instead. `overwrite=True`
+    computes them in the logits' own memory (when float32): a fresh (B, V) buffer per token costs page faults."""
     x = logits.float()
-    w = x - x.amax(dim=-1, keepdim=True)  # a fresh tensor: the in-place ops below never touch the caller's logits
+    m = x.amax(dim=-1, keepdim=True)  # (B, 1)
+    w = x.sub_(m) if overwrite or x is not logits else x - m  # in place on a copy .float() made, too
     if temperature != 1.0:
         w.div_(temperature)
     return w.exp_()
@@ -124,10 +126,11 @@ def nucleus_drop(sorted_weights: Tensor, top_p: float) -> Tensor:
 
 
 def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-           generator: torch.Generator | None = None) -> Tensor:
+           generator: torch.Generator | None = None, overwrite: bool = False) -> Tensor:
     """Next token (B,) from logits (B, V): greedy at temperature 0, else softmax(logits / T) restricted to the top-k
     and then to the nucleus (top-p), drawn with one uniform per row. Same distribution as `sample_naive` (ties at
-    the k-th logit aside: top-k keeps exactly k tokens); different random numbers, so different tokens per seed."""
+    the k-th logit aside: top-k keeps exactly k tokens); different random numbers, so different tokens per seed.
+    `overwrite=True` lets it use the logits as scratch space (generate's own logits, never a caller's)."""
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -135,7 +138,7 @@ def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, t
     k, p = active_top_k(top_k, V), active_top_p(top_p)
     u = torch.rand(B, 1, generator=generator, device=logits.device)  # (B, 1)
     if k is None and p is None:
-        return inverse_cdf(softmax_weights(logits, temperature), u)
+        return inverse_cdf(softmax_weights(logits, temperature, overwrite), u)
     if k is not None:  # order is unchanged by the temperature, so select on the raw logits
         values, index = torch.topk(logits, k, dim=-1)                    # (B, k), descending
     else:  # top-p alone needs the whole vocabulary sorted
@@ -228,7 +231,7 @@ def generate(model: "GPT", idx: Tensor, max_new_tokens: int, min_new_tokens: int
                 logits = decode_one_token(model, out[:, pos - 1:pos], pos - 1, mask)
             if eos_id is not None and step < min_new_tokens:
                 logits[:, eos_id] = -float("inf")
-            token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+            token = sample(logits, temperature, top_k, top_p, generator, overwrite=True)  # (B,)
             if eos_id is not None:
                 token = token.masked_fill(finished, eos_id)
                 finished |= token == eos_id

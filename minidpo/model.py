@@ -163,20 +163,31 @@ def attention_bias(key_mask: Tensor, start: int, T: int) -> Tensor:
     return allowed[:, None]                                                   # (B, 1, T, L)
 
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding(num, dim), except on the meta device, where loaders build the model only to fill it in: there
+    nn.Embedding's own random init would import torch._dynamo, seconds of start-up for nothing."""
+    weight = torch.empty(num, dim)
+    if not weight.is_meta:
+        nn.init.normal_(weight)  # the draw nn.Embedding makes itself, so a seeded model keeps its exact weights
+    return nn.Embedding(num, dim, _weight=weight)
+
+
 class GPT(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            wte=embedding(config.vocab_size, config.n_embd),
+            wpe=embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, eps=1e-5),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as in GPT-2
+        if self.lm_head.weight.is_meta:
+            return  # shapes only (a loader fills the weights in); random init on meta tensors would take seconds
         self.apply(self._init_weights)
         # GPT-2 paper: scale the init of residual projections by 1/sqrt(2 * n_layer).
         for name, p in self.named_parameters():

@@ -18,13 +18,18 @@ One step (per micro-batch, `prompts_per_step` prompts on each process):
 2. loss, with gradient (`rloo_loss`): the policy's sequence log-probs of the same rows, the KL-penalized reward
    (policy log-probs detached), the leave-one-out advantages, the REINFORCE surrogate.
 
+Which log-probs. generate() forbids end-of-text before min_new_tokens, so what is sampled is pi~: the policy's
+next-token distribution with end-of-text removed and renormalized at those steps (minidpo.evaluate's definition).
+Every log-prob here is of pi~ (and ref~ for the reference), so the estimator is exactly on-policy and the logged
+"kl/sampled" estimates the same KL(pi~ || ref~) that evaluation reports. With log pi instead, the gradient would
+also push down end-of-text at steps where it can never be sampled, spending KL on nothing.
+
 Exact resume. A micro-batch is a pure function of (seed, step, micro, rank) and the weights: the prompts come from
 a seeded stream of shuffled epochs, and the budgets and the sampling generator are seeded from those numbers. The
 adaptive kl_coef is updated at the end of each optimizer step inside the step itself, and saved in the checkpoint
 (train_loop's get_state / set_state), so a resumed run continues with the coefficient it had.
 """
 
-import hashlib
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -35,13 +40,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from minidpo.dpo import score_sequences
+from minidpo.batching import pair_indices
+from minidpo.evaluate import sampler_logits
 from minidpo.length_sampler import LengthSampler
+from minidpo.logprobs import linear_token_logprobs, naive_token_logps
 from minidpo.lora import adapters_are_zero, lora_disabled, lora_layers
 from minidpo.pairs import cut_at_eot, response_text
 from minidpo.pg import RLOO_SHOW, RLOOConfig, adaptive_kl_coef, kl_penalized_rewards, policy_gradient_loss, \
     rloo_advantages
 from minidpo.progress import Log, quiet
+from minidpo.sft import batch_seed
 from minidpo.trainer import Checkpointer, LoopConfig, train_loop
 
 
@@ -51,29 +59,39 @@ class Rollout:
     ids: Tensor              # (P*K, T) prompt + completion, right-padded
     response_mask: Tensor    # (P*K, T) bool: the completion's tokens (an end-of-text the policy chose included)
     scores: Tensor           # (P*K,) classifier reward of prompt text + completion text
-    reference_logps: Tensor  # (P*K,) log ref(y|x), summed over the completion
+    reference_logps: Tensor  # (P*K,) log ref~(y|x), summed over the completion
+    prompt_lens: Tensor      # (P*K,) prompt tokens of each row: its completion starts at this column
     n_tokens: int            # real (non-pad) tokens in ids
     micro: int               # micro-step within the optimizer step (the last one updates the adaptive kl_coef)
 
 
-def derived_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts, e.g. ("rloo", seed, slot); the same parts give the same seed in any process."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+def completion_logps(model: torch.nn.Module, ids: Tensor, response_mask: Tensor, prompt_lens: Tensor,
+                     cfg: RLOOConfig) -> Tensor:
+    """(B,) log pi~(y|x) of right-padded prompt + completion rows, pi~ being what generate() samples from: the
+    model's next-token distribution with end-of-text removed (the rest renormalized) before min_new_tokens.
 
-
-def stream_indices(n: int, start: int, count: int, seed: int) -> list[int]:
-    """Items start..start+count-1 of an endless stream of shuffled epochs over range(n).
-
-    Naive equivalent: concatenate randperm_e(n) for e = 0, 1, 2, ... (epoch e seeded by (seed, e)) and slice.
+    Naive equivalent (cfg.logprobs "naive"): log_softmax(evaluate.sampler_logits(model(ids)))[next token], summed
+    over the completion. "fused" scores only completion positions, never holds their logits (as
+    dpo.score_sequences) and renormalizes with log pi~(y) = log pi(y) - log(1 - pi(eot)), where
+    log pi(eot) = logit(eot) - logit(y) + log pi(y) needs two dot products, not another pass over the vocabulary.
     """
-    out, perms = [], {}
-    for i in range(start, start + count):
-        epoch = i // n
-        if epoch not in perms:
-            g = torch.Generator().manual_seed(derived_seed("rloo-prompts", seed, epoch))
-            perms[epoch] = torch.randperm(n, generator=g).tolist()
-        out.append(perms[epoch][i % n])
-    return out
+    B, T = ids.shape
+    targets, keep = ids[:, 1:], response_mask[:, 1:] != 0                  # (B, T-1): position t-1 predicts t
+    steps = torch.arange(1, T, device=ids.device) - prompt_lens[:, None]   # (B, T-1): generated step of each target
+    if cfg.logprobs == "naive":  # plain causal attention is exact for right-padded rows
+        logits = sampler_logits(model(ids)[:, :-1], steps, cfg.eot_id, cfg.min_new_tokens)  # (B, T-1, V)
+        return torch.where(keep, naive_token_logps(logits, targets), 0.0).sum(-1)
+    W = model.lm_head.weight                                               # (V, C), GPT-2's tied head, no bias
+    rows = keep.reshape(-1).nonzero().squeeze(1)                           # (M,) flat completion positions
+    h = model.hidden_states(ids[:, :-1]).reshape(B * (T - 1), -1)[rows]    # (M, C)
+    y = targets.reshape(-1)[rows]                                          # (M,)
+    logp = linear_token_logprobs(h, W, y)                                  # (M,) log pi(y)
+    forbidden = steps.reshape(-1)[rows] < cfg.min_new_tokens               # (M,) eot was masked at these
+    hf, Wf = h.float(), W.float()
+    log_eot = (hf * Wf[cfg.eot_id]).sum(-1) - (hf * Wf[y]).sum(-1) + logp  # (M,) log pi(eot)
+    log_eot = torch.where(forbidden, log_eot, -30.0)  # elsewhere unused; keeps log(0) out of the gradient
+    logp = logp - torch.where(forbidden, torch.log(-torch.expm1(log_eot)), 0.0)  # log(1 - pi(eot))
+    return torch.zeros(B, dtype=logp.dtype, device=ids.device).index_add(0, rows // (T - 1), logp)
 
 
 @torch.no_grad()
@@ -100,9 +118,10 @@ def sample_rollout(model: torch.nn.Module, tokenizer, scorer, prompts: list, cfg
     for b, (p, c) in enumerate(zip(prompt_ids, completions)):
         response_mask[b, len(p):len(p) + len(c)] = True
     ids, response_mask = ids.to(device), response_mask.to(device)
+    prompt_lens = torch.tensor([len(p) for p in prompt_ids], device=device)
     with amp, lora_disabled(model):
-        reference = score_sequences(model, ids, response_mask, cfg.logprobs).float()
-    return Rollout(ids, response_mask, scores.to(device), reference, int(attention.sum()), micro)
+        reference = completion_logps(model, ids, response_mask, prompt_lens, cfg).float()
+    return Rollout(ids, response_mask, scores.to(device), reference, prompt_lens, int(attention.sum()), micro)
 
 
 def rloo_loss(model: torch.nn.Module, rollout: Rollout, cfg: RLOOConfig, kl_coef: float,
@@ -110,7 +129,7 @@ def rloo_loss(model: torch.nn.Module, rollout: Rollout, cfg: RLOOConfig, kl_coef
     """The RLOO surrogate loss of one rollout, its metrics (0-dim tensors) and the (P*K,) sampled log-ratios
     log pi(y|x) - log ref(y|x), whose mean estimates KL(policy || reference)."""
     with autocast or nullcontext():
-        policy = score_sequences(model, rollout.ids, rollout.response_mask, cfg.logprobs).float()  # (B,)
+        policy = completion_logps(model, rollout.ids, rollout.response_mask, rollout.prompt_lens, cfg).float()  # (B,)
     kl = policy.detach() - rollout.reference_logps                                     # (B,) sampled log-ratio
     rewards = kl_penalized_rewards(rollout.scores, policy.detach(), rollout.reference_logps, kl_coef)
     advantages = rloo_advantages(rewards.view(-1, cfg.k))                              # (P, K)
@@ -160,10 +179,9 @@ def make_rollout_fn(model: torch.nn.Module, tokenizer, scorer, prompts: list, cf
 
     def get_batch(step: int, micro: int) -> Rollout:
         slot = (step * grad_accum + micro) * world + rank
-        chosen = [prompts[i] for i in stream_indices(len(prompts), slot * P, P, cfg.seed)]
-        budgets = LengthSampler(cfg.min_new_tokens, cfg.max_new_tokens,
-                                seed=derived_seed("rloo-budgets", cfg.seed, slot)).sample(P)
-        g = torch.Generator(device=device).manual_seed(derived_seed("rloo-samples", cfg.seed, slot))
+        chosen = [prompts[i] for i in pair_indices(len(prompts), slot * P, P, cfg.seed)]
+        budgets = LengthSampler(cfg.min_new_tokens, cfg.max_new_tokens, seed=batch_seed(cfg.seed, slot, 1)).sample(P)
+        g = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, slot, 2))
         return sample_rollout(model, tokenizer, scorer, chosen, cfg, budgets, g, device, micro, autocast)
     return get_batch
 

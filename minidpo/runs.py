@@ -30,7 +30,7 @@ from minidpo.fileio import atomic_write_json
 # options that do not change results; a run may differ from the folder's earlier run in these
 DEFAULT_EXCLUDE = frozenset({"out_dir", "resume", "overwrite", "log_every", "export_merged", "device"})
 # options a resumed run may take from the command line instead of its config.json
-RESUME_SAFE = frozenset({"steps", "export_merged"})
+RESUME_SAFE = frozenset({"steps", "rloo_steps", "export_merged"})
 # what minidpo writes into a run folder (and nothing else is ever removed by --overwrite)
 RUN_OUTPUTS = frozenset({
     "config.json", "summary.json", "log.jsonl", "pairs.jsonl", "points.jsonl", "frontier.csv", "frontier.png",

@@ -152,7 +152,8 @@ def save_file(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, 
             raise SafetensorsError(f"cannot save tensor {name!r} of dtype {t.dtype} to safetensors")
         t = t.detach().to("cpu").contiguous()
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
         blobs.append(t)
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")

@@ -27,9 +27,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from minidpo.checkpoint import Checkpointer, CheckpointCorrupt  # noqa: F401  (re-exported: minidpo.trainer.Checkpointer)
+# Checkpointer, CheckpointCorrupt and is_main are re-exported: callers import them from here for now
+from minidpo.checkpoint import Checkpointer, CheckpointCorrupt  # noqa: F401
 from minidpo.config import require
-from minidpo.distributed import average_gradients, barrier, is_main, rank_and_world  # noqa: F401  (is_main re-exported)
+from minidpo.distributed import average_gradients, barrier, is_main, rank_and_world
 from minidpo.progress import Log, quiet
 
 # (metric key, short label, format) for the log line; DPO's by default

@@ -57,7 +57,7 @@ def test_numbers_round_trip_through_the_command_line(n, x):
 @pytest.mark.parametrize("argv,message", [
     (["--beta", "0"], "--beta must be"),
     (["--beta-sweep", "0.1,-1"], "--beta-sweep must be"),
-    (["--min-new-tokens", "20", "--max-new-tokens", "10"], "--min-new-tokens"),
+    (["--min-new-tokens", "20", "--max-new-tokens", "10"], "--max-new-tokens must be >= min_new_tokens"),
     (["--prompt-min-tokens", "9", "--prompt-max-tokens", "8"], "--prompt-min-tokens"),
     (["--prompt-max-tokens", "70", "--max-length", "64"], "--prompt-max-tokens .* must be < --max-length"),
     (["--loss-type", "dpo"], "--loss-type must be one of"),

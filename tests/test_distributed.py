@@ -3,15 +3,19 @@
 import json
 import os
 import socket
-import time
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from minidpo.distributed import (average_gradients, barrier, is_main, rank_and_world, rank_zero_first,
                                  setup_distributed, teardown)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_without_torchrun_everything_is_the_single_process_no_op(monkeypatch):
@@ -33,15 +37,22 @@ def test_a_non_integer_world_size_is_named(monkeypatch):
         setup_distributed()
 
 
-def worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+# Each rank runs this as its own process; it imports minidpo.distributed without the package's __init__ (which loads
+# the whole library): torch alone is enough, and the test stays quick.
+WORKER = textwrap.dedent("""
+    import json, os, sys, time, types
+    pkg = types.ModuleType("minidpo")
+    pkg.__path__ = [os.path.join(sys.argv[1], "minidpo")]
+    sys.modules["minidpo"] = pkg
+    import torch
+    from minidpo.distributed import average_gradients, is_main, rank_zero_first, setup_distributed, teardown
+    rank = int(os.environ["RANK"])
     rank_, world, device = setup_distributed(device="cpu")
-    result: dict = {"setup": [rank_, world, device], "main": is_main()}
+    result = {"setup": [rank_, world, device], "main": is_main()}
     p = torch.nn.Parameter(torch.zeros(2, 3))
-    q = torch.nn.Parameter(torch.zeros(4))  # no gradient on this rank's side for rank 1: counts as zeros
+    q = torch.nn.Parameter(torch.zeros(4))
     p.grad = torch.full((2, 3), float(rank + 1))
-    q.grad = torch.full((4,), 4.0) if rank == 0 else None
+    q.grad = torch.full((4,), 4.0) if rank == 0 else None  # no gradient on rank 1: counts as zeros
     loss, metric = average_gradients([p, q], [torch.tensor(float(rank)), torch.tensor(10.0 * rank)])
     result["grads"] = [p.grad.tolist(), q.grad.tolist()]
     result["extras"] = [loss.item(), metric.item()]
@@ -58,8 +69,9 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     except BaseException as e:
         result["failure"] = f"{type(e).__name__}: {e}"
     teardown()
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+    with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
+""")
 
 
 def free_port() -> int:
@@ -69,13 +81,17 @@ def free_port() -> int:
 
 
 def test_two_gloo_processes_average_gradients_and_extras_and_share_a_failure_of_rank_0(tmp_path):
-    ctx = mp.start_processes(worker, args=(free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn")
-    deadline = time.time() + 240
-    while not ctx.join(timeout=5):  # a hang (a rank waiting for one that failed) fails here instead of forever
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("distributed workers did not finish")
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(ROOT), str(tmp_path)],
+                              env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(r),
+                                   "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "2"})
+             for r in (0, 1)]
+    try:
+        for p in procs:  # a hang (a rank waiting for one that failed) fails here instead of forever
+            assert p.wait(timeout=240) == 0
+    finally:
+        for p in procs:
+            p.kill()
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["setup"] == [0, 2, "cpu"] and r1["setup"] == [1, 2, "cpu"] and r0["main"] and not r1["main"]
     for r in (r0, r1):

@@ -1,7 +1,6 @@
 """minidpo/generate.py: sampling is exact (chi-square against the target distribution), never draws a masked
 token, repeats under a seed, treats top_k=0 / top_p=1 as off, and rejects settings that are no distribution."""
 
-import math
 from dataclasses import asdict
 
 import pytest
@@ -119,7 +118,7 @@ def test_a_masked_token_is_never_drawn_in_many_draws(kw):
 def test_full_vocabulary_sampling_matches_the_target_in_aggregate():
     logits = torch.randn(50257, generator=torch.Generator().manual_seed(2)) * 3
     probs = logits.double().softmax(-1)
-    counts = draw_counts(sample, logits, n=4000)
+    counts = sum(draw_counts(sample, logits, n=250, seed=s) for s in range(8))  # 2,000 draws, 100 MB at a time
     buckets = probs.argsort(descending=True).chunk(8)  # 8 groups of tokens, most likely first
     observed = torch.stack([counts[b].sum() for b in buckets])
     assert chi_square_p_value(observed, torch.stack([probs[b].sum() for b in buckets])) > 1e-4
@@ -234,13 +233,3 @@ def test_generation_rejects_bad_lengths_and_settings_before_any_work(tiny_model)
         generate(tiny_model, ids, 3, top_p=0)
     with pytest.raises(ValueError, match="eos_id"):
         generate(tiny_model, ids, 3, eos_id=TINY.vocab_size)
-
-
-@pytest.mark.parametrize("kw,field", [({"n_head": 0}, "n_head"), ({"n_layer": 0}, "n_layer"),
-                                      ({"n_embd": 0}, "n_embd"), ({"n_embd": 30, "n_head": 4}, "n_embd"),
-                                      ({"vocab_size": 0}, "vocab_size"), ({"block_size": 0}, "block_size"),
-                                      ({"dropout": 1.0}, "dropout"), ({"dropout": math.nan}, "dropout")])
-def test_gpt_config_rejects_impossible_sizes_naming_the_field(kw, field):
-    with pytest.raises(ValueError, match=field) as err:
-        GPTConfig(**kw)
-    assert err.value.field == field

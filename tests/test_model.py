@@ -35,6 +35,16 @@ def test_unknown_preset_name_lists_the_valid_ones():
         GPTConfig.from_name("gpt3")
 
 
+@pytest.mark.parametrize("kw,field", [({"n_head": 0}, "n_head"), ({"n_layer": 0}, "n_layer"),
+                                      ({"n_embd": 0}, "n_embd"), ({"n_embd": 30, "n_head": 4}, "n_embd"),
+                                      ({"vocab_size": 0}, "vocab_size"), ({"block_size": 0}, "block_size"),
+                                      ({"dropout": 1.0}, "dropout"), ({"dropout": math.nan}, "dropout")])
+def test_gpt_config_rejects_impossible_sizes_naming_the_field(kw, field):
+    with pytest.raises(ValueError, match=field) as err:
+        GPTConfig(**kw)
+    assert err.value.field == field
+
+
 def test_head_is_tied_to_token_embedding(tiny_model):
     assert tiny_model.lm_head.weight is tiny_model.transformer.wte.weight
 

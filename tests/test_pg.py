@@ -13,7 +13,7 @@ from minidpo.lora import apply_lora, lora_state_dict
 from minidpo.model import GPT, GPTConfig
 from minidpo.pairs import Prompt
 from minidpo.pg import RLOOConfig, adaptive_kl_coef, kl_penalized_rewards, policy_gradient_loss, rloo_advantages
-from minidpo.rloo import KLController, derived_seed, stream_indices, train_rloo
+from minidpo.rloo import KLController, completion_logps, train_rloo
 from minidpo.tokenizer import Tokenizer
 from minidpo.trainer import LoopConfig
 
@@ -88,15 +88,6 @@ def test_adaptive_kl_needs_a_nonzero_starting_coefficient():
     with pytest.raises(ConfigError) as e:
         RLOOConfig(kl_coef=0.0, target_kl=3.0)
     assert e.value.field == "kl_coef"
-
-
-def test_prompt_stream_visits_every_prompt_once_per_epoch_and_is_a_pure_function():
-    n = 7
-    first_two_epochs = stream_indices(n, 0, 2 * n, seed=3)
-    assert sorted(first_two_epochs[:n]) == list(range(n)) == sorted(first_two_epochs[n:])
-    assert stream_indices(n, 5, 6, seed=3) == first_two_epochs[5:11]
-    assert stream_indices(n, 0, n, seed=4) != first_two_epochs[:n]
-    assert derived_seed("a", 1) == derived_seed("a", 1) != derived_seed("a", 2)
 
 
 # ------------------------------------------------------------------------- the estimator on a categorical policy
@@ -235,3 +226,45 @@ def test_fixed_kl_coef_never_moves_and_adaptive_one_updates_once_per_optimizer_s
     assert adaptive.value == pytest.approx(adaptive_kl_coef(0.3, 1.05, 1.0, 16, 100))
     adaptive.load({"kl_coef": 0.7})
     assert adaptive.state() == {"kl_coef": 0.7}
+
+
+def test_completion_logps_are_of_the_sampler_with_end_of_text_forbidden_fused_equal_to_naive():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, block_size=16)).double()
+    apply_lora(model, rank=2, alpha=4.0, targets=("attn.c_attn",))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)  # a nonzero adapter: gradients reach both A and B
+    eot = 63
+    prompts, completions = [[5, 6, 7], [9]], [[1, 2, eot], [3, 4, 5, 6, 7]]
+    rows = [p + c for p, c in zip(prompts, completions)]
+    ids = torch.full((2, 8), eot)
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    for b, (p, c) in enumerate(zip(prompts, completions)):
+        ids[b, :len(rows[b])] = torch.tensor(rows[b])
+        mask[b, len(p):len(rows[b])] = True
+    lens = torch.tensor([3, 1])
+    out = {}
+    for mode in ("naive", "fused"):
+        cfg = RLOOConfig(min_new_tokens=2, max_new_tokens=5, eot_id=eot, logprobs=mode)
+        model.zero_grad()
+        out[mode] = completion_logps(model, ids, mask, lens, cfg)
+        out[mode].sum().backward()
+        out[mode + "_grad"] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    close = dict(check_dtype=False, rtol=1e-4, atol=1e-5)  # the naive path computes in fp32 (evaluation's)
+    torch.testing.assert_close(out["fused"], out["naive"], **close)
+    for a, b in zip(out["fused_grad"], out["naive_grad"]):
+        torch.testing.assert_close(a, b, **close)
+    with torch.no_grad():  # by hand: end-of-text removed at the first 2 generated steps, then the plain softmax
+        expected = []
+        for p, c in zip(prompts, completions):
+            logits = model(torch.tensor([p + c]))[0]
+            total = 0.0
+            for step, token in enumerate(c):
+                lg = logits[len(p) - 1 + step].clone()
+                if step < 2:
+                    lg[eot] = -math.inf
+                total += float(lg.log_softmax(-1)[token])
+            expected.append(total)
+    torch.testing.assert_close(out["fused"].detach(), torch.tensor(expected, dtype=torch.float64))

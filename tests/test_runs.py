@@ -37,8 +37,8 @@ def test_a_new_run_with_other_settings_is_refused_naming_exactly_the_differing_o
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.dictionaries(st.sampled_from(["a_b", "c", "d", "e", "f"]), st.integers(-3, 3) | st.none() | st.text(max_size=3),
-                       min_size=1), st.data())
+@given(st.dictionaries(st.sampled_from(["a_b", "c", "d", "e", "f"]),
+                       st.integers(-3, 3) | st.none() | st.text(max_size=3), min_size=1), st.data())
 def test_differing_lists_exactly_the_changed_keys(stored, data):
     changed = data.draw(st.sets(st.sampled_from(sorted(stored))))
     given_ = {k: ([v, "x"] if k in changed else v) for k, v in stored.items()}

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from minidpo.tokenizer import DATA_DIR, Tokenizer
+from minidpo.tokenizer import DATA_DIR, EOT_ID, Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +23,12 @@ def test_known_ids_and_sizes(tok):
     assert tok.eot_id == 50256
     assert tok.vocab_size == 50257
     assert tok.decode([15496, 995]) == "Hello world"
+
+
+def test_eot_id_is_the_encodings_endoftext_token(tok):
+    assert EOT_ID == tok.eot_id == 50256
+    assert tok.encoding.encode("<|endoftext|>", allowed_special="all") == [EOT_ID]
+    assert tok.decode([EOT_ID]) == "<|endoftext|>"
 
 
 @settings(max_examples=200, deadline=None)
