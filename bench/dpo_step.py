@@ -2,23 +2,22 @@
 One DPO optimizer step, side by side: minidpo vs Hugging Face TRL's DPOTrainer + PEFT LoRA, at the same settings.
 
 Same weights (one seeded GPT-2 124M-shaped minidpo GPT, exported with minidpo.weights.save_hf, loaded by both sides),
-same tokens (pairs of P prompt + C completion tokens ending in <|endoftext|>), LoRA r=8 alpha=16 dropout 0 on c_attn,
-sigmoid loss, beta 0.1, reference = adapter disabled, AdamW (0.9, 0.95) same lr, grad clip 1.0. CPU: fp32, 4 pairs of
-8 + 32. CUDA: bf16 autocast over fp32 weights, 16 pairs of 8 + 248. Each variant runs in a fresh subprocess.
-
-Timed step (CUDA: synchronized at both ends); tokens/s = 2 * pairs * (P + C) / median step time after warm-up:
-  minidpo  minidpo.trainer.train_loop with train.py's run_dpo step_fn, from get_batch(step) (pre-collated with
-           collate_pairs, moved to the device) to on_step_end(step): forward, reference forward, loss, backward,
-           finite-loss check, clip, AdamW, scheduler.
-  TRL      trainer.train() with a TrainerCallback, from on_step_begin to on_step_end: training_step (its own collated
-           batch to the device, loss + metrics, backward), clip, optimizer and scheduler step, zero_grad.
+same tokens (P prompt + C completion tokens ending in <|endoftext|>), LoRA r=8 alpha=16 dropout 0 on c_attn, sigmoid
+loss, beta 0.1, reference = adapter disabled, AdamW (0.9, 0.95) same lr, grad clip 1.0. Two layouts:
+  pairs  `--pairs` independent pairs (CPU 4, CUDA 16): every row forwards each pair's two sequences.
+  paper  the DPO paper's IMDb layout: `--prompts` prompts (CPU 1, CUDA 4) x 4 completions, all 6 pairs per prompt.
+         minidpo-unique forwards each distinct (prompt, completion) once (4 per prompt, minidpo.dpo.sequence_forward);
+         trl-paper and minidpo-paper forward each pair's two sequences (12 per prompt), as TRL does.
+CPU: fp32, C = 32. CUDA: bf16 autocast over fp32 weights, C = 248. Each variant runs in a fresh subprocess. Timed step
+(CUDA: synchronized at both ends) from minidpo.trainer.train_loop's get_batch to on_step_end (minidpo), from
+on_step_begin to on_step_end of trainer.train() (TRL); pairs/s and tokens/s (2 (P + C) per pair) from the median.
 Peak memory: CPU: VmRSS right before the first step, then the high-water mark is reset (/proc/self/clear_refs) and
-VmHWM read after the steps; CUDA: memory_allocated() before the first step, max_memory_allocated() after.
-"step mem" = peak - that baseline. MFU (CUDA only): see flops_per_token. Details: bench/README.md.
+VmHWM read after the steps; CUDA: memory_allocated() before the first step, max_memory_allocated() after. "step mem"
+= peak - that baseline. MFU (CUDA only): see flops_per_token. Details: bench/README.md.
 
-Usage:  /work/devenv/bin/python bench/dpo_step.py                      # every variant, CPU or CUDA defaults
-        /work/devenv/bin/python bench/dpo_step.py --variants minidpo,trl --warmup 1 --steps 2
-        /work/devenv/bin/python bench/dpo_step.py --compile               # adds the torch.compile row
+Usage:  python bench/dpo_step.py                      # every default variant, CPU or CUDA defaults
+        python bench/dpo_step.py --variants minidpo-unique,trl-paper --warmup 1 --steps 2
+        python bench/dpo_step.py --compile               # adds the torch.compile row
 Needs bench/requirements.txt (trl, peft, transformers); minidpo itself never imports them.
 """
 
@@ -41,25 +40,33 @@ from minidpo.model import GPT, GPTConfig  # noqa: E402
 
 EOT = 50256
 MB = 2 ** 20
+K = 4  # completions per prompt in the paper layout: K (K - 1) / 2 = 6 pairs
 LORA = dict(rank=8, alpha=16.0, dropout=0.0, targets=("attn.c_attn",))
-# side, reference ("forward": adapter disabled every step; "cached": log-probs computed once before training), extras
+# side; layout; reference ("forward": adapter disabled every step, "cached": computed once before training); extras
 VARIANTS = {
-    "minidpo": dict(side="minidpo", ref="forward"),
-    "minidpo-cached-ref": dict(side="minidpo", ref="cached"),
-    "minidpo-fused": dict(side="minidpo", ref="forward", fused_linear=True),
-    "minidpo-compile": dict(side="minidpo", ref="forward", compile=True),
-    "trl": dict(side="trl", ref="forward"),
-    "trl-cached-ref": dict(side="trl", ref="cached"),
-    "trl-grad-ckpt": dict(side="trl", ref="forward", gradient_checkpointing=True),  # TRL's default setting
+    "minidpo": dict(side="minidpo", layout="pairs", ref="forward"),
+    "minidpo-cached-ref": dict(side="minidpo", layout="pairs", ref="cached"),
+    "minidpo-naive": dict(side="minidpo", layout="pairs", ref="forward", logprobs="naive"),
+    "minidpo-compile": dict(side="minidpo", layout="pairs", ref="forward", compile=True),
+    "trl": dict(side="trl", layout="pairs", ref="forward"),
+    "trl-cached-ref": dict(side="trl", layout="pairs", ref="cached"),
+    "trl-grad-ckpt": dict(side="trl", layout="pairs", ref="forward", gradient_checkpointing=True),  # TRL's default
+    "minidpo-unique": dict(side="minidpo", layout="paper", ref="forward", unique=True),
+    "minidpo-unique-cached-ref": dict(side="minidpo", layout="paper", ref="cached", unique=True),
+    "minidpo-paper": dict(side="minidpo", layout="paper", ref="forward"),
+    "trl-paper": dict(side="trl", layout="paper", ref="forward"),
 }
-DEFAULT_VARIANTS = "minidpo,minidpo-cached-ref,minidpo-fused,trl,trl-cached-ref,trl-grad-ckpt"
+DEFAULT_VARIANTS = ("minidpo,minidpo-cached-ref,minidpo-naive,trl,trl-cached-ref,trl-grad-ckpt,"
+                    "minidpo-unique,minidpo-paper,trl-paper")
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}  # bf16 dense, first match wins
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    p.add_argument("--pairs", type=int, help="pairs per step (default: 4 on CPU, 16 on CUDA)")
+    p.add_argument("--pairs", type=int, help="pairs per step, pairs layout (default: 4 on CPU, 16 on CUDA)")
+    p.add_argument("--prompts", type=int, help=f"prompts per step, paper layout ({K} completions, "
+                                               f"{K * (K - 1) // 2} pairs each; default: 1 on CPU, 4 on CUDA)")
     p.add_argument("--prompt-len", type=int, default=8)
     p.add_argument("--completion-len", type=int, help="completion tokens incl. <|endoftext|> (32 CPU, 248 CUDA)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default: 2 CPU, 3 CUDA)")
@@ -81,6 +88,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--device cuda: torch.cuda.is_available() is False")
     cuda = a.device == "cuda"
     a.pairs = a.pairs or (16 if cuda else 4)
+    a.prompts = a.prompts or (4 if cuda else 1)
     a.completion_len = a.completion_len or (248 if cuda else 32)
     a.warmup = a.warmup if a.warmup is not None else (3 if cuda else 2)
     a.steps = a.steps or (10 if cuda else 5)
@@ -89,9 +97,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if unknown:
         p.error(f"--variants: unknown {unknown}; expected names from {list(VARIANTS)}")
     a.variant_list = list(dict.fromkeys(names))
-    if a.prompt_len < 1 or a.completion_len < 2 or a.pairs < 1 or a.steps < 1 or a.warmup < 0:
-        p.error("need --prompt-len >= 1, --completion-len >= 2, --pairs >= 1, --steps >= 1, --warmup >= 0")
+    if min(a.prompt_len, a.completion_len - 1, a.pairs, a.prompts, a.steps, a.warmup + 1) < 1:
+        p.error("need --prompt-len >= 1, --completion-len >= 2, --pairs, --prompts, --steps >= 1, --warmup >= 0")
     return a
+
+
+def n_pairs(a: argparse.Namespace, layout: str) -> int:
+    return a.pairs if layout == "pairs" else a.prompts * K * (K - 1) // 2
+
+
+def forwarded_sequences(a: argparse.Namespace, v: dict) -> int:
+    """Sequences each model pass runs per step (policy and reference alike)."""
+    return a.prompts * K if v.get("unique") else 2 * n_pairs(a, v["layout"])
 
 
 # ----------------------------------------------------------------------------- memory and timing helpers
@@ -136,11 +153,20 @@ def sync(device: str) -> float:
 
 # ----------------------------------------------------------------------------- minidpo side
 
+def read_pairs(work: Path, layout: str) -> list[tuple[list[int], list[int], list[int]]]:
+    """(prompt, chosen, rejected) token ids of every pair of a layout, as write_inputs saved them."""
+    ids = json.loads((work / "batch.json").read_text())[layout]
+    return list(zip(ids["prompt"], ids["chosen"], ids["rejected"]))
+
+
 def run_minidpo(a: argparse.Namespace, v: dict, work: Path) -> dict:
-    """train.py's run_dpo step_fn inside minidpo.trainer.train_loop, timed from get_batch to on_step_end."""
-    from minidpo.dpo import concatenated_forward, dpo_batch_loss
+    """minidpo.dpo_train's DPO step (policy forward, reference passed in, loss) inside minidpo.trainer.train_loop,
+    timed from get_batch to on_step_end."""
+    from minidpo.batching import collate_pairs, collate_unique
+    from minidpo.dpo import (DPOConfig, concatenated_forward, dpo_step_loss, dpo_unique_loss, reference_forward,
+                             sequence_forward)
     from minidpo.lora import apply_lora
-    from minidpo.pairs import Pair, collate_pairs
+    from minidpo.pairs import Pair
     from minidpo.trainer import LoopConfig, train_loop
     from minidpo.weights import load_gpt2
 
@@ -150,44 +176,44 @@ def run_minidpo(a: argparse.Namespace, v: dict, work: Path) -> dict:
     model = load_gpt2(work / "model", device=device)
     for p in model.parameters():
         p.requires_grad_(False)
-    ids = json.loads((work / "batch.json").read_text())
-    pairs = [Pair("", "", "", *seqs, 1.0, 0.0) for seqs in zip(ids["prompt"], ids["chosen"], ids["rejected"])]
-    cpu_batch = collate_pairs(pairs, max_length=a.prompt_len + a.completion_len)
-    idx = torch.arange(len(pairs), device=device)
-    forward = concatenated_forward
-    if v.get("fused_linear") is not None:  # default None: concatenated_forward picks by logits size
-        forward = lambda m, b: concatenated_forward(m, b, fused_linear=v["fused_linear"])  # noqa: E731
+    pairs = [Pair("", "", "", *ids, 1.0, 0.0) for ids in read_pairs(work, v["layout"])]
+    unique, logprobs, dpo = v.get("unique", False), v.get("logprobs", "fused"), DPOConfig(beta=a.beta)
+    collate = collate_unique if unique else collate_pairs
+    cpu_batch = collate(pairs, a.prompt_len + a.completion_len, pad_id=EOT)
+    batch = {k: t.to(device) for k, t in cpu_batch.items()}
+    forward = sequence_forward if unique else concatenated_forward
     if v.get("compile"):
         forward = torch.compile(forward)
     ref_cache = None
-    if v["ref"] == "cached":  # like pipeline.precompute_reference: one pass before the adapter exists
-        with torch.no_grad(), autocast:
-            out = concatenated_forward(model, {k: t.to(device) for k, t in cpu_batch.items()})
-        ref_cache = {k: out[k].float() for k in ("chosen_logps", "rejected_logps", "chosen_logps_mean",
-                                                 "rejected_logps_mean")}  # pipeline.REF_KEYS
+    if v["ref"] == "cached":  # like minidpo.stages.precompute_reference: one pass before the adapter exists
+        with autocast:
+            ref_cache = reference_forward(model, batch, logprobs, unique=unique)
     torch.manual_seed(a.seed)
     apply_lora(model, **LORA)
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    n_tokens = 2 * a.pairs * (a.prompt_len + a.completion_len)
+    n_tokens, items = 2 * len(pairs) * (a.prompt_len + a.completion_len), len(pairs)
     starts, ends, first = [], [], {}
 
     def get_batch(step: int, micro: int):
         if step == 0:
             first["base"] = mem_mark(a.device)
         starts.append(sync(a.device))
-        return idx, {k: t.to(device, non_blocking=True) for k, t in cpu_batch.items()}, n_tokens
+        return {k: t.to(device, non_blocking=True) for k, t in cpu_batch.items()}
 
-    def step_fn(batch):  # train.py run_dpo.step_fn
-        idx, tensors, n_tokens = batch
+    def step_fn(tensors):  # minidpo.dpo_train.dpo_step
         with autocast:
-            loss, metrics = dpo_batch_loss(model, tensors, a.beta, "sigmoid", 0.0, ref_cache, idx, forward)
+            policy = forward(model, tensors, logprobs)
+            reference = ref_cache or reference_forward(model, tensors, logprobs, unique=unique)
+            loss, metrics = (dpo_unique_loss(policy, reference, tensors, dpo) if unique
+                             else dpo_step_loss(policy, reference, dpo))
         if "logps" not in first:  # parity check against TRL's metric of the same name (warm-up step only)
             first["logps"] = [metrics["logps/chosen"].item(), metrics["logps/rejected"].item()]
-        return loss, metrics, n_tokens
+        return loss, metrics, n_tokens, items
 
     loop = LoopConfig(steps=a.warmup + a.steps, lr=a.lr, warmup_steps=0, weight_decay=0.0, grad_accum=1,
                       grad_clip=1.0, log_every=10 ** 9, checkpoint_every=0, label=f"bench {a.child}")
-    train_loop(loop, params, get_batch, step_fn, on_step_end=lambda step: ends.append(sync(a.device)))
+    train_loop(loop, params, get_batch, step_fn, on_step_end=lambda step: ends.append(sync(a.device)),
+               log=lambda line: None)
     return dict(times=[e - s for s, e in zip(starts, ends)], base_mb=first["base"], peak_mb=mem_peak(a.device),
                 logps=first["logps"])
 
@@ -216,17 +242,16 @@ def run_trl(a: argparse.Namespace, v: dict, work: Path) -> dict:
 
     transformers.logging.set_verbosity_error()
     cuda = a.device == "cuda"
-    ids = json.loads((work / "batch.json").read_text())
+    pairs = read_pairs(work, v["layout"])
     words = lambda seq: " ".join("<|endoftext|>" if t == EOT else f"w{t}" for t in seq)  # noqa: E731
-    data = Dataset.from_dict({"prompt": [words(s) for s in ids["prompt"]],
-                              "chosen": [" " + words(s) for s in ids["chosen"]],
-                              "rejected": [" " + words(s) for s in ids["rejected"]]})
+    data = Dataset.from_dict({"prompt": [words(p) for p, _, _ in pairs], "chosen": [" " + words(c) for _, c, _ in pairs],
+                              "rejected": [" " + words(r) for _, _, r in pairs]})
     model = GPT2LMHeadModel.from_pretrained(work / "model", dtype=torch.float32)
     with torch.no_grad():  # from_pretrained memory-maps the file: fault the weights in now, or step 1's CPU peak
         for t in [*model.parameters(), *model.buffers()]:  # would count ~0.5 GB of them paging in (minidpo copies)
             t.sum()
     config = DPOConfig(
-        output_dir=str(work / f"out-{a.child}"), max_steps=a.warmup + a.steps, per_device_train_batch_size=a.pairs,
+        output_dir=str(work / f"out-{a.child}"), max_steps=a.warmup + a.steps, per_device_train_batch_size=len(pairs),
         gradient_accumulation_steps=1, learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, beta=a.beta, loss_type=["sigmoid"],
         max_length=a.prompt_len + a.completion_len, precompute_ref_log_probs=v["ref"] == "cached",
@@ -251,8 +276,8 @@ def run_trl(a: argparse.Namespace, v: dict, work: Path) -> dict:
 
     trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=word_tokenizer(),
                          peft_config=lora, callbacks=[StepTimer()])
-    for row, pr, ch, rj in zip(trainer.train_dataset, ids["prompt"], ids["chosen"], ids["rejected"]):
-        if (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) != (pr, ch, rj):
+    for row, pair in zip(trainer.train_dataset, pairs, strict=True):
+        if (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) != pair:
             raise RuntimeError("TRL's tokenized dataset differs from the benchmark's token ids")
     trainer.train()
     return dict(times=[e - s for s, e in zip(starts, ends)], base_mb=first["base"], peak_mb=mem_peak(a.device),
@@ -263,7 +288,7 @@ def run_trl(a: argparse.Namespace, v: dict, work: Path) -> dict:
 # ----------------------------------------------------------------------------- parent: setup, children, table
 
 def write_inputs(a: argparse.Namespace, work: Path) -> tuple[GPTConfig, int]:
-    """One seeded minidpo GPT exported with save_hf (both sides load it) and one batch of token ids."""
+    """One seeded minidpo GPT exported with save_hf (both sides load it) and the token ids of both layouts."""
     from minidpo.weights import save_hf
 
     torch.manual_seed(a.seed)
@@ -272,10 +297,14 @@ def write_inputs(a: argparse.Namespace, work: Path) -> tuple[GPTConfig, int]:
     model = GPT(cfg)
     save_hf(model, work / "model")
     g = torch.Generator().manual_seed(a.seed + 1)
-    rand = lambda n: torch.randint(0, EOT, (a.pairs, n), generator=g).tolist()  # noqa: E731, never <|endoftext|>
-    batch = {"prompt": rand(a.prompt_len), "chosen": [s + [EOT] for s in rand(a.completion_len - 1)],
-             "rejected": [s + [EOT] for s in rand(a.completion_len - 1)]}
-    (work / "batch.json").write_text(json.dumps(batch))
+    rand = lambda n: torch.randint(0, EOT, (n,), generator=g).tolist()  # noqa: E731, never <|endoftext|>
+    completion = lambda: rand(a.completion_len - 1) + [EOT]  # noqa: E731
+    layouts = {"pairs": [(rand(a.prompt_len), completion(), completion()) for _ in range(a.pairs)], "paper": []}
+    for _ in range(a.prompts):  # K completions of one prompt, every pair (i, j), i < j: i chosen
+        prompt, comps = rand(a.prompt_len), [completion() for _ in range(K)]
+        layouts["paper"] += [(prompt, comps[i], comps[j]) for i in range(K) for j in range(i + 1, K)]
+    (work / "batch.json").write_text(json.dumps(
+        {name: dict(zip(("prompt", "chosen", "rejected"), map(list, zip(*pairs)))) for name, pairs in layouts.items()}))
     return cfg, model.num_params()
 
 
@@ -295,10 +324,12 @@ def run_child(name: str, argv: list[str], work: Path) -> dict | None:
 
 
 def flops_per_token(cfg: GPTConfig, T: int, cached_ref: bool) -> float:
-    """Useful FLOPs per token. N = 12 L C^2 + V C matmul weights (tied head once). Frozen weights need activation
-    gradients but no weight gradients: policy forward 2N + backward 2N, reference forward 2N (6N; 4N when cached).
-    Attention has no weights, so its backward is 2x its forward of 4 L T C (PaLM, no causal halving): 12 L T C for
-    the policy + 4 L T C for the reference. Recomputation (minidpo's lm_head backward, checkpointing) is not counted."""
+    """Useful FLOPs per forwarded token. N = 12 L C^2 + V C matmul weights (tied head once). Frozen weights need
+    activation gradients but no weight gradients: policy forward 2N + backward 2N, reference forward 2N (6N; 4N when
+    cached). Attention has no weights, so its backward is 2x its forward of 4 L T C (PaLM, no causal halving):
+    12 L T C for the policy + 4 L T C for the reference. Recomputation (minidpo's lm_head backward, checkpointing)
+    is not counted. MFU counts the tokens a row forwards, so a unique batch is not credited for the work it skips:
+    its gain shows in pairs/s."""
     N = 12 * cfg.n_layer * cfg.n_embd ** 2 + cfg.vocab_size * cfg.n_embd
     attn = 4 * cfg.n_layer * T * cfg.n_embd  # one forward
     return (4 * N + 3 * attn) if cached_ref else (6 * N + 4 * attn)
@@ -311,51 +342,61 @@ def peak_tflops(a: argparse.Namespace) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def summarize(a: argparse.Namespace, r: dict) -> None:
-    timed = r["times"][a.warmup:]
+def summarize(a: argparse.Namespace, name: str, r: dict) -> None:
+    timed, T, v = r["times"][a.warmup:], a.prompt_len + a.completion_len, VARIANTS[name]
     r["ms"] = 1000 * statistics.median(timed)
-    r["tok_s"] = 2 * a.pairs * (a.prompt_len + a.completion_len) / (r["ms"] / 1000)
+    r["pairs_s"] = n_pairs(a, v["layout"]) / (r["ms"] / 1000)
+    r["tok_s"] = 2 * T * r["pairs_s"]                                       # the pairs' tokens
+    r["fwd_tok_s"] = forwarded_sequences(a, v) * T / (r["ms"] / 1000)     # the tokens actually forwarded
     r["delta"] = r["peak_mb"] - r["base_mb"]
     r["spread"] = f"{1000 * min(timed):.0f}-{1000 * max(timed):.0f}"
 
 
-def baseline(name: str, results: dict[str, dict | None]) -> dict | None:
-    """The TRL row a row is compared with: trl-cached-ref for minidpo-cached-ref when it ran, else trl."""
+def baseline(name: str, results: dict[str, dict | None]) -> tuple[str, dict | None]:
+    """The TRL row a row is compared with: same layout, and the cached-reference TRL row for a cached minidpo row
+    when it ran."""
     v = VARIANTS[name]
+    if v["layout"] == "paper":
+        return "trl-paper", results.get("trl-paper")
     if v["side"] == "minidpo" and v["ref"] == "cached" and results.get("trl-cached-ref"):
-        return results["trl-cached-ref"]
-    return results.get("trl")
+        return "trl-cached-ref", results["trl-cached-ref"]
+    return "trl", results.get("trl")
 
 
 def print_table(a: argparse.Namespace, cfg: GPTConfig, results: dict[str, dict | None]) -> None:
     cuda = a.device == "cuda"
     peak = peak_tflops(a) if cuda else None
-    cols = ["variant", "ms/step", "min-max ms", "tokens/s", "x TRL", "step mem MB", "x TRL", "peak MB",
-            "logps/chosen@1"] + (["MFU"] if cuda else [])
+    cols = ["variant", "pairs", "seqs", "ms/step", "min-max ms", "pairs/s", "tokens/s", "x TRL", "vs",
+            "step mem MB", "x TRL", "peak MB", "logps/chosen@1"] + (["MFU"] if cuda else [])
     ok = {n: r for n, r in results.items() if r is not None}
-    for r in ok.values():
-        summarize(a, r)
+    for n, r in ok.items():
+        summarize(a, n, r)
     rows = []
     for name, r in results.items():
+        v = VARIANTS[name]
         if r is None:
             rows.append([name, "failed"] + [""] * (len(cols) - 2))
             continue
-        b = baseline(name, ok)
+        b_name, b = baseline(name, ok)
         ratio = lambda key: f"{r[key] / b[key]:.2f}" if b and b[key] > 0 else "-"  # noqa: E731
-        rows.append([name, f"{r['ms']:.0f}", r["spread"], f"{r['tok_s']:,.0f}", ratio("tok_s"), f"{r['delta']:,.0f}",
-                     ratio("delta"), f"{r['peak_mb']:,.0f}", f"{r['logps'][0]:.4f}"])
+        rows.append([name, n_pairs(a, v["layout"]), forwarded_sequences(a, v), f"{r['ms']:.0f}", r["spread"],
+                     f"{r['pairs_s']:.2f}", f"{r['tok_s']:,.0f}", ratio("pairs_s"), b_name if b else "-",
+                     f"{r['delta']:,.0f}", ratio("delta"), f"{r['peak_mb']:,.0f}", f"{r['logps'][0]:.4f}"])
         if cuda:
-            flops = flops_per_token(cfg, a.prompt_len + a.completion_len, VARIANTS[name]["ref"] == "cached")
-            rows[-1].append(f"{100 * r['tok_s'] * flops / (peak * 1e12):.1f}%" if peak else "n/a")
+            flops = flops_per_token(cfg, a.prompt_len + a.completion_len, v["ref"] == "cached")
+            rows[-1].append(f"{100 * r['fwd_tok_s'] * flops / (peak * 1e12):.1f}%" if peak else "n/a")
     widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
     for line in [cols, ["-" * w for w in widths], *rows]:
         print(" | ".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(line, widths))))
-    logps = [r["logps"][0] for r in ok.values()]
-    if logps:
-        print(f"parity: logps/chosen of step 1 (same weights, same tokens) spans {max(logps) - min(logps):.2e} "
-              "across rows")
-    print("x TRL: vs the `trl` row (minidpo-cached-ref: vs `trl-cached-ref`); tokens/s higher is better, memory "
-          "lower is better. step mem = peak - memory in use right before the first step.")
+    for layout in ("pairs", "paper"):
+        logps = [r["logps"][0] for n, r in ok.items() if VARIANTS[n]["layout"] == layout]
+        if logps:
+            print(f"parity ({layout} layout): logps/chosen of step 1 (same weights, same tokens) spans "
+                  f"{max(logps) - min(logps):.2e} across rows")
+    print("pairs: preference pairs per step; seqs: sequences each model pass forwards (a unique batch forwards each "
+          "distinct sequence once). tokens/s counts every pair's chosen + rejected tokens. x TRL: vs the row named "
+          "in `vs`; pairs/s higher is better, memory lower is better. step mem = peak - memory in use right before "
+          "the first step.")
 
 
 def main(argv: list[str]) -> None:
@@ -365,7 +406,6 @@ def main(argv: list[str]) -> None:
         r = (run_minidpo if v["side"] == "minidpo" else run_trl)(a, v, work)
         print("RESULT " + json.dumps({**r, "threads": torch.get_num_threads()}), flush=True)
         return
-    tokens = 2 * a.pairs * (a.prompt_len + a.completion_len)
     dev = torch.cuda.get_device_name() if a.device == "cuda" else platform.processor() or platform.machine()
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.1f}, device "
           f"{a.device} ({dev}), python {platform.python_version()}, torch {torch.__version__}")
@@ -373,10 +413,10 @@ def main(argv: list[str]) -> None:
         work = Path(d)
         cfg, n_params = write_inputs(a, work)
         print(f"model: {cfg.n_layer}x{cfg.n_embd} ({n_params / 1e6:.0f}M params) "
-              f"{'bf16 autocast' if a.device == 'cuda' else 'fp32'}; {a.pairs} pairs x ({a.prompt_len} + "
-              f"{a.completion_len}) tokens = {tokens} tokens/step; median of {a.steps} steps after {a.warmup} "
-              f"warm-up; LoRA r={LORA['rank']} alpha={LORA['alpha']:g} on c_attn; beta {a.beta}, lr {a.lr}",
-              flush=True)
+              f"{'bf16 autocast' if a.device == 'cuda' else 'fp32'}; sequences of {a.prompt_len} + {a.completion_len} "
+              f"tokens; pairs layout: {a.pairs} pairs/step; paper layout: {a.prompts} prompt(s) x {K} completions = "
+              f"{n_pairs(a, 'paper')} pairs/step; median of {a.steps} steps after {a.warmup} warm-up; LoRA "
+              f"r={LORA['rank']} alpha={LORA['alpha']:g} on c_attn; beta {a.beta}, lr {a.lr}", flush=True)
         results = {name: run_child(name, argv, work) for name in a.variant_list}
     trl = next((r for n, r in results.items() if r and VARIANTS[n]["side"] == "trl"), None)
     if trl:

@@ -1,8 +1,9 @@
 """
-Wall time and peak memory of forward + backward of per-token log-probs: naive vs minidpo's fused kernels.
+Wall time and peak memory of forward + backward of per-token log-probs: the plain path (minidpo.logprobs) vs the
+fused kernels (minidpo.fused_logprobs).
 
 Variants (all end in `.sum().backward()`):
-  naive         logits.float().log_softmax(-1).gather(-1, targets)   logits: a leaf [B, T, V] requiring grad
+  naive         naive_token_logps: logits.float().log_softmax(-1).gather(-1, targets)   logits: a leaf [B, T, V]
   fused         token_logprobs(logits, targets)                      the same leaf
   fused-inplace token_logprobs(..., inplace_backward=True)           the same leaf, overwritten by its gradient
   naive-linear  naive on hidden @ weight.T                           hidden [B, T, C], weight [V, C]
@@ -37,15 +38,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-from minidpo.logprobs import linear_token_logprobs, token_logprobs  # noqa: E402
+from minidpo.fused_logprobs import linear_token_logprobs, token_logprobs  # noqa: E402
+from minidpo.logprobs import naive_token_logps  # noqa: E402
 
 VARIANTS = ("naive", "fused", "fused-inplace", "naive-linear", "fused-linear")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MB = 2 ** 20
-
-
-def naive(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return logits.float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
 
 
 def make_inputs(variant: str, a: argparse.Namespace, B: int, T: int, V: int) -> dict:
@@ -63,13 +61,13 @@ def make_inputs(variant: str, a: argparse.Namespace, B: int, T: int, V: int) -> 
 def step(variant: str, x: dict, a: argparse.Namespace) -> None:
     t = x["targets"]
     if variant == "naive":
-        out = naive(x["logits"], t)
+        out = naive_token_logps(x["logits"], t)
     elif variant == "fused":
         out = token_logprobs(x["logits"], t, chunk_rows=a.chunk_rows)
-    elif variant == "fused-inplace":  # the gradient overwrites the logits (train.py's unfused path does this)
+    elif variant == "fused-inplace":  # the gradient overwrites the logits (Liger-Kernel's way)
         out = token_logprobs(x["logits"], t, chunk_rows=a.chunk_rows, inplace_backward=True)
     elif variant == "naive-linear":
-        out = naive(x["hidden"] @ x["weight"].t(), t)
+        out = naive_token_logps(x["hidden"] @ x["weight"].t(), t)
     else:
         out = linear_token_logprobs(x["hidden"], x["weight"], t, chunk_size=a.chunk_size)
     # autograd.grad returns the gradients as backward produced them; accumulating into a leaf's .grad may clone

@@ -23,6 +23,8 @@ Here instead:
 Targets equal to IGNORE_INDEX (-100, PyTorch's cross-entropy convention) give log-prob 0 and no gradient.
 """
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -69,13 +71,11 @@ def _target_logprobs(x: Tensor, targets: Tensor, rows: int) -> tuple[Tensor, Ten
 
     Naive equivalent: lse = x.float().logsumexp(-1); logp = x.float().gather(1, targets[:, None]).squeeze(1) - lse.
     Each chunk goes through torch's fused log_softmax kernel (one pass over memory where torch.logsumexp makes
-    four), so logp is bit-identical to the naive path. lse is recovered at each row's largest logit as
-    x[argmax] - log_softmax[argmax]: that entry is finite whenever any logit is, whereas recovering it at the target
-    (x[target] - logp) gives -inf - (-inf) = NaN for a -inf target logit, and NaN gradients for the whole row.
+    four), so logp is bit-identical to the naive path and lse is recovered as x[target] - logp. That is NaN where
+    the target's logit is -inf (-inf - (-inf)); `_repair_lse_` recomputes those rows.
     """
     acc = _accumulate_dtype(x.dtype)
     logp = torch.empty(x.size(0), dtype=acc, device=x.device)  # (N,)
-    lse = torch.empty_like(logp)                               # (N,)
     out_buf = _scratch(rows, x, acc)
     in_buf = _scratch(rows, x, acc) if x.dtype != acc else None  # upcast target for half-precision x
     for s in range(0, x.size(0), rows):
@@ -84,9 +84,22 @@ def _target_logprobs(x: Tensor, targets: Tensor, rows: int) -> tuple[Tensor, Ten
             xc = in_buf[:xc.size(0)].copy_(xc)
         b = torch.log_softmax(xc, -1, out=out_buf[:xc.size(0)])
         logp[s:s + rows] = b.gather(1, targets[s:s + rows, None]).squeeze(1)
-        top, at = b.max(1)                                           # (rows,), log_softmax peaks where x does
-        lse[s:s + rows] = xc.gather(1, at[:, None]).squeeze(1) - top
+    lse = x.gather(1, targets[:, None]).squeeze(1).to(acc) - logp    # (N,)
     return logp, lse
+
+
+def _repair_lse_(lse: Tensor, logits_of: Callable[[Tensor], Tensor]) -> None:
+    """Recompute, as logits_of(rows).logsumexp(-1), the rows of lse (N,) that x[target] - logp left non-finite.
+
+    A -inf target logit (a banned token; or the safe target 0 of an ignored row whose logit 0 is -inf) makes
+    x[target] - logp = NaN, and backward's exp(logits - lse) would then turn the whole row's gradient into NaN where
+    the naive log_softmax + gather gives finite values. Such rows are rare, so they are found and fixed here rather
+    than paying an argmax pass over every row (which would double the forward's time). Costs one host sync on an
+    accelerator.
+    """
+    bad = (~torch.isfinite(lse)).nonzero().squeeze(1)  # (n_bad,)
+    if bad.numel():
+        lse[bad] = logits_of(bad).to(lse.dtype).logsumexp(-1)
 
 
 def _softmax_grad_(log_softmax: Tensor, targets: Tensor, grad: Tensor) -> Tensor:
@@ -126,6 +139,7 @@ class TokenLogprobs(torch.autograd.Function):
         t_safe = torch.where(valid, t, 0)
         rows = chunk_rows or default_chunk_rows(V, logits.device)
         logp, lse = _target_logprobs(x, t_safe, rows)  # (N,) each
+        _repair_lse_(lse, lambda r: x[r])
         logp = torch.where(valid, logp, 0.0)
         ctx.save_for_backward(logits, lse, t_safe, valid)
         ctx.rows, ctx.inplace = rows, inplace_backward
@@ -179,6 +193,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
             e = s + chunk_size
             logits = torch.mm(h[s:e], weight.t(), out=buf[:h[s:e].size(0)])  # (n, V), the only logits alive
             logp[s:e], lse[s:e] = _target_logprobs(logits, t_safe[s:e], rows)
+        _repair_lse_(lse, lambda r: h[r] @ weight.t())
         logp = torch.where(valid, logp, 0.0)
         ctx.save_for_backward(hidden, weight, lse, t_safe, valid)
         ctx.chunk_size, ctx.rows = chunk_size, rows

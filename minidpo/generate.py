@@ -88,7 +88,7 @@ def search(cdf: Tensor, value: Tensor) -> Tensor:
     rounding of u * total) would run off the end: it gets the last entry with positive weight instead, i.e. the
     first index whose cdf reaches the total, never a trailing zero-weight entry.
     """
-    idx = torch.searchsorted(cdf, value, right=True)              # (B, 1)
+    idx = torch.searchsorted(cdf, value, right=True)                         # (B, 1)
     last = torch.searchsorted(cdf, cdf[:, -1:].contiguous(), right=False)  # (B, 1)
     return torch.minimum(idx, last)
 
@@ -143,7 +143,7 @@ def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, t
         values, index = torch.topk(logits, k, dim=-1)                    # (B, k), descending
     else:  # top-p alone needs the whole vocabulary sorted
         values, index = torch.sort(logits, dim=-1, descending=True)      # (B, V)
-    w = softmax_weights(values, temperature)
+    w = softmax_weights(values, temperature, overwrite=True)  # values is our own copy
     if p is not None:
         w = w.masked_fill(nucleus_drop(w, p), 0.0)
     return index.gather(1, inverse_cdf(w, u)[:, None]).squeeze(1)
