@@ -19,8 +19,12 @@ import torch
 from minidpo.config import ConfigError, build_component, build_config, run_program
 from minidpo.generate import SamplingConfig, generate
 from minidpo.lora import load_lora, merge_lora
+from minidpo.model import ALIASES, PRESETS
 from minidpo.resolve import check_model_name, load_model, pick_device
 from minidpo.tokenizer import Tokenizer
+
+
+MODEL_NAMES = {"auto", "bundled", *PRESETS, *ALIASES}
 
 
 @dataclass
@@ -64,15 +68,16 @@ def read_run_json(path: Path) -> dict:
 
 
 def resolve_base(base: str, run_dir: Path) -> str:
-    """run.json's policy_base as something load_model takes. A relative path means relative to the run folder (so
-    the folder can be moved), and for files written before that, relative to the current directory; anything
-    else that does not exist there is a model name (gpt2, bundled, ...)."""
-    if Path(base).is_absolute():
+    """run.json's policy_base as something load_model takes: a model name (gpt2, bundled, ...), an absolute path,
+    or a path relative to the run folder (so the folder can be moved), and for files written before that,
+    relative to the current directory."""
+    if base in MODEL_NAMES or Path(base).is_absolute():
         return base
     for candidate in (run_dir / base, Path(base)):
         if candidate.exists():
             return str(candidate)
-    return base
+    raise FileNotFoundError(f"{run_dir / 'run.json'}: policy_base {base!r} is neither a model name nor a path "
+                            f"found in {run_dir} or the current directory (was the folder moved without it?)")
 
 
 def adapter_paths(path: Path) -> tuple[Path, str | None]:

@@ -1,19 +1,17 @@
 """
 One DPO optimizer step, side by side: minidpo vs Hugging Face TRL's DPOTrainer + PEFT LoRA, at the same settings.
 
-Same weights (one seeded GPT-2 124M-shaped minidpo GPT, exported with minidpo.weights.save_hf, loaded by both sides),
-same tokens (P prompt + C completion tokens ending in <|endoftext|>), LoRA r=8 alpha=16 dropout 0 on c_attn, sigmoid
-loss, beta 0.1, reference = adapter disabled, AdamW (0.9, 0.95) same lr, grad clip 1.0. Two layouts:
-  pairs  `--pairs` independent pairs (CPU 4, CUDA 16): every row forwards each pair's two sequences.
+Same weights (a seeded GPT-2 124M-shaped minidpo GPT, saved with save_hf, loaded by both sides), same tokens (P prompt
++ C completion tokens ending in <|endoftext|>), LoRA r=8 alpha=16 on c_attn, sigmoid loss, beta 0.1, reference =
+adapter disabled, AdamW (0.9, 0.95), grad clip 1.0. CPU: fp32, C = 32; CUDA: bf16 autocast, C = 248. Two layouts:
+  pairs  `--pairs` independent pairs (CPU 4, CUDA 16): each pair's two sequences are forwarded.
   paper  the DPO paper's IMDb layout: `--prompts` prompts (CPU 1, CUDA 4) x 4 completions, all 6 pairs per prompt.
          minidpo-unique forwards each distinct (prompt, completion) once (4 per prompt, minidpo.dpo.sequence_forward);
          trl-paper and minidpo-paper forward each pair's two sequences (12 per prompt), as TRL does.
-CPU: fp32, C = 32. CUDA: bf16 autocast over fp32 weights, C = 248. Each variant runs in a fresh subprocess. Timed step
-(CUDA: synchronized at both ends) from minidpo.trainer.train_loop's get_batch to on_step_end (minidpo), from
-on_step_begin to on_step_end of trainer.train() (TRL); pairs/s and tokens/s (2 (P + C) per pair) from the median.
-Peak memory: CPU: VmRSS right before the first step, then the high-water mark is reset (/proc/self/clear_refs) and
-VmHWM read after the steps; CUDA: memory_allocated() before the first step, max_memory_allocated() after. "step mem"
-= peak - that baseline. MFU (CUDA only): see flops_per_token. Details: bench/README.md.
+Each variant runs in a fresh subprocess; the step is timed from train_loop's get_batch to on_step_end (minidpo), from
+on_step_begin to on_step_end of trainer.train() (TRL), CUDA-synchronized. step mem = peak - memory in use before the
+first step (CPU: RSS high-water mark reset via /proc/self/clear_refs; CUDA: max_memory_allocated). Details and
+results: bench/README.md. MFU (CUDA only): see flops_per_token.
 
 Usage:  python bench/dpo_step.py                      # every default variant, CPU or CUDA defaults
         python bench/dpo_step.py --variants minidpo-unique,trl-paper --warmup 1 --steps 2
@@ -71,12 +69,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--completion-len", type=int, help="completion tokens incl. <|endoftext|> (32 CPU, 248 CUDA)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default: 2 CPU, 3 CUDA)")
     p.add_argument("--steps", type=int, help="timed steps; the median is reported (default: 5 CPU, 10 CUDA)")
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-layer", type=int, default=12, help="model shape (default GPT-2 124M); smaller for debugging")
-    p.add_argument("--n-head", type=int, default=12)
-    p.add_argument("--n-embd", type=int, default=768)
+    for flag, default in (("--lr", 5e-4), ("--beta", 0.1), ("--seed", 0), ("--n-layer", 12), ("--n-head", 12),
+                          ("--n-embd", 768)):  # model shape: GPT-2 124M by default, smaller for debugging
+        p.add_argument(flag, type=type(default), default=default)
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--compile", action="store_true", help="also run minidpo-compile (torch.compile forward)")
     p.add_argument("--peak-tflops", type=float, help="device bf16 dense peak for MFU (default: by GPU name)")
@@ -86,15 +81,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch.cuda.is_available() is False")
-    cuda = a.device == "cuda"
-    a.pairs = a.pairs or (16 if cuda else 4)
-    a.prompts = a.prompts or (4 if cuda else 1)
-    a.completion_len = a.completion_len or (248 if cuda else 32)
-    a.warmup = a.warmup if a.warmup is not None else (3 if cuda else 2)
-    a.steps = a.steps or (10 if cuda else 5)
+    defaults = dict(pairs=16, prompts=4, completion_len=248, warmup=3, steps=10) if a.device == "cuda" else \
+        dict(pairs=4, prompts=1, completion_len=32, warmup=2, steps=5)
+    for k, default in defaults.items():
+        setattr(a, k, default if getattr(a, k) is None else getattr(a, k))
     names = [v for v in a.variants.split(",") if v] + (["minidpo-compile"] if a.compile else [])
-    unknown = [v for v in names if v not in VARIANTS]
-    if unknown:
+    if unknown := [v for v in names if v not in VARIANTS]:
         p.error(f"--variants: unknown {unknown}; expected names from {list(VARIANTS)}")
     a.variant_list = list(dict.fromkeys(names))
     if min(a.prompt_len, a.completion_len - 1, a.pairs, a.prompts, a.steps, a.warmup + 1) < 1:
@@ -117,7 +109,7 @@ def _proc_status_kb(key: str) -> int | None:
     try:
         return next((int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith(key + ":")), None)
     except OSError:
-        return None
+        return None  # not Linux
 
 
 def mem_mark(device: str) -> float:
@@ -138,11 +130,9 @@ def mem_mark(device: str) -> float:
 def mem_peak(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / MB
-    hwm = _proc_status_kb("VmHWM")
-    if hwm is None:  # not Linux: ru_maxrss is in bytes on macOS, KB elsewhere
-        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return r / MB if sys.platform == "darwin" else r / 1024
-    return hwm / 1024
+    hwm = _proc_status_kb("VmHWM")  # else ru_maxrss: bytes on macOS, KB elsewhere
+    r = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / MB if hwm is None and sys.platform == "darwin" else r / 1024
 
 
 def sync(device: str) -> float:
@@ -248,8 +238,7 @@ def run_trl(a: argparse.Namespace, v: dict, work: Path) -> dict:
                               "rejected": [" " + words(r) for _, _, r in pairs]})
     model = GPT2LMHeadModel.from_pretrained(work / "model", dtype=torch.float32)
     with torch.no_grad():  # from_pretrained memory-maps the file: fault the weights in now, or step 1's CPU peak
-        for t in [*model.parameters(), *model.buffers()]:  # would count ~0.5 GB of them paging in (minidpo copies)
-            t.sum()
+        [t.sum() for t in [*model.parameters(), *model.buffers()]]  # would count ~0.5 GB paging in (minidpo copies)
     config = DPOConfig(
         output_dir=str(work / f"out-{a.child}"), max_steps=a.warmup + a.steps, per_device_train_batch_size=len(pairs),
         gradient_accumulation_steps=1, learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0,
@@ -336,10 +325,7 @@ def flops_per_token(cfg: GPTConfig, T: int, cached_ref: bool) -> float:
 
 
 def peak_tflops(a: argparse.Namespace) -> float | None:
-    if a.peak_tflops:
-        return a.peak_tflops
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return a.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
 
 
 def summarize(a: argparse.Namespace, name: str, r: dict) -> None:
@@ -369,15 +355,13 @@ def print_table(a: argparse.Namespace, cfg: GPTConfig, results: dict[str, dict |
     cols = ["variant", "pairs", "seqs", "ms/step", "min-max ms", "pairs/s", "tokens/s", "x TRL", "vs",
             "step mem MB", "x TRL", "peak MB", "logps/chosen@1"] + (["MFU"] if cuda else [])
     ok = {n: r for n, r in results.items() if r is not None}
-    for n, r in ok.items():
-        summarize(a, n, r)
+    [summarize(a, n, r) for n, r in ok.items()]
     rows = []
     for name, r in results.items():
-        v = VARIANTS[name]
         if r is None:
             rows.append([name, "failed"] + [""] * (len(cols) - 2))
             continue
-        b_name, b = baseline(name, ok)
+        v, (b_name, b) = VARIANTS[name], baseline(name, ok)
         ratio = lambda key: f"{r[key] / b[key]:.2f}" if b and b[key] > 0 else "-"  # noqa: E731
         rows.append([name, n_pairs(a, v["layout"]), forwarded_sequences(a, v), f"{r['ms']:.0f}", r["spread"],
                      f"{r['pairs_s']:.2f}", f"{r['tok_s']:,.0f}", ratio("pairs_s"), b_name if b else "-",
@@ -418,11 +402,10 @@ def main(argv: list[str]) -> None:
               f"{n_pairs(a, 'paper')} pairs/step; median of {a.steps} steps after {a.warmup} warm-up; LoRA "
               f"r={LORA['rank']} alpha={LORA['alpha']:g} on c_attn; beta {a.beta}, lr {a.lr}", flush=True)
         results = {name: run_child(name, argv, work) for name in a.variant_list}
-    trl = next((r for n, r in results.items() if r and VARIANTS[n]["side"] == "trl"), None)
-    if trl:
+    if trl := next((r for n, r in results.items() if r and VARIANTS[n]["side"] == "trl"), None):
         print(f"TRL side: {', '.join(f'{k} {v}' for k, v in trl['versions'].items())}, attention {trl['attn']}")
-    threads = {r["threads"] for r in results.values() if r}
-    print(f"torch threads per process: {sorted(threads)}; load avg now {os.getloadavg()[0]:.1f}\n")
+    print(f"torch threads per process: {sorted({r['threads'] for r in results.values() if r})}; load avg now "
+          f"{os.getloadavg()[0]:.1f}\n")
     print_table(a, cfg, results)
 
 

@@ -70,15 +70,15 @@ def active_top_p(top_p: float | None) -> float | None:
 # ---------------------------------------------------------------------------------------------------- sampling
 
 def softmax_weights(logits: Tensor, temperature: float, overwrite: bool = False) -> Tensor:
-    """Unnormalised float32 probabilities exp((x - max) / T); naive: softmax(x / T) times a per-row constant.
-    Skipping the normalisation saves a pass: the inverse CDF scales u by the total instead. `overwrite=True`
-    computes them in the logits' own memory (when float32): a fresh (B, V) buffer per token costs page faults."""
+    """float32 softmax(logits / T) over the last dimension.
+
+    torch.softmax is one fused kernel that finishes each row while it is in cache, where max, subtract, exp and
+    sum as separate ops would stream the whole (B, V) tensor from memory four times. `overwrite=True` divides
+    by T in the logits' own memory: a fresh (B, V) buffer per token costs page faults on a CPU."""
     x = logits.float()
-    m = x.amax(dim=-1, keepdim=True)  # (B, 1)
-    w = x.sub_(m) if overwrite or x is not logits else x - m  # in place on a copy .float() made, too
     if temperature != 1.0:
-        w.div_(temperature)
-    return w.exp_()
+        x = x.div_(temperature) if overwrite or x is not logits else x / temperature  # .float() may have copied
+    return torch.softmax(x, dim=-1)
 
 
 def search(cdf: Tensor, value: Tensor) -> Tensor:
@@ -143,7 +143,7 @@ def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, t
         values, index = torch.topk(logits, k, dim=-1)                    # (B, k), descending
     else:  # top-p alone needs the whole vocabulary sorted
         values, index = torch.sort(logits, dim=-1, descending=True)      # (B, V)
-    w = softmax_weights(values, temperature, overwrite=True)  # values is our own copy
+    w = softmax_weights(values, temperature, overwrite=True)  # values is our own tensor
     if p is not None:
         w = w.masked_fill(nucleus_drop(w, p), 0.0)
     return index.gather(1, inverse_cdf(w, u)[:, None]).squeeze(1)

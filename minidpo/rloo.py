@@ -135,7 +135,7 @@ def rloo_loss(model: torch.nn.Module, rollout: Rollout, cfg: RLOOConfig, kl_coef
     advantages = rloo_advantages(rewards.view(-1, cfg.k))                              # (P, K)
     loss = policy_gradient_loss(advantages, policy.view(-1, cfg.k))
     metrics = {"reward": rollout.scores.mean(), "kl/sampled": kl.mean(), "rlhf_reward": rewards.mean(),
-               "advantage_std": advantages.std(), "kl_coef": torch.tensor(kl_coef),
+               "advantage_std": advantages.std(), "kl_coef": torch.tensor(kl_coef, device=kl.device),
                "completion_tokens": rollout.response_mask.sum(-1).float().mean()}
     return loss, metrics, kl
 

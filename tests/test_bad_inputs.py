@@ -291,3 +291,36 @@ def test_download_that_returns_html_or_stops_halfway_installs_nothing(release, t
     cache = tmp_path / "cache" / "gpt2" / "124M"
     assert f"{release.url}/124M/checkpoint" in str(e.value) and str(cache / "checkpoint") in str(e.value)
     assert not (cache / "checkpoint").exists() and strays(tmp_path / "cache") == []
+
+
+# programs: locked, unwritable and busy folders (train.py end to end, refused before any work)
+
+def _train_refuses(args: list[str], env: dict) -> str:
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "train.py", "--preset", "tiny", "--steps", "2", *args], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-2000:]
+    return lines[0]
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_folder(tmp_path):
+    import os
+    from minidpo.runs import OutDirLock
+    env = {**os.environ, "MINIDPO_CACHE": str(tmp_path / "cache")}
+    with OutDirLock(tmp_path / "busy"):
+        msg = _train_refuses(["--out-dir", str(tmp_path / "busy")], env)
+    assert str(tmp_path / "busy") in msg and str(os.getpid()) in msg
+    assert not (tmp_path / "busy" / "config.json").exists()
+
+
+def test_an_unwritable_cache_dir_is_found_before_the_classifier_trains(tmp_path):
+    import os
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    env = {**os.environ, "MINIDPO_CACHE": str(blocker / "cache")}
+    msg = _train_refuses(["--out-dir", str(tmp_path / "o")], env)
+    assert "cache" in msg and "not writable" in msg
+    assert not (tmp_path / "o" / "config.json").exists()

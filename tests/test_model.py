@@ -212,3 +212,12 @@ def test_top_k_and_top_p_only_sample_allowed_tokens(k, p, seed):
 def test_temperature_zero_is_argmax():
     logits = torch.randn(5, 40)
     assert torch.equal(sample(logits, temperature=0), logits.argmax(-1))
+
+
+def test_sample_and_generate_stay_reachable_from_model_py(tiny_model):
+    import minidpo.generate as generation
+    assert sample is generation.sample  # `from minidpo.model import sample` keeps working
+    ids = torch.randint(0, TINY.vocab_size, (2, 3), generator=torch.Generator().manual_seed(0))
+    a = tiny_model.generate(ids, 5, eos_id=None, generator=torch.Generator().manual_seed(1))
+    b = generation.generate(tiny_model, ids, 5, eos_id=None, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)

@@ -85,6 +85,7 @@ def test_run_json_written_with_a_path_relative_to_the_parent_folder_resolves(run
 
 @pytest.mark.parametrize("case,expected", [
     ("no_model", "--model"), ("no_adapter_file", "adapter.safetensors"), ("bad_run_json", "run.json"),
+    ("base_left_behind", "policy_base 'sft_model'"),
     ("bad_top_p", "--top-p"), ("negative_temperature", "--temperature"), ("merged_alone", "--merged"),
 ])
 def test_bad_input_is_one_error_line_naming_what_is_wrong(case, expected, run_folder, tmp_path, capsys):
@@ -92,6 +93,7 @@ def test_bad_input_is_one_error_line_naming_what_is_wrong(case, expected, run_fo
         "no_model": ["--model", str(tmp_path / "nonexistent")],
         "no_adapter_file": ["--adapter", str(tmp_path / "broken")],
         "bad_run_json": ["--adapter", str(tmp_path / "badjson")],
+        "base_left_behind": ["--adapter", str(tmp_path / "moved")],
         "bad_top_p": ["--model", "bundled", "--top-p", "1.5"],
         "negative_temperature": ["--model", "bundled", "--temperature", "-1"],
         "merged_alone": ["--model", "bundled", "--merged"],
@@ -100,6 +102,9 @@ def test_bad_input_is_one_error_line_naming_what_is_wrong(case, expected, run_fo
         shutil.copytree(run_folder / "adapter", tmp_path / "broken" / "adapter")
         (tmp_path / "broken" / "adapter" / "adapter.safetensors").unlink()
         (tmp_path / "broken" / "run.json").write_text(json.dumps({"adapter": "adapter", "policy_base": "bundled"}))
+    if case == "base_left_behind":  # a sweep's run folder copied away from the sft_model beside it
+        shutil.copytree(run_folder / "adapter", tmp_path / "moved" / "adapter")
+        (tmp_path / "moved" / "run.json").write_text(json.dumps({"adapter": "adapter", "policy_base": "sft_model"}))
     if case == "bad_run_json":
         (tmp_path / "badjson").mkdir()
         (tmp_path / "badjson" / "run.json").write_text('{"adapter": "adapter"')  # cut short
