@@ -35,9 +35,11 @@ the sequence KL (logged as "kl/sampled").
 Adaptive coefficient (Ziegler et al. 2019, TRL's AdaptiveKLController): after each step, with KL the batch's mean
 sequence KL and n the completions it used, beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon).
 
-Samples are drawn at temperature 1, from pi itself. Top-k sampling (optional) draws from pi truncated to its k most
-likely tokens while the log-probs are pi's, so the estimator is then slightly off-policy, and the sampled KL
-estimate is of the truncated policy; by default RLOO samples from the full softmax, as evaluation does.
+Sampling. By default RLOO samples from pi itself (temperature 1, full softmax), as evaluation does. With a
+temperature T the sampled policy is softmax(logits / T), and every log-prob (and so the KL penalty) is of that
+tempered policy and the tempered reference, as in TRL's RLOOTrainer: the estimator stays exactly on-policy for it.
+Top-k sampling draws from pi truncated to its k most likely tokens while the log-probs are pi's: off-policy, and
+blind to the tail, which training then tends to fill (measured in minidpo/rloo.py's docstring).
 """
 
 import math
@@ -60,7 +62,8 @@ class RLOOConfig:
     horizon: int = 10000            # adaptive KL horizon, in sampled completions
     min_new_tokens: int = 4         # end-of-text is forbidden before this many new tokens
     max_new_tokens: int = 16        # each prompt's budget is drawn from [min_new_tokens, max_new_tokens]
-    top_k: int | None = None        # top-k of the training samples (None: full softmax, exactly on-policy)
+    temperature: float = 1.0        # sampling temperature; log-probs (and the KL) are of the tempered distributions
+    top_k: int | None = None        # top-k of the training samples (None: full softmax; k: off-policy)
     logprobs: str = "fused"         # fused (response rows only, memory-lean) | naive (log_softmax + gather)
     eot_id: int = 50256
     seed: int = 0
@@ -78,6 +81,8 @@ class RLOOConfig:
         require(self.min_new_tokens >= 1, "min_new_tokens", f"must be >= 1, got {self.min_new_tokens}")
         require(self.max_new_tokens >= self.min_new_tokens, "max_new_tokens",
                 f"must be >= min_new_tokens ({self.min_new_tokens}), got {self.max_new_tokens}")
+        require(math.isfinite(self.temperature) and self.temperature > 0, "temperature",
+                f"must be a finite number > 0 (policy gradients need a stochastic policy), got {self.temperature}")
         require(self.top_k is None or self.top_k >= 1, "top_k", f"must be none or >= 1, got {self.top_k}")
         require(self.logprobs in LOGPROBS, "logprobs", f"must be one of {', '.join(LOGPROBS)}, got {self.logprobs!r}")
 

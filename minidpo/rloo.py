@@ -43,7 +43,7 @@ from torch import Tensor
 from minidpo.batching import pair_indices
 from minidpo.evaluate import sampler_logits
 from minidpo.length_sampler import LengthSampler
-from minidpo.logprobs import linear_token_logprobs, naive_token_logps
+from minidpo.logprobs import linear_token_logprobs, naive_token_logps, token_logprobs
 from minidpo.lora import adapters_are_zero, lora_disabled, lora_layers
 from minidpo.pairs import cut_at_eot, response_text
 from minidpo.pg import RLOO_SHOW, RLOOConfig, adaptive_kl_coef, kl_penalized_rewards, policy_gradient_loss, \
@@ -51,6 +51,10 @@ from minidpo.pg import RLOO_SHOW, RLOOConfig, adaptive_kl_coef, kl_penalized_rew
 from minidpo.progress import Log, quiet
 from minidpo.sft import batch_seed
 from minidpo.trainer import Checkpointer, LoopConfig, train_loop
+
+
+# below this, materializing the response logits beats recomputing them in backward (one head matmul fewer)
+SMALL_LOGITS_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -71,21 +75,27 @@ def completion_logps(model: torch.nn.Module, ids: Tensor, response_mask: Tensor,
     model's next-token distribution with end-of-text removed (the rest renormalized) before min_new_tokens.
 
     Naive equivalent (cfg.logprobs "naive"): log_softmax(evaluate.sampler_logits(model(ids)))[next token], summed
-    over the completion. "fused" scores only completion positions, never holds their logits (as
-    dpo.score_sequences) and renormalizes with log pi~(y) = log pi(y) - log(1 - pi(eot)), where
+    over the completion. "fused" scores only completion positions, holds their (M, V) logits only when they fit in
+    SMALL_LOGITS_BYTES (their gradient then reuses their storage; larger ones are recomputed chunk by chunk in
+    backward, as dpo.score_sequences does) and renormalizes with log pi~(y) = log pi(y) - log(1 - pi(eot)), where
     log pi(eot) = logit(eot) - logit(y) + log pi(y) needs two dot products, not another pass over the vocabulary.
     """
     B, T = ids.shape
     targets, keep = ids[:, 1:], response_mask[:, 1:] != 0                  # (B, T-1): position t-1 predicts t
     steps = torch.arange(1, T, device=ids.device) - prompt_lens[:, None]   # (B, T-1): generated step of each target
     if cfg.logprobs == "naive":  # plain causal attention is exact for right-padded rows
-        logits = sampler_logits(model(ids)[:, :-1], steps, cfg.eot_id, cfg.min_new_tokens)  # (B, T-1, V)
+        logits = sampler_logits(model(ids)[:, :-1] / cfg.temperature, steps, cfg.eot_id, cfg.min_new_tokens)
         return torch.where(keep, naive_token_logps(logits, targets), 0.0).sum(-1)
     W = model.lm_head.weight                                               # (V, C), GPT-2's tied head, no bias
     rows = keep.reshape(-1).nonzero().squeeze(1)                           # (M,) flat completion positions
     h = model.hidden_states(ids[:, :-1]).reshape(B * (T - 1), -1)[rows]    # (M, C)
+    if cfg.temperature != 1.0:
+        h = h / cfg.temperature                                            # logits / T = (h / T) @ W.T
     y = targets.reshape(-1)[rows]                                          # (M,)
-    logp = linear_token_logprobs(h, W, y)                                  # (M,) log pi(y)
+    if h.size(0) * W.size(0) * h.element_size() <= SMALL_LOGITS_BYTES:  # one (M, V) buffer: no recompute
+        logp = token_logprobs(h @ W.t(), y, inplace_backward=True)         # (M,) log pi(y)
+    else:                                                                  # never holds (M, V)
+        logp = linear_token_logprobs(h, W, y)
     forbidden = steps.reshape(-1)[rows] < cfg.min_new_tokens               # (M,) eot was masked at these
     hf, Wf = h.float(), W.float()
     log_eot = (hf * Wf[cfg.eot_id]).sum(-1) - (hf * Wf[y]).sum(-1) + logp  # (M,) log pi(eot)
@@ -107,7 +117,7 @@ def sample_rollout(model: torch.nn.Module, tokenizer, scorer, prompts: list, cfg
     idx, mask = tokenizer.pad(prompt_ids, padding_side="left")  # (P*K, Tp)
     with amp:
         seqs = model.generate(idx.to(device), max(budgets), min_new_tokens=cfg.min_new_tokens,
-                              temperature=1.0, top_k=cfg.top_k, eos_id=cfg.eot_id,
+                              temperature=cfg.temperature, top_k=cfg.top_k, eos_id=cfg.eot_id,
                               attention_mask=mask.to(device), generator=generator)
     new = seqs[:, idx.size(1):].tolist()
     completions = [cut_at_eot(row[:budgets[b // K]], cfg.eot_id) for b, row in enumerate(new)]

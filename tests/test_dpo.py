@@ -211,6 +211,45 @@ def test_preference_metrics_have_trl_names_and_are_detached_zero_dim_means():
     assert m["rewards/rejected"].item() == pytest.approx(0.5 / 3)
 
 
+def test_ipo_logs_rewards_from_summed_logps_like_trl():
+    pol = {"chosen_logps": torch.tensor([-10.0, -20.0]), "rejected_logps": torch.tensor([-12.0, -18.0]),
+           "chosen_logps_mean": torch.tensor([-1.0, -2.0]), "rejected_logps_mean": torch.tensor([-3.0, -1.5])}
+    ref = {"chosen_logps": torch.tensor([-11.0, -19.0]), "rejected_logps": torch.tensor([-12.0, -17.0]),
+           "chosen_logps_mean": torch.tensor([-1.1, -1.9]), "rejected_logps_mean": torch.tensor([-3.0, -1.4])}
+    _, m = dpo_step_loss(pol, ref, DPOConfig(beta=0.5, loss_type="ipo"))
+    assert m["rewards/chosen"].item() == pytest.approx(0.5 * (1.0 - 1.0) / 2)
+    assert m["rewards/rejected"].item() == pytest.approx(0.5 * (0.0 - 1.0) / 2)
+    assert m["rewards/margins"].item() == pytest.approx(0.25)
+    assert m["logps/rejected"].item() == pytest.approx(-15.0)
+    assert m["logratio/ref_minus_policy"].item() == pytest.approx(((-1 + 1) + (0 + 1)) / 4)
+
+
+@SETTINGS
+@given(st.sampled_from(LOSS_TYPES), st.floats(-1.0, 2.0), st.sampled_from([0.0, 0.1, 0.3, 0.5, 0.7, 1.0, -0.1]))
+def test_dpo_config_and_dpo_loss_accept_exactly_the_same_settings(loss_type, beta, e):
+    def accepted(f):
+        try:
+            f()
+            return True
+        except ValueError:
+            return False
+    x = torch.zeros(1)
+    cfg_ok = accepted(lambda: DPOConfig(beta=beta, loss_type=loss_type, label_smoothing=e))
+    assert cfg_ok == accepted(lambda: dpo_loss(x, x, x, x, beta, loss_type, e))
+    expected = beta > 0 and (e == 0 or (loss_type == "sigmoid" and 0 <= e <= 0.5)
+                             or (loss_type == "robust" and 0 <= e < 0.5))
+    assert cfg_ok == expected
+
+
+@pytest.mark.parametrize("kwargs,field", [(dict(beta=0.0), "beta"), (dict(beta=float("inf")), "beta"),
+                                          (dict(loss_type="kto"), "loss_type"),
+                                          (dict(loss_type="hinge", label_smoothing=0.1), "label_smoothing")])
+def test_dpo_config_names_the_bad_field(kwargs, field):
+    with pytest.raises(ConfigError) as err:
+        DPOConfig(**kwargs)
+    assert err.value.field == field
+
+
 # ---------------------------------------------------------------- concatenated_forward on a tiny GPT
 
 V = 61
@@ -315,45 +354,6 @@ def test_dpo_step_loss_uses_length_averaged_logps_for_ipo_and_sums_otherwise(mod
         torch.testing.assert_close(loss, expected)
         # logged as TRL logs them: sums, also for IPO
         torch.testing.assert_close(metrics["logps/chosen"], pol["chosen_logps"].mean().detach())
-
-
-def test_ipo_logs_rewards_from_summed_logps_like_trl():
-    pol = {"chosen_logps": torch.tensor([-10.0, -20.0]), "rejected_logps": torch.tensor([-12.0, -18.0]),
-           "chosen_logps_mean": torch.tensor([-1.0, -2.0]), "rejected_logps_mean": torch.tensor([-3.0, -1.5])}
-    ref = {"chosen_logps": torch.tensor([-11.0, -19.0]), "rejected_logps": torch.tensor([-12.0, -17.0]),
-           "chosen_logps_mean": torch.tensor([-1.1, -1.9]), "rejected_logps_mean": torch.tensor([-3.0, -1.4])}
-    _, m = dpo_step_loss(pol, ref, DPOConfig(beta=0.5, loss_type="ipo"))
-    assert m["rewards/chosen"].item() == pytest.approx(0.5 * (1.0 - 1.0) / 2)
-    assert m["rewards/rejected"].item() == pytest.approx(0.5 * (0.0 - 1.0) / 2)
-    assert m["rewards/margins"].item() == pytest.approx(0.25)
-    assert m["logps/rejected"].item() == pytest.approx(-15.0)
-    assert m["logratio/ref_minus_policy"].item() == pytest.approx(((-1 + 1) + (0 + 1)) / 4)
-
-
-@SETTINGS
-@given(st.sampled_from(LOSS_TYPES), st.floats(-1.0, 2.0), st.sampled_from([0.0, 0.1, 0.3, 0.5, 0.7, 1.0, -0.1]))
-def test_dpo_config_and_dpo_loss_accept_exactly_the_same_settings(loss_type, beta, e):
-    def accepted(f):
-        try:
-            f()
-            return True
-        except ValueError:
-            return False
-    x = torch.zeros(1)
-    cfg_ok = accepted(lambda: DPOConfig(beta=beta, loss_type=loss_type, label_smoothing=e))
-    assert cfg_ok == accepted(lambda: dpo_loss(x, x, x, x, beta, loss_type, e))
-    expected = beta > 0 and (e == 0 or (loss_type == "sigmoid" and 0 <= e <= 0.5)
-                             or (loss_type == "robust" and 0 <= e < 0.5))
-    assert cfg_ok == expected
-
-
-@pytest.mark.parametrize("kwargs,field", [(dict(beta=0.0), "beta"), (dict(beta=float("inf")), "beta"),
-                                          (dict(loss_type="kto"), "loss_type"),
-                                          (dict(loss_type="hinge", label_smoothing=0.1), "label_smoothing")])
-def test_dpo_config_names_the_bad_field(kwargs, field):
-    with pytest.raises(ConfigError) as err:
-        DPOConfig(**kwargs)
-    assert err.value.field == field
 
 
 # ---------------------------------------------------------------- unique batching: one forward per sequence

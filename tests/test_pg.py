@@ -13,6 +13,7 @@ from minidpo.lora import apply_lora, lora_state_dict
 from minidpo.model import GPT, GPTConfig
 from minidpo.pairs import Prompt
 from minidpo.pg import RLOOConfig, adaptive_kl_coef, kl_penalized_rewards, policy_gradient_loss, rloo_advantages
+from minidpo import rloo
 from minidpo.rloo import KLController, completion_logps, train_rloo
 from minidpo.tokenizer import Tokenizer
 from minidpo.trainer import LoopConfig
@@ -77,7 +78,8 @@ def test_adaptive_kl_coef_follows_trl_and_clips_the_error_at_20_percent():
 @pytest.mark.parametrize("field, bad", [("k", 1), ("prompts_per_step", 0), ("kl_coef", -0.1),
                                         ("kl_coef", math.nan), ("kl_coef", math.inf), ("target_kl", 0.0),
                                         ("target_kl", math.nan), ("horizon", 0), ("min_new_tokens", 0),
-                                        ("max_new_tokens", 3), ("top_k", 0), ("logprobs", "fast")])
+                                        ("max_new_tokens", 3), ("top_k", 0), ("logprobs", "fast"),
+                                        ("temperature", 0.0), ("temperature", math.inf)])
 def test_rloo_config_rejects_bad_values_naming_the_field(field, bad):
     with pytest.raises(ConfigError) as e:
         RLOOConfig(**{field: bad})
@@ -228,7 +230,11 @@ def test_fixed_kl_coef_never_moves_and_adaptive_one_updates_once_per_optimizer_s
     assert adaptive.state() == {"kl_coef": 0.7}
 
 
-def test_completion_logps_are_of_the_sampler_with_end_of_text_forbidden_fused_equal_to_naive():
+@pytest.mark.parametrize("logits_budget, temperature", [(0, 1.0), (2**30, 1.0), (0, 0.7), (2**30, 1.3)])
+def test_completion_logps_are_of_the_sampler_with_end_of_text_forbidden_fused_equal_to_naive(monkeypatch,
+                                                                                              logits_budget,
+                                                                                              temperature):
+    monkeypatch.setattr(rloo, "SMALL_LOGITS_BYTES", logits_budget)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, block_size=16)).double()
     apply_lora(model, rank=2, alpha=4.0, targets=("attn.c_attn",))
@@ -247,7 +253,7 @@ def test_completion_logps_are_of_the_sampler_with_end_of_text_forbidden_fused_eq
     lens = torch.tensor([3, 1])
     out = {}
     for mode in ("naive", "fused"):
-        cfg = RLOOConfig(min_new_tokens=2, max_new_tokens=5, eot_id=eot, logprobs=mode)
+        cfg = RLOOConfig(min_new_tokens=2, max_new_tokens=5, eot_id=eot, logprobs=mode, temperature=temperature)
         model.zero_grad()
         out[mode] = completion_logps(model, ids, mask, lens, cfg)
         out[mode].sum().backward()
@@ -262,7 +268,7 @@ def test_completion_logps_are_of_the_sampler_with_end_of_text_forbidden_fused_eq
             logits = model(torch.tensor([p + c]))[0]
             total = 0.0
             for step, token in enumerate(c):
-                lg = logits[len(p) - 1 + step].clone()
+                lg = logits[len(p) - 1 + step] / temperature
                 if step < 2:
                     lg[eot] = -math.inf
                 total += float(lg.log_softmax(-1)[token])
