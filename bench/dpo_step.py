@@ -278,7 +278,7 @@ def run_trl(a: argparse.Namespace, v: dict, work: Path) -> dict:
 
 def write_inputs(a: argparse.Namespace, work: Path) -> tuple[GPTConfig, int]:
     """One seeded minidpo GPT exported with save_hf (both sides load it) and the token ids of both layouts."""
-    from minidpo.weights import save_hf
+    from minidpo.export import save_hf
 
     torch.manual_seed(a.seed)
     cfg = GPTConfig(block_size=max(1024, a.prompt_len + a.completion_len), n_layer=a.n_layer, n_head=a.n_head,

@@ -35,7 +35,7 @@ SAMPLED = [("T=1", 1.0, None, None), ("T=0.8 top-k 50", 0.8, 50, None), ("T=1 to
 def hf_model_from(model: GPT, device: torch.device):
     """transformers' GPT2LMHeadModel with the same weights, via minidpo's HF-layout export."""
     from transformers import GPT2LMHeadModel
-    from minidpo.weights import save_hf
+    from minidpo.export import save_hf
     with tempfile.TemporaryDirectory() as d:
         save_hf(model, d)
         hf = GPT2LMHeadModel.from_pretrained(d, attn_implementation="sdpa")

@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 from minidpo.model import GPT, GPTConfig  # noqa: E402
 from minidpo.tf_bundle import crc32c, crc32c_bytewise  # noqa: E402
-from minidpo.weights import LINEAR, load_gpt2, openai_name, save_hf  # noqa: E402
+from minidpo.export import save_hf  # noqa: E402
+from minidpo.weights import LINEAR, load_gpt2, openai_name  # noqa: E402
 from test_tf_bundle import write_bundle  # noqa: E402  (the tests' reference writer of TF bundles)
 
 

@@ -1,21 +1,27 @@
-"""minidpo: Direct Preference Optimization for GPT-2 with hand-written LoRA, in plain PyTorch."""
+"""minidpo: Direct Preference Optimization for GPT-2 with hand-written LoRA, in plain PyTorch.
 
-from minidpo.dpo import concatenated_forward, dpo_loss, preference_metrics
+Import what you need from its module (one concept per file; the README's map of the code lists them), e.g.
+`from minidpo.dpo import dpo_loss` or `from minidpo.model import GPT`. The names below are the most used ones.
+"""
+
+from minidpo.dpo import DPOConfig, concatenated_forward, dpo_loss, preference_metrics, sequence_forward
+from minidpo.generate import generate, sample
 from minidpo.imdb import Review, load_imdb
 from minidpo.length_sampler import LengthSampler
-from minidpo.logprobs import linear_token_logprobs, sequence_logprobs, token_logprobs
-from minidpo.lora import (LoRALinear, apply_lora, load_lora, lora_disabled, lora_parameters, merge_lora, save_lora,
-                          unmerge_lora)
+from minidpo.logprobs import sequence_logps
+from minidpo.lora import (LoRAConfig, LoRALinear, apply_lora, load_lora, lora_disabled, lora_parameters, merge_lora,
+                          remove_lora, save_lora, unmerge_lora)
 from minidpo.model import GPT, GPTConfig
+from minidpo.pg import kl_penalized_rewards, policy_gradient_loss, rloo_advantages
 from minidpo.reward import SentimentClassifier
-from minidpo.tokenizer import Tokenizer
+from minidpo.tokenizer import EOT_ID, Tokenizer
 from minidpo.weights import load_gpt2
 
 __all__ = [
-    "GPT", "GPTConfig", "Tokenizer", "load_gpt2",
-    "LoRALinear", "apply_lora", "merge_lora", "unmerge_lora", "lora_disabled", "lora_parameters", "save_lora",
-    "load_lora",
-    "token_logprobs", "linear_token_logprobs", "sequence_logprobs", "dpo_loss", "preference_metrics",
-    "concatenated_forward",
+    "GPT", "GPTConfig", "Tokenizer", "EOT_ID", "load_gpt2", "generate", "sample",
+    "LoRAConfig", "LoRALinear", "apply_lora", "merge_lora", "unmerge_lora", "remove_lora", "lora_disabled",
+    "lora_parameters", "save_lora", "load_lora",
+    "sequence_logps", "DPOConfig", "dpo_loss", "preference_metrics", "concatenated_forward", "sequence_forward",
+    "rloo_advantages", "kl_penalized_rewards", "policy_gradient_loss",
     "load_imdb", "Review", "LengthSampler", "SentimentClassifier",
 ]

@@ -235,11 +235,6 @@ def remove_lora(model: nn.Module, merge: bool) -> nn.Module:
     return model
 
 
-def merge_and_unwrap(model: nn.Module) -> nn.Module:
-    """Deprecated alias of remove_lora(model, merge=True), kept while tests/test_weights.py still imports it."""
-    return remove_lora(model, merge=True)
-
-
 @contextmanager
 def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Inside this block the model computes exactly its base weights (adapters off): the DPO reference.

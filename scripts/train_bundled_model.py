@@ -71,7 +71,7 @@ def main(argv: list[str]) -> None:
     print(f"IMDB test loss {test_loss:.4f} (first {50 * 16} windows of {cfg.block_size} tokens), "
           f"trained {train_s / 60:.1f} min", flush=True)
 
-    from minidpo.weights import save_hf
+    from minidpo.export import save_hf
     save_hf(model.half(), Path(cfg.out))
     report = {"test_loss": test_loss, "train_minutes": train_s / 60, "train_tokens": cfg.steps * cfg.batch_size *
               cfg.block_size, "config": vars(cfg)}

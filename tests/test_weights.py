@@ -1,5 +1,5 @@
 """minidpo.weights: every GPT-2 layout loads to Hugging Face's logits; bad files fail with a message naming the
-key and the file; names resolve through the cache or a (local) download; save_hf round-trips."""
+key and the file; names resolve through the cache or a (local) download; save_hf round-trips (tests/test_export.py)."""
 
 import json
 import shutil
@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from minidpo.download import DownloadError, cache_dir
 from minidpo.model import GPT, GPTConfig
 from minidpo.safetensors import load_file, read_header, save_file
-from minidpo.weights import CheckpointError, OPENAI_FILES, gpt2_cache_dir, load_gpt2, save_hf
+from minidpo.export import save_hf
+from minidpo.weights import CheckpointError, OPENAI_FILES, gpt2_cache_dir, load_gpt2
 from test_download import Handler, closed_port  # the Range-aware test server
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -91,50 +92,6 @@ def test_parameters_do_not_alias_the_file(tmp_path):
     before = model.transformer.h[0].mlp.c_fc.bias.clone()
     (src / "model.safetensors").write_bytes(b"\0" * 16)  # overwrite the file under the model
     torch.testing.assert_close(model.transformer.h[0].mlp.c_fc.bias, before, rtol=0, atol=0)
-
-
-# --------------------------------------------------------------------------- export
-
-@settings(max_examples=8, deadline=None)
-@given(st.integers(1, 3), st.sampled_from([(1, 8), (2, 16), (4, 16)]), st.integers(5, 40), st.integers(0, 1000))
-def test_save_hf_then_load_gives_identical_weights(tmp_path_factory, n_layer, heads_embd, vocab, seed):
-    torch.manual_seed(seed)
-    n_head, n_embd = heads_embd
-    model = GPT(GPTConfig(block_size=8, vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_embd=n_embd))
-    out = save_hf(model, tmp_path_factory.mktemp("hf"))
-    back = load_gpt2(out)
-    assert back.config == model.config
-    for (k, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
-        assert torch.equal(a, b), k
-
-
-def test_save_hf_writes_conv1d_layout_without_lm_head_and_a_gpt2_config(tmp_path):
-    model = load_gpt2(OPENAI)
-    save_hf(model, tmp_path)
-    header, _ = read_header(tmp_path / "model.safetensors")
-    assert "lm_head.weight" not in header and header["__metadata__"]["format"] == "pt"
-    assert header["transformer.h.0.attn.c_attn.weight"]["shape"] == [32, 96]  # Conv1D [in, out]
-    assert header["transformer.h.1.mlp.c_proj.weight"]["shape"] == [128, 32]
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert config["model_type"] == "gpt2" and config["architectures"] == ["GPT2LMHeadModel"]
-    assert config["activation_function"] == "gelu_new" and config["layer_norm_epsilon"] == 1e-5
-    assert (config["n_layer"], config["n_head"], config["n_embd"], config["n_positions"], config["vocab_size"]) == \
-        (2, 2, 32, 64, 512)
-    saved = load_file(tmp_path / "model.safetensors")
-    ref = load_file(ST / "model.safetensors")  # transformers' own save of the same weights
-    assert saved.keys() == ref.keys()
-    for k in ref:
-        torch.testing.assert_close(saved[k], ref[k], rtol=0, atol=0)
-
-
-# --------------------------------------------------------------------------- bad files
-
-def test_truncated_tf_data_file_names_file_and_tensor(tmp_path):
-    d = copy_dir(OPENAI, tmp_path / "m")
-    (d / DATA).write_bytes((d / DATA).read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match="truncated") as e:
-        load_gpt2(d)
-    assert str(d / DATA) in str(e.value) and "model/" in str(e.value)
 
 
 def test_flipped_byte_is_caught_by_crc32c_by_default(tmp_path):
@@ -322,15 +279,11 @@ def test_real_gpt2_124m_greedy_continuation():
                                            "sit here and say, 'I'm not going to do this,'")
 
 
-def test_save_hf_refuses_a_model_that_still_has_lora_layers(tmp_path):
-    from minidpo.lora import apply_lora, merge_and_unwrap
-    from minidpo.model import GPT, GPTConfig
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=8))
-    apply_lora(model, rank=2, alpha=4)
-    with pytest.raises(ValueError, match="merge_and_unwrap"):
-        save_hf(model, tmp_path / "x")
-    assert not (tmp_path / "x").exists()  # nothing half-written
-    merge_and_unwrap(model)
-    save_hf(model, tmp_path / "y")
-    assert (tmp_path / "y" / "model.safetensors").is_file()
+# --------------------------------------------------------------------------- bad files
+
+def test_truncated_tf_data_file_names_file_and_tensor(tmp_path):
+    d = copy_dir(OPENAI, tmp_path / "m")
+    (d / DATA).write_bytes((d / DATA).read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="truncated") as e:
+        load_gpt2(d)
+    assert str(d / DATA) in str(e.value) and "model/" in str(e.value)
