@@ -2,7 +2,7 @@
 Dev check (not run by CI): minidpo.export.save_hf writes a checkpoint that transformers' GPT2LMHeadModel loads
 with no missing/unexpected keys and whose logits match minidpo's GPT. Needs transformers:
 
-    /work/devenv/bin/python bench/hf_export_check.py [source]    # source: anything load_gpt2 takes (default: a tiny
+    .venv-bench/bin/python bench/hf_export_check.py [source]    # source: anything load_gpt2 takes (default: a tiny
                                                                  # random GPT and the test fixture)
 """
 

@@ -6,7 +6,7 @@ Builds a random tiny GPT2LMHeadModel, copies its weights into a minidpo GPT (Con
 PeftModel.from_pretrained and prints the max abs logits difference: unmerged, and after PEFT's merge_and_unload
 (which exercises fan_in_fan_out=True). Expect ~1e-6..1e-5 in float32.
 
-Dev-only (needs transformers + peft): /work/devenv/bin/python bench/peft_parity.py
+Dev-only (needs transformers + peft): .venv-bench/bin/python bench/peft_parity.py
 """
 
 import os

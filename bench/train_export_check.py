@@ -2,7 +2,7 @@
 Dev check (not run by CI): the two exports of a train.py run load in the Hugging Face stack and compute the policy.
 
     python train.py --preset tiny --export-merged out/tiny-merged
-    /work/devenv/bin/python bench/train_export_check.py out/tiny out/tiny-merged
+    .venv-bench/bin/python bench/train_export_check.py out/tiny out/tiny-merged
 
 Compares next-token logits on a few IMDB-like prompts between
   1. minidpo: the run's base model (run.json's policy_base) + its LoRA adapter (out_dir/adapter),

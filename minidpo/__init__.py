@@ -5,7 +5,6 @@ Import what you need from its module (one concept per file; the README's map of 
 """
 
 from minidpo.dpo import DPOConfig, concatenated_forward, dpo_loss, preference_metrics, sequence_forward
-from minidpo.generate import generate, sample
 from minidpo.imdb import Review, load_imdb
 from minidpo.length_sampler import LengthSampler
 from minidpo.logprobs import sequence_logps
@@ -18,7 +17,7 @@ from minidpo.tokenizer import EOT_ID, Tokenizer
 from minidpo.weights import load_gpt2
 
 __all__ = [
-    "GPT", "GPTConfig", "Tokenizer", "EOT_ID", "load_gpt2", "generate", "sample",
+    "GPT", "GPTConfig", "Tokenizer", "EOT_ID", "load_gpt2",
     "LoRAConfig", "LoRALinear", "apply_lora", "merge_lora", "unmerge_lora", "remove_lora", "lora_disabled",
     "lora_parameters", "save_lora", "load_lora",
     "sequence_logps", "DPOConfig", "dpo_loss", "preference_metrics", "concatenated_forward", "sequence_forward",

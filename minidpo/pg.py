@@ -89,7 +89,8 @@ class RLOOConfig:
 
 # Settings for train.py's tiny preset (bundled 7M model, IMDB sample, 2 CPU cores); see the report in rloo.py's
 # docstring for how they were found. Keys are TrainConfig's flags.
-RLOO_TINY = dict(rloo_steps=150, rloo_lr=3e-3, rloo_k=4, rloo_prompts=16, rloo_top_k=None, kl_coef=0.05)
+RLOO_TINY = dict(rloo_steps=80, rloo_lr=1e-2, rloo_k=8, rloo_prompts=8, rloo_temperature=0.7, rloo_top_k=None,
+                 kl_coef=0.03)
 
 # (metric key, short label, format) for the progress line (LoopConfig.show)
 RLOO_SHOW = (("reward", "reward", "{:.3f}"), ("kl/sampled", "kl", "{:.3f}"), ("kl_coef", "kl_coef", "{:.4f}"))

@@ -24,6 +24,25 @@ Every log-prob here is of pi~ (and ref~ for the reference), so the estimator is 
 "kl/sampled" estimates the same KL(pi~ || ref~) that evaluation reports. With log pi instead, the gradient would
 also push down end-of-text at steps where it can never be sampled, spending KL on nothing.
 
+Tuning on the tiny preset (bundled 7M model, IMDB sample, LoRA r=8 on every projection, lengths 8-16, evaluation
+on 128 held-out prompts at temperature 1; one seed each, 1 thread of a shared 2-core machine). Gain = policy minus
+reference reward (0.400), its standard error ~0.01-0.02:
+
+    completions/step  steps  lr     kl_coef  sampling     gain    KL (exact, eval)
+    8 x 4             120    5e-3   0.05     T=1          +0.024   0.36
+    16 x 4            100    1e-2   0.05     T=1          +0.019   0.72
+    8 x 4             120    2e-2   0.05     T=1          +0.008  15.5    (noise-driven drift)
+    8 x 8             100    1e-2   0.02     top-k 50     +0.111  20.8    (word salad: the unsampled tail fills up)
+    8 x 8              60    1e-2   0.10     T=0.7        +0.018   0.66
+    8 x 8              60    1e-2   0.05     T=0.7        +0.065   2.00
+    8 x 8              80    1e-2   0.03     T=0.7        +0.146   5.31    (seed 1: +0.160 at 6.51)
+    8 x 8              80    1e-2   0.02     T=0.7        +0.216   8.66
+
+At temperature 1 the 7M model's next-token entropy is high (test loss 5.9 nats/token), so log pi(y|x) of a whole
+completion varies by many nats between samples and the score-function estimate is mostly noise at a few thousand
+samples. Sampling at T=0.7, with every log-prob of the tempered policy (still on-policy, as TRL does), cuts that
+noise, and what is learned carries over to the temperature-1 evaluation.
+
 Exact resume. A micro-batch is a pure function of (seed, step, micro, rank) and the weights: the prompts come from
 a seeded stream of shuffled epochs, and the budgets and the sampling generator are seeded from those numbers. The
 adaptive kl_coef is updated at the end of each optimizer step inside the step itself, and saved in the checkpoint
