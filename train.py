@@ -229,7 +229,7 @@ PRESETS = {
 NOT_SETTINGS = {"preset", "out_dir", "resume", "overwrite", "log_every", "checkpoint_every", "export_merged",
                 "device", "compile"}
 # a --compare without its own sweeps: the settings each method is swept over
-COMPARE_SWEEPS = {"beta_sweep": "0.05,0.1,0.5", "kl_coef_sweep": "0.02,0.1"}
+COMPARE_SWEEPS = {"beta_sweep": "0.05,0.1,0.5", "kl_coef_sweep": "0.02,0.05"}
 
 
 def load_config(argv: list[str]) -> tuple[TrainConfig, set[str]]:

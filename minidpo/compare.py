@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from minidpo.best_of_n import best_of_n
+from minidpo.best_of_n import best_of_n_sweep
 from minidpo.distributed import barrier, is_main
 from minidpo.dpo_train import RunResult, run_dpo
 from minidpo.evaluate import evaluate, sample_reference, side_by_side
@@ -28,6 +28,7 @@ from minidpo.runs import to_portable
 from minidpo.stages import (PairData, PromptSets, ReferenceCacheConfig, Reviews, build_pair_data,
                             precompute_reference)
 from minidpo.tokenizer import Tokenizer
+from minidpo.trainer import format_seconds
 
 METHODS = ("dpo", "rloo", "best-of-n")
 
@@ -79,8 +80,9 @@ def evaluate_now(ctx: RunContext, step: int, with_reference: bool, beta: float |
         if with_reference and ctx.reference_samples is None:  # the same for every run of a sweep: sampled once
             ctx.reference_samples = sample_reference(ctx.model, ctx.tok, ctx.prompts.eval, ctx.stages["eval"],
                                                      ctx.device)
-        r = evaluate(ctx.model, ctx.tok, ctx.scorer, ctx.prompts.eval, ctx.pairs.heldout if ctx.pairs and beta else None,
-                     ctx.stages["eval"], ctx.stages["max_length"], beta, ctx.device, with_reference=with_reference,
+        heldout = ctx.pairs.heldout if ctx.pairs and beta else None
+        r = evaluate(ctx.model, ctx.tok, ctx.scorer, ctx.prompts.eval, heldout, ctx.stages["eval"],
+                     ctx.stages["max_length"], beta, ctx.device, with_reference=with_reference,
                      reference_completions=ctx.reference_samples)
     ctx.log(f"[eval] step {step}: policy reward {r['policy']['reward']:.3f}, KL(policy||reference) exact "
             f"{r['policy']['kl_exact']:.3f} (sampled estimate {r['policy']['kl_sampled']:.3f})"
@@ -161,14 +163,15 @@ def point(run_dir: Path, method: str, setting: str, step: int, r: dict) -> None:
 
 def run_best_of_n(ctx: RunContext, ns: list[int], run_dir: Path) -> RunResult:
     """Best-of-N at every N: samples from the reference only, nothing trained. Its KL is the bound log N - (N-1)/N."""
-    points, last = [], None
+    points = []
     if is_main():
-        for n in ns:
-            with ctx.amp:
-                last = best_of_n(ctx.model, ctx.tok, ctx.scorer, ctx.prompts.eval, n, ctx.stages["eval"], ctx.device)
-            ctx.log(f"[best-of-n] N={n}: reward {last['reward']:.3f}, KL bound {last['kl_bound']:.3f}")
-            points.append({"method": "best-of-n", "setting": f"N={n}", "step": 0, "reward": last["reward"],
-                           "kl": last["kl_bound"], "kl_sampled": math.nan})
+        with ctx.amp:  # max(ns) rounds of reference samples serve every N
+            results = best_of_n_sweep(ctx.model, ctx.tok, ctx.scorer, ctx.prompts.eval, ns, ctx.stages["eval"],
+                                      ctx.device)
+        for n, r in zip(ns, results):
+            ctx.log(f"[best-of-n] N={n}: reward {r['reward']:.3f}, KL bound {r['kl_bound']:.3f}")
+            points.append({"method": "best-of-n", "setting": f"N={n}", "step": 0, "reward": r["reward"],
+                           "kl": r["kl_bound"], "kl_sampled": math.nan})
         atomic_write_json(run_dir / "result.json", {"points": [{**p, "kl_sampled": None} for p in points]})
     ref = {"reward": points[0]["reward"]} if points and ns[0] == 1 else {}
     policy = {"reward": points[-1]["reward"], "kl_exact": points[-1]["kl"], "kl_sampled": None} if points else {}
@@ -193,7 +196,7 @@ def result_lines(last: RunResult, summary: dict, out: Path) -> str:
     pol, ref = last.policy, last.reference
     lines.append(f"{last.method} {last.setting}: reference reward {ref.get('reward', math.nan):.3f} | policy reward "
                  f"{pol.get('reward', math.nan):.3f} | KL(policy||reference) {pol.get('kl_exact', math.nan):.3f} | "
-                 f"total {summary['total_seconds'] / 60:.0f}m{summary['total_seconds'] % 60:02.0f}s")
+                 f"total {format_seconds(summary['total_seconds'])}")
     lines.append(f"wrote {out / 'summary.json'}; sample with: python sample.py --adapter {out}")
     return "\n".join(lines)
 

@@ -20,7 +20,7 @@ sequence log-probs of the same weights computed before training (--precompute-re
 """
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -157,7 +157,8 @@ def run_dpo(model: torch.nn.Module, data: PairData, dpo: DPOConfig, lora: LoRACo
 
     t0 = time.perf_counter()
     settings = {"dpo": asdict(dpo), "lora": asdict(lora), "batch": asdict(bcfg), "steps": loop.steps, "lr": loop.lr}
-    summary = train_loop(loop, params, get_batch, step_fn, Checkpointer(run_dir / "checkpoint", params, settings),
+    ckpt = Checkpointer(run_dir / "checkpoint", params, settings)
+    summary = train_loop(replace(loop, label=f"dpo {setting}"), params, get_batch, step_fn, ckpt,
                          run_dir / "log.jsonl", on_step_end, resume=True, log=log)
     train_s = time.perf_counter() - t0
     result = RunResult("dpo", setting, {}, {}, {}, [], [])

@@ -45,7 +45,6 @@ blind to the tail, which training then tends to fill (measured in minidpo/rloo.p
 import math
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from minidpo.config import require
@@ -90,7 +89,7 @@ class RLOOConfig:
 # Settings for train.py's tiny preset (bundled 7M model, IMDB sample, 2 CPU cores); see the report in rloo.py's
 # docstring for how they were found. Keys are TrainConfig's flags.
 RLOO_TINY = dict(rloo_steps=80, rloo_lr=1e-2, rloo_k=8, rloo_prompts=8, rloo_temperature=0.7, rloo_top_k=None,
-                 kl_coef=0.03)
+                 kl_coef=0.02, kl_coef_sweep="0.02,0.03,0.05")
 
 # (metric key, short label, format) for the progress line (LoopConfig.show)
 RLOO_SHOW = (("reward", "reward", "{:.3f}"), ("kl/sampled", "kl", "{:.3f}"), ("kl_coef", "kl_coef", "{:.4f}"))

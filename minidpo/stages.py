@@ -48,7 +48,8 @@ def load_model_stage(name: str, device: torch.device, random_config: GPTConfig |
     (`random_config`, seeded) for experiments without weights."""
     if name == "random":
         torch.manual_seed(seed)
-        model, desc, notes = GPT(random_config).to(device), f"random({random_config.n_layer}x{random_config.n_embd})", []
+        c = random_config
+        model, desc, notes = GPT(c).to(device), f"random({c.n_layer}x{c.n_embd})", []
     else:
         model, desc, notes = load_model(name, device)
     for p in model.parameters():

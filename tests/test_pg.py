@@ -95,7 +95,8 @@ def test_adaptive_kl_needs_a_nonzero_starting_coefficient():
 # ------------------------------------------------------------------------- the estimator on a categorical policy
 
 
-def rloo_gradients(theta: torch.Tensor, reward: torch.Tensor, K: int, M: int, seed: int, baseline: bool) -> torch.Tensor:
+def rloo_gradients(theta: torch.Tensor, reward: torch.Tensor, K: int, M: int, seed: int,
+                   baseline: bool) -> torch.Tensor:
     """(M, A) independent gradient estimates of sum(softmax(theta) * reward), each from K sampled actions, computed
     with the library's advantage and loss functions (plain REINFORCE: the rewards themselves as advantages)."""
     g = torch.Generator().manual_seed(seed)
