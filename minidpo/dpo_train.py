@@ -37,6 +37,7 @@ from minidpo.lora import LoRAConfig, adapters_are_zero, apply_lora
 from minidpo.progress import Log, quiet
 from minidpo.stages import PairData
 from minidpo.trainer import Checkpointer, LoopConfig, train_loop
+from minidpo.tokenizer import EOT_ID
 
 BATCHING = ("unique", "pairs")
 LOGPROBS = ("fused", "naive")
@@ -49,7 +50,7 @@ class BatchConfig:
     prompts: int = 2        # whole prompts per micro-batch per process (mode "unique")
     grad_accum: int = 1
     max_length: int = 64
-    pad_id: int = 50256
+    pad_id: int = EOT_ID
     logprobs: str = "fused"  # fused | naive (the plain log_softmax + gather path, for reading and checking)
     seed: int = 0
 

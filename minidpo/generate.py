@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from minidpo.config import require
+from minidpo.tokenizer import EOT_ID
 
 if TYPE_CHECKING:  # model.py imports this module; a runtime import back would be circular
     from minidpo.model import GPT
@@ -193,7 +194,7 @@ def key_mask_for(attention_mask: Tensor | None, total_len: int) -> Tensor | None
 
 @torch.no_grad()
 def generate(model: "GPT", idx: Tensor, max_new_tokens: int, min_new_tokens: int = 0, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = 50256,
+             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = EOT_ID,
              attention_mask: Tensor | None = None, generator: torch.Generator | None = None,
              use_cache: bool = True) -> Tensor:
     """Continue left-padded prompts idx (B, T); returns (B, T + n) with n <= max_new_tokens.

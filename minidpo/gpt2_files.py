@@ -98,8 +98,8 @@ def download_gpt2(name: str = "124M", dest_dir: str | os.PathLike | None = None,
             raise DownloadError(
                 f"could not fetch GPT-2 {size}: {e}.\nTo install it by hand, put OpenAI's release files "
                 f"({', '.join(NEEDED)}; from {base}/{size}/ or `python download_model.py {size}` in openai/gpt-2) "
-                f"into {dest}/ (set MINIDPO_CACHE to move the cache), or pass load_gpt2 a directory with "
-                "config.json + model.safetensors / pytorch_model.bin") from None
+                f"into {dest}/ (set MINIDPO_CACHE to move the cache), or point --model (or load_gpt2) at a directory "
+                "with config.json + model.safetensors / pytorch_model.bin") from None
     return dest
 
 

@@ -31,7 +31,6 @@ import gzip
 import json
 import os
 import re
-import sys
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -313,20 +312,17 @@ def load_imdb(source: str | os.PathLike, split: str = "train", labels: Iterable[
     return reviews
 
 
-def default_imdb_source(verbose: bool = True) -> Path:
+def default_imdb_source(log: Log = quiet) -> Path:
     """The full set `<cache>/aclImdb_v1.tar.gz` if it was downloaded, else the ~1,000-review shipped sample.
 
-    With verbose=True it says on stderr which one was picked, since results on the sample are not
-    comparable to the paper's.
+    It says through `log` which one was picked, since results on the sample are not comparable to the paper's.
     """
     full = cache_dir() / IMDB_FILENAME
     if full.is_file():
-        if verbose:
-            print(f"imdb: using the full set at {full}", file=sys.stderr)
+        log(f"imdb: using the full set at {full}")
         return full
-    if verbose:
-        print(f"imdb: {full} not found, using the shipped sample {IMDB_SAMPLE_PATH} (~1,000 reviews); run "
-              "`python -c 'import minidpo.imdb as m; m.download_imdb()'` for the full set", file=sys.stderr)
+    log(f"imdb: {full} not found, using the shipped sample {IMDB_SAMPLE_PATH} (~1,000 reviews); run "
+        "`python -c 'import minidpo.imdb as m; m.download_imdb()'` for the full set")
     return IMDB_SAMPLE_PATH
 
 

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from minidpo.config import require
 from minidpo.generate import generate, sample, sample_naive  # noqa: F401  (sample, sample_naive: re-exported)
+from minidpo.tokenizer import EOT_ID
 
 
 @dataclass
@@ -250,7 +251,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, min_new_tokens: int = 0, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, eos_id: int | None = 50256,
+                 top_k: int | None = None, top_p: float | None = None, eos_id: int | None = EOT_ID,
                  attention_mask: Tensor | None = None, generator: torch.Generator | None = None,
                  use_cache: bool = True) -> Tensor:
         """Continue left-padded prompts idx (B, T) to (B, T + n), n <= max_new_tokens: see generate.generate."""

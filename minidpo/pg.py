@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from minidpo.config import require
+from minidpo.tokenizer import EOT_ID
 
 LOGPROBS = ("fused", "naive")
 
@@ -64,7 +65,7 @@ class RLOOConfig:
     temperature: float = 1.0        # sampling temperature; log-probs (and the KL) are of the tempered distributions
     top_k: int | None = None        # top-k of the training samples (None: full softmax; k: off-policy)
     logprobs: str = "fused"         # fused (response rows only, memory-lean) | naive (log_softmax + gather)
-    eot_id: int = 50256
+    eot_id: int = EOT_ID
     seed: int = 0
 
     def __post_init__(self) -> None:

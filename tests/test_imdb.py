@@ -274,17 +274,19 @@ def test_parse_member_ignores_files_outside_review_folders():
 # default source, sample script, download
 
 
-def test_default_source_is_the_sample_without_a_cached_full_set(tmp_path, monkeypatch, capsys):
+def test_default_source_is_the_sample_without_a_cached_full_set(tmp_path, monkeypatch):
     monkeypatch.setenv("MINIDPO_CACHE", str(tmp_path))
-    assert default_imdb_source() == IMDB_SAMPLE_PATH
-    assert "sample" in capsys.readouterr().err
+    said = []
+    assert default_imdb_source(said.append) == IMDB_SAMPLE_PATH
+    assert "sample" in said[0]
 
 
-def test_default_source_is_the_cached_full_set_when_present(tmp_path, monkeypatch, capsys):
+def test_default_source_is_the_cached_full_set_when_present(tmp_path, monkeypatch):
     monkeypatch.setenv("MINIDPO_CACHE", str(tmp_path))
     (tmp_path / IMDB_FILENAME).write_bytes(b"")
-    assert default_imdb_source() == tmp_path / IMDB_FILENAME
-    assert "full set" in capsys.readouterr().err
+    said = []
+    assert default_imdb_source(said.append) == tmp_path / IMDB_FILENAME
+    assert "full set" in said[0]
 
 
 def test_make_sample_is_byte_identical_across_runs_and_loadable(tmp_path):
