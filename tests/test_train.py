@@ -186,7 +186,7 @@ def test_precomputed_reference_trains_the_same_adapter_as_the_live_one(finished,
 def test_a_new_run_into_a_folder_made_with_other_settings_is_refused_naming_them(finished, env):
     out_dir, _ = finished
     before = (out_dir / "summary.json").read_bytes()
-    msg = fails(["train.py", *SMALL, "--out-dir", str(out_dir), "--beta", "0.1", "--lr", "1e-4"], env)
+    msg = fails(["train.py", *SMALL, "--out-dir", str(out_dir), "--beta", "0.3", "--lr", "1e-4"], env)
     assert "--beta" in msg and "--lr" in msg and "--resume" in msg and "--overwrite" in msg
     assert (out_dir / "summary.json").read_bytes() == before  # nothing of the earlier run was touched
 
