@@ -210,18 +210,6 @@ def config_from_dict(cls: type[T], stored: Any, source: str) -> T:
     return cls(**values)
 
 
-def cli_config(cls: type[T], argv: list[str], doc: str, build: Callable[[list[str]], T] | None = None) -> T:
-    """A program's config from its argv: --help prints the options and exits; a ConfigError exits with its one
-    message. `build` defaults to build_config(cls, argv) (train.py passes its own, which adds presets and resume)."""
-    if "-h" in argv or "--help" in argv:
-        print(help_text(cls, doc))
-        raise SystemExit(0)
-    try:
-        return build(argv) if build is not None else build_config(cls, argv)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
-
-
 def save_config(cfg: Any, path: Path) -> None:
     from minidpo.fileio import atomic_write_json
     atomic_write_json(path, dataclasses.asdict(cfg))

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from minidpo.config import cli_config  # noqa: E402
+from minidpo.config import build_config, run_program  # noqa: E402
 from minidpo.imdb import load_imdb  # noqa: E402
 from minidpo.model import GPT, GPTConfig  # noqa: E402
 from minidpo.sft import eval_loss, pack_texts, run_sft  # noqa: E402
@@ -45,7 +45,7 @@ class BundledConfig:
 
 
 def main(argv: list[str]) -> None:
-    cfg = cli_config(BundledConfig, argv, __doc__)
+    cfg = build_config(BundledConfig, argv)
     torch.manual_seed(cfg.seed)
     tok = Tokenizer()
     t0 = time.perf_counter()
@@ -85,4 +85,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_program(main, sys.argv[1:], __doc__, BundledConfig))
