@@ -287,7 +287,8 @@ def main(argv: list[str]) -> None:
     for line in notes:
         say(line)
     stages = cfg.stages()
-    check_model_fits(model, cfg.prompt_max_tokens + cfg.max_new_tokens, cfg.max_length, Tokenizer().vocab_size)
+    tok = Tokenizer()  # read and sha256-checked once, used from the vocabulary check to evaluation
+    check_model_fits(model, cfg.prompt_max_tokens + cfg.max_new_tokens, cfg.max_length, tok.vocab_size)
     if is_main():
         check_writable(out, "--out-dir")
         check_writable(cache_dir(), "the cache dir ($MINIDPO_CACHE)")
@@ -305,7 +306,6 @@ def main(argv: list[str]) -> None:
             f"{'bf16 autocast' if dtype else 'fp32'}, model {model_desc}, out_dir {out}")
         if data_note:
             say(data_note)
-        tok = Tokenizer()
         t0 = time.perf_counter()
         reviews = load_reviews(data_src)
         say(f"[data] {data_src}: {len(reviews.train):,} train / {len(reviews.test):,} test reviews "
