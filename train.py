@@ -3,8 +3,9 @@ minidpo end to end: the DPO paper's IMDb experiment (Rafailov et al. 2023, sec. 
 
     python train.py                          # GPT-2 124M + full IMDB when available, else the bundled model (tiny)
     python train.py --preset tiny            # bundled small model + shipped IMDB sample, minutes on a CPU
+    python train.py --preset tiny --method dpo                   # the paper's offline DPO (tiny's default: online)
     python train.py --preset tiny --method rloo                  # the policy-gradient (RL) baseline instead
-    python train.py --preset tiny --compare dpo,rloo,best-of-n   # every method and setting -> frontier.csv/.png
+    python train.py --preset tiny --compare dpo,online-dpo,rloo,best-of-n   # every method -> frontier.csv/.png
     python train.py --beta-sweep 0.05,0.1,0.5,1                  # one DPO run per beta over the same pairs
     python train.py --resume out/tiny        # continue a killed run from its last checkpoint
     torchrun --nproc_per_node 2 train.py --preset tiny   # data parallel (gloo on CPU, nccl on GPU)
@@ -12,8 +13,9 @@ minidpo end to end: the DPO paper's IMDb experiment (Rafailov et al. 2023, sec. 
 The story: 1. the model (official GPT-2, a path, the bundled model, or random init); 2. optional SFT on review text,
 folded into the weights, so the SFT model is the reference; 3. a sentiment classifier (the reward); 4. preference
 pairs: the reference samples completions of 2-8 token review prefixes and the classifier ranks them; 5. a method
-trains a fresh LoRA adapter: DPO on the pairs, or RLOO (REINFORCE with a leave-one-out baseline and a KL penalty) on
-its own samples, or best-of-N, which trains nothing; 6. evaluation on held-out test prompts: reward and
+trains a fresh LoRA adapter: DPO on the pairs, or online DPO (the same loss on pairs the policy samples as it trains),
+or RLOO (REINFORCE with a leave-one-out baseline and a KL penalty) on its own samples, or best-of-N, which trains
+nothing; 6. evaluation on held-out test prompts: reward and
 KL(policy || reference) of plain samples. Every stage is cached, and every run is checked against the settings its
 folder was made with.
 """
@@ -40,6 +42,7 @@ from minidpo.frontier import write_frontier
 from minidpo.lora import LoRAConfig
 from minidpo.pairs import PairsConfig
 from minidpo.model import GPTConfig
+from minidpo.online_dpo import OnlineDPOConfig
 from minidpo.pg import RLOOConfig
 from minidpo.resolve import autocast, autocast_dtype, check_model_name, check_writable, imdb_source, pick_device
 from minidpo.runs import OutDirLock, check_out_dir, is_finished, mark_finished, resume_overrides
@@ -55,8 +58,8 @@ class TrainConfig:
     out_dir: str = "out/run"        # outputs; a folder holding a run made with other settings is refused
     resume: str | None = None       # an out_dir to continue from its checkpoint (its config.json is used)
     overwrite: bool = False         # replace the outputs of an earlier run in --out-dir
-    method: str = "dpo"             # dpo | rloo | best-of-n
-    compare: str | None = None      # methods to put on one frontier, e.g. dpo,rloo,best-of-n (each with its sweep)
+    method: str = "dpo"             # dpo (pairs made once) | online-dpo (pairs from the policy) | rloo | best-of-n
+    compare: str | None = None      # methods on one frontier, e.g. dpo,online-dpo,rloo,best-of-n (each with its sweep)
     device: str = "auto"            # auto: cuda, then mps, then cpu
     dtype: str = "auto"             # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16: autocast precision
     compile: bool = False           # torch.compile the DPO step
@@ -79,13 +82,13 @@ class TrainConfig:
     pairs_mode: str = "generated"   # generated (the paper's: sampled and ranked) | labels (pos/neg review text)
     pairing: str = "all"            # all (every distinct-score pair) | best_vs_worst (one per prompt)
     num_prompts: int = 512          # training prompts (2-8 token prefixes of train reviews)
-    completions_per_prompt: int = 4  # reference samples per prompt (the paper: 4, so 6 pairs)
+    completions_per_prompt: int = 4  # samples per prompt (the paper: 4, so 6 pairs); online-dpo: per prompt per step
     prompt_min_tokens: int = 2      # shortest prompt
     prompt_max_tokens: int = 8      # longest prompt
     min_new_tokens: int = 4         # shortest completion (end-of-text is forbidden before it)
     max_new_tokens: int = 16        # longest completion
-    gen_temperature: float = 1.0    # sampling temperature for pair generation
-    gen_top_k: int | None = None    # top-k for pair generation only (0 or none: full softmax)
+    gen_temperature: float = 1.0    # sampling temperature for pair generation (online-dpo: its training samples)
+    gen_top_k: int | None = None    # top-k for pair generation (0 or none: full softmax); online-dpo too
     gen_batch_size: int = 64        # sequences per generate call
     max_length: int = 64            # prompt + completion tokens per training sequence
     # 5. DPO
@@ -95,7 +98,7 @@ class TrainConfig:
     label_smoothing: float = 0.0    # assumed label-flip rate: sigmoid [0, 0.5], robust [0, 0.5), else 0
     batching: str = "unique"        # unique: whole prompts, each distinct sequence forwarded once | pairs
     batch_size: int = 8             # pairs per micro-batch per process (--batching pairs)
-    batch_prompts: int = 2          # whole prompts per micro-batch per process (--batching unique)
+    batch_prompts: int = 2          # whole prompts per micro-batch per process (--batching unique; online-dpo)
     logprobs: str = "fused"         # fused (memory-lean kernels) | naive (log_softmax + gather, to read and check)
     precompute_ref: bool = False    # reference log-probs once before training, cached, not every step
     # 6. LoRA and optimization (DPO; SFT uses the LoRA settings too)
@@ -103,9 +106,9 @@ class TrainConfig:
     lora_alpha: float = 16.0        # LoRA scale alpha (the update is alpha / r * B A)
     lora_dropout: float = 0.0       # dropout on the LoRA input
     lora_targets: str = "attn.c_attn"  # comma-separated: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
-    steps: int = 200                # DPO optimizer steps
+    steps: int = 200                # DPO optimizer steps (online-dpo too)
     grad_accum: int = 1             # micro-batches per optimizer step
-    lr: float = 5e-4                # DPO peak learning rate (AdamW, warmup then cosine)
+    lr: float = 5e-4                # DPO peak learning rate (AdamW, warmup then cosine; online-dpo too)
     warmup_steps: int = 10          # linear warmup steps
     weight_decay: float = 0.0       # AdamW weight decay on matrices
     grad_clip: float = 1.0          # max gradient norm (0: no clipping)
@@ -149,6 +152,9 @@ def stage_configs(cfg: TrainConfig) -> dict:
     need(cfg.prompt_max_tokens < cfg.max_length, "prompt_max_tokens",
               f"({cfg.prompt_max_tokens}) must be < --max-length ({cfg.max_length})")
     need(not cfg.precompute_ref or cfg.batching == "unique", "precompute_ref", "needs --batching unique")
+    need(not cfg.precompute_ref or "dpo" in (compare or [cfg.method]), "precompute_ref",
+         "caches the reference's log-probs of offline pairs: it needs --method dpo (online-dpo and rloo score each "
+         "step's own samples)")
     need(cfg.eval_every >= 0, "eval_every", f"must be >= 0 (0: only at the end), got {cfg.eval_every}")
     sweeps = COMPARE_SWEEPS if compare else {}
     betas = C.parse_list("beta_sweep", cfg.beta_sweep or sweeps.get("beta_sweep"), float) or [cfg.beta]
@@ -186,6 +192,11 @@ def stage_configs(cfg: TrainConfig) -> dict:
                     batch_size=cfg.sft_batch_size, block_size=cfg.sft_block_size, lora=cfg.sft_lora, seed=cfg.seed),
         "random_model": make(GPTConfig, None, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                              n_embd=cfg.n_embd) if cfg.model == "random" else None,
+        "online_dpo": make(OnlineDPOConfig, ONLINE_DPO_FLAGS, k=cfg.completions_per_prompt,
+                           prompts_per_step=cfg.batch_prompts, min_new_tokens=cfg.min_new_tokens,
+                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.gen_temperature,
+                           top_k=cfg.gen_top_k or None, logprobs=cfg.logprobs, eot_id=EOT_ID, seed=cfg.seed,
+                           pairing=cfg.pairing),
         "rloo": [make(RLOOConfig, RLOO_FLAGS, **rloo_values(cfg, kl)) for kl in kl_coefs],
         "rloo_loop": make(LoopConfig, {"steps": "rloo_steps", "lr": "rloo_lr"}, steps=cfg.rloo_steps,
                           lr=cfg.rloo_lr, label="rloo", **loop),
@@ -197,6 +208,8 @@ def stage_configs(cfg: TrainConfig) -> dict:
     }
 
 
+ONLINE_DPO_FLAGS = {"k": "completions_per_prompt", "prompts_per_step": "batch_prompts",
+                    "temperature": "gen_temperature", "top_k": "gen_top_k"}
 RLOO_FLAGS = {"k": "rloo_k", "prompts_per_step": "rloo_prompts", "kl_coef": "kl_coef_sweep", "top_k": "rloo_top_k",
               "horizon": "kl_horizon", "temperature": "rloo_temperature"}
 
@@ -210,10 +223,11 @@ def rloo_values(cfg: TrainConfig, kl_coef: float) -> dict:
 
 PRESETS = {
     # bundled 4x128 model, shipped IMDB sample: the whole pipeline in a few minutes on 2 CPU cores
-    "tiny": dict(model="bundled", data="sample", out_dir="out/tiny", num_prompts=576, completions_per_prompt=8,
-                 gen_temperature=0.7, gen_top_k=None, heldout_prompts=24, eval_prompts=128, steps=150,
-                 batch_prompts=2, batch_size=16, lr=5e-3, beta=0.1, warmup_steps=10, lora_rank=8, log_every=25,
-                 checkpoint_every=50, min_new_tokens=8, max_new_tokens=16, max_length=32,
+    # online DPO: offline DPO on this 7M model's reference pairs gains a few hundredths (minidpo/online_dpo.py)
+    "tiny": dict(model="bundled", data="sample", out_dir="out/tiny", method="online-dpo", num_prompts=576,
+                 completions_per_prompt=8, gen_temperature=0.7, gen_top_k=None, heldout_prompts=24, eval_prompts=128,
+                 steps=80, batch_prompts=8, batch_size=16, lr=5e-3, beta=0.1, warmup_steps=10, lora_rank=8,
+                 log_every=25, checkpoint_every=50, min_new_tokens=8, max_new_tokens=16, max_length=32,
                  lora_targets="attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj", rloo_steps=80, rloo_lr=1e-2,
                  rloo_k=8, rloo_prompts=8, rloo_temperature=0.7, kl_coef=0.02, best_of_n="1,2,4,8,16"),
     # GPT-2 124M on the full set: about a quarter of an hour on one modern GPU

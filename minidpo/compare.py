@@ -1,10 +1,12 @@
 """
-The methods on one frontier: DPO, the RLOO policy-gradient baseline and best-of-N, each run at each of its settings
-against the same reference, reward classifier, prompts and evaluation (the DPO paper's Figure 2, left).
+The methods on one frontier: DPO (offline, the paper's, and online), the RLOO policy-gradient baseline and
+best-of-N, each run at each of its settings against the same reference, reward classifier, prompts and evaluation
+(the DPO paper's Figure 2, left).
 
 `method_runs` lists (method, setting, folder) for a run or a `--compare`; `run_one` trains one of them with a fresh
-LoRA adapter (DPO: `minidpo.dpo_train.run_dpo`; RLOO: `minidpo.pg`), evaluates it with the shared evaluator and
-writes its run.json; the adapter is then dropped so the next run starts from the same reference weights.
+LoRA adapter (DPO: `minidpo.dpo_train.run_dpo`; online DPO: `minidpo.online_dpo`; RLOO: `minidpo.rloo`),
+evaluates it with the shared evaluator and writes its run.json; the adapter is then dropped so the next run starts
+from the same reference weights.
 """
 
 import math
@@ -23,6 +25,7 @@ from minidpo.frontier import append_point, read_points
 from minidpo.lora import apply_lora, remove_lora, save_lora
 from minidpo.progress import Log
 from minidpo.resolve import model_source
+from minidpo.online_dpo import train_online_dpo
 from minidpo.rloo import train_rloo
 from minidpo.runs import to_portable
 from minidpo.stages import (PairData, PromptSets, ReferenceCacheConfig, Reviews, build_pair_data,
@@ -30,7 +33,7 @@ from minidpo.stages import (PairData, PromptSets, ReferenceCacheConfig, Reviews,
 from minidpo.tokenizer import Tokenizer
 from minidpo.trainer import format_seconds
 
-METHODS = ("dpo", "rloo", "best-of-n")
+METHODS = ("dpo", "online-dpo", "rloo", "best-of-n")
 
 
 @dataclass
@@ -58,7 +61,8 @@ def method_runs(stages: dict, out: Path) -> list[tuple[str, object, Path]]:
     """(method, its config for this setting, run folder). One run writes into `out`; several get a folder each."""
     runs = []
     for method in stages["compare"]:
-        settings = {"dpo": stages["dpo"], "rloo": stages["rloo"], "best-of-n": [stages["best_of_n"]]}[method]
+        settings = {"dpo": stages["dpo"], "online-dpo": stages["dpo"], "rloo": stages["rloo"],
+                    "best-of-n": [stages["best_of_n"]]}[method]
         runs += [(method, s) for s in settings]
     if len(runs) == 1:
         return [(runs[0][0], runs[0][1], out)]
@@ -66,7 +70,7 @@ def method_runs(stages: dict, out: Path) -> list[tuple[str, object, Path]]:
 
 
 def setting_name(method: str, setting) -> str:
-    if method == "dpo":
+    if method in ("dpo", "online-dpo"):
         return f"beta={setting.beta:g}"
     if method == "rloo":
         return f"kl_coef={setting.kl_coef:g}"
@@ -117,7 +121,7 @@ def run_one(ctx: RunContext, method: str, setting, run_dir: Path) -> RunResult:
                          ctx.stages["eval_every"], ctx.rank, ctx.world, ctx.amp, ctx.reference_cache,
                          ctx.stages["compile"], log=ctx.log)
     else:
-        result = run_rloo(ctx, setting, run_dir)
+        result = run_on_policy(ctx, method, setting, run_dir)
     if is_main():
         save_lora(ctx.model, run_dir / "adapter")
         export_peft(ctx.model, run_dir / "adapter_peft", base_model_name_or_path=model_source(ctx.base))
@@ -135,25 +139,34 @@ def run_one(ctx: RunContext, method: str, setting, run_dir: Path) -> RunResult:
     return result
 
 
-def run_rloo(ctx: RunContext, cfg, run_dir: Path) -> RunResult:
-    """A fresh adapter trained by RLOO on the training prompts, evaluated like DPO (`minidpo.rloo`)."""
-    torch.manual_seed(cfg.seed)
+def run_on_policy(ctx: RunContext, method: str, cfg, run_dir: Path) -> RunResult:
+    """A fresh adapter trained on the policy's own samples, evaluated like DPO: RLOO (`minidpo.rloo`, cfg an
+    RLOOConfig) or online DPO (`minidpo.online_dpo`, cfg a DPOConfig; the rollout settings are in the stages)."""
+    torch.manual_seed(ctx.stages["seed"])
     apply_lora(ctx.model, ctx.stages["lora"])
-    name, loop, every = setting_name("rloo", cfg), ctx.stages["rloo_loop"], ctx.stages["eval_every"]
+    name, every = setting_name(method, cfg), ctx.stages["eval_every"]
+    loop = ctx.stages["rloo_loop" if method == "rloo" else "loop"]
+    beta = cfg.beta if method == "online-dpo" else None
 
     def on_step_end(step: int) -> None:
         if every and step % every == 0 and step != loop.steps and is_main():
-            point(run_dir, "rloo", name, step, evaluate_now(ctx, step, False, None))
+            point(run_dir, method, name, step, evaluate_now(ctx, step, False, beta))
 
-    summary = train_rloo(ctx.model, ctx.tok, ctx.scorer, ctx.prompts.train, cfg, loop, run_dir, ctx.device, ctx.log,
-                         ctx.amp, ctx.rank, ctx.world, on_step_end)
+    common = dict(log=ctx.log, autocast=ctx.amp, rank=ctx.rank, world=ctx.world, on_step_end=on_step_end)
+    if method == "rloo":
+        summary = train_rloo(ctx.model, ctx.tok, ctx.scorer, ctx.prompts.train, cfg, loop, run_dir, ctx.device,
+                             **common)
+    else:
+        summary = train_online_dpo(ctx.model, ctx.tok, ctx.scorer, ctx.prompts.train, cfg, ctx.stages["online_dpo"],
+                                   loop, run_dir, ctx.device, **common)
     if not is_main():
-        return RunResult("rloo", name, {}, {}, {}, [], [])
-    r = evaluate_now(ctx, loop.steps, True, None)
-    append_point(run_dir, {"method": "rloo", "setting": name, "step": 0, "reward": r["reference"]["reward"],
+        return RunResult(method, name, {}, {}, {}, [], [])
+    r = evaluate_now(ctx, loop.steps, True, beta)
+    append_point(run_dir, {"method": method, "setting": name, "step": 0, "reward": r["reference"]["reward"],
                            "kl": 0.0, "kl_sampled": 0.0})
-    point(run_dir, "rloo", name, loop.steps, r)
-    return RunResult("rloo", name, r["reference"], r["policy"], summary, r["examples"], read_points(run_dir))
+    point(run_dir, method, name, loop.steps, r)
+    summary = {**summary, "reward_accuracy": r.get("reward_accuracy")} if beta else summary
+    return RunResult(method, name, r["reference"], r["policy"], summary, r["examples"], read_points(run_dir))
 
 
 def point(run_dir: Path, method: str, setting: str, step: int, r: dict) -> None:

@@ -87,7 +87,7 @@ def plot_frontier(out: str | Path, log: Log = quiet) -> None:
         return
     rows = read_frontier(out)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {"dpo": "o-", "rloo": "s--", "best-of-n": "^:"}
+    styles = {"dpo": "o-", "online-dpo": "D-.", "rloo": "s--", "best-of-n": "^:"}
     for method in sorted({r["method"] for r in rows}):
         mine = [r for r in rows if r["method"] == method]
         if method == "best-of-n":  # one line over N: each N is one point

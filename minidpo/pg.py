@@ -48,29 +48,18 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from minidpo.config import require
-from minidpo.tokenizer import EOT_ID
-
-LOGPROBS = ("fused", "naive")
+from minidpo.rollout import RolloutConfig
 
 
 @dataclass(frozen=True)
-class RLOOConfig:
-    k: int = 4                      # completions per prompt (the leave-one-out baseline needs K >= 2)
-    prompts_per_step: int = 8       # prompts per micro-batch per process
+class RLOOConfig(RolloutConfig):
+    """The rollout settings (k, prompts_per_step, lengths, temperature, top_k, ...) plus the KL penalty's."""
     kl_coef: float = 0.1            # beta: reward - beta * (log pi - log ref) per completion
     target_kl: float | None = None  # adapt kl_coef toward this sequence KL (None: fixed kl_coef)
     horizon: int = 10000            # adaptive KL horizon, in sampled completions
-    min_new_tokens: int = 4         # end-of-text is forbidden before this many new tokens
-    max_new_tokens: int = 16        # each prompt's budget is drawn from [min_new_tokens, max_new_tokens]
-    temperature: float = 1.0        # sampling temperature; log-probs (and the KL) are of the tempered distributions
-    top_k: int | None = None        # top-k of the training samples (None: full softmax; k: off-policy)
-    logprobs: str = "fused"         # fused (response rows only, memory-lean) | naive (log_softmax + gather)
-    eot_id: int = EOT_ID
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        require(self.k >= 2, "k", f"must be >= 2 (the leave-one-out baseline needs another sample), got {self.k}")
-        require(self.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
+        super().__post_init__()
         require(math.isfinite(self.kl_coef) and self.kl_coef >= 0, "kl_coef",
                 f"must be a finite number >= 0, got {self.kl_coef}")
         require(self.target_kl is None or (math.isfinite(self.target_kl) and self.target_kl > 0), "target_kl",
@@ -78,13 +67,6 @@ class RLOOConfig:
         require(self.target_kl is None or self.kl_coef > 0, "kl_coef",
                 "must be > 0 when target_kl is set (an adaptive coefficient of 0 stays 0)")
         require(self.horizon >= 1, "horizon", f"must be >= 1, got {self.horizon}")
-        require(self.min_new_tokens >= 1, "min_new_tokens", f"must be >= 1, got {self.min_new_tokens}")
-        require(self.max_new_tokens >= self.min_new_tokens, "max_new_tokens",
-                f"must be >= min_new_tokens ({self.min_new_tokens}), got {self.max_new_tokens}")
-        require(math.isfinite(self.temperature) and self.temperature > 0, "temperature",
-                f"must be a finite number > 0 (policy gradients need a stochastic policy), got {self.temperature}")
-        require(self.top_k is None or self.top_k >= 1, "top_k", f"must be none or >= 1, got {self.top_k}")
-        require(self.logprobs in LOGPROBS, "logprobs", f"must be one of {', '.join(LOGPROBS)}, got {self.logprobs!r}")
 
 
 # Settings for train.py's tiny preset (bundled 7M model, IMDB sample, 2 CPU cores); see the report in rloo.py's

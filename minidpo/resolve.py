@@ -11,6 +11,7 @@ so that summary.json can record what was really used. Nothing here prints: notes
 
 import os
 import statistics
+import textwrap
 import time
 from pathlib import Path
 from typing import Callable
@@ -95,8 +96,8 @@ def load_model(name: str, device: torch.device) -> tuple[GPT, str, list[str]]:
     try:
         return load_gpt2("gpt2", device=device), "gpt2", []
     except DownloadError as e:
-        notes = ["--model auto: the official GPT-2 weights are not cached and could not be downloaded",
-                 f"  ({str(e).splitlines()[0][:150]})",
+        reason = textwrap.wrap(f"({str(e).splitlines()[0]})", 112, initial_indent="  ", subsequent_indent="   ")
+        notes = ["--model auto: the official GPT-2 weights are not cached and could not be downloaded", *reason,
                  f"  so this run uses the small bundled model {BUNDLED_MODEL.relative_to(REPO)} (see data/README.md)",
                  "  with the tiny preset's settings; for GPT-2 124M run once with network access, or place",
                  "  OpenAI's files by hand (see README)."]

@@ -80,6 +80,9 @@ def test_impossible_training_values_are_rejected(argv, message):
     (["--best-of-n", "0,4"], "--best-of-n"), (["--kl-coef-sweep", "a,b"], "--kl-coef-sweep"),
     (["--gen-top-k", "-1"], "--gen-top-k"), (["--steps", "0"], "--steps"), (["--lr", "nan"], "--lr"),
     (["--precompute-ref", "--batching", "pairs"], "--precompute-ref"), (["--warmup-steps", "-1"], "--warmup-steps"),
+    (["--precompute-ref", "--method", "rloo"], "--precompute-ref"),
+    (["--method", "online-dpo", "--gen-temperature", "0"], "--gen-temperature"),
+    (["--method", "online-dpo", "--pairing", "some"], "--pairing"),
 ])
 def test_every_option_value_is_checked_before_any_stage_runs_naming_its_flag(argv, flag):
     with pytest.raises(ConfigError) as e:

@@ -13,7 +13,7 @@ from minidpo.lora import apply_lora, lora_state_dict
 from minidpo.model import GPT, GPTConfig
 from minidpo.pairs import Prompt
 from minidpo.pg import RLOOConfig, adaptive_kl_coef, kl_penalized_rewards, policy_gradient_loss, rloo_advantages
-from minidpo import rloo
+from minidpo import rollout
 from minidpo.rloo import KLController, completion_logps, train_rloo
 from minidpo.tokenizer import Tokenizer
 from minidpo.trainer import LoopConfig
@@ -235,7 +235,7 @@ def test_fixed_kl_coef_never_moves_and_adaptive_one_updates_once_per_optimizer_s
 def test_completion_logps_are_of_the_sampler_with_end_of_text_forbidden_fused_equal_to_naive(monkeypatch,
                                                                                               logits_budget,
                                                                                               temperature):
-    monkeypatch.setattr(rloo, "SMALL_LOGITS_BYTES", logits_budget)
+    monkeypatch.setattr(rollout, "SMALL_LOGITS_BYTES", logits_budget)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, block_size=16)).double()
     apply_lora(model, rank=2, alpha=4.0, targets=("attn.c_attn",))

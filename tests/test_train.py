@@ -16,8 +16,10 @@ import torch
 from minidpo.safetensors import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["--preset", "tiny", "--num-prompts", "12", "--heldout-prompts", "4", "--eval-prompts", "4", "--steps", "8",
-         "--batch-size", "4", "--log-every", "2", "--checkpoint-every", "2", "--seed", "3"]
+# the paper's offline DPO (the tiny preset's own method is online-dpo), 2 prompts a step
+SMALL = ["--preset", "tiny", "--method", "dpo", "--batch-prompts", "2", "--num-prompts", "12", "--heldout-prompts", "4",
+         "--eval-prompts", "4", "--steps", "8", "--batch-size", "4", "--log-every", "2", "--checkpoint-every", "2",
+         "--seed", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -228,23 +230,25 @@ def test_an_output_folder_works_from_another_directory_and_after_being_moved(fin
     assert "--- sample 1" in out.stdout
 
 
-def test_rloo_and_best_of_n_and_dpo_share_one_frontier(env, tmp_path):
+def test_dpo_online_dpo_rloo_and_best_of_n_share_one_frontier(env, tmp_path):
     import csv
     out_dir = tmp_path / "cmp"
-    run(["train.py", *SMALL, "--out-dir", str(out_dir), "--compare", "dpo,rloo,best-of-n", "--beta-sweep", "0.5",
-         "--kl-coef-sweep", "0.1", "--rloo-steps", "2", "--rloo-prompts", "2", "--rloo-k", "2",
+    run(["train.py", *SMALL, "--out-dir", str(out_dir), "--compare", "dpo,online-dpo,rloo,best-of-n",
+         "--beta-sweep", "0.5", "--kl-coef-sweep", "0.1", "--rloo-steps", "2", "--rloo-prompts", "2", "--rloo-k", "2",
          "--best-of-n", "1,2"], env)
     with open(out_dir / "frontier.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert {r["method"] for r in rows} == {"dpo", "rloo", "best-of-n"}
-    for method in ("dpo", "rloo"):
+    assert {r["method"] for r in rows} == {"dpo", "online-dpo", "rloo", "best-of-n"}
+    for method in ("dpo", "online-dpo", "rloo"):
         first = min((r for r in rows if r["method"] == method), key=lambda r: int(r["step"]))
         assert float(first["kl"]) == 0.0  # every line starts at the reference's own point
     bon = {r["setting"]: float(r["kl"]) for r in rows if r["method"] == "best-of-n"}
     assert bon["N=1"] == 0.0 and abs(bon["N=2"] - (math.log(2) - 0.5)) < 1e-9
     summary = json.loads((out_dir / "summary.json").read_text())
-    assert [r["method"] for r in summary["runs"]] == ["dpo", "rloo", "best-of-n"]
+    assert [r["method"] for r in summary["runs"]] == ["dpo", "online-dpo", "rloo", "best-of-n"]
     assert (out_dir / "rloo_kl_coef_0.1" / "run.json").is_file()
+    online = [json.loads(s) for s in (out_dir / "online-dpo_beta_0.5" / "log.jsonl").read_text().splitlines()]
+    assert len(online) == 4 and all(0 <= m["reward"] <= 1 and "rewards/accuracies" in m for m in online)
 
 
 def test_plain_train_py_offline_uses_the_tiny_settings_for_the_bundled_model():
