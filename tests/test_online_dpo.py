@@ -170,3 +170,24 @@ def test_tiny_online_dpo_run_logs_dpo_metrics_and_resumes_bit_identically(tmp_pa
     resumed = run(tmp_path / "b", 3)
     for k, v in lora_state_dict(resumed).items():
         assert torch.equal(v, straight[k]), k
+
+
+def test_bf16_autocast_loss_and_gradient_track_fp32():
+    eot, k = 63, 3
+    model = tiny_model().float()
+    cfg = OnlineDPOConfig(k=k, min_new_tokens=1, max_new_tokens=4, eot_id=eot, temperature=0.7)
+    rollout = hand_rollout([0.9, 0.1, 0.5, 0.3, 0.2, 0.7], k, eot)
+    with torch.no_grad():
+        rollout.reference_logps = completion_logps(model, rollout.ids, rollout.response_mask, rollout.prompt_lens,
+                                                   cfg) - torch.arange(6.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = {}
+    for name, amp in (("fp32", torch.autocast("cpu", enabled=False)),
+                      ("bf16", torch.autocast("cpu", dtype=torch.bfloat16))):
+        loss, _, _ = online_dpo_loss(model, rollout, DPOConfig(beta=0.5), cfg, amp)
+        grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+        out[name] = (loss.detach(), grad)
+    assert out["bf16"][0].dtype == torch.float32  # the loss is computed in fp32 from the bf16 forward
+    torch.testing.assert_close(out["bf16"][0], out["fp32"][0], rtol=2e-2, atol=2e-2)
+    cosine = torch.nn.functional.cosine_similarity(out["bf16"][1], out["fp32"][1], dim=0)
+    assert cosine > 0.99, float(cosine)
