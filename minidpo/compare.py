@@ -23,9 +23,9 @@ from minidpo.export import export_peft, save_hf
 from minidpo.fileio import atomic_write_json
 from minidpo.frontier import append_point, read_points
 from minidpo.lora import apply_lora, remove_lora, save_lora
+from minidpo.online_dpo import train_online_dpo
 from minidpo.progress import Log
 from minidpo.resolve import model_source
-from minidpo.online_dpo import train_online_dpo
 from minidpo.rloo import train_rloo
 from minidpo.runs import to_portable
 from minidpo.stages import (PairData, PromptSets, ReferenceCacheConfig, Reviews, build_pair_data,

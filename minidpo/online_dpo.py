@@ -79,8 +79,9 @@ def rollout_pairs(scores: Tensor, pairing: str = "all") -> tuple[Tensor, Tensor]
 
     Naive equivalent: [(p*K + i, p*K + j) for p in range(P) for i, j in preference_pairs(scores[p], pairing)].
     """
-    P, K = scores.shape
-    rows = [(p * K + i, p * K + j) for p in range(P) for i, j in preference_pairs(scores[p].tolist(), pairing)]
+    K = scores.size(1)
+    rows = [(p * K + i, p * K + j) for p, row in enumerate(scores.tolist())  # one host copy, not one per prompt
+            for i, j in preference_pairs(row, pairing)]
     index = torch.tensor(rows, dtype=torch.long, device=scores.device).view(-1, 2)  # (N, 2)
     return index[:, 0], index[:, 1]
 
@@ -96,12 +97,15 @@ def online_dpo_loss(model: torch.nn.Module, rollout: Rollout, dpo: DPOConfig, cf
     chosen, rejected = rollout_pairs(rollout.scores.view(-1, cfg.k), cfg.pairing)
     extra = {"reward": rollout.scores.mean(), "kl/sampled": log_ratio.mean(),
              "completion_tokens": rollout.response_mask.sum(-1).float().mean()}
-    if chosen.numel() == 0:  # every prompt's completions scored alike: nothing to prefer, no update
-        return policy.sum() * 0.0, extra, log_ratio
+    weight = 1.0
+    if chosen.numel() == 0:  # every prompt's completions scored alike: nothing to prefer, so no update. A zero-weight
+        # self-pair keeps the metrics' keys: every micro-batch and process must report the same ones to be averaged
+        chosen = rejected = torch.zeros(1, dtype=torch.long, device=policy.device)
+        weight = 0.0
     seqs = {"logps": policy, "logps_mean": policy / n_tokens}
     reference = {"logps": rollout.reference_logps, "logps_mean": rollout.reference_logps / n_tokens}
     loss, metrics = dpo_unique_loss(seqs, reference, {"chosen_index": chosen, "rejected_index": rejected}, dpo)
-    return loss, {**metrics, **extra}, log_ratio
+    return loss * weight, {**metrics, **extra}, log_ratio
 
 
 def train_online_dpo(model: torch.nn.Module, tokenizer, scorer, prompts: list, dpo: DPOConfig,

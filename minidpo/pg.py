@@ -69,11 +69,6 @@ class RLOOConfig(RolloutConfig):
         require(self.horizon >= 1, "horizon", f"must be >= 1, got {self.horizon}")
 
 
-# Settings for train.py's tiny preset (bundled 7M model, IMDB sample, 2 CPU cores); see the report in rloo.py's
-# docstring for how they were found. Keys are TrainConfig's flags.
-RLOO_TINY = dict(rloo_steps=80, rloo_lr=1e-2, rloo_k=8, rloo_prompts=8, rloo_temperature=0.7, rloo_top_k=None,
-                 kl_coef=0.02, kl_coef_sweep="0.02,0.03,0.05")
-
 # (metric key, short label, format) for the progress line (LoopConfig.show)
 RLOO_SHOW = (("reward", "reward", "{:.3f}"), ("kl/sampled", "kl", "{:.3f}"), ("kl_coef", "kl_coef", "{:.4f}"))
 

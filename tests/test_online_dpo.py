@@ -116,8 +116,11 @@ def test_a_rollout_whose_completions_all_score_alike_gives_no_update():
     cfg = OnlineDPOConfig(k=k, min_new_tokens=1, max_new_tokens=4, eot_id=eot)
     loss, metrics, _ = online_dpo_loss(model, hand_rollout([0.5] * 4, k, eot), DPOConfig(), cfg)
     loss.backward()
-    assert float(loss.detach()) == 0.0 and "rewards/accuracies" not in metrics
+    assert float(loss.detach()) == 0.0
     assert all(float(p.grad.abs().sum()) == 0.0 for p in model.parameters() if p.requires_grad)
+    # the same metric keys as a rollout with pairs: micro-batches and processes average them key by key
+    _, usual, _ = online_dpo_loss(model, hand_rollout([0.5, 0.1, 0.2, 0.9], k, eot), DPOConfig(), cfg)
+    assert metrics.keys() == usual.keys() and float(metrics["rewards/accuracies"]) == 0.0
 
 
 @pytest.mark.parametrize("field, bad", [("k", 1), ("prompts_per_step", 0), ("pairing", "random"),
