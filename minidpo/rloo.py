@@ -55,7 +55,7 @@ from torch import Tensor
 from minidpo.pg import RLOO_SHOW, RLOOConfig, adaptive_kl_coef, kl_penalized_rewards, policy_gradient_loss, \
     rloo_advantages
 from minidpo.progress import Log, quiet
-from minidpo.rollout import Rollout, completion_logps, make_rollout_fn, sample_rollout, trainable_adapter  # noqa: F401
+from minidpo.rollout import Rollout, completion_logps, make_rollout_fn, trainable_adapter
 from minidpo.trainer import Checkpointer, LoopConfig, train_loop
 
 

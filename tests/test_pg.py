@@ -14,7 +14,8 @@ from minidpo.model import GPT, GPTConfig
 from minidpo.pairs import Prompt
 from minidpo.pg import RLOOConfig, adaptive_kl_coef, kl_penalized_rewards, policy_gradient_loss, rloo_advantages
 from minidpo import rollout
-from minidpo.rloo import KLController, completion_logps, train_rloo
+from minidpo.rloo import KLController, train_rloo
+from minidpo.rollout import completion_logps
 from minidpo.tokenizer import Tokenizer
 from minidpo.trainer import LoopConfig
 
