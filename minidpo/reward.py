@@ -184,7 +184,10 @@ class SentimentClassifier:
             raise RuntimeError("SentimentClassifier: call fit() or load() before scoring")
         if not texts:
             return torch.zeros(0)
-        return hashed_features(texts, self.dim) @ self.weight + self.bias  # (N,)
+        # A sparse fp32 mat-vec, outside any autocast region on purpose: bf16 has no sparse kernel on CPU, and the
+        # reward is a metric that must not depend on the policy's precision.
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return hashed_features(texts, self.dim) @ self.weight + self.bias  # (N,)
 
     def score(self, texts: Sequence[str]) -> Tensor:
         """P(positive) per text, a float tensor [N] with values in [0, 1]."""

@@ -12,12 +12,14 @@ a target (nanoGPT's `randint(len(data) - block_size)` draws the same range).
 """
 
 import hashlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from minidpo.fused_logprobs import token_logprobs
 from minidpo.model import GPT
 from minidpo.progress import Log, quiet
 from minidpo.tokenizer import Tokenizer
@@ -54,9 +56,15 @@ def random_windows(stream: Tensor, batch_size: int, block_size: int, seed: int) 
 
 
 def lm_loss(model: GPT, x: Tensor, y: Tensor) -> Tensor:
-    """Mean next-token cross-entropy; naive equivalent: -log_softmax(model(x))[y].mean()."""
+    """Mean next-token cross-entropy; naive equivalent: F.cross_entropy(model(x).float().flatten(0, 1), y.flatten()).
+
+    The [B, T, V] logits stay in the model's compute dtype (bf16 under autocast): the fused kernel takes each row's
+    logsumexp in fp32, chunk by chunk, and writes the gradient into the logits' own storage. Measured on a 2-core
+    AMX CPU (bench/sft_speed.py), this is most of the gap between a bf16 and an fp32 step: an fp32 copy of
+    [B, T, 50257] and a second [B, T, V] gradient buffer cost more than the whole transformer body.
+    """
     logits = model(x)  # (B, T, V)
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+    return -token_logprobs(logits, y, inplace_backward=logits.requires_grad).mean()
 
 
 @torch.no_grad()
@@ -80,8 +88,18 @@ def eval_loss(model: GPT, stream: Tensor, block_size: int, batch_size: int = 8, 
 
 def run_sft(model: GPT, stream: Tensor, loop: LoopConfig, batch_size: int, block_size: int, seed: int,
             device: str | torch.device, out_dir: Path | None = None, resume: bool = False,
-            autocast_dtype: torch.dtype | None = None, rank: int = 0, log: Log = quiet) -> dict[str, float]:
-    """Train every parameter that requires grad (all of them, or only LoRA's) on random windows of `stream`."""
+            rank: int = 0, log: Log = quiet, on_step_end: Callable[[int], None] | None = None,
+            autocast: AbstractContextManager | None = None) -> dict[str, float]:
+    """Train every parameter that requires grad (all of them, or only LoRA's) on random windows of `stream`.
+
+    `autocast` (e.g. torch.autocast("cpu", dtype=torch.bfloat16)) is entered anew for every step's forward. Not
+    around the loop: autocast caches its bf16 copy of each weight until the outermost region exits, so a loop
+    inside one region would train the fp32 weights while every forward kept using the step-0 copies (the loss
+    stalls near its initial value). Called inside an autocast region, run_sft refuses for that reason.
+    """
+    if any(torch.is_autocast_enabled(t) for t in ("cpu", "cuda")):
+        raise RuntimeError("run_sft: called inside a torch.autocast region, whose weight-cast cache would freeze "
+                           "the weights every forward sees; pass the context as run_sft(..., autocast=...) instead")
     if len(stream) < block_size + 1:
         raise ValueError(f"SFT needs at least block_size + 1 = {block_size + 1} tokens of text, got {len(stream)}")
     model.train()
@@ -93,10 +111,10 @@ def run_sft(model: GPT, stream: Tensor, loop: LoopConfig, batch_size: int, block
 
     def step_fn(batch):
         x, y = batch
-        with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with autocast or nullcontext():
             loss = lm_loss(model, x, y)
         return loss, {}, x.numel()
 
     ckpt = Checkpointer(out_dir / "sft_checkpoint", params) if out_dir is not None else None
     log_path = out_dir / "log.jsonl" if out_dir is not None else None
-    return train_loop(loop, params, get_batch, step_fn, ckpt, log_path, resume=resume, log=log)
+    return train_loop(loop, params, get_batch, step_fn, ckpt, log_path, on_step_end, resume=resume, log=log)

@@ -259,8 +259,8 @@ def sft_stage(model: GPT, model_desc: str, reviews: Reviews, tok: Tokenizer, loo
             p.requires_grad_(True)
     stream = pack_texts([r.text for r in reviews.train], tok)
     block = min(cfg.block_size, model.config.block_size)
-    with amp:
-        run_sft(model, stream, loop, cfg.batch_size, block, cfg.seed, device, out, resume=True, rank=rank, log=log)
+    run_sft(model, stream, loop, cfg.batch_size, block, cfg.seed, device, out, resume=True, rank=rank, log=log,
+            autocast=amp)
     if cfg.lora:
         remove_lora(model, merge=True)
     for p in model.parameters():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minidpo.config import ConfigError
-from minidpo.resolve import (BUNDLED_MODEL, autocast_dtype, check_model_name, check_writable, imdb_source,
+from minidpo.resolve import (BUNDLED_MODEL, autocast_dtype, choose_dtype, cpu_flags, check_model_name, check_writable, imdb_source,
                              load_model, model_source, pick_device)
 
 
@@ -74,10 +74,34 @@ def test_a_device_that_does_not_exist_is_one_message(name):
 
 def test_dtype_names_map_to_autocast_dtypes():
     cpu = torch.device("cpu")
-    assert autocast_dtype(cpu, "auto") is None and autocast_dtype(cpu, "fp32") is None
+    assert autocast_dtype(cpu, "fp32") is None
     assert autocast_dtype(cpu, "bf16") is torch.bfloat16
     with pytest.raises(ConfigError, match="--dtype"):
         autocast_dtype(cpu, "fp8")
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ({"avx2", "amx_bf16", "avx512_bf16"}, torch.bfloat16),
+    ({"avx2", "avx512_bf16"}, torch.bfloat16),
+    ({"avx2", "amx_bf16"}, torch.bfloat16),
+    ({"avx2", "avx512f"}, None),
+    (set(), None),
+])
+def test_dtype_auto_is_bf16_only_on_a_cpu_with_bf16_hardware(flags, expected):
+    dtype, why = choose_dtype(torch.device("cpu"), "auto", flags=flags)
+    assert dtype is expected
+    assert why.startswith("auto: ") and ("amx_bf16" in why or "avx512_bf16" in why)
+
+
+def test_dtype_auto_is_bf16_on_cuda_whatever_the_cpu():
+    assert choose_dtype(torch.device("cuda"), "auto", flags=set())[0] is torch.bfloat16
+
+
+def test_cpu_flags_are_read_from_the_flags_line(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: X\nflags\t\t: fpu avx2 amx_bf16\n\nprocessor\t: 1\n")
+    assert cpu_flags(info) == {"fpu", "avx2", "amx_bf16"}
+    assert cpu_flags(tmp_path / "missing") == set()
 
 
 def test_an_unwritable_directory_is_found_before_any_work(tmp_path):
