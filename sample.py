@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from minidpo.config import ConfigError, build_component, build_config, run_program
-from minidpo.generate import SamplingConfig, generate
-from minidpo.lora import load_lora, merge_lora
-from minidpo.model import ALIASES, PRESETS
-from minidpo.resolve import check_model_name, load_model, pick_device
-from minidpo.tokenizer import Tokenizer
+from minidpo.model.generate import SamplingConfig, generate
+from minidpo.model.lora import load_lora, merge_lora
+from minidpo.model.gpt import ALIASES, PRESETS
+from minidpo.experiment.resolve import check_model_name, load_model, pick_device
+from minidpo.model.tokenizer import Tokenizer
 
 
 MODEL_NAMES = {"auto", "bundled", *PRESETS, *ALIASES}

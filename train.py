@@ -31,25 +31,25 @@ from pathlib import Path
 import torch
 
 from minidpo import config as C
-from minidpo.compare import METHODS, RunContext, export_merged, method_runs, result_lines, run_one, summarize
-from minidpo.distributed import is_main, setup_distributed, teardown
-from minidpo.download import cache_dir
-from minidpo.dpo import DPOConfig
-from minidpo.dpo_train import BatchConfig
-from minidpo.evaluate import EvalConfig
+from minidpo.experiment.compare import METHODS, RunContext, export_merged, method_runs, result_lines, run_one, summarize
+from minidpo.training.distributed import is_main, setup_distributed, teardown
+from minidpo.formats.download import cache_dir
+from minidpo.methods.dpo import DPOConfig
+from minidpo.methods.dpo_train import BatchConfig
+from minidpo.methods.evaluate import EvalConfig
 from minidpo.fileio import atomic_write_json
-from minidpo.frontier import write_frontier
-from minidpo.lora import LoRAConfig
-from minidpo.pairs import PairsConfig
-from minidpo.model import GPTConfig
-from minidpo.online_dpo import OnlineDPOConfig
-from minidpo.pg import RLOOConfig
-from minidpo.resolve import autocast, autocast_dtype, check_model_name, check_writable, imdb_source, pick_device
-from minidpo.runs import OutDirLock, check_out_dir, is_finished, mark_finished, resume_overrides
-from minidpo.stages import (PromptConfig, SFTConfig, check_model_fits, fit_classifier, load_model_stage,
+from minidpo.training.frontier import write_frontier
+from minidpo.model.lora import LoRAConfig
+from minidpo.dataset.pairs import PairsConfig
+from minidpo.model.gpt import GPTConfig
+from minidpo.methods.online_dpo import OnlineDPOConfig
+from minidpo.methods.pg import RLOOConfig
+from minidpo.experiment.resolve import autocast, autocast_dtype, check_model_name, check_writable, imdb_source, pick_device
+from minidpo.training.runs import OutDirLock, check_out_dir, is_finished, mark_finished, resume_overrides
+from minidpo.experiment.stages import (PromptConfig, SFTConfig, check_model_fits, fit_classifier, load_model_stage,
                             load_reviews, make_prompt_sets, sft_stage)
-from minidpo.tokenizer import EOT_ID, Tokenizer
-from minidpo.trainer import LoopConfig
+from minidpo.model.tokenizer import EOT_ID, Tokenizer
+from minidpo.training.trainer import LoopConfig
 
 
 @dataclass
@@ -223,7 +223,7 @@ def rloo_values(cfg: TrainConfig, kl_coef: float) -> dict:
 
 PRESETS = {
     # bundled 4x128 model, shipped IMDB sample: the whole pipeline in a few minutes on 2 CPU cores
-    # online DPO: offline DPO on this 7M model's reference pairs gains a few hundredths (minidpo/online_dpo.py)
+    # online DPO: offline DPO on this 7M model's reference pairs gains a few hundredths (minidpo/methods/online_dpo.py)
     "tiny": dict(model="bundled", data="sample", out_dir="out/tiny", method="online-dpo", num_prompts=576,
                  completions_per_prompt=8, gen_temperature=0.7, gen_top_k=None, heldout_prompts=24, eval_prompts=128,
                  steps=80, batch_prompts=8, batch_size=16, lr=5e-3, beta=0.1, warmup_steps=10, lora_rank=8,

@@ -6,7 +6,7 @@ Same weights (a seeded GPT-2 124M-shaped minidpo GPT, saved with save_hf, loaded
 adapter disabled, AdamW (0.9, 0.95), grad clip 1.0. CPU: fp32, C = 32; CUDA: bf16 autocast, C = 248. Two layouts:
   pairs  `--pairs` independent pairs (CPU 4, CUDA 16): each pair's two sequences are forwarded.
   paper  the DPO paper's IMDb layout: `--prompts` prompts (CPU 1, CUDA 4) x 4 completions, all 6 pairs per prompt.
-         minidpo-unique forwards each distinct (prompt, completion) once (4 per prompt, minidpo.dpo.sequence_forward);
+         minidpo-unique forwards each distinct (prompt, completion) once (4 per prompt, minidpo.methods.dpo.sequence_forward);
          trl-paper and minidpo-paper forward each pair's two sequences (12 per prompt), as TRL does.
 Each variant runs in a fresh subprocess; the step is timed from train_loop's get_batch to on_step_end (minidpo), from
 on_step_begin to on_step_end of trainer.train() (TRL), CUDA-synchronized. step mem = peak - memory in use before the
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-from minidpo.model import GPT, GPTConfig  # noqa: E402
+from minidpo.model.gpt import GPT, GPTConfig  # noqa: E402
 
 EOT = 50256
 MB = 2 ** 20
@@ -150,18 +150,18 @@ def read_pairs(work: Path, layout: str) -> list[tuple[list[int], list[int], list
 
 
 def run_minidpo(a: argparse.Namespace, v: dict, work: Path) -> dict:
-    """minidpo.dpo_train's DPO step (policy forward, reference passed in, loss) inside minidpo.trainer.train_loop,
+    """minidpo.methods.dpo_train's DPO step (policy forward, reference passed in, loss) inside minidpo.training.trainer.train_loop,
     timed from get_batch to on_step_end."""
-    from minidpo.batching import collate_pairs, collate_unique
-    from minidpo.dpo import (DPOConfig, concatenated_forward, dpo_step_loss, dpo_unique_loss, reference_forward,
+    from minidpo.dataset.batching import collate_pairs, collate_unique
+    from minidpo.methods.dpo import (DPOConfig, concatenated_forward, dpo_step_loss, dpo_unique_loss, reference_forward,
                              sequence_forward)
-    from minidpo.lora import apply_lora
-    from minidpo.pairs import Pair
-    from minidpo.trainer import LoopConfig, train_loop
-    from minidpo.weights import load_gpt2
+    from minidpo.model.lora import apply_lora
+    from minidpo.dataset.pairs import Pair
+    from minidpo.training.trainer import LoopConfig, train_loop
+    from minidpo.model.weights import load_gpt2
 
     device = torch.device(a.device)
-    amp = torch.bfloat16 if a.device == "cuda" else None  # minidpo.resolve.autocast_dtype
+    amp = torch.bfloat16 if a.device == "cuda" else None  # minidpo.experiment.resolve.autocast_dtype
     autocast = torch.autocast(device.type, dtype=amp, enabled=amp is not None)
     model = load_gpt2(work / "model", device=device)
     for p in model.parameters():
@@ -175,7 +175,7 @@ def run_minidpo(a: argparse.Namespace, v: dict, work: Path) -> dict:
     if v.get("compile"):
         forward = torch.compile(forward)
     ref_cache = None
-    if v["ref"] == "cached":  # like minidpo.stages.precompute_reference: one pass before the adapter exists
+    if v["ref"] == "cached":  # like minidpo.experiment.stages.precompute_reference: one pass before the adapter exists
         with autocast:
             ref_cache = reference_forward(model, batch, logprobs, unique=unique)
     torch.manual_seed(a.seed)
@@ -190,7 +190,7 @@ def run_minidpo(a: argparse.Namespace, v: dict, work: Path) -> dict:
         starts.append(sync(a.device))
         return {k: t.to(device, non_blocking=True) for k, t in cpu_batch.items()}
 
-    def step_fn(tensors):  # minidpo.dpo_train.dpo_step
+    def step_fn(tensors):  # minidpo.methods.dpo_train.dpo_step
         with autocast:
             policy = forward(model, tensors, logprobs)
             reference = ref_cache or reference_forward(model, tensors, logprobs, unique=unique)
@@ -278,7 +278,7 @@ def run_trl(a: argparse.Namespace, v: dict, work: Path) -> dict:
 
 def write_inputs(a: argparse.Namespace, work: Path) -> tuple[GPTConfig, int]:
     """One seeded minidpo GPT exported with save_hf (both sides load it) and the token ids of both layouts."""
-    from minidpo.export import save_hf
+    from minidpo.model.export import save_hf
 
     torch.manual_seed(a.seed)
     cfg = GPTConfig(block_size=max(1024, a.prompt_len + a.completion_len), n_layer=a.n_layer, n_head=a.n_head,

@@ -1,5 +1,5 @@
 """
-Dev check (not run by CI): minidpo.export.save_hf writes a checkpoint that transformers' GPT2LMHeadModel loads
+Dev check (not run by CI): minidpo.model.export.save_hf writes a checkpoint that transformers' GPT2LMHeadModel loads
 with no missing/unexpected keys and whose logits match minidpo's GPT. Needs transformers:
 
     .venv-bench/bin/python bench/hf_export_check.py [source]    # source: anything load_gpt2 takes (default: a tiny
@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from minidpo.model import GPT, GPTConfig  # noqa: E402
-from minidpo.export import save_hf
-from minidpo.weights import load_gpt2  # noqa: E402
+from minidpo.model.gpt import GPT, GPTConfig  # noqa: E402
+from minidpo.model.export import save_hf
+from minidpo.model.weights import load_gpt2  # noqa: E402
 
 
 def check(model: GPT, label: str, dtype: torch.dtype | None = None) -> None:

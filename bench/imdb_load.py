@@ -1,5 +1,5 @@
 """
-Time minidpo.imdb.load_imdb reading the full IMDb train split straight from aclImdb_v1.tar.gz.
+Time minidpo.dataset.imdb.load_imdb reading the full IMDb train split straight from aclImdb_v1.tar.gz.
 
 Reference: Maas et al. 2011 (Large Movie Review Dataset). The tarball is gzip, so it is read in one
 sequential pass; this prints how long that pass takes for train (pos + neg, then with unsup) and test.
@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402  (only for the version line)
 
-from minidpo.imdb import load_imdb  # noqa: E402
+from minidpo.dataset.imdb import load_imdb  # noqa: E402
 
 
 def main() -> None:

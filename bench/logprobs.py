@@ -1,6 +1,6 @@
 """
-Wall time and peak memory of forward + backward of per-token log-probs: the plain path (minidpo.logprobs) vs the
-fused kernels (minidpo.fused_logprobs).
+Wall time and peak memory of forward + backward of per-token log-probs: the plain path (minidpo.methods.logprobs) vs the
+fused kernels (minidpo.methods.fused_logprobs).
 
 Variants (all end in `.sum().backward()`):
   naive         naive_token_logps: logits.float().log_softmax(-1).gather(-1, targets)   logits: a leaf [B, T, V]
@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-from minidpo.fused_logprobs import linear_token_logprobs, token_logprobs  # noqa: E402
-from minidpo.logprobs import naive_token_logps  # noqa: E402
+from minidpo.methods.fused_logprobs import linear_token_logprobs, token_logprobs  # noqa: E402
+from minidpo.methods.logprobs import naive_token_logps  # noqa: E402
 
 VARIANTS = ("naive", "fused", "fused-inplace", "naive-linear", "fused-linear")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -1,5 +1,5 @@
 """
-Benchmark the sentiment reward model (minidpo/reward.py) on the full IMDb set.
+Benchmark the sentiment reward model (minidpo/dataset/reward.py) on the full IMDb set.
 
 Reference: Rafailov et al. 2023 (DPO) sec. 6.1 scores completions with a sentiment classifier; ours is
 NB-LR (Wang & Manning 2012). Prints test accuracy on full reviews (goal >= 0.87), on the first 48 GPT-2
@@ -24,16 +24,16 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from minidpo.imdb import load_imdb  # noqa: E402
-from minidpo.reward import SentimentClassifier  # noqa: E402
+from minidpo.dataset.imdb import load_imdb  # noqa: E402
+from minidpo.dataset.reward import SentimentClassifier  # noqa: E402
 
 
 def truncator(n_tokens: int):
     """Cut a text to its first n GPT-2 tokens; whitespace words if the project tokenizer is missing."""
     try:
-        from minidpo.tokenizer import Tokenizer
+        from minidpo.model.tokenizer import Tokenizer
     except ImportError:
-        print(f"minidpo.tokenizer not found: truncating to the first {n_tokens} whitespace WORDS instead")
+        print(f"minidpo.model.tokenizer not found: truncating to the first {n_tokens} whitespace WORDS instead")
         return lambda texts: [" ".join(t.split()[:n_tokens]) for t in texts], "whitespace words"
     tok = Tokenizer()
     return lambda texts: [tok.decode(ids[:n_tokens]) for ids in tok.encode_batch(texts)], "GPT-2 tokens"

@@ -1,7 +1,7 @@
 """
 Speed of GPT-2 weight loading and of the checks it makes: CRC32C over a buffer the size of GPT-2 124M's data shard
-(497,759,232 bytes; minidpo.tf_bundle's lane-parallel numpy version against the byte-at-a-time table and, for scale,
-zlib's C crc32 of a different polynomial), sha256 of the same buffer (what minidpo.gpt2_files pays to re-check a
+(497,759,232 bytes; minidpo.formats.tf_bundle's lane-parallel numpy version against the byte-at-a-time table and, for scale,
+zlib's C crc32 of a different polynomial), sha256 of the same buffer (what minidpo.model.gpt2_files pays to re-check a
 cached shard once per process), then load_gpt2 of a random GPT-2 124M in the OpenAI tensor-bundle layout (CRC32C on,
 the default, and off) and in HF safetensors layout.
 
@@ -23,10 +23,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from minidpo.model import GPT, GPTConfig  # noqa: E402
-from minidpo.tf_bundle import crc32c, crc32c_bytewise  # noqa: E402
-from minidpo.export import save_hf  # noqa: E402
-from minidpo.weights import LINEAR, load_gpt2, openai_name  # noqa: E402
+from minidpo.model.gpt import GPT, GPTConfig  # noqa: E402
+from minidpo.formats.tf_bundle import crc32c, crc32c_bytewise  # noqa: E402
+from minidpo.model.export import save_hf  # noqa: E402
+from minidpo.model.weights import LINEAR, load_gpt2, openai_name  # noqa: E402
 from test_tf_bundle import write_bundle  # noqa: E402  (the tests' reference writer of TF bundles)
 
 

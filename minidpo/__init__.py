@@ -1,20 +1,21 @@
 """minidpo: Direct Preference Optimization for GPT-2 with hand-written LoRA, in plain PyTorch.
 
-Import what you need from its module (one concept per file; the README's map of the code lists them), e.g.
-`from minidpo.dpo import dpo_loss` or `from minidpo.model import GPT`. The names below are the most used ones.
+Import what you need from its module (one concept per file; the folders are layers, listed in the README's map of the code), e.g.
+`from minidpo.methods.dpo import dpo_loss` or `from minidpo.model.gpt import GPT`. The names below are the most used
+ones.
 """
 
-from minidpo.dpo import DPOConfig, concatenated_forward, dpo_loss, preference_metrics, sequence_forward
-from minidpo.imdb import Review, load_imdb
-from minidpo.length_sampler import LengthSampler
-from minidpo.logprobs import sequence_logps
-from minidpo.lora import (LoRAConfig, LoRALinear, apply_lora, load_lora, lora_disabled, lora_parameters, merge_lora,
+from minidpo.methods.dpo import DPOConfig, concatenated_forward, dpo_loss, preference_metrics, sequence_forward
+from minidpo.dataset.imdb import Review, load_imdb
+from minidpo.dataset.length_sampler import LengthSampler
+from minidpo.methods.logprobs import sequence_logps
+from minidpo.model.lora import (LoRAConfig, LoRALinear, apply_lora, load_lora, lora_disabled, lora_parameters, merge_lora,
                           remove_lora, save_lora, unmerge_lora)
-from minidpo.model import GPT, GPTConfig
-from minidpo.pg import kl_penalized_rewards, policy_gradient_loss, rloo_advantages
-from minidpo.reward import SentimentClassifier
-from minidpo.tokenizer import EOT_ID, Tokenizer
-from minidpo.weights import load_gpt2
+from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.methods.pg import kl_penalized_rewards, policy_gradient_loss, rloo_advantages
+from minidpo.dataset.reward import SentimentClassifier
+from minidpo.model.tokenizer import EOT_ID, Tokenizer
+from minidpo.model.weights import load_gpt2
 
 __all__ = [
     "GPT", "GPTConfig", "Tokenizer", "EOT_ID", "load_gpt2",

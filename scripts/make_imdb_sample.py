@@ -10,7 +10,7 @@ tar members are sorted with fixed owner/mode/mtime, and the gzip header carries 
 name, so re-running on the same input gives byte-identical output.
 
 Beside the tarball it writes its manifest (`imdb_sample.manifest.json`: size, sha256 and the number of
-reviews per folder), which minidpo.imdb checks on every read, so a truncated or altered copy is an error.
+reviews per folder), which minidpo.dataset.imdb checks on every read, so a truncated or altered copy is an error.
 
     python scripts/make_imdb_sample.py                       # ../shared/data/aclImdb_v1.tar.gz -> data/
     python scripts/make_imdb_sample.py --src ~/.cache/minidpo/aclImdb_v1.tar.gz --out /tmp/s.tar.gz
@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 from minidpo.fileio import atomic_write_bytes, atomic_write_json  # noqa: E402
-from minidpo.imdb import iter_raw_reviews, manifest_path  # noqa: E402
+from minidpo.dataset.imdb import iter_raw_reviews, manifest_path  # noqa: E402
 
 # (split, label) -> how many reviews; 1,000 in all
 SAMPLE_COUNTS: dict[tuple[str, str], int] = {
@@ -88,7 +88,7 @@ def tarball_bytes(files: list[tuple[str, bytes]]) -> bytes:
 
 
 def write_manifest(tarball: str | os.PathLike, counts: dict[tuple[str, str], int], seed: int) -> Path:
-    """Write `<name>.manifest.json` beside the tarball: what minidpo.imdb checks the tarball against."""
+    """Write `<name>.manifest.json` beside the tarball: what minidpo.dataset.imdb checks the tarball against."""
     tarball = Path(tarball)
     data = tarball.read_bytes()
     manifest = {"file": tarball.name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),

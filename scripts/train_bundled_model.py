@@ -1,7 +1,7 @@
 """
 Train the small GPT-2 that ships in data/tiny-imdb-gpt2/ and makes `python train.py --preset tiny` work offline.
 
-It is minidpo's own SFT stage (minidpo/sft.py) run from random initialisation on IMDB review text (train pos, neg
+It is minidpo's own SFT stage (minidpo/methods/sft.py) run from random initialisation on IMDB review text (train pos, neg
 and unsup; the test split is held out for the reported loss), with the GPT-2 tokenizer and vocabulary. Training runs
 under bf16 autocast where the CPU has AMX/AVX512-BF16 (`--dtype auto`), which is what makes hours of CPU enough:
 see bench/sft_speed.py. Every `eval_every` steps the loss on the first `eval_windows` held-out windows goes to
@@ -26,13 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minidpo.config import build_config, require, run_program  # noqa: E402
-from minidpo.export import save_hf  # noqa: E402
-from minidpo.imdb import load_imdb  # noqa: E402
-from minidpo.model import GPT, GPTConfig  # noqa: E402
-from minidpo.resolve import autocast_dtype  # noqa: E402
-from minidpo.sft import eval_loss, pack_texts, run_sft  # noqa: E402
-from minidpo.tokenizer import Tokenizer  # noqa: E402
-from minidpo.trainer import LoopConfig, append_jsonl  # noqa: E402
+from minidpo.model.export import save_hf  # noqa: E402
+from minidpo.dataset.imdb import load_imdb  # noqa: E402
+from minidpo.model.gpt import GPT, GPTConfig  # noqa: E402
+from minidpo.experiment.resolve import autocast_dtype  # noqa: E402
+from minidpo.methods.sft import eval_loss, pack_texts, run_sft  # noqa: E402
+from minidpo.model.tokenizer import Tokenizer  # noqa: E402
+from minidpo.training.trainer import LoopConfig, append_jsonl  # noqa: E402
 
 REPORT_WINDOWS = 800  # the held-out figure in data/README.md: the first 800 test windows, as for the old model
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from minidpo.download import DownloadError
-from minidpo.imdb import IMDB_SAMPLE_PATH, ImdbError, load_imdb
-from minidpo.safetensors import load_file, save_file
-from minidpo.weights import OPENAI_FILES, CheckpointError, load_gpt2
+from minidpo.formats.download import DownloadError
+from minidpo.dataset.imdb import IMDB_SAMPLE_PATH, ImdbError, load_imdb
+from minidpo.formats.safetensors import load_file, save_file
+from minidpo.model.weights import OPENAI_FILES, CheckpointError, load_gpt2
 from test_download import Handler  # the Range-aware test server
 from test_imdb import tiny_imdb, write_tarball
 from test_tf_bundle import write_bundle
@@ -102,7 +102,7 @@ def test_pickle_payload_in_a_bin_file_is_never_executed(tmp_path):
 # --------------------------------------------------------------------------- weights: wrong shapes and values
 
 def edit_openai(d: Path, edit) -> None:
-    from minidpo.tf_bundle import load_bundle
+    from minidpo.formats.tf_bundle import load_bundle
     tensors = {k: v.clone() for k, v in load_bundle(d / "model.ckpt").items()}
     edit(tensors, "model/wpe", "model/h1/mlp/c_fc/b")
     write_bundle(d / "model.ckpt", tensors)  # a valid bundle, crc32c and all: only the content is wrong
@@ -308,7 +308,7 @@ def _train_refuses(args: list[str], env: dict) -> str:
 
 def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_folder(tmp_path):
     import os
-    from minidpo.runs import OutDirLock
+    from minidpo.training.runs import OutDirLock
     env = {**os.environ, "MINIDPO_CACHE": str(tmp_path / "cache")}
     with OutDirLock(tmp_path / "busy"):
         msg = _train_refuses(["--out-dir", str(tmp_path / "busy")], env)

@@ -1,4 +1,4 @@
-"""Tests for minidpo/batching.py: fit/split, the data order, and the two collations (per pair and per unique
+"""Tests for minidpo/dataset/batching.py: fit/split, the data order, and the two collations (per pair and per unique
 sequence), including a model whose vocabulary is smaller than GPT-2's."""
 
 import warnings
@@ -7,12 +7,12 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from minidpo.batching import (collate_pairs, collate_unique, fit_pairs, group_indices, pair_indices, prompt_groups,
+from minidpo.dataset.batching import (collate_pairs, collate_unique, fit_pairs, group_indices, pair_indices, prompt_groups,
                               split_pairs)
-from minidpo.dpo import concatenated_forward
-from minidpo.model import GPT, GPTConfig
-from minidpo.pairs import Pair, preference_pairs
-from minidpo.tokenizer import EOT_ID
+from minidpo.methods.dpo import concatenated_forward
+from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.dataset.pairs import Pair, preference_pairs
+from minidpo.model.tokenizer import EOT_ID
 
 SETTINGS = settings(max_examples=40, deadline=None)
 SIDES = ("chosen", "rejected")

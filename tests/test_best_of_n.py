@@ -7,13 +7,13 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from minidpo.best_of_n import best_of_n, best_of_n_sweep, kl_bound, sample_rounds
-from minidpo.evaluate import EvalConfig, sample_completions
-from minidpo.lora import apply_lora, lora_layers
-from minidpo.model import GPT, GPTConfig
-from minidpo.pairs import response_text
-from minidpo.prompts import Prompt
-from minidpo.tokenizer import Tokenizer
+from minidpo.methods.best_of_n import best_of_n, best_of_n_sweep, kl_bound, sample_rounds
+from minidpo.methods.evaluate import EvalConfig, sample_completions
+from minidpo.model.lora import apply_lora, lora_layers
+from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.dataset.pairs import response_text
+from minidpo.dataset.prompts import Prompt
+from minidpo.model.tokenizer import Tokenizer
 
 CPU = torch.device("cpu")
 CFG = EvalConfig(max_new_tokens=4, min_new_tokens=1, batch_size=3, seed=7)

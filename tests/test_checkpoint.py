@@ -4,10 +4,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import minidpo.checkpoint as ckpt_mod
-from minidpo.checkpoint import CheckpointCorrupt, Checkpointer
-from minidpo.runs import RunConflict
-from minidpo.trainer import make_optimizer, LoopConfig
+import minidpo.training.checkpoint as ckpt_mod
+from minidpo.training.checkpoint import CheckpointCorrupt, Checkpointer
+from minidpo.training.runs import RunConflict
+from minidpo.training.trainer import make_optimizer, LoopConfig
 
 
 def make_state(seed: int = 0):

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from minidpo.distributed import (average_gradients, barrier, is_main, rank_and_world, rank_zero_first,
+from minidpo.training.distributed import (average_gradients, barrier, is_main, rank_and_world, rank_zero_first,
                                  setup_distributed, teardown)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +37,7 @@ def test_a_non_integer_world_size_is_named(monkeypatch):
         setup_distributed()
 
 
-# Each rank runs this as its own process; it imports minidpo.distributed without the package's __init__ (which loads
+# Each rank runs this as its own process; it imports minidpo.training.distributed without the package's __init__ (which loads
 # the whole library): torch alone is enough, and the test stays quick.
 WORKER = textwrap.dedent("""
     import json, os, sys, time, types
@@ -45,7 +45,7 @@ WORKER = textwrap.dedent("""
     pkg.__path__ = [os.path.join(sys.argv[1], "minidpo")]
     sys.modules["minidpo"] = pkg
     import torch
-    from minidpo.distributed import average_gradients, is_main, rank_zero_first, setup_distributed, teardown
+    from minidpo.training.distributed import average_gradients, is_main, rank_zero_first, setup_distributed, teardown
     rank = int(os.environ["RANK"])
     rank_, world, device = setup_distributed(device="cpu")
     result = {"setup": [rank_, world, device], "main": is_main()}

@@ -1,4 +1,4 @@
-"""minidpo.download against a local HTTP server (127.0.0.1, a thread) whose handler implements Range itself."""
+"""minidpo.formats.download against a local HTTP server (127.0.0.1, a thread) whose handler implements Range itself."""
 
 import hashlib
 import os
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from minidpo.download import (DownloadError, cache_dir, download_file, file_problem, looks_like_html,
+from minidpo.formats.download import (DownloadError, cache_dir, download_file, file_problem, looks_like_html,
                               parse_content_range, part_path)
 
 PAYLOAD = bytes(range(256)) * 97 + b"tail"  # 24,836 bytes, every byte value, not a multiple of anything

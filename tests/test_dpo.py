@@ -1,4 +1,4 @@
-"""Tests for minidpo/dpo.py: the DPO-family losses' invariants, their one validation rule set, metrics, the stacked
+"""Tests for minidpo/methods/dpo.py: the DPO-family losses' invariants, their one validation rule set, metrics, the stacked
 chosen/rejected forward (naive and fused), and unique batching (one forward per distinct sequence) equal to pairs."""
 
 import math
@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from minidpo.config import ConfigError
-from minidpo.dpo import (LOSS_TYPES, DPOConfig, concatenated_forward, dpo_loss, dpo_step_loss, dpo_unique_loss,
+from minidpo.methods.dpo import (LOSS_TYPES, DPOConfig, concatenated_forward, dpo_loss, dpo_step_loss, dpo_unique_loss,
                          pair_logps, preference_metrics, reference_forward, sequence_forward)
-from minidpo.lora import apply_lora, lora_disabled, lora_layers
-from minidpo.model import GPT, GPTConfig
+from minidpo.model.lora import apply_lora, lora_disabled, lora_layers
+from minidpo.model.gpt import GPT, GPTConfig
 
 SETTINGS = settings(max_examples=40, deadline=None)
 f64 = torch.float64

@@ -1,6 +1,6 @@
 """DPO training steps under bf16 autocast and torch.compile on the CPU track the fp32 eager ones.
 
-A random tiny GPT (minidpo.model.GPT) with a LoRA adapter (minidpo.lora.apply_lora) takes a few AdamW steps of the
+A random tiny GPT (minidpo.model.gpt.GPT) with a LoRA adapter (minidpo.model.lora.apply_lora) takes a few AdamW steps of the
 DPO loss on one unique batch (two prompts, 4 and 3 completions, 9 pairs); the loss curves are compared.
 """
 
@@ -11,9 +11,9 @@ import shutil
 import pytest
 import torch
 
-from minidpo.dpo import DPOConfig, dpo_unique_loss, reference_forward, sequence_forward
-from minidpo.lora import apply_lora
-from minidpo.model import GPT, GPTConfig
+from minidpo.methods.dpo import DPOConfig, dpo_unique_loss, reference_forward, sequence_forward
+from minidpo.model.lora import apply_lora
+from minidpo.model.gpt import GPT, GPTConfig
 
 V = 61
 

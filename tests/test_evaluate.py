@@ -9,14 +9,14 @@ import torch
 import torch.nn as nn
 from hypothesis import given, settings, strategies as st
 
-from minidpo.batching import pair_indices
+from minidpo.dataset.batching import pair_indices
 from minidpo.config import ConfigError
-from minidpo.evaluate import (EvalConfig, evaluate, implicit_reward_accuracy, kl_terms, per_token_kl,
+from minidpo.methods.evaluate import (EvalConfig, evaluate, implicit_reward_accuracy, kl_terms, per_token_kl,
                               sample_completions, sample_reference, sampler_logits, sequence_kl)
-from minidpo.lora import LoRALinear, apply_lora, lora_disabled
-from minidpo.model import GPT, GPTConfig
-from minidpo.pairs import Pair
-from minidpo.prompts import Prompt
+from minidpo.model.lora import LoRALinear, apply_lora, lora_disabled
+from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.dataset.pairs import Pair
+from minidpo.dataset.prompts import Prompt
 
 CPU = torch.device("cpu")
 

@@ -1,4 +1,4 @@
-"""minidpo.export: save_hf writes what transformers' GPT2LMHeadModel loads (checked against transformers' own file
+"""minidpo.model.export: save_hf writes what transformers' GPT2LMHeadModel loads (checked against transformers' own file
 of the same weights, and by reading it back with load_gpt2); export_peft writes PEFT's adapter layout."""
 
 import copy
@@ -10,11 +10,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minidpo.export import export_peft, save_hf
-from minidpo.lora import apply_lora, lora_parameters, remove_lora
-from minidpo.model import GPT, GPTConfig
-from minidpo.safetensors import load_file, read_header
-from minidpo.weights import load_gpt2
+from minidpo.model.export import export_peft, save_hf
+from minidpo.model.lora import apply_lora, lora_parameters, remove_lora
+from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.formats.safetensors import load_file, read_header
+from minidpo.model.weights import load_gpt2
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OPENAI = FIXTURES / "gpt2-tiny-openai"

@@ -7,7 +7,7 @@ import math
 
 from hypothesis import given, settings, strategies as st
 
-from minidpo.frontier import append_point, read_points, reward_range, write_frontier
+from minidpo.training.frontier import append_point, read_points, reward_range, write_frontier
 
 
 def test_points_appended_before_a_kill_are_read_back_after_it(tmp_path):

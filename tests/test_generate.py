@@ -1,4 +1,4 @@
-"""minidpo/generate.py: sampling is exact (chi-square against the target distribution), never draws a masked
+"""minidpo/model/generate.py: sampling is exact (chi-square against the target distribution), never draws a masked
 token, repeats under a seed, treats top_k=0 / top_p=1 as off, and rejects settings that are no distribution."""
 
 from dataclasses import asdict
@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from minidpo.config import ConfigError
-from minidpo.generate import (SamplingConfig, generate, inverse_cdf, nucleus_drop, sample, sample_naive,
+from minidpo.model.generate import (SamplingConfig, generate, inverse_cdf, nucleus_drop, sample, sample_naive,
                               trim_finished)
-from minidpo.model import GPT, GPTConfig
+from minidpo.model.gpt import GPT, GPTConfig
 
 TINY = GPTConfig(block_size=64, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
 LOGITS = torch.tensor([2.0, 1.3, 1.1, 0.7, 0.2, 0.0, -0.4, -0.9, -1.5, -2.2, -3.0, 0.45])  # distinct: no ties

@@ -1,4 +1,4 @@
-"""Tests for minidpo/imdb.py and scripts/make_imdb_sample.py (reads only the sample and synthetic tarballs)."""
+"""Tests for minidpo/dataset/imdb.py and scripts/make_imdb_sample.py (reads only the sample and synthetic tarballs)."""
 
 import gzip
 import hashlib
@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minidpo.download import DownloadError
-from minidpo.imdb import (IMDB_FILENAME, IMDB_SAMPLE_PATH, IMDB_SIZE, RATINGS, ImdbError, default_imdb_source,
+from minidpo.formats.download import DownloadError
+from minidpo.dataset.imdb import (IMDB_FILENAME, IMDB_SAMPLE_PATH, IMDB_SIZE, RATINGS, ImdbError, default_imdb_source,
                           download_imdb, load_imdb, manifest_path, parse_member)
 
 ROOT = Path(__file__).resolve().parent.parent

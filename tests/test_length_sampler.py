@@ -1,4 +1,4 @@
-"""Tests for minidpo/length_sampler.py: an inclusive, seeded, uniform integer sampler."""
+"""Tests for minidpo/dataset/length_sampler.py: an inclusive, seeded, uniform integer sampler."""
 
 import random
 from collections import Counter
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minidpo.length_sampler import PROMPT_MAX_TOKENS, PROMPT_MIN_TOKENS, LengthSampler
+from minidpo.dataset.length_sampler import PROMPT_MAX_TOKENS, PROMPT_MIN_TOKENS, LengthSampler
 
 bounds = st.integers(0, 200).flatmap(lambda lo: st.tuples(st.just(lo), st.integers(lo, lo + 60)))
 seeds = st.integers(0, 2**32)

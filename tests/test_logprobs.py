@@ -1,4 +1,4 @@
-"""Tests for minidpo/logprobs.py (the plain path) and minidpo/fused_logprobs.py (the kernels): fused log-probs equal
+"""Tests for minidpo/methods/logprobs.py (the plain path) and minidpo/methods/fused_logprobs.py (the kernels): fused log-probs equal
 the naive log_softmax + gather, in value and gradient, including -inf logits."""
 
 import math
@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from minidpo.fused_logprobs import IGNORE_INDEX, linear_token_logprobs, sequence_logprobs, token_logprobs
-from minidpo.logprobs import naive_token_logps, sequence_logps
+from minidpo.methods.fused_logprobs import IGNORE_INDEX, linear_token_logprobs, sequence_logprobs, token_logprobs
+from minidpo.methods.logprobs import naive_token_logps, sequence_logps
 
 # bf16 keeps 8 mantissa bits: a gradient entry stored in bf16 is within 2^-8 relative of the fp32 value, so we
 # allow rtol 2^-7 (one rounding plus slack) and a small atol for entries near 0.
@@ -256,7 +256,7 @@ def test_inplace_backward_refuses_logits_that_another_op_saved():
 # ---------------------------------------------------------------- the plain path, and -inf logits
 
 def test_old_names_stay_importable_from_minidpo_logprobs():
-    import minidpo.logprobs as plain
+    import minidpo.methods.logprobs as plain
     assert plain.token_logprobs is token_logprobs and plain.linear_token_logprobs is linear_token_logprobs
     assert plain.sequence_logprobs is sequence_logprobs and plain.IGNORE_INDEX == IGNORE_INDEX
 

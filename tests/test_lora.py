@@ -1,4 +1,4 @@
-"""Tests for minidpo/lora.py: the LoRA math, merging, disabling (the DPO reference), freezing, config checks,
+"""Tests for minidpo/model/lora.py: the LoRA math, merging, disabling (the DPO reference), freezing, config checks,
 save/load and its errors. The Hugging Face exports are tested in tests/test_export.py."""
 
 import copy
@@ -12,11 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minidpo.config import ConfigError
-from minidpo.lora import (GPT2_TARGETS, LoRAConfig, LoRAFileError, LoRALinear, adapters_are_zero, apply_lora,
+from minidpo.model.lora import (GPT2_TARGETS, LoRAConfig, LoRAFileError, LoRALinear, adapters_are_zero, apply_lora,
                           lora_config_of, lora_disabled, lora_layers, lora_parameters, lora_state_dict, load_lora,
                           merge_lora, read_lora_config, remove_lora, save_lora, unmerge_lora)
-from minidpo.model import GPT, GPTConfig
-from minidpo.safetensors import save_file
+from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.formats.safetensors import save_file
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=32)
 ALL_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")

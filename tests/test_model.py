@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from minidpo.model import GPT, GPTConfig, attention_bias, positions_from_mask, sample
+from minidpo.model.gpt import GPT, GPTConfig, attention_bias, positions_from_mask, sample
 
 TINY = GPTConfig(block_size=128, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
 
@@ -50,7 +50,7 @@ def test_head_is_tied_to_token_embedding(tiny_model):
 
 
 def test_mlp_activation_is_gelu_tanh_form_not_erf():
-    from minidpo.model import MLP
+    from minidpo.model.gpt import MLP
     C = TINY.n_embd
     mlp = MLP(TINY)
     with torch.no_grad():  # identity in, identity out: the MLP then computes its activation alone
@@ -215,8 +215,8 @@ def test_temperature_zero_is_argmax():
 
 
 def test_sample_and_generate_stay_reachable_from_model_py(tiny_model):
-    import minidpo.generate as generation
-    assert sample is generation.sample  # `from minidpo.model import sample` keeps working
+    import minidpo.model.generate as generation
+    assert sample is generation.sample  # `from minidpo.model.gpt import sample` keeps working
     ids = torch.randint(0, TINY.vocab_size, (2, 3), generator=torch.Generator().manual_seed(0))
     a = tiny_model.generate(ids, 5, eos_id=None, generator=torch.Generator().manual_seed(1))
     b = generation.generate(tiny_model, ids, 5, eos_id=None, generator=torch.Generator().manual_seed(1))

@@ -9,14 +9,14 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from minidpo.config import ConfigError
-from minidpo.dpo import DPOConfig, dpo_loss
-from minidpo.lora import apply_lora, lora_state_dict
-from minidpo.model import GPT, GPTConfig
-from minidpo.online_dpo import OnlineDPOConfig, online_dpo_loss, rollout_pairs, train_online_dpo
-from minidpo.pairs import Prompt
-from minidpo.rollout import Rollout, completion_logps
-from minidpo.tokenizer import Tokenizer
-from minidpo.trainer import LoopConfig
+from minidpo.methods.dpo import DPOConfig, dpo_loss
+from minidpo.model.lora import apply_lora, lora_state_dict
+from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.methods.online_dpo import OnlineDPOConfig, online_dpo_loss, rollout_pairs, train_online_dpo
+from minidpo.dataset.pairs import Prompt
+from minidpo.methods.rollout import Rollout, completion_logps
+from minidpo.model.tokenizer import Tokenizer
+from minidpo.training.trainer import LoopConfig
 
 SETTINGS = settings(max_examples=25, deadline=None)
 # few distinct values, so that ties (which must never form a pair) are common

@@ -1,4 +1,4 @@
-"""Tests for minidpo/pairs.py and minidpo/pairs_cache.py: both pair modes, the config checks, the pairs file and
+"""Tests for minidpo/dataset/pairs.py and minidpo/dataset/pairs_cache.py: both pair modes, the config checks, the pairs file and
 its cache, on the shipped IMDB sample."""
 
 import hashlib
@@ -13,15 +13,15 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import minidpo.pairs
+import minidpo.dataset.pairs
 from minidpo.config import ConfigError
-from minidpo.imdb import IMDB_SAMPLE_PATH, load_imdb
-from minidpo.model import GPT, GPTConfig
-from minidpo.pairs import Pair, PairsConfig, build_pairs, cut_at_eot, preference_pairs
-from minidpo.pairs_cache import (FORMAT, PairsFileError, cached_pairs, load_pairs, module_fingerprint,
+from minidpo.dataset.imdb import IMDB_SAMPLE_PATH, load_imdb
+from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.dataset.pairs import Pair, PairsConfig, build_pairs, cut_at_eot, preference_pairs
+from minidpo.dataset.pairs_cache import (FORMAT, PairsFileError, cached_pairs, load_pairs, module_fingerprint,
                                  pairs_fingerprint, read_fingerprint, save_pairs)
-from minidpo.prompts import Prompt, make_prompts
-from minidpo.tokenizer import EOT_ID, Tokenizer
+from minidpo.dataset.prompts import Prompt, make_prompts
+from minidpo.model.tokenizer import EOT_ID, Tokenizer
 
 SETTINGS = settings(max_examples=40, deadline=None)
 EOT = EOT_ID
@@ -310,14 +310,14 @@ def test_module_fingerprint_follows_the_weights():
 
 
 def test_old_names_stay_importable_from_minidpo_pairs():
-    for module, names in minidpo.pairs._MOVED.items():
+    for module, names in minidpo.dataset.pairs._MOVED.items():
         new = importlib.import_module(module)
         for name in names:
-            assert getattr(minidpo.pairs, name) is getattr(new, name)
-    from minidpo.pairs import Prompt as P, collate_pairs, make_prompts as mp  # noqa: F401
+            assert getattr(minidpo.dataset.pairs, name) is getattr(new, name)
+    from minidpo.dataset.pairs import Prompt as P, collate_pairs, make_prompts as mp  # noqa: F401
     assert P is Prompt and mp is make_prompts
     with pytest.raises(ImportError):
-        from minidpo.pairs import no_such_name  # noqa: F401
+        from minidpo.dataset.pairs import no_such_name  # noqa: F401
 
 
 # ----------------------------------------------------------------------------- damaged files

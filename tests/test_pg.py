@@ -9,15 +9,15 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from minidpo.config import ConfigError
-from minidpo.lora import apply_lora, lora_state_dict
-from minidpo.model import GPT, GPTConfig
-from minidpo.pairs import Prompt
-from minidpo.pg import RLOOConfig, adaptive_kl_coef, kl_penalized_rewards, policy_gradient_loss, rloo_advantages
-from minidpo import rollout
-from minidpo.rloo import KLController, train_rloo
-from minidpo.rollout import completion_logps
-from minidpo.tokenizer import Tokenizer
-from minidpo.trainer import LoopConfig
+from minidpo.model.lora import apply_lora, lora_state_dict
+from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.dataset.pairs import Prompt
+from minidpo.methods.pg import RLOOConfig, adaptive_kl_coef, kl_penalized_rewards, policy_gradient_loss, rloo_advantages
+from minidpo.methods import rollout
+from minidpo.methods.rloo import KLController, train_rloo
+from minidpo.methods.rollout import completion_logps
+from minidpo.model.tokenizer import Tokenizer
+from minidpo.training.trainer import LoopConfig
 
 SETTINGS = settings(max_examples=15, deadline=None)
 rewards_2d = st.integers(1, 4).flatmap(lambda P: st.integers(2, 6).flatmap(lambda K: st.lists(

@@ -1,12 +1,12 @@
-"""Tests for minidpo/prompts.py: 2-8 token prefixes of distinct IMDB reviews, on the shipped sample."""
+"""Tests for minidpo/dataset/prompts.py: 2-8 token prefixes of distinct IMDB reviews, on the shipped sample."""
 
 from types import SimpleNamespace
 
 import pytest
 
-from minidpo.imdb import IMDB_SAMPLE_PATH, load_imdb
-from minidpo.prompts import Prompt, make_prompts, review_name
-from minidpo.tokenizer import Tokenizer
+from minidpo.dataset.imdb import IMDB_SAMPLE_PATH, load_imdb
+from minidpo.dataset.prompts import Prompt, make_prompts, review_name
+from minidpo.model.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -54,5 +54,5 @@ def test_reviews_no_longer_than_their_prefix_are_skipped_and_n_none_takes_every_
 
 
 def test_prompt_is_the_same_class_through_minidpo_pairs():
-    from minidpo.pairs import Prompt as OldPrompt, make_prompts as old_make_prompts
+    from minidpo.dataset.pairs import Prompt as OldPrompt, make_prompts as old_make_prompts
     assert OldPrompt is Prompt and old_make_prompts is make_prompts

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minidpo.config import ConfigError
-from minidpo.resolve import (BUNDLED_MODEL, autocast_dtype, choose_dtype, cpu_flags, check_model_name, check_writable, imdb_source,
+from minidpo.experiment.resolve import (BUNDLED_MODEL, autocast_dtype, choose_dtype, cpu_flags, check_model_name, check_writable, imdb_source,
                              load_model, model_source, pick_device)
 
 
@@ -38,7 +38,7 @@ def test_bundled_model_is_small_fp16_safetensors_with_config():
     weights = BUNDLED_MODEL / "model.safetensors"
     assert (BUNDLED_MODEL / "config.json").is_file()
     assert weights.stat().st_size <= 25 * 2**20
-    from minidpo.safetensors import read_header
+    from minidpo.formats.safetensors import read_header
     header, _ = read_header(weights)
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16"}
 

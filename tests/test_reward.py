@@ -1,12 +1,12 @@
-"""Tests for minidpo/reward.py, trained on the shipped IMDb sample (data/imdb_sample.tar.gz)."""
+"""Tests for minidpo/dataset/reward.py, trained on the shipped IMDb sample (data/imdb_sample.tar.gz)."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minidpo.imdb import IMDB_SAMPLE_PATH, load_imdb
-from minidpo.reward import (
+from minidpo.dataset.imdb import IMDB_SAMPLE_PATH, load_imdb
+from minidpo.dataset.reward import (
     BIGRAM_MULT,
     BIGRAM_SALT,
     SentimentClassifier,
@@ -16,7 +16,7 @@ from minidpo.reward import (
     tokenize,
     word_hash,
 )
-from minidpo.safetensors import save_file
+from minidpo.formats.safetensors import save_file
 
 words = st.sampled_from(["good", "bad", "great", "awful", "film", "the", "not", "!", "?", "it's", "Boring", "10"])
 texts = st.lists(words, max_size=12).map(" ".join)
@@ -68,7 +68,7 @@ def test_save_load_round_trip_gives_identical_scores(model, sample, tmp_path):
 
 def test_load_rejects_a_foreign_safetensors_file(tmp_path):
     save_file({"weight": torch.zeros(4)}, tmp_path / "other.safetensors")
-    with pytest.raises(ValueError, match="not a minidpo.reward"):
+    with pytest.raises(ValueError, match="not a minidpo.dataset.reward"):
         SentimentClassifier.load(tmp_path / "other.safetensors")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from minidpo.runs import (OutDirLock, RunConflict, RunLocked, check_out_dir, clear_run_outputs, differing,
+from minidpo.training.runs import (OutDirLock, RunConflict, RunLocked, check_out_dir, clear_run_outputs, differing,
                           from_portable, is_finished, mark_finished, resume_overrides, to_portable)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,13 +121,13 @@ def test_a_run_is_finished_only_once_marked(tmp_path):
         mark_finished(tmp_path / "none")
 
 
-# the holder imports minidpo.runs without the package's __init__ (which loads torch): seconds saved per process
+# the holder imports minidpo.training.runs without the package's __init__ (which loads torch): seconds saved per process
 HOLDER = textwrap.dedent("""
     import sys, types
     pkg = types.ModuleType("minidpo")
     pkg.__path__ = [{root!r} + "/minidpo"]
     sys.modules["minidpo"] = pkg
-    from minidpo.runs import OutDirLock
+    from minidpo.training.runs import OutDirLock
     with OutDirLock(sys.argv[1]):
         print("locked", flush=True)
         sys.stdin.readline()

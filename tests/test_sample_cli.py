@@ -12,9 +12,9 @@ import pytest
 
 import sample as sample_py
 from minidpo.config import run_program
-from minidpo.lora import apply_lora, save_lora
-from minidpo.resolve import BUNDLED_MODEL
-from minidpo.weights import load_gpt2
+from minidpo.model.lora import apply_lora, save_lora
+from minidpo.experiment.resolve import BUNDLED_MODEL
+from minidpo.model.weights import load_gpt2
 
 SAMPLE_PY = Path(sample_py.__file__).resolve()
 QUICK = ["--num-samples", "2", "--max-new-tokens", "6", "--seed", "3", "--device", "cpu", "--prompt", "A film"]

@@ -1,4 +1,4 @@
-"""minidpo.sft: the packed review stream, random training windows (every offset possible, the last token included),
+"""minidpo.methods.sft: the packed review stream, random training windows (every offset possible, the last token included),
 the deterministic evaluation loss, and a short SFT run that learns."""
 
 import pytest
@@ -6,9 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minidpo.model import GPT, GPTConfig
-from minidpo.sft import batch_seed, eval_loss, lm_loss, pack_texts, random_windows, run_sft
-from minidpo.trainer import LoopConfig
+from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.methods.sft import batch_seed, eval_loss, lm_loss, pack_texts, random_windows, run_sft
+from minidpo.training.trainer import LoopConfig
 
 
 class LetterTokenizer:

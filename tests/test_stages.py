@@ -5,15 +5,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from minidpo.batching import collate_unique
-from minidpo.dpo import sequence_forward
-from minidpo.imdb import IMDB_SAMPLE_PATH, load_imdb
-from minidpo.lora import apply_lora, lora_disabled
-from minidpo.model import GPT, GPTConfig
-from minidpo.pairs import Pair
-from minidpo.stages import (PairData, PromptConfig, ReferenceCacheConfig, Reviews, check_model_fits,
+from minidpo.dataset.batching import collate_unique
+from minidpo.methods.dpo import sequence_forward
+from minidpo.dataset.imdb import IMDB_SAMPLE_PATH, load_imdb
+from minidpo.model.lora import apply_lora, lora_disabled
+from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.dataset.pairs import Pair
+from minidpo.experiment.stages import (PairData, PromptConfig, ReferenceCacheConfig, Reviews, check_model_fits,
                             fit_classifier, make_prompt_sets, precompute_reference)
-from minidpo.tokenizer import Tokenizer
+from minidpo.model.tokenizer import Tokenizer
 
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
 

@@ -1,4 +1,4 @@
-"""minidpo.tf_bundle: CRC32C, varints/protobuf, the SSTable reader and tensor-bundle loading.
+"""minidpo.formats.tf_bundle: CRC32C, varints/protobuf, the SSTable reader and tensor-bundle loading.
 
 A small writer of the same format lives here (tests only), so the reader can be checked on random tables; it is
 itself checked by reproducing the index TensorFlow wrote for the committed fixture byte for byte.
@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minidpo import tf_bundle as tb
+from minidpo.formats import tf_bundle as tb
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gpt2-tiny-openai"
 SETTINGS = settings(max_examples=40, deadline=None)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from minidpo.tokenizer import DATA_DIR, EOT_ID, Tokenizer
+from minidpo.model.tokenizer import DATA_DIR, EOT_ID, Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_works_without_home_cache_or_network(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HOME", "TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR")}
     # any attempt to reach the network goes to a closed local port and fails loudly
     env.update(http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9", TMPDIR=str(tmp_path))
-    code = ("from minidpo.tokenizer import Tokenizer; t = Tokenizer(); "
+    code = ("from minidpo.model.tokenizer import Tokenizer; t = Tokenizer(); "
             "assert t.encode('Hello world') == [15496, 995]; print('ok')")
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=60)

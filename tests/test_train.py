@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minidpo.safetensors import load_file
+from minidpo.formats.safetensors import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 # the paper's offline DPO (the tiny preset's own method is online-dpo), 2 prompts a step
@@ -147,8 +147,8 @@ def test_sample_py_takes_the_documented_flags(env):
 
 
 def test_export_merged_is_the_trained_policy_in_hf_layout(finished):
-    from minidpo.lora import load_lora
-    from minidpo.weights import load_gpt2
+    from minidpo.model.lora import load_lora
+    from minidpo.model.weights import load_gpt2
     out_dir, _ = finished
     policy = load_lora(load_gpt2(ROOT / "data" / "tiny-imdb-gpt2"), out_dir / "adapter")
     merged = load_gpt2(out_dir / "merged")
@@ -161,7 +161,7 @@ def test_export_merged_is_the_trained_policy_in_hf_layout(finished):
 
 
 def test_sft_stage_is_merged_into_the_reference_that_dpo_starts_from(env, tmp_path):
-    from minidpo.weights import load_gpt2
+    from minidpo.model.weights import load_gpt2
     out_dir = tmp_path / "sft"
     run(["train.py", *SMALL, "--steps", "2", "--sft-steps", "3", "--sft-batch-size", "2", "--sft-block-size", "32",
          "--out-dir", str(out_dir)], env)

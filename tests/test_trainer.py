@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from minidpo.trainer import Checkpointer, LoopConfig, NonFiniteLoss, lr_lambda, train_loop
+from minidpo.training.trainer import Checkpointer, LoopConfig, NonFiniteLoss, lr_lambda, train_loop
 
 
 @settings(max_examples=50, deadline=None)
@@ -84,7 +84,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     weights_at_failure = {k: v.detach().clone() for k, v in params.items()}
     # the weights were not touched by the bad step: a fresh model resumed from step 4 and run one good step
     # would differ, but the state on disk must be the step-4 state, finite
-    from minidpo.safetensors import load_file
+    from minidpo.formats.safetensors import load_file
     on_disk = load_file(tmp_path / saved["trainable"])
     assert all(torch.isfinite(v).all() for v in on_disk.values())
     assert all(torch.isfinite(v).all() for v in weights_at_failure.values())
@@ -118,7 +118,7 @@ def test_loop_config_rejects_each_bad_value_naming_its_field(field, value):
 
 
 class FakeClock:
-    """Stands in for `time` inside minidpo.trainer: each step_fn call advances it by the step's set duration."""
+    """Stands in for `time` inside minidpo.training.trainer: each step_fn call advances it by the step's set duration."""
 
     def __init__(self):
         self.t = 0.0
@@ -145,7 +145,7 @@ def timed_problem(clock: FakeClock, seconds_of_step):
 
 
 def test_summary_throughput_covers_the_whole_run_also_across_a_resume(tmp_path, monkeypatch):
-    import minidpo.trainer as trainer
+    import minidpo.training.trainer as trainer
     clock = FakeClock()
     monkeypatch.setattr(trainer, "time", clock)
     slow_then_fast = lambda step: 1.0 if step < 4 else 0.1  # noqa: E731
@@ -174,7 +174,7 @@ def test_summary_throughput_covers_the_whole_run_also_across_a_resume(tmp_path, 
 
 
 def test_eta_follows_recent_step_times_and_skips_the_warm_up_step():
-    from minidpo.trainer import StepClock
+    from minidpo.training.trainer import StepClock
     clock = StepClock()
     clock.update(30.0)  # first step: compilation, allocator warm-up
     assert clock.eta(10) == pytest.approx(300.0)  # nothing better known yet

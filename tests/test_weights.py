@@ -1,4 +1,4 @@
-"""minidpo.weights: every GPT-2 layout loads to Hugging Face's logits; bad files fail with a message naming the
+"""minidpo.model.weights: every GPT-2 layout loads to Hugging Face's logits; bad files fail with a message naming the
 key and the file; names resolve through the cache or a (local) download; save_hf round-trips (tests/test_export.py)."""
 
 import json
@@ -12,11 +12,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minidpo.download import DownloadError, cache_dir
-from minidpo.model import GPT, GPTConfig
-from minidpo.safetensors import load_file, read_header, save_file
-from minidpo.export import save_hf
-from minidpo.weights import CheckpointError, OPENAI_FILES, gpt2_cache_dir, load_gpt2
+from minidpo.formats.download import DownloadError, cache_dir
+from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.formats.safetensors import load_file, read_header, save_file
+from minidpo.model.export import save_hf
+from minidpo.model.weights import CheckpointError, OPENAI_FILES, gpt2_cache_dir, load_gpt2
 from test_download import Handler, closed_port  # the Range-aware test server
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -220,7 +220,7 @@ def test_name_downloads_into_cache_resuming_a_cut_transfer(release_server, tmp_p
 
 def test_corrupt_file_in_the_cache_is_fetched_again_before_loading(release_server, tmp_path, monkeypatch):
     import hashlib
-    from minidpo import gpt2_files
+    from minidpo.model import gpt2_files
     monkeypatch.setenv("MINIDPO_CACHE", str(tmp_path))
     monkeypatch.delenv("MINIDPO_GPT2_URL", raising=False)
     monkeypatch.setattr(gpt2_files, "OPENAI_URL", release_server.url)  # the test server plays OpenAI, with pins
@@ -238,7 +238,7 @@ def test_corrupt_file_in_the_cache_is_fetched_again_before_loading(release_serve
 
 
 def test_damaged_cache_offline_says_what_was_wrong(tmp_path, monkeypatch):
-    from minidpo import gpt2_files
+    from minidpo.model import gpt2_files
     monkeypatch.setenv("MINIDPO_CACHE", str(tmp_path))
     monkeypatch.delenv("MINIDPO_GPT2_URL", raising=False)
     monkeypatch.setattr(gpt2_files, "OPENAI_URL", f"http://127.0.0.1:{closed_port()}/gpt-2/models")
@@ -265,9 +265,9 @@ REAL = cache_dir() / "gpt2" / "124M"
 
 
 @pytest.mark.skipif(not (REAL / DATA).is_file(), reason=f"GPT-2 124M not in {REAL} (set MINIDPO_CACHE or run "
-                    "minidpo.weights.download_gpt2('124M') to enable)")
+                    "minidpo.model.weights.download_gpt2('124M') to enable)")
 def test_real_gpt2_124m_greedy_continuation():
-    from minidpo.tokenizer import Tokenizer
+    from minidpo.model.tokenizer import Tokenizer
 
     model = load_gpt2(REAL, verify=True)
     torch.testing.assert_close(model.transformer.wte.weight[0, :3],

@@ -1,0 +1,56 @@
+"""
+Prompts for the IMDb controlled-sentiment experiment: the first 2-8 tokens of movie reviews.
+
+Reference: Rafailov et al. 2023, "Direct Preference Optimization" (arXiv:2305.18290), sec. 6.1 and appendix C.1:
+"x is a prefix of a movie review from the IMDb dataset", 2-8 tokens long, following TRL's gpt2-sentiment notebook
+(`input_size = LengthSampler(2, 8)`; ours includes the 8, see minidpo.dataset.length_sampler).
+
+Each prompt comes from a distinct review, visited in a seeded random order, and remembers where it was cut from
+(`Prompt.review`, "train/pos/123") and its split: prompts cut from test-split reviews are held out, so evaluation
+never scores a completion of a prompt that DPO trained on.
+"""
+
+import random
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from minidpo.dataset.length_sampler import PROMPT_MAX_TOKENS, PROMPT_MIN_TOKENS, LengthSampler
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    text: str
+    split: str = "train"  # split of the source review: "test" prompts are for held-out evaluation
+    review: str = ""      # "train/pos/123": where it was cut from
+
+
+def review_name(review: Any) -> str:
+    """A review's identity, "<split>/<label>/<id>", e.g. "train/pos/123" (unique within IMDb)."""
+    return f"{review.split}/{review.label}/{review.id}"
+
+
+def make_prompts(reviews: Sequence[Any], tokenizer: Any, n: int | None = None, min_len: int = PROMPT_MIN_TOKENS,
+                 max_len: int = PROMPT_MAX_TOKENS, seed: int = 0) -> list[Prompt]:
+    """n prompts, each the first k tokens of a distinct review, k ~ LengthSampler(min_len, max_len, seed).
+
+    Reviews are visited in a seeded random order; one with no token after its k-th is skipped (its prefix would be
+    the whole review, leaving nothing that a completion continues). n=None: one prompt per usable review.
+    Naive equivalent: [prefix(r, k) for r in shuffled(reviews) if len(tokens(r)) > k][:n], one k drawn per review.
+    """
+    if n is not None and n < 0:
+        raise ValueError(f"make_prompts: n must be >= 0, got {n}")
+    order = list(range(len(reviews)))
+    random.Random(f"prompts/{seed}").shuffle(order)  # a stream of its own, not the length sampler's
+    lengths = LengthSampler(min_len, max_len, seed=seed)
+    prompts: list[Prompt] = []
+    for i in order:
+        if n is not None and len(prompts) == n:
+            break
+        k, ids = lengths(), tokenizer.encode(reviews[i].text)
+        if len(ids) > k:
+            prompts.append(Prompt(ids[:k], tokenizer.decode(ids[:k]), reviews[i].split, review_name(reviews[i])))
+    if n is not None and len(prompts) < n:
+        raise ValueError(f"make_prompts: asked for n={n} prompts but only {len(prompts)} of the {len(reviews)} "
+                         f"reviews are longer than their {min_len}-{max_len} token prefix")
+    return prompts

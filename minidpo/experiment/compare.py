@@ -1,0 +1,221 @@
+"""
+The methods on one frontier: DPO (offline, the paper's, and online), the RLOO policy-gradient baseline and
+best-of-N, each run at each of its settings against the same reference, reward classifier, prompts and evaluation
+(the DPO paper's Figure 2, left).
+
+`method_runs` lists (method, setting, folder) for a run or a `--compare`; `run_one` trains one of them with a fresh
+LoRA adapter (DPO: `minidpo.methods.dpo_train.run_dpo`; online DPO: `minidpo.methods.online_dpo`; RLOO: `minidpo.methods.rloo`),
+evaluates it with the shared evaluator and writes its run.json; the adapter is then dropped so the next run starts
+from the same reference weights.
+"""
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from minidpo.methods.best_of_n import best_of_n_sweep
+from minidpo.training.distributed import barrier, is_main
+from minidpo.methods.dpo_train import RunResult, run_dpo
+from minidpo.methods.evaluate import evaluate, sample_reference, side_by_side
+from minidpo.model.export import export_peft, save_hf
+from minidpo.fileio import atomic_write_json
+from minidpo.training.frontier import append_point, read_points
+from minidpo.model.lora import apply_lora, remove_lora, save_lora
+from minidpo.methods.online_dpo import train_online_dpo
+from minidpo.progress import Log
+from minidpo.experiment.resolve import model_source
+from minidpo.methods.rloo import train_rloo
+from minidpo.training.runs import to_portable
+from minidpo.experiment.stages import (PairData, PromptSets, ReferenceCacheConfig, Reviews, build_pair_data,
+                            precompute_reference)
+from minidpo.model.tokenizer import Tokenizer
+from minidpo.training.trainer import format_seconds
+
+METHODS = ("dpo", "online-dpo", "rloo", "best-of-n")
+
+
+@dataclass
+class RunContext:
+    """Everything the methods share: the reference model, tokenizer, reward, prompts, configs and where to write."""
+    model: torch.nn.Module
+    tok: Tokenizer
+    scorer: object
+    reviews: Reviews
+    prompts: PromptSets
+    stages: dict
+    base: str
+    out: Path
+    device: torch.device
+    amp: torch.autocast
+    rank: int
+    world: int
+    log: Log
+    pairs: PairData | None = field(default=None)
+    reference_cache: dict | None = field(default=None)
+    reference_samples: list | None = field(default=None)  # the reference's evaluation samples, drawn once
+
+
+def method_runs(stages: dict, out: Path) -> list[tuple[str, object, Path]]:
+    """(method, its config for this setting, run folder). One run writes into `out`; several get a folder each."""
+    runs = []
+    for method in stages["compare"]:
+        settings = {"dpo": stages["dpo"], "online-dpo": stages["dpo"], "rloo": stages["rloo"],
+                    "best-of-n": [stages["best_of_n"]]}[method]
+        runs += [(method, s) for s in settings]
+    if len(runs) == 1:
+        return [(runs[0][0], runs[0][1], out)]
+    return [(m, s, out / f"{m}_{setting_name(m, s).replace('=', '_')}") for m, s in runs]
+
+
+def setting_name(method: str, setting) -> str:
+    if method in ("dpo", "online-dpo"):
+        return f"beta={setting.beta:g}"
+    if method == "rloo":
+        return f"kl_coef={setting.kl_coef:g}"
+    return "N=" + ",".join(str(n) for n in setting)
+
+
+def evaluate_now(ctx: RunContext, step: int, with_reference: bool, beta: float | None) -> dict:
+    ctx.log(f"[eval] step {step}: sampling {len(ctx.prompts.eval)} held-out prompts from the policy"
+            + (" and the reference" if with_reference else "") + ", exact KL ...")
+    with ctx.amp:
+        if with_reference and ctx.reference_samples is None:  # the same for every run of a sweep: sampled once
+            ctx.reference_samples = sample_reference(ctx.model, ctx.tok, ctx.prompts.eval, ctx.stages["eval"],
+                                                     ctx.device)
+        heldout = ctx.pairs.heldout if ctx.pairs and beta else None
+        r = evaluate(ctx.model, ctx.tok, ctx.scorer, ctx.prompts.eval, heldout, ctx.stages["eval"],
+                     ctx.stages["max_length"], beta, ctx.device, with_reference=with_reference,
+                     reference_completions=ctx.reference_samples)
+    ctx.log(f"[eval] step {step}: policy reward {r['policy']['reward']:.3f}, KL(policy||reference) exact "
+            f"{r['policy']['kl_exact']:.3f} (sampled estimate {r['policy']['kl_sampled']:.3f})"
+            + (f", held-out reward accuracy {r['reward_accuracy']:.3f}" if r.get("reward_accuracy") is not None
+               else ""))
+    return r
+
+
+def ensure_pairs(ctx: RunContext) -> PairData:
+    if ctx.pairs is None:
+        ctx.pairs = build_pair_data(ctx.stages["pairs"], ctx.prompts, ctx.model, ctx.tok, ctx.scorer, ctx.reviews,
+                                    ctx.out / "pairs.jsonl", ctx.stages["max_length"], ctx.amp, ctx.log)
+        if ctx.stages["precompute_ref"]:
+            b, loop = ctx.stages["batch"], ctx.stages["loop"]
+            need = loop.steps * b.draws_per_step(ctx.world)
+            ctx.reference_cache = precompute_reference(
+                ctx.model, ctx.pairs, ReferenceCacheConfig(need, b.max_length, b.pad_id, b.logprobs, b.seed),
+                ctx.out, ctx.amp, ctx.log)
+    return ctx.pairs
+
+
+def run_one(ctx: RunContext, method: str, setting, run_dir: Path) -> RunResult:
+    """Train and evaluate one method at one setting in run_dir; the model is the reference again afterwards."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    name = setting_name(method, setting)
+    if method == "best-of-n":
+        return run_best_of_n(ctx, setting, run_dir)
+    if method == "dpo":
+        data = ensure_pairs(ctx)
+        result = run_dpo(ctx.model, data, setting, ctx.stages["lora"], ctx.stages["batch"], ctx.stages["loop"],
+                         run_dir, lambda step, ref: evaluate_now(ctx, step, ref, setting.beta),
+                         ctx.stages["eval_every"], ctx.rank, ctx.world, ctx.amp, ctx.reference_cache,
+                         ctx.stages["compile"], log=ctx.log)
+    else:
+        result = run_on_policy(ctx, method, setting, run_dir)
+    if is_main():
+        save_lora(ctx.model, run_dir / "adapter")
+        export_peft(ctx.model, run_dir / "adapter_peft", base_model_name_or_path=model_source(ctx.base))
+        base = model_source(ctx.base)
+        if ctx.base in ("sft_model", "base_model"):  # stored relative to the run folder, so the folder can move
+            base = to_portable(ctx.out / ctx.base, run_dir, within=ctx.out)
+        atomic_write_json(run_dir / "run.json", {"adapter": "adapter", "policy_base": base, "method": method,
+                                                 "setting": name})
+        atomic_write_json(run_dir / "result.json", asdict(result))
+    barrier()
+    if run_dir != ctx.out:  # more runs follow (a sweep or --compare); a single run keeps it for --export-merged
+        remove_lora(ctx.model, merge=False)  # back to the reference for the next run
+        for p in ctx.model.parameters():
+            p.requires_grad_(False)
+    return result
+
+
+def run_on_policy(ctx: RunContext, method: str, cfg, run_dir: Path) -> RunResult:
+    """A fresh adapter trained on the policy's own samples, evaluated like DPO: RLOO (`minidpo.methods.rloo`, cfg an
+    RLOOConfig) or online DPO (`minidpo.methods.online_dpo`, cfg a DPOConfig; the rollout settings are in the stages)."""
+    torch.manual_seed(ctx.stages["seed"])
+    apply_lora(ctx.model, ctx.stages["lora"])
+    name, every = setting_name(method, cfg), ctx.stages["eval_every"]
+    loop = ctx.stages["rloo_loop" if method == "rloo" else "loop"]
+    beta = cfg.beta if method == "online-dpo" else None
+
+    def on_step_end(step: int) -> None:
+        if every and step % every == 0 and step != loop.steps and is_main():
+            point(run_dir, method, name, step, evaluate_now(ctx, step, False, beta))
+
+    common = dict(log=ctx.log, autocast=ctx.amp, rank=ctx.rank, world=ctx.world, on_step_end=on_step_end)
+    if method == "rloo":
+        summary = train_rloo(ctx.model, ctx.tok, ctx.scorer, ctx.prompts.train, cfg, loop, run_dir, ctx.device,
+                             **common)
+    else:
+        summary = train_online_dpo(ctx.model, ctx.tok, ctx.scorer, ctx.prompts.train, cfg, ctx.stages["online_dpo"],
+                                   loop, run_dir, ctx.device, **common)
+    if not is_main():
+        return RunResult(method, name, {}, {}, {}, [], [])
+    r = evaluate_now(ctx, loop.steps, True, beta)
+    append_point(run_dir, {"method": method, "setting": name, "step": 0, "reward": r["reference"]["reward"],
+                           "kl": 0.0, "kl_sampled": 0.0})
+    point(run_dir, method, name, loop.steps, r)
+    summary = {**summary, "reward_accuracy": r.get("reward_accuracy")} if beta else summary
+    return RunResult(method, name, r["reference"], r["policy"], summary, r["examples"], read_points(run_dir))
+
+
+def point(run_dir: Path, method: str, setting: str, step: int, r: dict) -> None:
+    append_point(run_dir, {"method": method, "setting": setting, "step": step, "reward": r["policy"]["reward"],
+                           "kl": r["policy"]["kl_exact"], "kl_sampled": r["policy"]["kl_sampled"]})
+
+
+def run_best_of_n(ctx: RunContext, ns: list[int], run_dir: Path) -> RunResult:
+    """Best-of-N at every N: samples from the reference only, nothing trained. Its KL is the bound log N - (N-1)/N."""
+    points = []
+    if is_main():
+        with ctx.amp:  # max(ns) rounds of reference samples serve every N
+            results = best_of_n_sweep(ctx.model, ctx.tok, ctx.scorer, ctx.prompts.eval, ns, ctx.stages["eval"],
+                                      ctx.device)
+        for n, r in zip(ns, results):
+            ctx.log(f"[best-of-n] N={n}: reward {r['reward']:.3f}, KL bound {r['kl_bound']:.3f}")
+            points.append({"method": "best-of-n", "setting": f"N={n}", "step": 0, "reward": r["reward"],
+                           "kl": r["kl_bound"], "kl_sampled": math.nan})
+        atomic_write_json(run_dir / "result.json", {"points": [{**p, "kl_sampled": None} for p in points]})
+    ref = {"reward": points[0]["reward"]} if points and ns[0] == 1 else {}
+    policy = {"reward": points[-1]["reward"], "kl_exact": points[-1]["kl"], "kl_sampled": None} if points else {}
+    return RunResult("best-of-n", setting_name("best-of-n", ns), ref, policy, {}, [],
+                     [{**p, "kl_sampled": None} for p in points])
+
+
+def summarize(runs: list[RunResult], model_desc: str, base: str, data_src: Path, device: torch.device,
+              world: int, seconds: float) -> dict:
+    """summary.json: the last run leads (a single run is the only one); every run is under "runs"."""
+    last = runs[-1]
+    return {"model": model_source(model_desc), "data": str(data_src), "reference_model": base,
+            "method": last.method, "setting": last.setting, "reference": last.reference, "policy": last.policy,
+            "train": last.train, "device": str(device), "world_size": world, "total_seconds": seconds,
+            "finished": True,
+            "runs": [{"method": r.method, "setting": r.setting, "reference": r.reference, "policy": r.policy,
+                      "train": r.train} for r in runs]}
+
+
+def result_lines(last: RunResult, summary: dict, out: Path) -> str:
+    lines = ["", side_by_side(last.examples)] if last.examples else [""]
+    pol, ref = last.policy, last.reference
+    lines.append(f"{last.method} {last.setting}: reference reward {ref.get('reward', math.nan):.3f} | policy reward "
+                 f"{pol.get('reward', math.nan):.3f} | KL(policy||reference) {pol.get('kl_exact', math.nan):.3f} | "
+                 f"total {format_seconds(summary['total_seconds'])}")
+    lines.append(f"wrote {out / 'summary.json'}; sample with: python sample.py --adapter {out}")
+    return "\n".join(lines)
+
+
+def export_merged(model: torch.nn.Module, path: Path, log: Log) -> None:
+    remove_lora(model, merge=True)  # plain nn.Linear weights with the adapter folded in, as transformers expects
+    save_hf(model, path)
+    log(f"wrote the merged model in Hugging Face's layout to {path}")
+

@@ -1,0 +1,270 @@
+"""
+The cached stages between the model and training in train.py: the IMDB data, the prompts, the reward classifier, the
+preference pairs and (optionally) the reference log-probs.
+
+Each stage takes its own small config and returns a typed result; nothing here reads train.py's flat config. Each
+cached stage is keyed by a fingerprint of everything it depends on and reused when that has not changed, so a resumed
+run or a sweep never rebuilds what it already has. Under torchrun, rank 0 builds a stage first and the other ranks
+then read its cache (`rank_zero_first`), so every rank trains on identical pairs.
+
+Reference: Rafailov et al. 2023, sec. 6.1: prompts are 2-8 token prefixes of IMDb reviews, the reference samples
+completions, a sentiment classifier ranks them into preference pairs.
+"""
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from minidpo.dataset.batching import collate_unique, fit_pairs, group_indices, prompt_groups, split_pairs
+from minidpo.config import require
+from minidpo.training.distributed import is_main, rank_zero_first
+from minidpo.methods.dpo import reference_forward
+from minidpo.formats.download import cache_dir
+from minidpo.model.export import save_hf
+from minidpo.dataset.imdb import Review, load_imdb
+from minidpo.model.lora import LoRAConfig, apply_lora, remove_lora
+from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.dataset.pairs import Pair, PairsConfig, build_pairs
+from minidpo.dataset.pairs_cache import (cached_pairs, fingerprint, module_fingerprint, pairs_fingerprint,
+                                 reviews_fingerprint)
+from minidpo.progress import Log, quiet
+from minidpo.dataset.prompts import Prompt, make_prompts
+from minidpo.experiment.resolve import load_model
+from minidpo.dataset.reward import SentimentClassifier
+from minidpo.methods.sft import pack_texts, run_sft
+from minidpo.formats.safetensors import load_file, load_metadata, save_file
+from minidpo.model.tokenizer import Tokenizer
+from minidpo.training.trainer import LoopConfig
+from minidpo.model.weights import load_gpt2
+
+
+def load_model_stage(name: str, device: torch.device, random_config: GPTConfig | None,
+                     seed: int) -> tuple[GPT, str, list[str]]:
+    """(frozen model, its description, notes for the user): a GPT-2 name or path, the bundled model, or random init
+    (`random_config`, seeded) for experiments without weights."""
+    if name == "random":
+        torch.manual_seed(seed)
+        c = random_config
+        model, desc, notes = GPT(c).to(device), f"random({c.n_layer}x{c.n_embd})", []
+    else:
+        model, desc, notes = load_model(name, device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval(), desc, notes
+
+
+def check_model_fits(model: GPT, need_context: int, max_length: int, vocab_size: int) -> None:
+    """The model must cover the tokenizer's vocabulary and the longest sequence the run will build."""
+    cfg = model.config
+    if cfg.vocab_size < vocab_size:
+        raise ValueError(f"the model's vocabulary has {cfg.vocab_size} tokens but the GPT-2 tokenizer emits ids up to "
+                         f"{vocab_size - 1}: this model was not trained with the GPT-2 tokenizer")
+    if max(need_context, max_length) > cfg.block_size:
+        raise ValueError(f"--prompt-max-tokens + --max-new-tokens ({need_context}) and --max-length ({max_length}) "
+                         f"must fit the model's context of {cfg.block_size} tokens")
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    batch_size: int = 8      # windows per step
+    block_size: int = 128    # window length
+    lora: bool = True        # train a LoRA adapter (merged afterwards) instead of every weight
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.block_size >= 2, "block_size", f"must be >= 2, got {self.block_size}")
+
+
+@dataclass
+class Reviews:
+    source: Path
+    train: list[Review]
+    test: list[Review]
+
+
+def load_reviews(source: Path) -> Reviews:
+    """IMDB's labelled train and test splits (pos and neg) from a tarball or directory."""
+    return Reviews(source, load_imdb(source, "train", ("pos", "neg")), load_imdb(source, "test", ("pos", "neg")))
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    train: int = 512          # training prompts (from train reviews)
+    heldout: int = 32         # test prompts whose pairs measure held-out implicit-reward accuracy
+    eval: int = 64            # test prompts whose samples measure reward and KL
+    min_tokens: int = 2
+    max_tokens: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.train >= 1, "num_prompts", f"must be >= 1, got {self.train}")
+        require(self.heldout >= 0, "heldout_prompts", f"must be >= 0, got {self.heldout}")
+        require(self.eval >= 1, "eval_prompts", f"must be >= 1, got {self.eval}")
+        require(1 <= self.min_tokens <= self.max_tokens, "prompt_min_tokens",
+                f"must be >= 1 and <= prompt_max_tokens ({self.max_tokens}), got {self.min_tokens}")
+
+
+@dataclass
+class PromptSets:
+    train: list[Prompt]
+    heldout: list[Prompt]
+    eval: list[Prompt]
+
+
+def make_prompt_sets(reviews: Reviews, tok: Tokenizer, cfg: PromptConfig) -> PromptSets:
+    """Train prompts from train reviews; held-out and evaluation prompts from test reviews (one per review)."""
+    try:
+        train = make_prompts(reviews.train, tok, cfg.train, cfg.min_tokens, cfg.max_tokens, seed=cfg.seed)
+        test = make_prompts(reviews.test, tok, cfg.heldout + cfg.eval, cfg.min_tokens, cfg.max_tokens,
+                            seed=cfg.seed + 1)
+    except ValueError as e:  # one prompt per review: the shipped sample has 600 train and 300 test reviews
+        raise ValueError(f"{e}; lower --num-prompts (train) or --heldout-prompts + --eval-prompts (test), or use "
+                         "the full IMDB set (--data)") from None
+    return PromptSets(train, test[:cfg.heldout], test[cfg.heldout:])
+
+
+def fit_classifier(reviews: Reviews, log: Log = quiet) -> SentimentClassifier:
+    """The reward: a sentiment classifier trained on the train labels, cached under <cache>/reward/."""
+    clf = SentimentClassifier()
+    key = fingerprint({"reviews": reviews_fingerprint(reviews.train), "config": clf.config()})[:16]
+    path = cache_dir() / "reward" / f"sentiment-{key}.safetensors"
+
+    def build() -> SentimentClassifier:
+        if path.is_file():
+            try:
+                loaded = SentimentClassifier.load(path)
+                log(f"[reward] reusing {path}")
+                return loaded
+            except (ValueError, OSError) as e:  # a corrupt cache is rebuilt, not trusted
+                log(f"[reward] {path} is unreadable ({e}); training it again")
+        log(f"[reward] training the sentiment classifier on {len(reviews.train):,} labelled reviews")
+        fitted = clf.fit([r.text for r in reviews.train], [r.label for r in reviews.train])
+        if is_main():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fitted.save(path)
+        acc = fitted.accuracy([r.text for r in reviews.test], [r.label for r in reviews.test])
+        log(f"[reward] trained in {fitted.fit_seconds:.1f} s; test accuracy {acc:.3f}; saved {path}")
+        return fitted
+    return rank_zero_first(build)
+
+
+@dataclass
+class PairData:
+    train: list[Pair]
+    heldout: list[Pair]
+    groups: list[list[int]]   # indices into train, one list per prompt (for --batching unique)
+    fingerprint: str
+
+
+def build_pair_data(cfg: PairsConfig, prompts: PromptSets, model: torch.nn.Module, tok: Tokenizer,
+                    scorer: SentimentClassifier, reviews: Reviews, path: Path, max_length: int,
+                    autocast: torch.autocast, log: Log = quiet) -> PairData:
+    """Training pairs (train prompts) and held-out pairs (test prompts), cached in `path` (pairs.jsonl)."""
+    every = prompts.train + prompts.heldout
+    scorer_id = hashlib.sha256(scorer.weight.numpy().tobytes()).hexdigest()
+    fp = pairs_fingerprint(cfg, every, model_id=module_fingerprint(model), scorer_id=scorer_id,
+                           data_id=reviews_fingerprint(reviews.train + reviews.test) if cfg.mode == "labels" else "")
+
+    def build() -> list[Pair]:
+        with autocast:
+            return build_pairs(cfg, every, tok, model=model, scorer=scorer, reviews=reviews.train + reviews.test,
+                               log=log if is_main() else quiet)
+    pairs = rank_zero_first(lambda: cached_pairs(path, fp, build, log=log if is_main() else quiet))
+    train, heldout = split_pairs(pairs)
+    train, _ = fit_pairs(train, max_length)
+    heldout, _ = fit_pairs(heldout, max_length)
+    if not train:
+        raise ValueError("no training pairs (every prompt's completions scored the same?); raise --num-prompts or "
+                         "--completions-per-prompt")
+    log(f"[pairs] {len(train):,} training pairs from {len(prompts.train)} prompts, {len(heldout)} held-out pairs, "
+        f"{len(prompts.eval)} evaluation prompts")
+    return PairData(train, heldout, prompt_groups(train), fp)
+
+
+@dataclass(frozen=True)
+class ReferenceCacheConfig:
+    groups_needed: int       # group draws the run will make: steps * grad_accum * world * batch_prompts
+    max_length: int
+    pad_id: int
+    logprobs: str = "fused"
+    seed: int = 0
+
+
+@torch.no_grad()
+def precompute_reference(model: torch.nn.Module, data: PairData, cfg: ReferenceCacheConfig, out: Path,
+                         autocast: torch.autocast, log: Log = quiet) -> dict[int, Tensor]:
+    """Reference sequence log-probs of every prompt group the run will draw (not the whole dataset), computed once
+    before the adapter exists (so exactly the reference) and cached in out/reference_logps.safetensors.
+
+    Returns {group index: (N_g,) log-probs in collate_unique's sequence order} (fields "logps" and "logps_mean"
+    stacked as (2, N_g)). Saves DPO the reference forward of every step.
+    """
+    used = sorted(set(group_indices(len(data.groups), 0, cfg.groups_needed, cfg.seed)))
+    path = out / "reference_logps.safetensors"
+    fp = fingerprint({"model": module_fingerprint(model), "pairs": data.fingerprint, "groups": used,
+                      "max_length": cfg.max_length, "logprobs": cfg.logprobs})
+    device = next(model.parameters()).device
+
+    def build() -> dict[str, Tensor]:
+        if path.is_file():
+            try:
+                if load_metadata(path).get("fingerprint") == fp:
+                    log(f"[reference] reusing {path}")
+                    return load_file(path)
+            except ValueError as e:
+                log(f"[reference] {path} is unreadable ({e}); computing it again")
+        log(f"[reference] precomputing log-probs of the {len(used):,} prompt groups this run uses "
+            f"(of {len(data.groups):,})")
+        tensors = {}
+        for g in used:
+            batch = collate_unique([data.train[i] for i in data.groups[g]], cfg.max_length, pad_id=cfg.pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast:
+                r = reference_forward(model, batch, cfg.logprobs, unique=True)
+            tensors[str(g)] = torch.stack([r["logps"].float(), r["logps_mean"].float()]).cpu()
+        if is_main():
+            save_file(tensors, path, metadata={"fingerprint": fp, "groups": json.dumps(len(used))})
+        return tensors
+    tensors = rank_zero_first(build)
+    return {int(k): v.to(device) for k, v in tensors.items()}
+
+
+
+def sft_stage(model: GPT, model_desc: str, reviews: Reviews, tok: Tokenizer, loop: LoopConfig | None,
+              cfg: SFTConfig, lora: LoRAConfig, out: Path, amp: torch.autocast, rank: int,
+              log: Log = quiet) -> tuple[GPT, str]:
+    """SFT on review text, folded into the weights: (the model that is both the reference and DPO's start, what
+    run.json records as its base). Without SFT the loaded model itself; `random` weights are saved so a sampler
+    can find them again."""
+    device = next(model.parameters()).device
+    if loop is None:
+        if model_desc.startswith("random(") and is_main():
+            save_hf(model, out / "base_model")
+            return model, "base_model"
+        return model, model_desc
+    done = out / "sft_model"
+    if (done / "config.json").is_file():
+        log(f"[sft] reusing {done}")
+        return load_gpt2(done, device=device).eval(), "sft_model"
+    log(f"[sft] {loop.steps} steps on {len(reviews.train):,} reviews ({'LoRA' if cfg.lora else 'all weights'})")
+    if cfg.lora:
+        apply_lora(model, lora)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    stream = pack_texts([r.text for r in reviews.train], tok)
+    block = min(cfg.block_size, model.config.block_size)
+    run_sft(model, stream, loop, cfg.batch_size, block, cfg.seed, device, out, resume=True, rank=rank, log=log,
+            autocast=amp)
+    if cfg.lora:
+        remove_lora(model, merge=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if is_main():
+        save_hf(model, done)
+    return model.eval(), "sft_model"

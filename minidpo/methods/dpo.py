@@ -1,0 +1,278 @@
+"""
+The DPO family of preference losses, and the forward passes that give them sequence log-probs.
+
+With D = (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x)) (w = chosen, l = rejected):
+- sigmoid: -log sigmoid(beta D). Direct Preference Optimization, Rafailov et al. 2023, eq. 7
+  (arXiv:2305.18290). With label smoothing e > 0 it is conservative DPO (cDPO, E. Mitchell 2023, "A note on DPO
+  with noisy preferences & relationship to IPO"): the preference label is assumed flipped with probability e,
+  -(1-e) log sigmoid(beta D) - e log sigmoid(-beta D). TRL 1.16's "sigmoid" ignores label_smoothing (it uses it
+  only for "robust" and "exo_pair"), so with e > 0 our sigmoid loss is cDPO and differs from TRL's.
+- robust: (-(1-e) log sigmoid(beta D) + e log sigmoid(-beta D)) / (1 - 2e), the unbiased loss under label flips
+  of rate e of Chowdhury et al. 2024, "Provably Robust DPO" (arXiv:2403.00409), eq. 7 (TRL's formula too).
+- ipo: (D - 1/(2 beta))^2, Identity Preference Optimisation, Azar et al. 2023, "A General Theoretical Paradigm to
+  Understand Learning from Human Preferences" (arXiv:2310.12036), eq. 17, on length-averaged log-probs as its
+  authors (and TRL) use them.
+- hinge: relu(1 - beta D), the SLiC calibration loss, Zhao et al. 2023 (arXiv:2305.10425), with 1/beta as margin.
+Reference-free (reference log-probs None) sets the reference terms to 0.
+
+The reference is always passed in by the caller: the same model under `minidpo.model.lora.lora_disabled`
+(`reference_forward` does that) or log-probs cached before training. Log-probs come from `concatenated_forward`
+(each pair's chosen and rejected sequences) or `sequence_forward` (each distinct sequence once, pairs given by
+index); both score tokens with `minidpo.methods.logprobs.sequence_logps` ("naive") or a fused kernel ("fused").
+Loss names, defaults and metric names follow Hugging Face TRL's DPOTrainer so numbers compare one to one.
+"""
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from minidpo.config import require
+from minidpo.methods.fused_logprobs import linear_token_logprobs
+from minidpo.methods.logprobs import sequence_logps
+from minidpo.model.lora import lora_disabled, lora_layers
+
+LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
+LOGPROBS = ("naive", "fused")
+BATCH_KEYS = ("chosen_ids", "chosen_attention_mask", "chosen_response_mask",
+              "rejected_ids", "rejected_attention_mask", "rejected_response_mask")
+UNIQUE_KEYS = ("ids", "attention_mask", "response_mask", "chosen_index", "rejected_index")
+
+
+def check_loss_args(beta: float, loss_type: str, label_smoothing: float) -> None:
+    """The one rule set for DPOConfig and dpo_loss; raises minidpo.config.ConfigError (a ValueError).
+
+    label_smoothing e is a label-flip rate: sigmoid (cDPO) takes [0, 0.5] (at 0.5 the labels carry no information),
+    robust [0, 0.5) (it divides by 1 - 2e), ipo and hinge have no such term, so e must be 0.
+    """
+    require(loss_type in LOSS_TYPES, "loss_type", f"must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+    require(math.isfinite(beta) and beta > 0, "beta", f"must be a finite number > 0, got {beta}")
+    e = label_smoothing
+    require(math.isfinite(e), "label_smoothing", f"must be a finite number, got {e}")
+    if loss_type == "sigmoid":
+        require(0.0 <= e <= 0.5, "label_smoothing", f"for 'sigmoid' (cDPO) must be in [0, 0.5], got {e}")
+    elif loss_type == "robust":
+        require(0.0 <= e < 0.5, "label_smoothing", f"for 'robust' must be in [0, 0.5), got {e}")
+    else:
+        require(e == 0.0, "label_smoothing", f"is only used by 'sigmoid' and 'robust'; it must be 0 for "
+                                             f"{loss_type!r}, got {e}")
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    beta: float = 0.1             # strength of the KL tie to the reference (IPO: its tau)
+    loss_type: str = "sigmoid"    # sigmoid | robust | ipo | hinge
+    label_smoothing: float = 0.0  # assumed label-flip rate: cDPO for sigmoid, rDPO for robust
+
+    def __post_init__(self) -> None:
+        check_loss_args(self.beta, self.loss_type, self.label_smoothing)
+
+
+def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
+             reference_chosen_logps: Tensor | None, reference_rejected_logps: Tensor | None,
+             beta: float = 0.1, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-pair losses (B,) and the implicit rewards beta * (policy - reference) of chosen and rejected (B,).
+
+    Naive equivalent for 'sigmoid' with e = 0: -log(sigmoid(beta * ((pc - rc) - (pr - rr)))). See the module
+    docstring for the other losses. Rewards are detached: they are for logging, not for gradients.
+    """
+    check_loss_args(beta, loss_type, label_smoothing)
+    if (reference_chosen_logps is None) != (reference_rejected_logps is None):
+        raise ValueError("dpo_loss: pass both reference log-probs, or neither (reference-free)")
+    shapes = {tuple(t.shape) for t in (policy_chosen_logps, policy_rejected_logps,
+                                       reference_chosen_logps, reference_rejected_logps) if t is not None}
+    if len(shapes) != 1:
+        raise ValueError(f"dpo_loss: all log-probs must have the same shape (B,), got {sorted(shapes)}")
+    if reference_chosen_logps is None:
+        reference_chosen_logps = reference_rejected_logps = torch.zeros_like(policy_chosen_logps)
+
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps        # (B,)
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps  # (B,)
+    D = chosen_logratios - rejected_logratios                              # (B,)
+    e = label_smoothing
+    if loss_type == "sigmoid":
+        losses = -(1 - e) * F.logsigmoid(beta * D) - e * F.logsigmoid(-beta * D)
+    elif loss_type == "robust":
+        losses = (-(1 - e) * F.logsigmoid(beta * D) + e * F.logsigmoid(-beta * D)) / (1 - 2 * e)
+    elif loss_type == "ipo":
+        losses = (D - 1 / (2 * beta)) ** 2
+    else:  # hinge
+        losses = torch.relu(1 - beta * D)
+    chosen_rewards = beta * chosen_logratios.detach()
+    rejected_rewards = beta * rejected_logratios.detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+@torch.no_grad()
+def preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor,
+                       policy_chosen_logps: Tensor, policy_rejected_logps: Tensor) -> dict[str, Tensor]:
+    """Batch means under TRL's names, as detached 0-dim tensors on the inputs' device.
+
+    Tensors, not floats, so a training loop can accumulate them on the GPU and call .item() only when it logs:
+    a float here would force a host sync every step.
+    """
+    return {
+        "rewards/chosen": chosen_rewards.float().mean(),
+        "rewards/rejected": rejected_rewards.float().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).float().mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "logps/chosen": policy_chosen_logps.float().mean(),
+        "logps/rejected": policy_rejected_logps.float().mean(),
+    }
+
+
+# ----------------------------------------------------------------------------- forward passes
+
+def _check_right_padded(attention_mask: Tensor, name: str) -> None:
+    # Checked only where it is free: on a GPU this would be a host sync every step.
+    if attention_mask.device.type == "cpu" and bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+        raise ValueError(f"batch[{name!r}] must be right-padded (ones then zeros); left padding would shift the "
+                         "positions of real tokens")
+
+
+def _check_keys(batch: dict[str, Tensor], keys: tuple[str, ...], who: str) -> None:
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise KeyError(f"{who}: batch lacks {missing}; expected keys {keys}")
+
+
+def _check_shapes(batch: dict[str, Tensor], prefix: str, who: str) -> None:
+    ids = batch[f"{prefix}ids"]
+    for k in (f"{prefix}attention_mask", f"{prefix}response_mask"):
+        if batch[k].shape != ids.shape:
+            raise ValueError(f"{who}: batch[{k!r}] has shape {tuple(batch[k].shape)}, expected "
+                             f"{tuple(ids.shape)} like batch['{prefix}ids']")
+    _check_right_padded(batch[f"{prefix}attention_mask"], f"{prefix}attention_mask")
+
+
+def score_sequences(model: nn.Module, ids: Tensor, keep: Tensor, logprobs: str = "fused") -> Tensor:
+    """Sum (N,) of log p(ids[:, t] | ids[:, :t]) over the t >= 1 where keep[:, t] (N, T) is nonzero.
+
+    The one place that picks how tokens are scored. ids must be right-padded: the forward then runs without an
+    attention mask (plain causal, SDPA's fastest kernels), every real token sits at its true position and attends
+    only to earlier real tokens, and the pad positions compute garbage that `keep` masks out.
+    """
+    if logprobs == "naive":  # full (N, T, V) logits, log_softmax, gather, mask, sum
+        return sequence_logps(model(ids), ids, keep)
+    if logprobs != "fused":
+        raise ValueError(f"logprobs must be one of {LOGPROBS}, got {logprobs!r}")
+    # Fused: only response positions go through the vocabulary projection, and linear_token_logprobs never holds
+    # their (M, V) logits (it recomputes each chunk in backward). On an accelerator nonzero() costs one host sync
+    # per call, much less than projecting every prompt and pad position through a 50257-wide head.
+    head = model.lm_head
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("score_sequences: the head must be a bias-free linear map (GPT-2's tied lm_head)")
+    N, T = ids.shape
+    hidden = model.hidden_states(ids[:, :-1])                    # (N, T-1, C); the last token predicts nothing
+    rows = (keep[:, 1:] != 0).reshape(-1).nonzero().squeeze(1)  # (M,) flat positions of scored tokens
+    h = hidden.reshape(-1, hidden.size(-1))[rows]               # (M, C)
+    scored = linear_token_logprobs(h, head.weight, ids[:, 1:].reshape(-1)[rows])  # (M,)
+    return torch.zeros(N, dtype=scored.dtype, device=ids.device).index_add(0, rows // (T - 1), scored)
+
+
+def _scores(model: nn.Module, ids: Tensor, keep: Tensor, logprobs: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Sums, length means and token counts (N,) of the response log-probs."""
+    total = score_sequences(model, ids, keep, logprobs)  # (N,)
+    num_tokens = (keep[:, 1:] != 0).sum(-1)              # (N,); a token at position 0 cannot be scored
+    return total, total / num_tokens.clamp(min=1), num_tokens  # an empty response gives mean 0, not NaN
+
+
+def concatenated_forward(model: nn.Module, batch: dict[str, Tensor], logprobs: str = "fused") -> dict[str, Tensor]:
+    """Sequence log-probs of each pair's chosen and rejected responses from one forward over both stacked.
+
+    Returns chosen_logps, rejected_logps (sums over response tokens, (B,)), chosen_logps_mean, rejected_logps_mean
+    (length-averaged, for IPO) and chosen_num_tokens, rejected_num_tokens (B,). Naive equivalent per side:
+    minidpo.methods.logprobs.sequence_logps(model(ids), ids, response_mask * attention_mask).
+    """
+    _check_keys(batch, BATCH_KEYS, "concatenated_forward")
+    for side in ("chosen_", "rejected_"):
+        _check_shapes(batch, side, "concatenated_forward")
+    B = batch["chosen_ids"].size(0)
+    if batch["rejected_ids"].size(0) != B:
+        raise ValueError("concatenated_forward: chosen_ids and rejected_ids must have the same batch size")
+    T = max(batch["chosen_ids"].size(1), batch["rejected_ids"].size(1))
+    pad = lambda x: F.pad(x, (0, T - x.size(1)))  # noqa: E731, (B, t) -> (B, T); pad positions are masked out
+    ids = torch.cat([pad(batch["chosen_ids"]), pad(batch["rejected_ids"])])  # (2B, T)
+    keep = torch.cat([pad(batch[f"{s}_response_mask"] * batch[f"{s}_attention_mask"])
+                      for s in ("chosen", "rejected")])                      # (2B, T)
+    total, mean, n = _scores(model, ids, keep, logprobs)                     # (2B,) each
+    return {"chosen_logps": total[:B], "rejected_logps": total[B:], "chosen_logps_mean": mean[:B],
+            "rejected_logps_mean": mean[B:], "chosen_num_tokens": n[:B], "rejected_num_tokens": n[B:]}
+
+
+def sequence_forward(model: nn.Module, batch: dict[str, Tensor], logprobs: str = "fused") -> dict[str, Tensor]:
+    """Log-probs of each distinct sequence of a unique batch (ids (N, T), chosen_index/rejected_index (P,)).
+
+    Returns logps (sums over response tokens), logps_mean (length-averaged) and num_tokens, each (N,).
+    Naive equivalent: minidpo.methods.logprobs.sequence_logps(model(ids), ids, response_mask * attention_mask).
+    """
+    _check_keys(batch, UNIQUE_KEYS, "sequence_forward")
+    _check_shapes(batch, "", "sequence_forward")
+    total, mean, n = _scores(model, batch["ids"], batch["response_mask"] * batch["attention_mask"], logprobs)
+    return {"logps": total, "logps_mean": mean, "num_tokens": n}
+
+
+def reference_forward(model: nn.Module, batch: dict[str, Tensor], logprobs: str = "fused",
+                      unique: bool | None = None) -> dict[str, Tensor]:
+    """The reference's log-probs: the same model with its LoRA adapters disabled, without grad.
+
+    unique: sequence_forward's output for a unique batch, else concatenated_forward's (None: by the batch's keys).
+    A model without LoRA layers is its own reference (e.g. before the adapter is applied, to cache reference
+    log-probs).
+    """
+    unique = "ids" in batch if unique is None else unique
+    forward = sequence_forward if unique else concatenated_forward
+    with torch.no_grad(), (lora_disabled(model) if lora_layers(model) else nullcontext()):
+        return forward(model, batch, logprobs)
+
+
+# ----------------------------------------------------------------------------- the step's loss
+
+def dpo_step_loss(policy_out: dict[str, Tensor], reference_out: dict[str, Tensor] | None,
+                  cfg: DPOConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """Mean loss and metrics from `concatenated_forward`-style outputs (reference_out None: reference-free).
+
+    The loss uses length-averaged log-probs for IPO and sums otherwise, so callers cannot mix them up. The metrics
+    are TRL's, always from sums, as TRL logs them (also for IPO): rewards/* = beta * (policy - reference) summed
+    log-probs, logps/* = the policy's summed log-probs. Plus "logratio/ref_minus_policy": the mean over chosen and
+    rejected of log ref(y|x) - log pi(y|x) on the pairs' responses. The reference sampled those responses, so it
+    estimates KL(reference || policy) on them; it is NOT the evaluation's exact KL(policy || reference).
+    """
+    suffix = "_mean" if cfg.loss_type == "ipo" else ""
+    pick = lambda out, k: None if out is None else out[k].detach()  # noqa: E731
+    pc, pr = policy_out["chosen_logps" + suffix], policy_out["rejected_logps" + suffix]
+    rc, rr = pick(reference_out, "chosen_logps" + suffix), pick(reference_out, "rejected_logps" + suffix)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.loss_type,
+                                                        cfg.label_smoothing)
+    pc, pr = policy_out["chosen_logps"].detach(), policy_out["rejected_logps"].detach()  # sums, for the logs
+    rc, rr = pick(reference_out, "chosen_logps"), pick(reference_out, "rejected_logps")
+    if suffix:  # IPO: rewards from the sums, as TRL logs them
+        chosen_rewards = cfg.beta * (pc if rc is None else pc - rc)
+        rejected_rewards = cfg.beta * (pr if rr is None else pr - rr)
+    metrics = preference_metrics(chosen_rewards, rejected_rewards, pc, pr)
+    if rc is not None:
+        metrics["logratio/ref_minus_policy"] = ((rc - pc) + (rr - pr)).float().mean() / 2
+    return losses.mean(), metrics
+
+
+def pair_logps(seq_out: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Per-pair chosen/rejected log-probs (P,) (concatenated_forward's keys) from per-sequence ones (N,).
+
+    Naive equivalent: {f"chosen_{k}": seq_out[k][batch["chosen_index"]], f"rejected_{k}": ...} for each key.
+    A sequence in several pairs is gathered several times; backward sums its gradient over those pairs.
+    """
+    return {f"{side}_{k}": v[batch[f"{side}_index"]] for k, v in seq_out.items()
+            for side in ("chosen", "rejected")}
+
+
+def dpo_unique_loss(policy_seq: dict[str, Tensor], reference_seq: dict[str, Tensor] | None,
+                    batch: dict[str, Tensor], cfg: DPOConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """dpo_step_loss over every pair of a unique batch, from `sequence_forward` outputs (or cached reference
+    log-probs with keys logps and logps_mean). Equals the pairwise computation over the same pairs."""
+    reference = None if reference_seq is None else pair_logps(reference_seq, batch)
+    return dpo_step_loss(pair_logps(policy_seq, batch), reference, cfg)

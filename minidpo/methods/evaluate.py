@@ -1,0 +1,243 @@
+"""
+Evaluation of a trained policy against its reference: reward, KL, and (for DPO) implicit-reward accuracy.
+
+Reference: Rafailov et al. 2023, sec. 6.1 and Figure 2 (left): on held-out IMDb prompts, the expected reward of
+completions sampled from the policy itself is plotted against the sequence-level KL(policy || reference).
+
+What is measured, exactly. Each side draws one completion per prompt by plain ancestral sampling: temperature 1, no
+top-k, no top-p (`sample_completions`). Lengths are the only constraint: at most max_new_tokens tokens, end-of-text
+forbidden while fewer than min_new_tokens have been generated, and a completion ends at its first end-of-text, which
+counts as one of its tokens. Write pi~ and ref~ for these two samplers: at generated step t < min_new_tokens the
+model's next-token distribution with end-of-text removed and the rest renormalized, the unmodified one after that.
+- reward: the classifier's P(positive) of prompt + completion text, averaged over prompts ("reward_se": its
+  standard error over prompts). The reference's completions use the same generator seed as the policy's (common
+  random numbers), so the two rewards differ less by chance.
+- kl_exact: for y ~ pi~(.|x), the sum over y's generated positions t of the exact KL over the vocabulary,
+      sum_v pi~_t(v) (log pi~_t(v) - log ref~_t(v)),
+  averaged over prompts.
+- kl_sampled: the sampled log-ratio log pi~(y|x) - log ref~(y|x) of the same completions, averaged over prompts.
+Both are unbiased estimates of the same number: KL(pi~(.|x) || ref~(.|x)) between the two samplers actually used,
+averaged over prompts (a completion's length is decided by its own tokens, so the sequence KL splits into these
+per-position terms). kl_exact replaces each of kl_sampled's per-token terms by its expectation given the prefix,
+so every term is >= 0 and the variance is usually much lower. With min_new_tokens = 0 this is the KL of the models'
+own distributions, the paper's quantity. Top-k and temperature are kept out of evaluation: with top-k the two
+samplers' supports differ (their top-50 sets differ at nearly every position), so the KL between what was sampled
+would be infinite; top-k is for data generation (preference pairs) only. Each "_se" is the standard error of the
+mean over prompts (None with fewer than two prompts).
+
+The reference is the policy with its LoRA adapter disabled (`lora_disabled`), which is exactly the model training
+started from as long as the adapter was created at B = 0 (minidpo merges an SFT adapter before adding a new one).
+The same `evaluate` serves DPO and the RL baseline (RLOO), which has no implicit reward: pass heldout_pairs or beta
+as None and "reward_accuracy" is None.
+"""
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import ContextManager, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from minidpo.dataset.batching import collate_pairs
+from minidpo.config import require
+from minidpo.methods.dpo import concatenated_forward
+from minidpo.model.lora import lora_disabled, lora_layers
+from minidpo.model.gpt import GPT
+from minidpo.dataset.pairs import Pair, cut_at_eot, response_text
+from minidpo.dataset.prompts import Prompt
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Completion lengths, batch size and generator seed of evaluation's sampler (temperature 1, no top-k/top-p)."""
+    max_new_tokens: int = 16
+    min_new_tokens: int = 4   # end-of-text is forbidden (in sampling and in the KL) before this many tokens
+    batch_size: int = 32
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        require(0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens",
+                f"must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+class KLEstimates(NamedTuple):
+    exact: Tensor    # (N,) sum over generated positions of the exact per-position KL(pi~ || ref~)
+    sampled: Tensor  # (N,) log pi~(y|x) - log ref~(y|x) of each completion y
+
+
+def reference_of(model: torch.nn.Module) -> ContextManager:
+    """The reference: the model with its adapter disabled; a model without one is its own reference."""
+    return lora_disabled(model) if lora_layers(model) else nullcontext(model)
+
+
+@torch.no_grad()
+def sample_completions(model: GPT, tok, prompts: Sequence[Prompt], cfg: EvalConfig,
+                       device: torch.device) -> list[list[int]]:
+    """One plain sample per prompt (ids up to and including a first end-of-text), generator seeded with cfg.seed,
+    so the policy and the reference are sampled from the same random stream."""
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    out = []
+    for i in range(0, len(prompts), cfg.batch_size):
+        chunk = prompts[i:i + cfg.batch_size]
+        ids, mask = tok.pad([p.ids for p in chunk], padding_side="left")  # (B, T), padded with tok.eot_id
+        seqs = model.generate(ids.to(device), cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
+                              temperature=1.0, top_k=None, top_p=None, eos_id=tok.eot_id,
+                              attention_mask=mask.to(device), generator=g)
+        for row in seqs[:, ids.size(1):].tolist():
+            out.append(cut_at_eot(row, tok.eot_id))  # keeps the eot the policy chose: its KL term counts too
+    return out
+
+
+def sample_reference(model: GPT, tok, prompts: Sequence[Prompt], cfg: EvalConfig,
+                     device: torch.device) -> list[list[int]]:
+    """The reference's completions, as `evaluate` draws them: a cache for `evaluate(reference_completions=...)`,
+    since they do not change while an adapter trains."""
+    was_training = model.training
+    model.eval()
+    try:
+        with reference_of(model):
+            return sample_completions(model, tok, prompts, cfg, device)
+    finally:
+        model.train(was_training)
+
+
+def sampler_logits(logits: Tensor, steps: Tensor, eot_id: int, min_new_tokens: int) -> Tensor:
+    """(B, T, V) float32 logits of the distribution generate() draws from: end-of-text at -inf where the generated
+    step (B, T) is < min_new_tokens. Naive: for every (b, t) with steps[b, t] < min_new_tokens,
+    logits[b, t, eot_id] = -inf (softmax then renormalizes the rest)."""
+    out = logits.float().clone()
+    if min_new_tokens > 0:
+        out[..., eot_id].masked_fill_(steps < min_new_tokens, -float("inf"))  # integer index: a view, in place
+    return out
+
+
+def kl_terms(logp: Tensor, logq: Tensor) -> Tensor:
+    """(B, T) KL(p || q) from log-probs (B, T, V); naive: (p * (log p - log q)).sum(-1). A token that p gives
+    probability 0 adds 0, also where q forbids it too (-inf - -inf would be NaN)."""
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - logq), 0.0).sum(-1)
+
+
+def per_token_kl(policy_logits: Tensor, reference_logits: Tensor) -> Tensor:
+    """(B, T) exact KL over the vocabulary at each position of softmax(policy) from softmax(reference)."""
+    return kl_terms(policy_logits.float().log_softmax(-1), reference_logits.float().log_softmax(-1))
+
+
+def completion_rows(prompts: Sequence[Prompt], completions: Sequence[list[int]],
+                    pad_id: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Right-padded prompt + completion rows: ids (B, T); targets (B, T), the token position t predicts; scored (B, T),
+    True where that token is a completion token; steps (B, T), which generated token (0, 1, ...) it is."""
+    T = max(len(p.ids) + len(c) for p, c in zip(prompts, completions))
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    steps = torch.zeros(len(prompts), T, dtype=torch.long)
+    scored = torch.zeros(len(prompts), T, dtype=torch.bool)
+    for b, (p, c) in enumerate(zip(prompts, completions)):
+        if not p.ids:
+            raise ValueError(f"evaluation prompt {b} has no tokens; a completion needs one to condition on")
+        ids[b, :len(p.ids) + len(c)] = torch.tensor(p.ids + list(c))
+        scored[b, len(p.ids) - 1:len(p.ids) + len(c) - 1] = True
+        steps[b, len(p.ids) - 1:len(p.ids) + len(c) - 1] = torch.arange(len(c))
+    targets = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)  # (B, T); the last column is never scored
+    return ids, targets, scored, steps
+
+
+@torch.no_grad()
+def sequence_kl(model: GPT, prompts: Sequence[Prompt], completions: Sequence[list[int]], device: torch.device,
+                eot_id: int, min_new_tokens: int = 0, batch_size: int = 16) -> KLEstimates:
+    """Both estimates of KL(pi~ || ref~) for each (prompt, completion) (see the module docstring). eot_id is the
+    tokenizer's end-of-text (inside the model's vocabulary); it also pads, at positions that are never scored."""
+    exact, sampled = [], []
+    for i in range(0, len(prompts), batch_size):
+        rows = completion_rows(prompts[i:i + batch_size], completions[i:i + batch_size], eot_id)
+        ids, targets, scored, steps = (t.to(device) for t in rows)
+        policy = sampler_logits(model(ids), steps, eot_id, min_new_tokens)  # right-padded: causal attention is exact
+        with reference_of(model):
+            reference = sampler_logits(model(ids), steps, eot_id, min_new_tokens)
+        logp, logq = policy.log_softmax(-1), reference.log_softmax(-1)  # (B, T, V)
+        ratio = (logp - logq).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T) log pi~/ref~ of the token
+        exact.append(torch.where(scored, kl_terms(logp, logq), 0.0).sum(-1).cpu())
+        sampled.append(torch.where(scored, ratio, 0.0).sum(-1).cpu())
+    empty = torch.zeros(0)
+    return KLEstimates(torch.cat(exact) if exact else empty, torch.cat(sampled) if sampled else empty)
+
+
+@torch.no_grad()
+def implicit_reward_accuracy(model: GPT, pairs: Sequence[Pair], max_length: int, beta: float, device: torch.device,
+                             *, pad_id: int, batch_size: int = 16) -> float:
+    """Share of held-out pairs where beta * log(pi/ref) ranks chosen above rejected (TRL's rewards/accuracies)."""
+    if not pairs:
+        raise ValueError("implicit_reward_accuracy: no pairs given")
+    correct = 0
+    for i in range(0, len(pairs), batch_size):
+        batch = collate_pairs(pairs[i:i + batch_size], max_length, pad_id=pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        pol = concatenated_forward(model, batch)
+        with reference_of(model):
+            ref = concatenated_forward(model, batch)
+        margin = (pol["chosen_logps"] - ref["chosen_logps"]) - (pol["rejected_logps"] - ref["rejected_logps"])
+        correct += int((beta * margin > 0).sum())
+    return correct / len(pairs)
+
+
+def mean_and_se(x: Tensor) -> tuple[float, float | None]:
+    """Mean and its standard error std(ddof=1) / sqrt(n); the error is None below two values (JSON has no NaN)."""
+    x = torch.as_tensor(x, dtype=torch.float64).reshape(-1)
+    se = float(x.std() / len(x) ** 0.5) if len(x) >= 2 else None
+    return float(x.mean()), se
+
+
+def rewards_of(scorer, tok, prompts: Sequence[Prompt], completions: Sequence[list[int]]) -> tuple[Tensor, list[str]]:
+    """(N,) classifier reward of prompt text + completion text, and the completions' texts."""
+    texts = [response_text(c, tok) for c in completions]
+    scores = torch.as_tensor(scorer.score([p.text + t for p, t in zip(prompts, texts)]), dtype=torch.float64)
+    return scores.reshape(len(prompts)), texts
+
+
+def evaluate(model: GPT, tok, scorer, prompts: Sequence[Prompt], heldout_pairs: Sequence[Pair] | None,
+             cfg: EvalConfig, max_length: int, beta: float | None, device: torch.device,
+             with_reference: bool = True, reference_completions: Sequence[list[int]] | None = None) -> dict:
+    """{"policy": {reward, reward_se, kl_exact, kl_exact_se, kl_sampled, kl_sampled_se}, "reward_accuracy": float
+    or None (no pairs or no beta), and with_reference: "reference": {reward, reward_se}, "examples": three
+    side-by-side texts}. `reference_completions` (from `sample_reference`, same prompts and cfg) skips resampling
+    the reference. `tok` needs eot_id, pad and decode; the model must hold tok.eot_id in its vocabulary."""
+    if not prompts:
+        raise ValueError("evaluate: no prompts given")
+    if reference_completions is not None and len(reference_completions) != len(prompts):
+        raise ValueError(f"evaluate: {len(reference_completions)} cached reference completions for "
+                         f"{len(prompts)} prompts; they must come from sample_reference on the same prompts")
+    was_training = model.training
+    model.eval()
+    try:
+        policy = sample_completions(model, tok, prompts, cfg, device)
+        rewards, policy_text = rewards_of(scorer, tok, prompts, policy)
+        kl = sequence_kl(model, prompts, policy, device, tok.eot_id, cfg.min_new_tokens)
+        side = {}
+        for name, values in (("reward", rewards), ("kl_exact", kl.exact), ("kl_sampled", kl.sampled)):
+            side[name], side[f"{name}_se"] = mean_and_se(values)
+        result = {"policy": side, "reward_accuracy": None}
+        if heldout_pairs and beta is not None:
+            result["reward_accuracy"] = implicit_reward_accuracy(model, heldout_pairs, max_length, beta, device,
+                                                                 pad_id=tok.eot_id)
+        if with_reference:
+            if reference_completions is None:
+                reference_completions = sample_reference(model, tok, prompts, cfg, device)
+            ref_rewards, reference_text = rewards_of(scorer, tok, prompts, reference_completions)
+            reward, reward_se = mean_and_se(ref_rewards)
+            result["reference"] = {"reward": reward, "reward_se": reward_se}
+            result["examples"] = [{"prompt": p.text, "reference": r, "policy": q}
+                                  for p, r, q in list(zip(prompts, reference_text, policy_text))[:3]]
+    finally:
+        model.train(was_training)
+    return result
+
+
+def side_by_side(examples: list[dict], width: int = 100) -> str:
+    lines = []
+    for ex in examples:
+        lines.append(f"prompt    | {ex['prompt']!r}")
+        lines.append(f"reference | {ex['reference'][:width]!r}")
+        lines.append(f"policy    | {ex['policy'][:width]!r}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,120 @@
+"""
+Supervised fine-tuning: next-token prediction on IMDB review text.
+
+In the DPO paper's IMDb experiment (Rafailov et al. 2023, sec. 6.1) the reference policy is GPT-2 fine-tuned on IMDb
+reviews, so that it writes movie reviews before DPO teaches it to write positive ones. Here that stage also trains the
+bundled small model from random initialisation (see data/README.md).
+
+Reviews are tokenized and concatenated into one stream, each preceded by end-of-text (GPT-2's document separator), and
+training windows of block_size + 1 tokens are cut at random offsets, as in nanoGPT's openwebtext setup. Every
+offset 0 .. len(stream) - block_size - 1 is possible, so every token of the stream, the last one included, can be
+a target (nanoGPT's `randint(len(data) - block_size)` draws the same range).
+"""
+
+import hashlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from minidpo.methods.fused_logprobs import token_logprobs
+from minidpo.model.gpt import GPT
+from minidpo.progress import Log, quiet
+from minidpo.model.tokenizer import Tokenizer
+from minidpo.training.trainer import Checkpointer, LoopConfig, train_loop
+
+
+def pack_texts(texts: list[str], tokenizer: Tokenizer) -> Tensor:
+    """One 1-D token stream: [eot, review 1, eot, review 2, ...]; int32 halves the memory of a large corpus."""
+    chunks = []
+    for ids in tokenizer.encode_batch(texts):
+        chunks.append(tokenizer.eot_id)
+        chunks.extend(ids)
+    return torch.tensor(chunks, dtype=torch.int32)
+
+
+def batch_seed(seed: int, *parts: int) -> int:
+    """A 63-bit seed that is a pure function of its inputs, so every batch can be rebuilt on resume."""
+    digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def random_windows(stream: Tensor, batch_size: int, block_size: int, seed: int) -> tuple[Tensor, Tensor]:
+    """(x, y), each (B, block_size): windows at uniform random offsets; y is x shifted left by one token.
+
+    Naive: s = random.randint(0, len(stream) - block_size - 1) (inclusive), x = stream[s:s + block_size],
+    y = stream[s + 1:s + block_size + 1]; the last start puts stream[-1] in y.
+    """
+    if len(stream) < block_size + 1:
+        raise ValueError(f"a window needs block_size + 1 = {block_size + 1} tokens, the stream has {len(stream)}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(stream) - block_size, (batch_size,), generator=g)  # high is exclusive
+    windows = torch.stack([stream[s:s + block_size + 1] for s in starts.tolist()]).long()  # (B, block_size + 1)
+    return windows[:, :-1], windows[:, 1:]
+
+
+def lm_loss(model: GPT, x: Tensor, y: Tensor) -> Tensor:
+    """Mean next-token cross-entropy; naive equivalent: F.cross_entropy(model(x).float().flatten(0, 1), y.flatten()).
+
+    The [B, T, V] logits stay in the model's compute dtype (bf16 under autocast): the fused kernel takes each row's
+    logsumexp in fp32, chunk by chunk, and writes the gradient into the logits' own storage. Measured on a 2-core
+    AMX CPU (bench/sft_speed.py), this is most of the gap between a bf16 and an fp32 step: an fp32 copy of
+    [B, T, 50257] and a second [B, T, V] gradient buffer cost more than the whole transformer body.
+    """
+    logits = model(x)  # (B, T, V)
+    return -token_logprobs(logits, y, inplace_backward=logits.requires_grad).mean()
+
+
+@torch.no_grad()
+def eval_loss(model: GPT, stream: Tensor, block_size: int, batch_size: int = 8, max_batches: int = 20,
+              device: str | torch.device = "cpu") -> float:
+    """Mean loss over consecutive non-overlapping windows from the start of `stream` (deterministic)."""
+    was_training = model.training
+    model.eval()
+    n = min(max_batches * batch_size, (len(stream) - 1) // block_size)
+    if n == 0:
+        raise ValueError(f"evaluation stream of {len(stream)} tokens is shorter than one block of {block_size}")
+    total, count = 0.0, 0
+    for i in range(0, n, batch_size):
+        rows = range(i, min(i + batch_size, n))
+        w = torch.stack([stream[r * block_size:r * block_size + block_size + 1] for r in rows]).long().to(device)
+        total += lm_loss(model, w[:, :-1], w[:, 1:]).item() * len(rows)
+        count += len(rows)
+    model.train(was_training)
+    return total / count
+
+
+def run_sft(model: GPT, stream: Tensor, loop: LoopConfig, batch_size: int, block_size: int, seed: int,
+            device: str | torch.device, out_dir: Path | None = None, resume: bool = False,
+            rank: int = 0, log: Log = quiet, on_step_end: Callable[[int], None] | None = None,
+            autocast: AbstractContextManager | None = None) -> dict[str, float]:
+    """Train every parameter that requires grad (all of them, or only LoRA's) on random windows of `stream`.
+
+    `autocast` (e.g. torch.autocast("cpu", dtype=torch.bfloat16)) is entered anew for every step's forward. Not
+    around the loop: autocast caches its bf16 copy of each weight until the outermost region exits, so a loop
+    inside one region would train the fp32 weights while every forward kept using the step-0 copies (the loss
+    stalls near its initial value). Called inside an autocast region, run_sft refuses for that reason.
+    """
+    if any(torch.is_autocast_enabled(t) for t in ("cpu", "cuda")):
+        raise RuntimeError("run_sft: called inside a torch.autocast region, whose weight-cast cache would freeze "
+                           "the weights every forward sees; pass the context as run_sft(..., autocast=...) instead")
+    if len(stream) < block_size + 1:
+        raise ValueError(f"SFT needs at least block_size + 1 = {block_size + 1} tokens of text, got {len(stream)}")
+    model.train()
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+
+    def get_batch(step: int, micro: int):
+        x, y = random_windows(stream, batch_size, block_size, batch_seed(seed, step, micro, rank))
+        return x.to(device), y.to(device)
+
+    def step_fn(batch):
+        x, y = batch
+        with autocast or nullcontext():
+            loss = lm_loss(model, x, y)
+        return loss, {}, x.numel()
+
+    ckpt = Checkpointer(out_dir / "sft_checkpoint", params) if out_dir is not None else None
+    log_path = out_dir / "log.jsonl" if out_dir is not None else None
+    return train_loop(loop, params, get_batch, step_fn, ckpt, log_path, on_step_end, resume=resume, log=log)

@@ -1,0 +1,275 @@
+"""
+One training loop for every stage (SFT, DPO, RLOO): AdamW, linear warmup then cosine decay, gradient accumulation,
+gradient clipping, data-parallel gradient averaging, a log line every few steps, checkpoints and exact resume.
+
+References: llm.c's train_gpt2.py (every step logs loss, ms and tokens/s), nanoGPT's train.py (warmup + cosine,
+accumulation), PyTorch's DistributedDataParallel for the gradient all-reduce (`minidpo.training.distributed`).
+
+Exact resume. Batches are a pure function of (step, micro_step, rank): the caller's `get_batch` derives them from the
+seed, so the data position is just the step number. A checkpoint (`minidpo.training.checkpoint`) holds the trainable tensors,
+the optimizer and scheduler state, every RNG state, the step and the caller's own state (`get_state`, e.g. an
+adaptive KL coefficient); resuming restores all of it, so a run killed at any moment and resumed from its last
+checkpoint ends bit-identical to an uninterrupted run (on the same device and thread count).
+
+Throughput and ETA. Step times exclude the caller's `on_step_end` (evaluations) and checkpoint writes. The summary's
+tokens/s and items/s cover the whole run (totals are carried in the checkpoint across resumes); the log line's cover
+its logging window; the ETA uses an exponential moving average of recent step times, skipping each session's first
+step (allocator and kernel warm-up), so it settles instead of swinging with a whole-run average.
+"""
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+# Checkpointer, CheckpointCorrupt and is_main are re-exported: callers import them from here for now
+from minidpo.training.checkpoint import Checkpointer, CheckpointCorrupt  # noqa: F401
+from minidpo.config import require
+from minidpo.training.distributed import average_gradients, barrier, is_main, rank_and_world
+from minidpo.progress import Log, quiet
+
+# (metric key, short label, format) for the log line; DPO's by default
+DPO_SHOW = (("rewards/accuracies", "acc", "{:.2f}"), ("rewards/margins", "margin", "{:+.3f}"),
+            ("logratio/ref_minus_policy", "ref-pi", "{:+.3f}"))
+
+
+@dataclass
+class LoopConfig:
+    steps: int
+    lr: float
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_accum: int = 1
+    grad_clip: float = 1.0  # 0: no clipping
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0: only at the end
+    label: str = "train"
+    show: tuple[tuple[str, str, str], ...] = DPO_SHOW
+    item_name: str = "pairs"  # what step_fn's optional 4th value counts: logged as f"{item_name}_per_s"
+
+    def __post_init__(self):
+        require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        require(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be a finite number > 0, got {self.lr}")
+        require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require(math.isfinite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio",
+                f"must be in [0, 1], got {self.min_lr_ratio}")
+        require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
+                f"must be a finite number >= 0, got {self.weight_decay}")
+        require(self.grad_accum >= 1, "grad_accum", f"must be >= 1, got {self.grad_accum}")
+        require(math.isfinite(self.grad_clip) and self.grad_clip >= 0, "grad_clip",
+                f"must be a finite number >= 0 (0: no clipping), got {self.grad_clip}")
+        require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+        require(self.checkpoint_every >= 0, "checkpoint_every",
+                f"must be >= 0 (0: only at the end), got {self.checkpoint_every}")
+        require(self.item_name.isidentifier(), "item_name", f"must be a plain name, got {self.item_name!r}")
+        for entry in self.show:
+            require(len(entry) == 3 and all(isinstance(s, str) for s in entry) and _formats(entry[2]), "show",
+                    f"entries must be (metric key, label, format such as '{{:.3f}}'), got {entry!r}")
+
+
+def _formats(fmt: str) -> bool:
+    try:
+        fmt.format(0.0)
+    except (ValueError, IndexError, KeyError):
+        return False
+    return True
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr: linear warmup over `warmup` steps, then cosine from 1 down to `min_ratio`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class Totals:
+    """Counts over steps: whole-run totals (saved in the checkpoint) or one logging window."""
+    seconds: float = 0.0
+    tokens: float = 0.0
+    items: float = 0.0
+    steps: int = 0
+
+    def add(self, seconds: float, tokens: float, items: float) -> None:
+        self.seconds, self.tokens, self.items, self.steps = (self.seconds + seconds, self.tokens + tokens,
+                                                             self.items + items, self.steps + 1)
+
+    def rates(self, item_name: str) -> dict[str, float]:
+        s = max(self.seconds, 1e-9)
+        out = {"tokens_per_s": self.tokens / s, "ms_per_step": 1000 * self.seconds / max(self.steps, 1)}
+        if self.items:
+            out[f"{item_name}_per_s"] = self.items / s
+        return out
+
+
+@dataclass
+class StepClock:
+    """ETA from an exponential moving average of step times (the first step of a session is warm-up, skipped once
+    a second one exists). Naive equivalent: elapsed / steps_done * steps_left, which a slow first step skews."""
+    decay: float = 0.9
+    ema: float | None = None
+    first: float | None = field(default=None, repr=False)
+
+    def update(self, seconds: float) -> None:
+        if self.first is None:
+            self.first = seconds
+        else:
+            self.ema = seconds if self.ema is None else self.decay * self.ema + (1 - self.decay) * seconds
+
+    def eta(self, steps_left: int) -> float:
+        per_step = self.ema if self.ema is not None else (self.first or 0.0)
+        return per_step * steps_left
+
+
+def print_on_main(msg: str) -> None:
+    """The default log of train_loop: what train.py has always shown, from rank 0 only."""
+    if is_main():
+        print(msg, flush=True)
+
+
+def make_optimizer(cfg: LoopConfig, trainable: list[Tensor]):
+    """AdamW (decay on matrices only, betas as GPT-2 fine-tuning uses) and the warmup + cosine schedule."""
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
+    return optimizer, scheduler
+
+
+def train_loop(
+    cfg: LoopConfig,
+    params: dict[str, Tensor],
+    get_batch: Callable[[int, int], object],
+    step_fn: Callable[[object], tuple],
+    checkpointer: Checkpointer | None = None,
+    log_path: Path | None = None,
+    on_step_end: Callable[[int], None] | None = None,
+    resume: bool = False,
+    log: Log | None = None,
+    get_state: Callable[[], dict] | None = None,
+    set_state: Callable[[dict], None] | None = None,
+) -> dict[str, float]:
+    """Run the optimizer steps left until cfg.steps; returns the last logged metrics, plus whole-run throughput.
+
+    get_batch(step, micro) -> a micro-batch; step_fn(batch) -> (loss, metrics, n_tokens) or (loss, metrics,
+    n_tokens, n_items), metrics being 0-dim tensors. The loss is divided by grad_accum here, so step_fn returns the
+    plain mean loss of its micro-batch. `get_state()` (plain Python values) is saved with each checkpoint and given
+    back to `set_state` on resume. `log` gets the progress lines on rank 0 (default: print them).
+    """
+    say = (log if log is not None else print_on_main) if is_main() else quiet
+    _, world = rank_and_world()
+    trainable = [p for p in params.values() if p.requires_grad]
+    optimizer, scheduler = make_optimizer(cfg, trainable)
+    start, totals, last = 0, Totals(), {}
+    if resume and checkpointer is not None and checkpointer.exists():
+        start, extra = checkpointer.load(optimizer, scheduler)
+        if start > cfg.steps:
+            raise ValueError(f"[{cfg.label}] checkpoint {checkpointer.dir} is at step {start}, past this run's "
+                             f"{cfg.steps} steps; give at least {start} steps, or delete it to start again")
+        totals, last = Totals(**extra.get("totals", {})), dict(extra.get("last", {}))
+        if set_state is not None and "loop_state" in extra:
+            set_state(extra["loop_state"])
+        say(f"[{cfg.label}] resumed from {checkpointer.dir} at step {start}/{cfg.steps}")
+    window, clock = Totals(), StepClock()
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        loss_value, metrics, grad_norm, tokens, items = one_step(cfg, step, trainable, get_batch, step_fn,
+                                                                 optimizer, scheduler, world)
+        if not math.isfinite(loss_value):
+            saved = checkpointer.saved_step() if checkpointer is not None else None
+            kept = (f"the last good checkpoint (step {saved}) is kept in {checkpointer.dir}" if saved is not None
+                    else "no checkpoint was written yet")
+            raise NonFiniteLoss(f"[{cfg.label}] loss is {loss_value} at step {step + 1}/{cfg.steps}; stopping "
+                                f"before the optimizer step, {kept}")
+        seconds = time.perf_counter() - t0
+        for t in (totals, window):
+            t.add(seconds, tokens, items)
+        clock.update(seconds)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            last = {"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                    **{k: v.item() for k, v in metrics.items()},
+                    "grad_norm": float(grad_norm) if grad_norm is not None else 0.0, **window.rates(cfg.item_name)}
+            say(format_log_line(cfg, done, last, clock.eta(cfg.steps - done)))
+            if log_path is not None and is_main():
+                append_jsonl(log_path, {"stage": cfg.label, **last})
+            window = Totals()
+        if checkpointer is not None and is_main() and (
+                (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps):
+            checkpointer.save(done, optimizer, scheduler, extra={
+                "loop_state": get_state() if get_state is not None else {}, "totals": vars(totals), "last": last})
+        if on_step_end is not None:
+            on_step_end(done)
+    barrier()
+    return {**last, "steps": cfg.steps, "steps_this_session": cfg.steps - start,
+            "final_loss": last.get("loss", math.nan), "seconds": totals.seconds, **totals.rates(cfg.item_name)}
+
+
+def one_step(cfg: LoopConfig, step: int, trainable: list[Tensor], get_batch, step_fn, optimizer, scheduler,
+             world: int) -> tuple[float, dict[str, Tensor], Tensor | None, float, float]:
+    """Forward/backward over grad_accum micro-batches, average over ranks, clip, optimizer step.
+
+    Returns (loss, metrics, grad norm, tokens, items) with tokens and items summed over ranks. On a non-finite loss
+    the gradients are dropped and nothing is stepped, so the weights stay those of the last good step.
+    """
+    metric_sums: dict[str, Tensor] = {}
+    loss_sum: Tensor | float = 0.0  # stays on the device: no host sync per micro-step
+    tokens = items = 0
+    for micro in range(cfg.grad_accum):
+        out = step_fn(get_batch(step, micro))
+        loss, metrics, n_tokens = out[:3]
+        (loss / cfg.grad_accum).backward()
+        loss_sum = loss_sum + loss.detach().float() / cfg.grad_accum
+        for k, v in metrics.items():
+            metric_sums[k] = metric_sums.get(k, 0) + v.detach().float() / cfg.grad_accum
+        tokens = tokens + n_tokens
+        items = items + (out[3] if len(out) > 3 else 0)
+    # one all-reduce for gradients, loss and metrics: every rank sees the same loss, so a NaN stops them all
+    keys = list(metric_sums)
+    loss_sum, *values = average_gradients(trainable, [loss_sum, *metric_sums.values()])
+    metrics = dict(zip(keys, values))
+    loss_value = loss_sum.item()  # the one host sync per step: a NaN must stop the run before the optimizer step
+    if not math.isfinite(loss_value):
+        optimizer.zero_grad(set_to_none=True)
+        return loss_value, metrics, None, 0.0, 0.0
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip > 0 else None
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, metrics, grad_norm, float(tokens) * world, float(items) * world
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """One strict-JSON line appended (a non-finite metric is written as null, which every JSON reader parses)."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    with open(path, "a") as f:
+        f.write(json.dumps(clean, allow_nan=False) + "\n")
+
+
+def format_log_line(cfg: LoopConfig, step: int, m: dict[str, float], eta_s: float) -> str:
+    """`[dpo] step 25/600 | loss 0.8669 | acc 0.44 | ... | 3,333 tok/s | 80.0 pairs/s | 197 ms | eta 1m38s`."""
+    parts = [f"[{cfg.label}] step {step:>5}/{cfg.steps}", f"loss {m['loss']:.4f}"]
+    parts += [f"{short} {fmt.format(m[k])}" for k, short, fmt in cfg.show if k in m]
+    parts.append(f"{m['tokens_per_s']:,.0f} tok/s")
+    if f"{cfg.item_name}_per_s" in m:
+        parts.append(f"{m[f'{cfg.item_name}_per_s']:,.1f} {cfg.item_name}/s")
+    parts += [f"{m['ms_per_step']:.0f} ms", f"eta {format_seconds(eta_s)}"]
+    return " | ".join(parts)
+
+
+def format_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
