@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minidpo.config import build_config, require, run_program  # noqa: E402
 from minidpo.model.export import save_hf  # noqa: E402
 from minidpo.dataset.imdb import load_imdb  # noqa: E402
+from minidpo.model.generate import generate  # noqa: E402
 from minidpo.model.gpt import GPT, GPTConfig  # noqa: E402
 from minidpo.experiment.resolve import autocast_dtype  # noqa: E402
 from minidpo.methods.sft import eval_loss, pack_texts, run_sft  # noqa: E402
@@ -129,7 +130,7 @@ def main(argv: list[str]) -> None:
     for temperature in (1.0, 0.7):
         g = torch.Generator().manual_seed(0)
         for _ in range(3):
-            out = model.generate(prompt, 60, temperature=temperature, generator=g)
+            out = generate(model, prompt, 60, temperature=temperature, generator=g)
             print(f"sample T={temperature}:", repr(tok.decode(out[0].tolist())), flush=True)
 
 

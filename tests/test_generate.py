@@ -1,7 +1,6 @@
 """minidpo/model/generate.py: sampling is exact (chi-square against the target distribution), never draws a masked
 token, repeats under a seed, treats top_k=0 / top_p=1 as off, and rejects settings that are no distribution."""
 
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -193,14 +192,6 @@ def test_sampled_generation_with_cache_equals_without_cache(tiny_model):
         b = generate(tiny_model, ids, 16, attention_mask=mask, eos_id=None, use_cache=False,
                      generator=torch.Generator().manual_seed(4), **kw)
         assert torch.equal(a, b)
-
-
-def test_gpt_generate_delegates_to_generate_and_takes_a_sampling_config(tiny_model):
-    ids = torch.randint(0, TINY.vocab_size, (3, 4), generator=torch.Generator().manual_seed(1))
-    cfg = SamplingConfig(temperature=0.9, top_k=20, top_p=None, min_new_tokens=2, max_new_tokens=10)
-    a = tiny_model.generate(ids, 10, 2, 0.9, 20, None, eos_id=5, generator=torch.Generator().manual_seed(0))
-    b = generate(tiny_model, ids, **asdict(cfg), eos_id=5, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(a, b)
 
 
 def test_end_of_text_never_comes_before_min_new_tokens_in_sampled_generation(tiny_model):

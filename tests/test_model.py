@@ -6,7 +6,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from minidpo.model.gpt import GPT, GPTConfig, attention_bias, positions_from_mask, sample
+from minidpo.model.generate import generate, sample
+from minidpo.model.gpt import GPT, GPTConfig, attention_bias, positions_from_mask
 
 TINY = GPTConfig(block_size=128, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
 
@@ -133,8 +134,8 @@ def left_padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_greedy_with_cache_is_token_identical_to_greedy_without_cache_for_50_tokens(tiny_model):
     ids, mask = left_padded_prompts()
-    cached = tiny_model.generate(ids, 50, temperature=0, attention_mask=mask, eos_id=None)
-    uncached = tiny_model.generate(ids, 50, temperature=0, attention_mask=mask, eos_id=None, use_cache=False)
+    cached = generate(tiny_model, ids, 50, temperature=0, attention_mask=mask, eos_id=None)
+    uncached = generate(tiny_model, ids, 50, temperature=0, attention_mask=mask, eos_id=None, use_cache=False)
     assert cached.shape == (3, ids.size(1) + 50)
     assert torch.equal(cached, uncached)
 
@@ -142,17 +143,17 @@ def test_greedy_with_cache_is_token_identical_to_greedy_without_cache_for_50_tok
 def test_unpadded_greedy_with_cache_equals_without_cache(tiny_model):
     ids = torch.randint(0, TINY.vocab_size, (2, 5), generator=torch.Generator().manual_seed(9))
     for mask in (None, torch.ones_like(ids)):  # an all-ones mask takes the same mask-free path
-        cached = tiny_model.generate(ids, 50, temperature=0, eos_id=None, attention_mask=mask)
-        uncached = tiny_model.generate(ids, 50, temperature=0, eos_id=None, attention_mask=mask, use_cache=False)
+        cached = generate(tiny_model, ids, 50, temperature=0, eos_id=None, attention_mask=mask)
+        uncached = generate(tiny_model, ids, 50, temperature=0, eos_id=None, attention_mask=mask, use_cache=False)
         assert torch.equal(cached, uncached)
 
 
 def test_batched_generation_equals_each_prompt_generated_alone(tiny_model):
     ids, mask = left_padded_prompts()
-    batched = tiny_model.generate(ids, 20, temperature=0, attention_mask=mask, eos_id=None)
+    batched = generate(tiny_model, ids, 20, temperature=0, attention_mask=mask, eos_id=None)
     for i in range(ids.size(0)):
         prompt = ids[i, mask[i].bool()][None]
-        alone = tiny_model.generate(prompt, 20, temperature=0, eos_id=None)
+        alone = generate(tiny_model, prompt, 20, temperature=0, eos_id=None)
         assert torch.equal(batched[i, -20:], alone[0, -20:])
 
 
@@ -161,7 +162,7 @@ def test_seeded_sampling_repeats_and_different_seeds_differ(tiny_model):
 
     def run(seed):
         g = torch.Generator().manual_seed(seed)
-        return tiny_model.generate(ids, 30, temperature=1.0, top_k=20, top_p=0.9, attention_mask=mask, generator=g,
+        return generate(tiny_model, ids, 30, temperature=1.0, top_k=20, top_p=0.9, attention_mask=mask, generator=g,
                                    eos_id=None)
     assert torch.equal(run(0), run(0))
     assert not torch.equal(run(0), run(1))
@@ -170,8 +171,8 @@ def test_seeded_sampling_repeats_and_different_seeds_differ(tiny_model):
 def test_min_new_tokens_forbids_eos_and_rows_stop_after_eos(tiny_model):
     ids, mask = left_padded_prompts()
     # make eos the most likely token everywhere by choosing the greedy first token as "eos"
-    eos = int(tiny_model.generate(ids, 1, temperature=0, attention_mask=mask, eos_id=None)[0, -1])
-    out = tiny_model.generate(ids, 12, min_new_tokens=4, temperature=0, attention_mask=mask, eos_id=eos)
+    eos = int(generate(tiny_model, ids, 1, temperature=0, attention_mask=mask, eos_id=None)[0, -1])
+    out = generate(tiny_model, ids, 12, min_new_tokens=4, temperature=0, attention_mask=mask, eos_id=eos)
     new = out[:, ids.size(1):]
     assert (new[:, :4] != eos).all()
     for row in new.tolist():
@@ -182,16 +183,16 @@ def test_min_new_tokens_forbids_eos_and_rows_stop_after_eos(tiny_model):
 
 def test_generation_stops_early_when_every_row_finished(tiny_model):
     ids, mask = left_padded_prompts()
-    greedy = tiny_model.generate(ids, 3, temperature=0, attention_mask=mask, eos_id=None)[:, -3:]
+    greedy = generate(tiny_model, ids, 3, temperature=0, attention_mask=mask, eos_id=None)[:, -3:]
     eos = int(greedy[0, 0])
-    out = tiny_model.generate(ids[:1], 40, temperature=0, attention_mask=mask[:1], eos_id=eos)
+    out = generate(tiny_model, ids[:1], 40, temperature=0, attention_mask=mask[:1], eos_id=eos)
     assert out.size(1) == ids.size(1) + 1 and int(out[0, -1]) == eos
 
 
 def test_generation_rejects_lengths_past_the_context(tiny_model):
     ids = torch.zeros(1, 100, dtype=torch.long)
     with pytest.raises(ValueError, match="block_size"):
-        tiny_model.generate(ids, 50)
+        generate(tiny_model, ids, 50)
 
 
 @settings(max_examples=30, deadline=None)
@@ -214,10 +215,3 @@ def test_temperature_zero_is_argmax():
     assert torch.equal(sample(logits, temperature=0), logits.argmax(-1))
 
 
-def test_sample_and_generate_stay_reachable_from_model_py(tiny_model):
-    import minidpo.model.generate as generation
-    assert sample is generation.sample  # `from minidpo.model.gpt import sample` keeps working
-    ids = torch.randint(0, TINY.vocab_size, (2, 3), generator=torch.Generator().manual_seed(0))
-    a = tiny_model.generate(ids, 5, eos_id=None, generator=torch.Generator().manual_seed(1))
-    b = generation.generate(tiny_model, ids, 5, eos_id=None, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(a, b)

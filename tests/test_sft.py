@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minidpo.model.gpt import GPT, GPTConfig
-from minidpo.methods.sft import batch_seed, eval_loss, lm_loss, pack_texts, random_windows, run_sft
+from minidpo.dataset.batching import batch_seed
+from minidpo.methods.sft import eval_loss, lm_loss, pack_texts, random_windows, run_sft
 from minidpo.training.trainer import LoopConfig
 
 

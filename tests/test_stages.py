@@ -11,7 +11,8 @@ from minidpo.dataset.imdb import IMDB_SAMPLE_PATH, load_imdb
 from minidpo.model.lora import apply_lora, lora_disabled
 from minidpo.model.gpt import GPT, GPTConfig
 from minidpo.dataset.pairs import Pair
-from minidpo.experiment.stages import (PairData, PromptConfig, ReferenceCacheConfig, Reviews, check_model_fits,
+from minidpo.dataset.batching import PairData
+from minidpo.experiment.stages import (PromptConfig, ReferenceCacheConfig, Reviews, check_model_fits,
                             fit_classifier, make_prompt_sets, precompute_reference)
 from minidpo.model.tokenizer import Tokenizer
 

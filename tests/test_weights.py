@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minidpo.formats.download import DownloadError, cache_dir
+from minidpo.model.generate import generate
 from minidpo.model.gpt import GPT, GPTConfig
 from minidpo.formats.safetensors import load_file, read_header, save_file
 from minidpo.model.export import save_hf
@@ -274,7 +275,7 @@ def test_real_gpt2_124m_greedy_continuation():
                                torch.tensor([-0.11010301, -0.03926672, 0.03310751]), rtol=0, atol=1e-6)
     tok = Tokenizer()
     idx = torch.tensor([tok.encode("Every effort moves")])
-    out = model.generate(idx, max_new_tokens=30, temperature=0)
+    out = generate(model, idx, max_new_tokens=30, temperature=0)
     assert tok.decode(out[0].tolist()) == ("Every effort moves forward, but it's not enough.\n\n\"I'm not going to "
                                            "sit here and say, 'I'm not going to do this,'")
 

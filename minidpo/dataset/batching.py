@@ -20,17 +20,33 @@ count - 1 of an endless stream of shuffled epochs, so a resumed run's data posit
 """
 
 import functools
+import hashlib
 import warnings
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from minidpo.dataset.pairs import Pair
-from minidpo.methods.sft import batch_seed
 from minidpo.model.tokenizer import EOT_ID
 
 SIDES = ("chosen", "rejected")
+
+
+@dataclass
+class PairData:
+    """The pairs a DPO run trains and evaluates on, after split_pairs and fit_pairs."""
+    train: list[Pair]
+    heldout: list[Pair]
+    groups: list[list[int]]   # indices into train, one list per prompt (for --batching unique)
+    fingerprint: str
+
+
+def batch_seed(seed: int, *parts: int) -> int:
+    """A 63-bit seed that is a pure function of its inputs, so every batch can be rebuilt on resume."""
+    digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 # -----------------------------------------------------------------------------

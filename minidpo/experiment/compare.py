@@ -25,10 +25,11 @@ from minidpo.training.frontier import append_point, read_points
 from minidpo.model.lora import apply_lora, remove_lora, save_lora
 from minidpo.methods.online_dpo import train_online_dpo
 from minidpo.progress import Log
+from minidpo.dataset.batching import PairData
 from minidpo.experiment.resolve import model_source
 from minidpo.methods.rloo import train_rloo
 from minidpo.training.runs import to_portable
-from minidpo.experiment.stages import (PairData, PromptSets, ReferenceCacheConfig, Reviews, build_pair_data,
+from minidpo.experiment.stages import (PromptSets, ReferenceCacheConfig, Reviews, build_pair_data,
                             precompute_reference)
 from minidpo.model.tokenizer import Tokenizer
 from minidpo.training.trainer import format_seconds

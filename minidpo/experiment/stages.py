@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from minidpo.dataset.batching import collate_unique, fit_pairs, group_indices, prompt_groups, split_pairs
+from minidpo.dataset.batching import PairData, collate_unique, fit_pairs, group_indices, prompt_groups, split_pairs
 from minidpo.config import require
 from minidpo.training.distributed import is_main, rank_zero_first
 from minidpo.methods.dpo import reference_forward
@@ -151,14 +151,6 @@ def fit_classifier(reviews: Reviews, log: Log = quiet) -> SentimentClassifier:
         log(f"[reward] trained in {fitted.fit_seconds:.1f} s; test accuracy {acc:.3f}; saved {path}")
         return fitted
     return rank_zero_first(build)
-
-
-@dataclass
-class PairData:
-    train: list[Pair]
-    heldout: list[Pair]
-    groups: list[list[int]]   # indices into train, one list per prompt (for --batching unique)
-    fingerprint: str
 
 
 def build_pair_data(cfg: PairsConfig, prompts: PromptSets, model: torch.nn.Module, tok: Tokenizer,

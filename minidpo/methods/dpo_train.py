@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from minidpo.dataset.batching import collate_pairs, collate_unique, group_indices, pair_indices
+from minidpo.dataset.batching import PairData, collate_pairs, collate_unique, group_indices, pair_indices
 from minidpo.config import require
 from minidpo.training.distributed import barrier, is_main
 from minidpo.training.frontier import append_point, read_points
@@ -35,7 +35,6 @@ from minidpo.methods.dpo import (DPOConfig, concatenated_forward, dpo_step_loss,
                          sequence_forward)
 from minidpo.model.lora import LoRAConfig, adapters_are_zero, apply_lora
 from minidpo.progress import Log, quiet
-from minidpo.experiment.stages import PairData
 from minidpo.training.trainer import Checkpointer, LoopConfig, train_loop
 from minidpo.model.tokenizer import EOT_ID
 

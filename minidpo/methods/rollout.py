@@ -30,14 +30,14 @@ from typing import Callable, ContextManager
 import torch
 from torch import Tensor
 
-from minidpo.dataset.batching import pair_indices
+from minidpo.dataset.batching import batch_seed, pair_indices
 from minidpo.config import require
 from minidpo.methods.evaluate import sampler_logits
 from minidpo.dataset.length_sampler import LengthSampler
 from minidpo.methods.logprobs import linear_token_logprobs, naive_token_logps, token_logprobs
+from minidpo.model.generate import generate
 from minidpo.model.lora import adapters_are_zero, lora_disabled, lora_layers
 from minidpo.dataset.pairs import cut_at_eot, response_text
-from minidpo.methods.sft import batch_seed
 from minidpo.model.tokenizer import EOT_ID
 
 LOGPROBS = ("fused", "naive")
@@ -130,7 +130,7 @@ def sample_rollout(model: torch.nn.Module, tokenizer, scorer, prompts: list, cfg
     prompt_ids = [p.ids for p in prompts for _ in range(K)]
     idx, mask = tokenizer.pad(prompt_ids, padding_side="left")  # (P*K, Tp)
     with amp:
-        seqs = model.generate(idx.to(device), max(budgets), min_new_tokens=cfg.min_new_tokens,
+        seqs = generate(model, idx.to(device), max(budgets), min_new_tokens=cfg.min_new_tokens,
                               temperature=cfg.temperature, top_k=cfg.top_k, eos_id=cfg.eot_id,
                               attention_mask=mask.to(device), generator=generator)
     new = seqs[:, idx.size(1):].tolist()

@@ -11,7 +11,6 @@ offset 0 .. len(stream) - block_size - 1 is possible, so every token of the stre
 a target (nanoGPT's `randint(len(data) - block_size)` draws the same range).
 """
 
-import hashlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from minidpo.dataset.batching import batch_seed
 from minidpo.methods.fused_logprobs import token_logprobs
 from minidpo.model.gpt import GPT
 from minidpo.progress import Log, quiet
@@ -33,12 +33,6 @@ def pack_texts(texts: list[str], tokenizer: Tokenizer) -> Tensor:
         chunks.append(tokenizer.eot_id)
         chunks.extend(ids)
     return torch.tensor(chunks, dtype=torch.int32)
-
-
-def batch_seed(seed: int, *parts: int) -> int:
-    """A 63-bit seed that is a pure function of its inputs, so every batch can be rebuilt on resume."""
-    digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def random_windows(stream: Tensor, batch_size: int, block_size: int, seed: int) -> tuple[Tensor, Tensor]:

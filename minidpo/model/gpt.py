@@ -10,7 +10,7 @@ References:
    `nn.Linear` ([out, in]) where OpenAI and Hugging Face store Conv1D ([in, out]).
 3) gpt-fast (PyTorch team) for the KV cache: allocated once per `generate` call instead of growing by
    concatenation. The generation loop itself (`prefill`, `decode_one_token`, `sample`, `generate`) is in
-   generate.py; `GPT.generate` and `sample` here are kept as shortcuts to it.
+   generate.py, which imports this file (never the reverse).
 
 Padding. `attention_mask` ([B, T], 1 for a real token, 0 for a pad) makes left- and right-padded batches exact: a real
 token's position counts only the real tokens before it, and no real token ever attends to a pad. A pad query attends
@@ -28,8 +28,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from minidpo.config import require
-from minidpo.model.generate import generate, sample, sample_naive  # noqa: F401  (sample, sample_naive: re-exported)
-from minidpo.model.tokenizer import EOT_ID
 
 
 @dataclass
@@ -248,12 +246,3 @@ class GPT(nn.Module):
     def clear_cache(self) -> None:
         for block in self.transformer.h:
             block.attn.kv_cache = None
-
-    @torch.no_grad()
-    def generate(self, idx: Tensor, max_new_tokens: int, min_new_tokens: int = 0, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, eos_id: int | None = EOT_ID,
-                 attention_mask: Tensor | None = None, generator: torch.Generator | None = None,
-                 use_cache: bool = True) -> Tensor:
-        """Continue left-padded prompts idx (B, T) to (B, T + n), n <= max_new_tokens: see generate.generate."""
-        return generate(self, idx, max_new_tokens, min_new_tokens, temperature, top_k, top_p, eos_id,
-                        attention_mask, generator, use_cache)
