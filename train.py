@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from minidpo import config as C
-from minidpo.experiment.compare import METHODS, RunContext, export_merged, method_runs, result_lines, run_one, summarize
+from minidpo.experiment.compare import RunContext, export_merged, method_runs, result_lines, run_one, summarize
 from minidpo.training.distributed import is_main, setup_distributed, teardown
 from minidpo.formats.download import cache_dir
 from minidpo.methods.dpo import DPOConfig
@@ -44,8 +44,11 @@ from minidpo.dataset.pairs import PairsConfig
 from minidpo.model.gpt import GPTConfig
 from minidpo.methods.online_dpo import OnlineDPOConfig
 from minidpo.methods.pg import RLOOConfig
-from minidpo.experiment.resolve import autocast, autocast_dtype, check_model_name, check_writable, imdb_source, pick_device
-from minidpo.training.runs import OutDirLock, check_out_dir, is_finished, mark_finished, resume_overrides
+from minidpo.experiment.resolve import (autocast, autocast_dtype, check_model_name, check_writable, imdb_source,
+                                       pick_device)
+from minidpo.registry import NAMES
+from minidpo.training.runs import (NOT_SETTINGS, OutDirLock, check_out_dir, is_finished, mark_finished,
+                                    resume_overrides)
 from minidpo.experiment.stages import (PromptConfig, SFTConfig, check_model_fits, fit_classifier, load_model_stage,
                             load_reviews, make_prompt_sets, sft_stage)
 from minidpo.model.tokenizer import EOT_ID, Tokenizer
@@ -145,10 +148,10 @@ def stage_configs(cfg: TrainConfig) -> dict:
     """Each component's own small config, built from the flags. Each checks itself; a bad value fails here, before
     any stage runs, with the flag's name."""
     make = C.build_component
-    need(cfg.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got {cfg.method!r}")
+    need(cfg.method in NAMES, "method", f"must be one of {', '.join(NAMES)}, got {cfg.method!r}")
     compare = C.parse_list("compare", cfg.compare, str)
     for m in compare:
-        need(m in METHODS, "compare", f"items must be among {', '.join(METHODS)}, got {m!r}")
+        need(m in NAMES, "compare", f"items must be among {', '.join(NAMES)}, got {m!r}")
     need(cfg.prompt_max_tokens < cfg.max_length, "prompt_max_tokens",
               f"({cfg.prompt_max_tokens}) must be < --max-length ({cfg.max_length})")
     need(not cfg.precompute_ref or cfg.batching == "unique", "precompute_ref", "needs --batching unique")
@@ -239,9 +242,6 @@ PRESETS = {
                        lr=2e-4, max_new_tokens=32, max_length=48, eval_every=100, eval_prompts=256,
                        heldout_prompts=64),
 }
-# options that do not change results: a run into a folder may differ in these from the run that made it
-NOT_SETTINGS = {"preset", "out_dir", "resume", "overwrite", "log_every", "checkpoint_every", "export_merged",
-                "device", "compile"}
 # a --compare without its own sweeps: the settings each method is swept over
 COMPARE_SWEEPS = {"beta_sweep": "0.05,0.1,0.5", "kl_coef_sweep": "0.02,0.05"}
 
@@ -263,7 +263,7 @@ def load_config(argv: list[str]) -> tuple[TrainConfig, set[str]]:
         raise C.ConfigError(f"{saved}: not valid JSON ({e}); the run cannot be resumed, start it again") from None
     stored = C.config_from_dict(TrainConfig, stored_raw, str(saved))
     merged, ignored = resume_overrides(dataclasses.asdict(stored), {k: getattr(cfg, k) for k in given},
-                                       safe={"export_merged", "resume", "device", "log_every"})
+                                       safe=NOT_SETTINGS - {"preset", "out_dir"})
     if ignored:
         print(f"[resume] ignoring {', '.join('--' + k.replace('_', '-') for k in sorted(ignored))}: a resumed run "
               "keeps the settings it was started with (start a new --out-dir to change them)", file=sys.stderr)

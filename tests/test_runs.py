@@ -107,6 +107,34 @@ def test_outputs_without_a_config_are_refused(tmp_path):
         check_out_dir(tmp_path / "hf", EARLIER)
 
 
+def test_overwrite_after_a_compare_of_every_method_starts_clean(tmp_path):
+    """The sub-run folders are named by compare.method_runs for every registered method (online-dpo included), and
+    --overwrite removes each one's outputs, so no old checkpoint is resumed or refused."""
+    from types import SimpleNamespace as NS
+
+    from minidpo.experiment.compare import method_runs
+    from minidpo.registry import NAMES
+    out = made(tmp_path / "r")
+    stages = {"compare": list(NAMES), "dpo": [NS(beta=0.1), NS(beta=0.5)], "rloo": [NS(kl_coef=0.02)],
+              "best_of_n": [1, 4]}
+    runs = method_runs(stages, out)
+    assert {m for m, _, _ in runs} == set(NAMES) and all(d.parent == out for _, _, d in runs)
+    for _, _, d in runs:
+        (d / "checkpoint").mkdir(parents=True)
+        (d / "checkpoint" / "state.pt").write_text("x")
+        (d / "run.json").write_text("{}")
+    state = check_out_dir(out, {**EARLIER, "beta": 0.1}, overwrite=True)
+    assert state.empty and {c.split("/")[0] for c in state.cleared if "/" in c} == {d.name for _, _, d in runs}
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_the_readme_lists_every_registered_method_with_its_sweep():
+    from minidpo.registry import METHODS
+    readme = (ROOT / "README.md").read_text()
+    for m in METHODS:
+        assert f"| `{m.name}` | {m.summary} | `--{m.sweep.replace('_', '-')}` |" in readme, m.name
+
+
 def test_a_run_is_finished_only_once_marked(tmp_path):
     out = made(tmp_path / "r")
     assert check_out_dir(out, EARLIER).status == "unfinished" and not is_finished(out)

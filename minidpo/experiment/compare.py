@@ -34,8 +34,6 @@ from minidpo.experiment.stages import (PromptSets, ReferenceCacheConfig, Reviews
 from minidpo.model.tokenizer import Tokenizer
 from minidpo.training.trainer import format_seconds
 
-METHODS = ("dpo", "online-dpo", "rloo", "best-of-n")
-
 
 @dataclass
 class RunContext:

@@ -26,17 +26,19 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from minidpo.fileio import atomic_write_json
+from minidpo.registry import SUBRUN
 
-# options that do not change results; a run may differ from the folder's earlier run in these
-DEFAULT_EXCLUDE = frozenset({"out_dir", "resume", "overwrite", "log_every", "export_merged", "device"})
-# options a resumed run may take from the command line instead of its config.json
+# options that do not change results (the one list): a run into a folder may differ in these from the run that made
+# it, and a resumed run takes them from the command line
+NOT_SETTINGS = frozenset({"preset", "out_dir", "resume", "overwrite", "log_every", "checkpoint_every", "export_merged",
+                          "device", "compile"})
+# options that change results which a resumed run may still take from the command line (more steps)
 RESUME_SAFE = frozenset({"steps", "rloo_steps", "export_merged"})
 # what minidpo writes into a run folder (and nothing else is ever removed by --overwrite)
 RUN_OUTPUTS = frozenset({
     "config.json", "summary.json", "log.jsonl", "pairs.jsonl", "points.jsonl", "frontier.csv", "frontier.png",
     "run.json", "result.json", "reference_logps.safetensors", "adapter", "adapter_peft", "checkpoint",
     "sft_checkpoint", "sft_model", "base_model"})
-SUBRUN = re.compile(r"^(dpo|rloo|best-of-n)_.+$")     # the folders of a sweep or --compare inside a run folder
 TEMP = re.compile(r"^.+\.\d+\.[0-9a-f]+\.tmp$")        # minidpo.fileio's temporary names
 LOCK_NAME = ".lock"
 
@@ -142,7 +144,7 @@ def run_state(out_dir: str | os.PathLike) -> RunState:
 
 
 def check_out_dir(out_dir: str | os.PathLike, settings: dict, resume: bool = False, overwrite: bool = False,
-                  exclude: Iterable[str] = DEFAULT_EXCLUDE, safe: Iterable[str] = RESUME_SAFE) -> RunState:
+                  exclude: Iterable[str] = NOT_SETTINGS, safe: Iterable[str] = RESUME_SAFE) -> RunState:
     """Check that a run with `settings` may write into out_dir, before anything is written there.
 
     A folder made with other settings (those in `exclude` aside; with `resume`, those in `safe` too) is refused
