@@ -24,8 +24,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+from timing import timed  # noqa: E402  (bench/timing.py, beside this file)
 from minidpo.model.gpt import GPT, GPTConfig  # noqa: E402
-from minidpo.experiment.resolve import BUNDLED_MODEL, timed  # noqa: E402
+from minidpo.experiment.resolve import BUNDLED_MODEL  # noqa: E402
+from minidpo.model.generate import generate  # noqa: E402
 from minidpo.model.weights import load_gpt2  # noqa: E402
 
 # (label, temperature, top_k, top_p): plain sampling as train.py's pairs use it, and sample.py's defaults
@@ -60,7 +62,7 @@ def sampled_rows(args: argparse.Namespace, device: torch.device) -> None:
     print(f"{'sampling':>24} | {'minidpo cached':>15} | {'transformers':>13} | ratio")
     for label, temperature, top_k, top_p in SAMPLED:
         with torch.inference_mode():
-            ours = timed(lambda: model.generate(idx, n, min_new_tokens=n, temperature=temperature, top_k=top_k,
+            ours = timed(lambda: generate(model, idx, n, min_new_tokens=n, temperature=temperature, top_k=top_k,
                                                 top_p=top_p, generator=g), device, args.repeats)
             theirs = float("nan")
             if hf is not None:
@@ -110,9 +112,9 @@ def greedy_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     for B in [int(b) for b in args.batch_sizes.split(",")]:
         idx = torch.randint(0, 50257, (B, args.prompt_tokens), device=device)
         with torch.inference_mode():
-            ours = timed(lambda: model.generate(idx, n, temperature=0, eos_id=None), device, args.repeats)
+            ours = timed(lambda: generate(model, idx, n, temperature=0, eos_id=None), device, args.repeats)
             plain = float("nan") if args.no_uncached else timed(
-                lambda: model.generate(idx, n, temperature=0, eos_id=None, use_cache=False), device, args.repeats)
+                lambda: generate(model, idx, n, temperature=0, eos_id=None, use_cache=False), device, args.repeats)
             theirs = float("nan")
             if hf is not None:
                 mask = torch.ones_like(idx)

@@ -17,10 +17,6 @@ def quiet(msg: str) -> None:
     """A Log that drops everything."""
 
 
-def stderr_log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 class ProgressLine:
     """`update(done, total)` reports "<what> done/total (Ns)" at most every `interval` seconds on a terminal,
     and only at the start and end elsewhere; `log` is used for those lines."""

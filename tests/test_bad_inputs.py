@@ -15,7 +15,8 @@ import torch
 from minidpo.formats.download import DownloadError
 from minidpo.dataset.imdb import IMDB_SAMPLE_PATH, ImdbError, load_imdb
 from minidpo.formats.safetensors import load_file, save_file
-from minidpo.model.weights import OPENAI_FILES, CheckpointError, load_gpt2
+from minidpo.model.gpt2_files import OPENAI_FILES
+from minidpo.model.weights import CheckpointError, load_gpt2
 from test_download import Handler  # the Range-aware test server
 from test_imdb import tiny_imdb, write_tarball
 from test_tf_bundle import write_bundle

@@ -255,12 +255,6 @@ def test_inplace_backward_refuses_logits_that_another_op_saved():
 
 # ---------------------------------------------------------------- the plain path, and -inf logits
 
-def test_old_names_stay_importable_from_minidpo_logprobs():
-    import minidpo.methods.logprobs as plain
-    assert plain.token_logprobs is token_logprobs and plain.linear_token_logprobs is linear_token_logprobs
-    assert plain.sequence_logprobs is sequence_logprobs and plain.IGNORE_INDEX == IGNORE_INDEX
-
-
 def test_naive_token_logps_is_log_softmax_gather_with_zero_at_ignored_targets():
     logits, targets = make()
     torch.testing.assert_close(naive_token_logps(logits, targets), naive_logprobs(logits, targets), atol=0, rtol=0)

@@ -2,7 +2,6 @@
 its cache, on the shipped IMDB sample."""
 
 import hashlib
-import importlib
 import itertools
 import json
 import math
@@ -13,7 +12,6 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import minidpo.dataset.pairs
 from minidpo.config import ConfigError
 from minidpo.dataset.imdb import IMDB_SAMPLE_PATH, load_imdb
 from minidpo.model.gpt import GPT, GPTConfig
@@ -307,17 +305,6 @@ def test_module_fingerprint_follows_the_weights():
     with torch.no_grad():
         b.transformer.h[0].mlp.c_fc.weight[0, 0] += 1e-3
     assert module_fingerprint(a) != module_fingerprint(b)
-
-
-def test_old_names_stay_importable_from_minidpo_pairs():
-    for module, names in minidpo.dataset.pairs._MOVED.items():
-        new = importlib.import_module(module)
-        for name in names:
-            assert getattr(minidpo.dataset.pairs, name) is getattr(new, name)
-    from minidpo.dataset.pairs import Prompt as P, collate_pairs, make_prompts as mp  # noqa: F401
-    assert P is Prompt and mp is make_prompts
-    with pytest.raises(ImportError):
-        from minidpo.dataset.pairs import no_such_name  # noqa: F401
 
 
 # ----------------------------------------------------------------------------- damaged files

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 
 from minidpo.dataset.imdb import IMDB_SAMPLE_PATH, load_imdb
-from minidpo.dataset.prompts import Prompt, make_prompts, review_name
+from minidpo.dataset.prompts import make_prompts, review_name
 from minidpo.model.tokenizer import Tokenizer
 
 
@@ -53,6 +53,3 @@ def test_reviews_no_longer_than_their_prefix_are_skipped_and_n_none_takes_every_
         make_prompts(reviews, tok, n=3, min_len=2, max_len=2)
 
 
-def test_prompt_is_the_same_class_through_minidpo_pairs():
-    from minidpo.dataset.pairs import Prompt as OldPrompt, make_prompts as old_make_prompts
-    assert OldPrompt is Prompt and old_make_prompts is make_prompts

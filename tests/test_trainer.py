@@ -7,7 +7,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from minidpo.training.trainer import Checkpointer, LoopConfig, NonFiniteLoss, lr_lambda, train_loop
+from minidpo.training.checkpoint import Checkpointer
+from minidpo.training.trainer import LoopConfig, NonFiniteLoss, lr_lambda, train_loop
 
 
 @settings(max_examples=50, deadline=None)

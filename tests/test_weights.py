@@ -17,7 +17,8 @@ from minidpo.model.generate import generate
 from minidpo.model.gpt import GPT, GPTConfig
 from minidpo.formats.safetensors import load_file, read_header, save_file
 from minidpo.model.export import save_hf
-from minidpo.model.weights import CheckpointError, OPENAI_FILES, gpt2_cache_dir, load_gpt2
+from minidpo.model.gpt2_files import OPENAI_FILES, gpt2_cache_dir
+from minidpo.model.weights import CheckpointError, load_gpt2
 from test_download import Handler, closed_port  # the Range-aware test server
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -266,7 +267,7 @@ REAL = cache_dir() / "gpt2" / "124M"
 
 
 @pytest.mark.skipif(not (REAL / DATA).is_file(), reason=f"GPT-2 124M not in {REAL} (set MINIDPO_CACHE or run "
-                    "minidpo.model.weights.download_gpt2('124M') to enable)")
+                    "minidpo.model.gpt2_files.download_gpt2('124M') to enable)")
 def test_real_gpt2_124m_greedy_continuation():
     from minidpo.model.tokenizer import Tokenizer
 

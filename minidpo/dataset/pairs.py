@@ -37,7 +37,8 @@ from torch import Tensor
 from minidpo.config import require
 from minidpo.dataset.length_sampler import LengthSampler
 from minidpo.progress import Log, ProgressLine, quiet
-from minidpo.dataset.prompts import Prompt, make_prompts, review_name  # noqa: F401 (make_prompts: re-exported)
+from minidpo.dataset.prompts import Prompt, review_name
+from minidpo.model.generate import generate
 from minidpo.model.tokenizer import EOT_ID
 
 MODES = ("generated", "labels")
@@ -139,7 +140,7 @@ def generate_completions(model: nn.Module, tokenizer: Any, prompts: Sequence[Pro
             chunk = prompts[start:start + per_call]
             ids, mask = tokenizer.pad([p.ids for p in chunk for _ in range(n)], padding_side="left")  # (B, T)
             budget = budgets() if cfg.length_per_batch else cfg.max_new_tokens
-            seqs = model.generate(ids.to(device), max_new_tokens=budget, min_new_tokens=cfg.min_new_tokens,
+            seqs = generate(model, ids.to(device), max_new_tokens=budget, min_new_tokens=cfg.min_new_tokens,
                                   temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p,
                                   eos_id=tokenizer.eot_id, attention_mask=mask.to(device), generator=generator,
                                   use_cache=True)                           # (B, T + <=budget)
@@ -247,23 +248,3 @@ def _draw(pool: list[tuple[str, list[int]]], rng: random.Random, min_tokens: int
         if len(ids) >= min_tokens and name != exclude:
             return ids
     return None
-
-
-# -----------------------------------------------------------------------------
-# names that moved; importable from here until every caller imports them from their new module
-
-
-_MOVED = {"minidpo.dataset.batching": ("SIDES", "split_pairs", "fit_pairs", "collate_pairs", "collate_unique",
-                               "prompt_groups", "pair_indices", "group_indices"),
-          "minidpo.dataset.pairs_cache": ("FORMAT", "PairsFileError", "fingerprint", "module_fingerprint",
-                                  "reviews_fingerprint", "pairs_fingerprint", "save_pairs", "load_pairs",
-                                  "read_fingerprint", "cached_pairs")}
-
-
-def __getattr__(name: str) -> Any:
-    # imported on first use (PEP 562): both modules import Pair from here, so a top-level import would be circular
-    import importlib
-    for module, names in _MOVED.items():
-        if name in names:
-            return getattr(importlib.import_module(module), name)
-    raise AttributeError(f"module 'minidpo.dataset.pairs' has no attribute {name!r}")

@@ -11,11 +11,8 @@ so that summary.json can record what was really used. Nothing here prints: notes
 """
 
 import os
-import statistics
 import textwrap
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -84,22 +81,6 @@ def autocast_dtype(device: torch.device, name: str = "auto") -> torch.dtype | No
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def timed(fn: Callable[[], object], device: torch.device, repeats: int = 1) -> float:
-    """Median wall seconds of fn() over `repeats` runs after one warm-up (allocator, kernels, lazy init); on CUDA
-    the clock stops only when the queued kernels have finished."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def looks_like_path(name: str) -> bool:

@@ -35,7 +35,8 @@ from minidpo.methods.dpo import (DPOConfig, concatenated_forward, dpo_step_loss,
                          sequence_forward)
 from minidpo.model.lora import LoRAConfig, adapters_are_zero, apply_lora
 from minidpo.progress import Log, quiet
-from minidpo.training.trainer import Checkpointer, LoopConfig, train_loop
+from minidpo.training.checkpoint import Checkpointer
+from minidpo.training.trainer import LoopConfig, train_loop
 from minidpo.model.tokenizer import EOT_ID
 
 BATCHING = ("unique", "pairs")

@@ -42,6 +42,7 @@ from minidpo.dataset.batching import collate_pairs
 from minidpo.config import require
 from minidpo.methods.dpo import concatenated_forward
 from minidpo.model.lora import lora_disabled, lora_layers
+from minidpo.model.generate import generate
 from minidpo.model.gpt import GPT
 from minidpo.dataset.pairs import Pair, cut_at_eot, response_text
 from minidpo.dataset.prompts import Prompt
@@ -82,7 +83,7 @@ def sample_completions(model: GPT, tok, prompts: Sequence[Prompt], cfg: EvalConf
     for i in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[i:i + cfg.batch_size]
         ids, mask = tok.pad([p.ids for p in chunk], padding_side="left")  # (B, T), padded with tok.eot_id
-        seqs = model.generate(ids.to(device), cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
+        seqs = generate(model, ids.to(device), cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
                               temperature=1.0, top_k=None, top_p=None, eos_id=tok.eot_id,
                               attention_mask=mask.to(device), generator=g)
         for row in seqs[:, ids.size(1):].tolist():

@@ -12,17 +12,12 @@ kernels of `minidpo.methods.fused_logprobs` against (tests/test_logprobs.py). It
 log-softmax (823 MB at GPT-2's V for one [8, 512] batch) and two more of that size in backward; training uses the
 fused kernels by default (`--logprobs fused`), `--logprobs naive` selects this path.
 
-The fused kernels are re-exported here under their old names so existing imports keep working.
 """
 
 import torch
 from torch import Tensor
 
-from minidpo.methods.fused_logprobs import (IGNORE_INDEX, linear_token_logprobs, sequence_logprobs,  # noqa: F401 (re-export)
-                                    token_logprobs)
-
-__all__ = ["naive_token_logps", "sequence_logps", "IGNORE_INDEX", "token_logprobs", "linear_token_logprobs",
-           "sequence_logprobs"]
+from minidpo.methods.fused_logprobs import IGNORE_INDEX
 
 
 def _upcast(x: Tensor) -> Tensor:

@@ -55,7 +55,8 @@ from minidpo.methods.dpo import DPOConfig, dpo_unique_loss
 from minidpo.dataset.pairs import PAIRINGS, preference_pairs
 from minidpo.progress import Log, quiet
 from minidpo.methods.rollout import Rollout, RolloutConfig, completion_logps, make_rollout_fn, trainable_adapter
-from minidpo.training.trainer import Checkpointer, LoopConfig, train_loop
+from minidpo.training.checkpoint import Checkpointer
+from minidpo.training.trainer import LoopConfig, train_loop
 
 # (metric key, short label, format) for the progress line (LoopConfig.show)
 ONLINE_DPO_SHOW = (("reward", "reward", "{:.3f}"), ("kl/sampled", "kl", "{:.3f}"),

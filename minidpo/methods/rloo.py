@@ -56,7 +56,8 @@ from minidpo.methods.pg import RLOO_SHOW, RLOOConfig, adaptive_kl_coef, kl_penal
     rloo_advantages
 from minidpo.progress import Log, quiet
 from minidpo.methods.rollout import Rollout, completion_logps, make_rollout_fn, trainable_adapter
-from minidpo.training.trainer import Checkpointer, LoopConfig, train_loop
+from minidpo.training.checkpoint import Checkpointer
+from minidpo.training.trainer import LoopConfig, train_loop
 
 
 def rloo_loss(model: torch.nn.Module, rollout: Rollout, cfg: RLOOConfig, kl_coef: float,

@@ -34,7 +34,8 @@ from minidpo.dataset.batching import batch_seed, pair_indices
 from minidpo.config import require
 from minidpo.methods.evaluate import sampler_logits
 from minidpo.dataset.length_sampler import LengthSampler
-from minidpo.methods.logprobs import linear_token_logprobs, naive_token_logps, token_logprobs
+from minidpo.methods.fused_logprobs import linear_token_logprobs, token_logprobs
+from minidpo.methods.logprobs import naive_token_logps
 from minidpo.model.generate import generate
 from minidpo.model.lora import adapters_are_zero, lora_disabled, lora_layers
 from minidpo.dataset.pairs import cut_at_eot, response_text

@@ -23,7 +23,8 @@ from minidpo.methods.fused_logprobs import token_logprobs
 from minidpo.model.gpt import GPT
 from minidpo.progress import Log, quiet
 from minidpo.model.tokenizer import Tokenizer
-from minidpo.training.trainer import Checkpointer, LoopConfig, train_loop
+from minidpo.training.checkpoint import Checkpointer
+from minidpo.training.trainer import LoopConfig, train_loop
 
 
 def pack_texts(texts: list[str], tokenizer: Tokenizer) -> Tensor:

@@ -36,11 +36,10 @@ import torch
 from torch import Tensor
 
 from minidpo.formats.download import already_verified
-from minidpo.model.gpt2_files import (NEEDED, OPENAI_FILES, OPENAI_URL, SIZE_OF, download_gpt2,  # noqa: F401 (re-exported)
-                                 ensure_gpt2, gpt2_cache_dir)
+from minidpo.model.gpt2_files import SIZE_OF, ensure_gpt2
 from minidpo.model.gpt import GPT, PRESETS, GPTConfig
 from minidpo.progress import Log, quiet
-from minidpo.formats.safetensors import SafetensorsError, load_file, load_metadata, save_file
+from minidpo.formats.safetensors import SafetensorsError, load_file, load_metadata
 from minidpo.formats.tf_bundle import BundleError, load_bundle
 
 LINEAR = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

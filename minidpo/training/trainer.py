@@ -27,8 +27,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-# Checkpointer, CheckpointCorrupt and is_main are re-exported: callers import them from here for now
-from minidpo.training.checkpoint import Checkpointer, CheckpointCorrupt  # noqa: F401
+from minidpo.training.checkpoint import Checkpointer
 from minidpo.config import require
 from minidpo.training.distributed import average_gradients, barrier, is_main, rank_and_world
 from minidpo.progress import Log, quiet
