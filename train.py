@@ -24,7 +24,6 @@ import dataclasses
 import json
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -47,8 +46,8 @@ from minidpo.methods.pg import RLOOConfig
 from minidpo.experiment.resolve import (autocast, autocast_dtype, check_model_name, check_writable, imdb_source,
                                        pick_device)
 from minidpo.registry import NAMES
-from minidpo.training.runs import (NOT_SETTINGS, OutDirLock, check_out_dir, is_finished, mark_finished,
-                                    resume_overrides)
+from minidpo.training.run_folder import run_folder
+from minidpo.training.runs import NOT_SETTINGS, is_finished, resume_overrides
 from minidpo.experiment.stages import (PromptConfig, SFTConfig, check_model_fits, fit_classifier, load_model_stage,
                             load_reviews, make_prompt_sets, sft_stage)
 from minidpo.model.tokenizer import EOT_ID, Tokenizer
@@ -281,66 +280,71 @@ def with_tiny_defaults(cfg: TrainConfig, given: set[str]) -> TrainConfig:
 
 
 def main(argv: list[str]) -> None:
+    """The story of the docstring, step by step; every rank runs it the same way."""
     cfg, given = load_config(argv)
     t_start = time.perf_counter()
     check_model_name(cfg.model)  # every path is checked before any work or any write
     data_src, data_note = imdb_source(cfg.data)
-    out = Path(cfg.out_dir)
-    if cfg.resume and is_finished(out):
-        print(f"{out} holds a finished run; its outputs stay as they are. Sample it with: "
-              f"python sample.py --adapter {out}")
+    if cfg.resume and is_finished(Path(cfg.out_dir)):
+        print(f"{cfg.out_dir} holds a finished run; its outputs stay as they are. Sample it with: "
+              f"python sample.py --adapter {cfg.out_dir}")
         return
     rank, world, dev_override = setup_distributed()
-    device = pick_device(dev_override or cfg.device)
-    dtype = autocast_dtype(device, cfg.dtype)
-    say = (lambda msg: print(msg, flush=True)) if is_main() else (lambda msg: None)
-    model, model_desc, notes = load_model_stage(cfg.model, device, cfg.stages()["random_model"], cfg.seed)
-    if notes and cfg.preset is None and cfg.resume is None:
-        cfg = with_tiny_defaults(cfg, given)
-        out = Path(cfg.out_dir)
-    for line in notes:
-        say(line)
-    stages = cfg.stages()
-    tok = Tokenizer()  # read and sha256-checked once, used from the vocabulary check to evaluation
-    check_model_fits(model, cfg.prompt_max_tokens + cfg.max_new_tokens, cfg.max_length, tok.vocab_size)
-    if is_main():
-        check_writable(out, "--out-dir")
-        check_writable(cache_dir(), "the cache dir ($MINIDPO_CACHE)")
-    with OutDirLock(out) if is_main() else nullcontext():
+    try:
+        device = pick_device(dev_override or cfg.device)
+        dtype = autocast_dtype(device, cfg.dtype)
+        say = (lambda msg: print(msg, flush=True)) if is_main() else (lambda msg: None)
+        # 1. the model (the bundled model brings the tiny preset's settings unless some were given)
+        model, model_desc, notes = load_model_stage(cfg.model, device, cfg.stages()["random_model"], cfg.seed)
+        if notes and cfg.preset is None and cfg.resume is None:
+            cfg = with_tiny_defaults(cfg, given)
+        for line in notes:
+            say(line)
+        out, stages = Path(cfg.out_dir), cfg.stages()
+        tok = Tokenizer()  # read and sha256-checked once, used from the vocabulary check to evaluation
+        check_model_fits(model, cfg.prompt_max_tokens + cfg.max_new_tokens, cfg.max_length, tok.vocab_size)
         if is_main():
-            state = check_out_dir(out, {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_SETTINGS},
-                                  resume=cfg.resume is not None, overwrite=cfg.overwrite, exclude=NOT_SETTINGS)
-            if state.status == "finished":
-                print(f"{out} already holds this run, finished; its outputs stay as they are (--overwrite to run "
-                      f"it again). Sample it with: python sample.py --adapter {out}")
+            check_writable(out, "--out-dir")
+            check_writable(cache_dir(), "the cache dir ($MINIDPO_CACHE)")
+        settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_SETTINGS}
+        with run_folder(out, settings, resume=cfg.resume is not None, overwrite=cfg.overwrite,
+                        record=lambda o: C.save_config(cfg, o / "config.json")) as folder:
+            if folder.finished:
+                say(f"{out} already holds this run, finished; its outputs stay as they are (--overwrite to run "
+                    f"it again). Sample it with: python sample.py --adapter {out}")
                 return
-            C.save_config(cfg, out / "config.json")
-        torch.manual_seed(cfg.seed)
-        say(f"minidpo: device {device}{' x' + str(world) if world > 1 else ''}, "
-            f"{'bf16 autocast' if dtype else 'fp32'}, model {model_desc}, out_dir {out}")
-        if data_note:
-            say(data_note)
-        t0 = time.perf_counter()
-        reviews = load_reviews(data_src)
-        say(f"[data] {data_src}: {len(reviews.train):,} train / {len(reviews.test):,} test reviews "
-            f"({time.perf_counter() - t0:.1f} s)")
-        amp = autocast(device, dtype)
-        model, base = sft_stage(model, model_desc, reviews, tok, stages["sft_loop"], stages["sft"], stages["lora"],
-                                out, amp, rank, say)
-        scorer = fit_classifier(reviews, say)
-        prompts = make_prompt_sets(reviews, tok, stages["prompts"])
-        ctx = RunContext(model, tok, scorer, reviews, prompts, stages, base, out, device, amp, rank, world, say)
-        runs = [run_one(ctx, method, setting, run_dir) for method, setting, run_dir in method_runs(stages, out)]
-        if is_main():
-            summary = summarize(runs, model_desc, base, data_src, device, world, time.perf_counter() - t_start)
-            atomic_write_json(out / "summary.json", summary)
-            if len(runs) > 1 or cfg.eval_every:
-                write_frontier(out, [p for r in runs for p in r.frontier], say)
-            say(result_lines(runs[-1], summary, out))
-            if cfg.export_merged:
-                export_merged(model, Path(cfg.export_merged), say)
-            mark_finished(out)
-    teardown()
+            torch.manual_seed(cfg.seed)
+            say(f"minidpo: device {device}{' x' + str(world) if world > 1 else ''}, "
+                f"{'bf16 autocast' if dtype else 'fp32'}, model {model_desc}, out_dir {out}")
+            if data_note:
+                say(data_note)
+            t0 = time.perf_counter()
+            reviews = load_reviews(data_src)
+            say(f"[data] {data_src}: {len(reviews.train):,} train / {len(reviews.test):,} test reviews "
+                f"({time.perf_counter() - t0:.1f} s)")
+            amp = autocast(device, dtype)
+            # 2. optional SFT, folded into the weights: the reference
+            model, base = sft_stage(model, model_desc, reviews, tok, stages["sft_loop"], stages["sft"],
+                                    stages["lora"], out, amp, rank, say)
+            # 3. the reward: a sentiment classifier
+            scorer = fit_classifier(reviews, say)
+            # 4. prompts (the pairs are built by the first method that needs them, then cached)
+            prompts = make_prompt_sets(reviews, tok, stages["prompts"])
+            ctx = RunContext(model, tok, scorer, reviews, prompts, stages, base, out, device, amp, rank, world, say)
+            # 5-6. each method and setting trains a fresh adapter (or none, best-of-N) and is evaluated the same way
+            runs = []
+            for method, setting, run_dir in method_runs(stages, out):
+                runs.append(run_one(ctx, method, setting, run_dir))
+            if is_main():
+                summary = summarize(runs, model_desc, base, data_src, device, world, time.perf_counter() - t_start)
+                atomic_write_json(out / "summary.json", summary)
+                if len(runs) > 1 or cfg.eval_every:
+                    write_frontier(out, [p for r in runs for p in r.frontier], say)
+                say(result_lines(runs[-1], summary, out))
+                if cfg.export_merged:
+                    export_merged(model, Path(cfg.export_merged), say)
+    finally:
+        teardown()
 
 
 if __name__ == "__main__":

@@ -130,3 +130,13 @@ def average_gradients(params: Sequence[Tensor], extras: Sequence[Tensor] = ()) -
         out.append(flat[offset:offset + e.numel()].view_as(e).to(e.dtype))
         offset += e.numel()
     return out
+
+
+def share_from_main(obj: T) -> T:
+    """Rank 0's `obj` on every rank (each other rank passes a placeholder); `obj` itself in a plain run. Naive
+    equivalent: every rank computing obj itself, which for a file check races with rank 0's writes."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
