@@ -307,6 +307,7 @@ def _train_refuses(args: list[str], env: dict) -> str:
     return lines[0]
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_folder(tmp_path):
     import os
     from minidpo.training.runs import OutDirLock
@@ -317,6 +318,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_folder(tmp_path
     assert not (tmp_path / "busy" / "config.json").exists()
 
 
+@pytest.mark.slow  # a subprocess
 def test_an_unwritable_cache_dir_is_found_before_the_classifier_trains(tmp_path):
     import os
     blocker = tmp_path / "not-a-dir"

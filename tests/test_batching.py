@@ -10,17 +10,17 @@ from hypothesis import given, settings, strategies as st
 from minidpo.dataset.batching import (collate_pairs, collate_unique, fit_pairs, group_indices, pair_indices, prompt_groups,
                               split_pairs)
 from minidpo.methods.dpo import concatenated_forward
-from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.model.gpt import GPT
 from minidpo.dataset.pairs import Pair, preference_pairs
 from minidpo.model.tokenizer import EOT_ID
+from conftest import tiny_gpt
 
 SETTINGS = settings(max_examples=40, deadline=None)
 SIDES = ("chosen", "rejected")
 
 
-def tiny_gpt(vocab_size: int = EOT_ID + 1, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(block_size=64, vocab_size=vocab_size, n_layer=1, n_head=2, n_embd=16)).eval()
+def small_gpt(vocab_size: int = EOT_ID + 1, seed: int = 0) -> GPT:
+    return tiny_gpt(seed, vocab_size=vocab_size, n_layer=1, n_embd=16, block_size=64)
 
 
 def make_pair(prompt_len: int, chosen_len: int, rejected_len: int, split: str = "train") -> Pair:
@@ -144,7 +144,7 @@ def test_collate_refuses_pairs_that_fit_pairs_would_drop():
 
 
 def test_collated_batch_gives_dpo_the_naive_response_logprob():
-    model = tiny_gpt()
+    model = small_gpt()
     pairs = [make_pair(3, 4, 2), make_pair(2, 6, 5)]
     out = concatenated_forward(model, collate_pairs(pairs, max_length=7))
     for b, p in enumerate(pairs):
@@ -155,7 +155,7 @@ def test_collated_batch_gives_dpo_the_naive_response_logprob():
 
 def test_a_model_with_a_small_vocabulary_trains_on_prompts_of_different_lengths_with_its_own_pad_id():
     # GPT-2's eot (50256) as padding used to crash a 100-token model with IndexError once prompts differed in length
-    model, pad_id = tiny_gpt(vocab_size=100), 99
+    model, pad_id = small_gpt(vocab_size=100), 99
     pairs = [Pair("p", "c", "r", [5, 6], [7, 8, 9], [10], 1.0, 0.0),
              Pair("p", "c", "r", [11, 12, 13, 14, 15], [16, 98], [17, 18, 19, 20], 1.0, 0.0)]
     batch = collate_pairs(pairs, max_length=12, pad_id=pad_id)

@@ -14,17 +14,10 @@ from minidpo.model.gpt import GPT, GPTConfig
 from minidpo.dataset.pairs import response_text
 from minidpo.dataset.prompts import Prompt
 from minidpo.model.tokenizer import Tokenizer
+from conftest import VowelScorer
 
 CPU = torch.device("cpu")
 CFG = EvalConfig(max_new_tokens=4, min_new_tokens=1, batch_size=3, seed=7)
-
-
-class VowelScorer:
-    """A stand-in reward in [0, 1]: the share of letters that are vowels."""
-
-    def score(self, texts):
-        letters = [[c for c in t.lower() if c.isalpha()] for t in texts]
-        return torch.tensor([sum(c in "aeiou" for c in ls) / max(1, len(ls)) for ls in letters])
 
 
 @pytest.fixture(scope="module")

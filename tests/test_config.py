@@ -114,6 +114,7 @@ def test_preset_then_command_line_overrides_apply_in_order():
     assert load_config([]) == (TrainConfig(), set())
 
 
+@pytest.mark.slow  # a subprocess
 def test_train_py_rejects_a_misspelt_flag_before_doing_any_work():
     out = subprocess.run([sys.executable, "train.py", "--lerning-rate", "1e-3"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)

@@ -80,6 +80,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # a subprocess
 def test_two_gloo_processes_average_gradients_and_extras_and_share_a_failure_of_rank_0(tmp_path):
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(ROOT), str(tmp_path)],

@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 from minidpo.config import ConfigError
 from minidpo.methods.dpo import (LOSS_TYPES, DPOConfig, concatenated_forward, dpo_loss, dpo_step_loss, dpo_unique_loss,
                          pair_logps, preference_metrics, reference_forward, sequence_forward)
+from minidpo.methods.logprobs import LOGPROBS
 from minidpo.model.lora import apply_lora, lora_disabled, lora_layers
 from minidpo.model.gpt import GPT, GPTConfig
 
@@ -291,8 +292,6 @@ def naive_sequence_logps(model, ids, attn, resp):
         means.append(sums[-1] / len(terms))
     return torch.stack(sums), torch.stack(means)
 
-
-LOGPROBS = ["naive", "fused"]
 
 
 @pytest.mark.parametrize("logprobs", LOGPROBS)

@@ -15,16 +15,12 @@ from minidpo.model.lora import apply_lora, lora_parameters, remove_lora
 from minidpo.model.gpt import GPT, GPTConfig
 from minidpo.formats.safetensors import load_file, read_header
 from minidpo.model.weights import load_gpt2
+from conftest import tiny_gpt
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OPENAI = FIXTURES / "gpt2-tiny-openai"
 ST = FIXTURES / "gpt2-tiny-safetensors"  # transformers' save_pretrained of the same weights
 TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=32)
-
-
-def tiny_gpt(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(**TINY)).eval()
 
 
 def with_random_adapter(model: GPT, rank: int = 4, targets=("attn.c_attn",)) -> GPT:

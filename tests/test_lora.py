@@ -15,16 +15,12 @@ from minidpo.config import ConfigError
 from minidpo.model.lora import (GPT2_TARGETS, LoRAConfig, LoRAFileError, LoRALinear, adapters_are_zero, apply_lora,
                           lora_config_of, lora_disabled, lora_layers, lora_parameters, lora_state_dict, load_lora,
                           merge_lora, read_lora_config, remove_lora, save_lora, unmerge_lora)
-from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.model.gpt import GPT
 from minidpo.formats.safetensors import save_file
+from conftest import tiny_gpt
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=32)
 ALL_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-
-
-def tiny_gpt(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(**TINY)).eval()
 
 
 def tokens(seed: int = 1, B: int = 2, T: int = 12) -> torch.Tensor:

@@ -17,6 +17,7 @@ from minidpo.dataset.pairs import Prompt
 from minidpo.methods.rollout import Rollout, completion_logps
 from minidpo.model.tokenizer import Tokenizer
 from minidpo.training.trainer import LoopConfig
+from conftest import VowelScorer
 
 SETTINGS = settings(max_examples=25, deadline=None)
 # few distinct values, so that ties (which must never form a pair) are common
@@ -131,14 +132,6 @@ def test_config_rejects_bad_values_naming_the_field(field, bad):
     assert e.value.field == field
 
 
-class LetterScorer:
-    """A stand-in reward: the share of vowels among the letters (continuous, so ties are rare)."""
-
-    def score(self, texts):
-        letters = [[c for c in t.lower() if c.isalpha()] for t in texts]
-        return torch.tensor([sum(c in "aeiou" for c in ls) / max(1, len(ls)) for ls in letters])
-
-
 def run(tmp, steps, crash_at=None):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50257, n_layer=1, n_head=2, n_embd=16, block_size=32))
@@ -151,7 +144,7 @@ def run(tmp, steps, crash_at=None):
     def crash(step):
         if step == crash_at:
             raise KeyboardInterrupt
-    train_online_dpo(model, tok, LetterScorer(), prompts, DPOConfig(beta=0.1), cfg, loop, tmp, torch.device("cpu"),
+    train_online_dpo(model, tok, VowelScorer(), prompts, DPOConfig(beta=0.1), cfg, loop, tmp, torch.device("cpu"),
                      on_step_end=crash if crash_at else None)
     return model
 

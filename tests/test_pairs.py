@@ -14,12 +14,13 @@ from hypothesis import given, settings, strategies as st
 
 from minidpo.config import ConfigError
 from minidpo.dataset.imdb import IMDB_SAMPLE_PATH, load_imdb
-from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.model.gpt import GPT
 from minidpo.dataset.pairs import Pair, PairsConfig, build_pairs, cut_at_eot, preference_pairs
 from minidpo.dataset.pairs_cache import (FORMAT, PairsFileError, cached_pairs, load_pairs, module_fingerprint,
                                  pairs_fingerprint, read_fingerprint, save_pairs)
 from minidpo.dataset.prompts import Prompt, make_prompts
 from minidpo.model.tokenizer import EOT_ID, Tokenizer
+from conftest import tiny_gpt
 
 SETTINGS = settings(max_examples=40, deadline=None)
 EOT = EOT_ID
@@ -40,15 +41,15 @@ def prompts(reviews, tok) -> list[Prompt]:
     return make_prompts(reviews[0], tok, n=6, seed=0)
 
 
-def tiny_gpt(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)  # vocab must be GPT-2's: prompts are real tokenizer ids up to 50256
-    return GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)).eval()
+def gpt2_vocab_gpt(seed: int = 0) -> GPT:
+    # vocab must be GPT-2's: prompts are real tokenizer ids up to 50256
+    return tiny_gpt(seed, vocab_size=50257, n_layer=1, n_embd=16, block_size=64)
 
 
 def eot_loving_gpt() -> GPT:
     """Every position outputs the same hidden vector v and wte[eot] = 30 v / |v|^2, so the eot logit is 30 while
     the others stay ~0: the model ends exactly at min_new_tokens, once eot is allowed."""
-    model = tiny_gpt(1)
+    model = gpt2_vocab_gpt(1)
     with torch.no_grad():
         v = torch.randn(16)
         model.transformer.ln_f.weight.zero_()
@@ -110,7 +111,7 @@ def test_generated_pairs_rank_scored_completions_within_length_bounds(prompts, t
         return len_scorer(texts)
 
     cfg = PairsConfig(min_new_tokens=2, max_new_tokens=6, batch_size=8, seed=1)
-    pairs = build_pairs(cfg, prompts, tok, model=tiny_gpt(), scorer=recording_scorer)
+    pairs = build_pairs(cfg, prompts, tok, model=gpt2_vocab_gpt(), scorer=recording_scorer)
     assert len(seen) == 4 * len(prompts)
     for q, p in enumerate(prompts):
         texts = seen[4 * q:4 * q + 4]
@@ -126,9 +127,9 @@ def test_generated_pairs_rank_scored_completions_within_length_bounds(prompts, t
 
 def test_generated_pairs_are_reproducible_and_change_with_the_seed(prompts, tok):
     cfg = PairsConfig(min_new_tokens=2, max_new_tokens=4, batch_size=8, seed=1)
-    a = build_pairs(cfg, prompts[:3], tok, model=tiny_gpt(), scorer=len_scorer)
-    b = build_pairs(cfg, prompts[:3], tok, model=tiny_gpt(), scorer=len_scorer)
-    c = build_pairs(replace(cfg, seed=2), prompts[:3], tok, model=tiny_gpt(), scorer=len_scorer)
+    a = build_pairs(cfg, prompts[:3], tok, model=gpt2_vocab_gpt(), scorer=len_scorer)
+    b = build_pairs(cfg, prompts[:3], tok, model=gpt2_vocab_gpt(), scorer=len_scorer)
+    c = build_pairs(replace(cfg, seed=2), prompts[:3], tok, model=gpt2_vocab_gpt(), scorer=len_scorer)
     assert a == b and a != c
 
 
@@ -144,7 +145,7 @@ def test_completion_ends_at_first_eot_which_ids_keep_and_text_drops(prompts, tok
 def test_budget_is_drawn_per_batch_and_shared_by_a_prompts_completions(prompts, tok):
     # random tiny GPT virtually never emits eot, so every completion uses its whole budget
     cfg = PairsConfig(min_new_tokens=2, max_new_tokens=9, n_completions=2, batch_size=2, seed=4)
-    pairs = build_pairs(cfg, prompts, tok, model=tiny_gpt(), scorer=len_scorer)
+    pairs = build_pairs(cfg, prompts, tok, model=gpt2_vocab_gpt(), scorer=len_scorer)
     for x in pairs:
         assert len(x.chosen_ids) == len(x.rejected_ids)
     assert len({len(x.chosen_ids) for x in pairs}) > 1
@@ -153,7 +154,7 @@ def test_budget_is_drawn_per_batch_and_shared_by_a_prompts_completions(prompts, 
 def test_progress_goes_through_log_one_line_per_phase_and_nothing_is_printed(prompts, tok, capsys):
     cfg = PairsConfig(min_new_tokens=1, max_new_tokens=2, batch_size=4)
     lines: list[str] = []
-    build_pairs(cfg, prompts[:3], tok, model=tiny_gpt(), scorer=len_scorer, log=lines.append)
+    build_pairs(cfg, prompts[:3], tok, model=gpt2_vocab_gpt(), scorer=len_scorer, log=lines.append)
     assert capsys.readouterr() == ("", "")
     assert [x.split(" (")[0] for x in lines] == ["pairs: generated prompts 3/3", "pairs: scored 12/12"]
 
@@ -166,7 +167,7 @@ def test_identical_completions_never_form_a_pair_and_are_reported(prompts, tok):
 
     cfg = PairsConfig(min_new_tokens=2, max_new_tokens=3, temperature=0.0, batch_size=8)  # greedy: 4 equal samples
     lines: list[str] = []
-    pairs = build_pairs(cfg, prompts[:2], tok, model=tiny_gpt(), scorer=impure_scorer, log=lines.append)
+    pairs = build_pairs(cfg, prompts[:2], tok, model=gpt2_vocab_gpt(), scorer=impure_scorer, log=lines.append)
     assert pairs == []
     assert any("dropped 12 of 12 pairs" in x and "same tokens" in x for x in lines)
 
@@ -177,10 +178,10 @@ def test_scorer_object_with_score_method_and_bad_scores(prompts, tok):
             return torch.tensor(len_scorer(texts))
 
     cfg = PairsConfig(min_new_tokens=1, max_new_tokens=2, batch_size=4, pairing="best_vs_worst")
-    pairs = build_pairs(cfg, prompts[:2], tok, model=tiny_gpt(), scorer=Classifier())
+    pairs = build_pairs(cfg, prompts[:2], tok, model=gpt2_vocab_gpt(), scorer=Classifier())
     assert len(pairs) <= 2 and all(x.chosen_score > x.rejected_score for x in pairs)
     with pytest.raises(ValueError, match="one finite score per text"):
-        build_pairs(cfg, prompts[:2], tok, model=tiny_gpt(), scorer=lambda t: [0.0])
+        build_pairs(cfg, prompts[:2], tok, model=gpt2_vocab_gpt(), scorer=lambda t: [0.0])
 
 
 # ----------------------------------------------------------------------------- labels mode
@@ -225,8 +226,8 @@ def test_pairs_config_accepts_the_edge_values_that_mean_off_or_greedy():
 
 def test_top_k_zero_samples_like_top_k_off(prompts, tok):
     cfg = PairsConfig(min_new_tokens=2, max_new_tokens=3, batch_size=8, seed=3)
-    off = build_pairs(cfg, prompts[:2], tok, model=tiny_gpt(), scorer=len_scorer)
-    assert build_pairs(replace(cfg, top_k=0), prompts[:2], tok, model=tiny_gpt(), scorer=len_scorer) == off
+    off = build_pairs(cfg, prompts[:2], tok, model=gpt2_vocab_gpt(), scorer=len_scorer)
+    assert build_pairs(replace(cfg, top_k=0), prompts[:2], tok, model=gpt2_vocab_gpt(), scorer=len_scorer) == off
 
 
 def test_labels_mode_needs_reviews_and_generated_mode_needs_model(prompts, tok):
@@ -300,7 +301,7 @@ def test_fingerprint_changes_with_every_input(prompts):
 
 
 def test_module_fingerprint_follows_the_weights():
-    a, b = tiny_gpt(0), tiny_gpt(0)
+    a, b = gpt2_vocab_gpt(0), gpt2_vocab_gpt(0)
     assert module_fingerprint(a) == module_fingerprint(b)
     with torch.no_grad():
         b.transformer.h[0].mlp.c_fc.weight[0, 0] += 1e-3

@@ -18,6 +18,7 @@ from minidpo.methods.rloo import KLController, train_rloo
 from minidpo.methods.rollout import completion_logps
 from minidpo.model.tokenizer import Tokenizer
 from minidpo.training.trainer import LoopConfig
+from conftest import VowelScorer
 
 SETTINGS = settings(max_examples=15, deadline=None)
 rewards_2d = st.integers(1, 4).flatmap(lambda P: st.integers(2, 6).flatmap(lambda K: st.lists(
@@ -163,14 +164,6 @@ def test_rloo_ascends_the_expected_reward_of_a_categorical_policy():
 
 
 # ------------------------------------------------------------------------------------------ a tiny run, end to end
-
-
-class VowelScorer:
-    """A stand-in reward in [0, 1]: the share of letters that are vowels."""
-
-    def score(self, texts):
-        letters = [[c for c in t.lower() if c.isalpha()] for t in texts]
-        return torch.tensor([sum(c in "aeiou" for c in ls) / max(1, len(ls)) for ls in letters])
 
 
 def tiny_setup():

@@ -169,6 +169,7 @@ def hold_lock(out: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_second_process_is_refused_while_the_first_holds_the_folder_and_a_killed_holder_frees_it(tmp_path):
     out = tmp_path / "r"
     proc = hold_lock(out)

@@ -50,6 +50,7 @@ def run_folder(tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow  # a subprocess
 def test_bad_adapter_path_is_one_error_line_and_a_nonzero_exit(tmp_path):
     proc = run_cli(["--adapter", str(tmp_path / "nonexistent"), *QUICK], tmp_path)
     assert proc.returncode != 0
@@ -58,6 +59,7 @@ def test_bad_adapter_path_is_one_error_line_and_a_nonzero_exit(tmp_path):
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_moved_output_folder_samples_its_policy_from_any_directory(run_folder, tmp_path, capsys):
     moved = tmp_path / "elsewhere" / "renamed-run"
     shutil.copytree(run_folder, moved)

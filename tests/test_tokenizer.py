@@ -75,6 +75,7 @@ def test_missing_bpe_file_is_a_clear_error(tmp_path):
         Tokenizer(tmp_path)
 
 
+@pytest.mark.slow  # a subprocess
 def test_works_without_home_cache_or_network(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HOME", "TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR")}
     # any attempt to reach the network goes to a closed local port and fails loudly

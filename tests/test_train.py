@@ -15,6 +15,7 @@ import torch
 
 from minidpo.formats.safetensors import load_file
 
+pytestmark = pytest.mark.slow  # train.py and sample.py end to end, in subprocesses
 ROOT = Path(__file__).resolve().parent.parent
 # the paper's offline DPO (the tiny preset's own method is online-dpo), 2 prompts a step
 SMALL = ["--preset", "tiny", "--method", "dpo", "--batch-prompts", "2", "--num-prompts", "12", "--heldout-prompts", "4",
@@ -126,13 +127,20 @@ def test_two_cpu_processes_train_like_one_process_with_the_combined_batch(env, t
     one = common[:i] + ["--batch-size", "4"] + common[i + 2:]
     two = common[:i] + ["--batch-size", "2"] + common[i + 2:]
     run(["train.py", *one, "--out-dir", str(tmp_path / "one")], env)
-    ddp = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), "train.py", *two, "--out-dir", str(tmp_path / "two")], env)
+    def torchrun() -> subprocess.CompletedProcess:
+        return run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                    "--master_port", str(free_port()), "train.py", *two, "--out-dir", str(tmp_path / "two")], env)
+    ddp = torchrun()
     assert "device cpu x2" in ddp.stdout
     assert ddp.stdout.count("step     8/8") == 1  # rank 0 logs, rank 1 does not
     a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4)
+    # the same command again: the run is finished, and both ranks exit cleanly (run() checks torchrun's exit code)
+    again = torchrun()
+    assert again.stdout.count("already holds this run, finished") == 1 and "Traceback" not in again.stderr
+    after = adapter(tmp_path / "two")
+    assert after.keys() == b.keys() and all(torch.equal(after[k], b[k]) for k in b)
 
 
 def test_sample_py_takes_the_documented_flags(env):
