@@ -33,11 +33,10 @@ from torch import Tensor
 
 from minidpo.config import require
 from minidpo.methods.fused_logprobs import linear_token_logprobs
-from minidpo.methods.logprobs import sequence_logps
+from minidpo.methods.logprobs import LOGPROBS, sequence_logps
 from minidpo.model.lora import lora_disabled, lora_layers
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
-LOGPROBS = ("naive", "fused")
 BATCH_KEYS = ("chosen_ids", "chosen_attention_mask", "chosen_response_mask",
               "rejected_ids", "rejected_attention_mask", "rejected_response_mask")
 UNIQUE_KEYS = ("ids", "attention_mask", "response_mask", "chosen_index", "rejected_index")

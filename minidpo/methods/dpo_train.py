@@ -31,16 +31,16 @@ from minidpo.dataset.batching import PairData, collate_pairs, collate_unique, gr
 from minidpo.config import require
 from minidpo.training.distributed import barrier, is_main
 from minidpo.training.frontier import append_point, read_points
+from minidpo.methods.logprobs import LOGPROBS
 from minidpo.methods.dpo import (DPOConfig, concatenated_forward, dpo_step_loss, dpo_unique_loss, reference_forward,
                          sequence_forward)
 from minidpo.model.lora import LoRAConfig, adapters_are_zero, apply_lora
 from minidpo.progress import Log, quiet
 from minidpo.training.checkpoint import Checkpointer
-from minidpo.training.trainer import LoopConfig, train_loop
+from minidpo.training.trainer import LoopConfig, train_loop, trainable_parameters
 from minidpo.model.tokenizer import EOT_ID
 
 BATCHING = ("unique", "pairs")
-LOGPROBS = ("fused", "naive")
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def run_dpo(model: torch.nn.Module, data: PairData, dpo: DPOConfig, lora: LoRACo
     apply_lora(model, lora)
     if not adapters_are_zero(model):  # the reference would not be the starting policy
         raise RuntimeError("a new LoRA adapter must start at B = 0, so that the reference is the starting policy")
-    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    params = trainable_parameters(model)
     device = next(model.parameters()).device
     get_batch = make_batch_fn(data, bcfg, rank, world, device)
     if compile:  # the transformer body only: compiling the whole step on a CPU took minutes, this about 45 s

@@ -19,6 +19,10 @@ from torch import Tensor
 
 from minidpo.methods.fused_logprobs import IGNORE_INDEX
 
+# how a method scores tokens (its --logprobs): "fused" (fused_logprobs.py) or "naive" (this file); every config
+# that takes the choice checks it against this list
+LOGPROBS = ("fused", "naive")
+
 
 def _upcast(x: Tensor) -> Tensor:
     """x.float(), except that float64 stays float64 (so gradcheck sees double precision)."""

@@ -35,13 +35,13 @@ from minidpo.config import require
 from minidpo.methods.evaluate import sampler_logits
 from minidpo.dataset.length_sampler import LengthSampler
 from minidpo.methods.fused_logprobs import linear_token_logprobs, token_logprobs
-from minidpo.methods.logprobs import naive_token_logps
+from minidpo.methods.logprobs import LOGPROBS, naive_token_logps
 from minidpo.model.generate import generate
 from minidpo.model.lora import adapters_are_zero, lora_disabled, lora_layers
 from minidpo.dataset.pairs import cut_at_eot, response_text
 from minidpo.model.tokenizer import EOT_ID
+from minidpo.training.trainer import trainable_parameters
 
-LOGPROBS = ("fused", "naive")
 
 
 @dataclass(frozen=True)
@@ -176,4 +176,4 @@ def trainable_adapter(model: torch.nn.Module, prompts: list, who: str) -> dict[s
     if not adapters_are_zero(model):
         raise RuntimeError(f"{who}: a new LoRA adapter must start at B = 0, so that the reference is the starting "
                            "policy")
-    return {k: p for k, p in model.named_parameters() if p.requires_grad}
+    return trainable_parameters(model)

@@ -24,7 +24,7 @@ from minidpo.model.gpt import GPT
 from minidpo.progress import Log, quiet
 from minidpo.model.tokenizer import Tokenizer
 from minidpo.training.checkpoint import Checkpointer
-from minidpo.training.trainer import LoopConfig, train_loop
+from minidpo.training.trainer import LoopConfig, train_loop, trainable_parameters
 
 
 def pack_texts(texts: list[str], tokenizer: Tokenizer) -> Tensor:
@@ -98,7 +98,7 @@ def run_sft(model: GPT, stream: Tensor, loop: LoopConfig, batch_size: int, block
     if len(stream) < block_size + 1:
         raise ValueError(f"SFT needs at least block_size + 1 = {block_size + 1} tokens of text, got {len(stream)}")
     model.train()
-    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    params = trainable_parameters(model)
 
     def get_batch(step: int, micro: int):
         x, y = random_windows(stream, batch_size, block_size, batch_seed(seed, step, micro, rank))

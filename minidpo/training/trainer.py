@@ -137,6 +137,12 @@ def print_on_main(msg: str) -> None:
         print(msg, flush=True)
 
 
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters a method trains, by name: those with requires_grad (the LoRA adapters, or every weight in
+    SFT); what train_loop and the checkpoint take."""
+    return {k: p for k, p in model.named_parameters() if p.requires_grad}
+
+
 def make_optimizer(cfg: LoopConfig, trainable: list[Tensor]):
     """AdamW (decay on matrices only, betas as GPT-2 fine-tuning uses) and the warmup + cosine schedule."""
     decay = [p for p in trainable if p.dim() >= 2]
