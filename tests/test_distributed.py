@@ -101,3 +101,58 @@ def test_two_gloo_processes_average_gradients_and_extras_and_share_a_failure_of_
     assert r0["built"] == "built by 0" and r1["built"] == "built by 1" and r0["build_time"] <= r1["build_time"]
     assert r0["failure"] == "OSError: disk full"
     assert r1["failure"].startswith("RuntimeError: rank 0 failed") and "disk full" in r1["failure"]
+
+
+# Each rank enters the run folder as train.py's main does, then does a collective (as training would), so a rank
+# that went on alone would hang there and the test's timeout would catch it.
+FOLDER_WORKER = textwrap.dedent("""
+    import json, os, sys, types
+    pkg = types.ModuleType("minidpo")
+    pkg.__path__ = [os.path.join(sys.argv[1], "minidpo")]
+    sys.modules["minidpo"] = pkg
+    from minidpo.training.distributed import barrier, setup_distributed, teardown
+    from minidpo.training.run_folder import run_folder
+    from minidpo.training.runs import RunConflict
+    rank, world, _ = setup_distributed(device="cpu")
+    out, settings = sys.argv[2], json.loads(sys.argv[3])
+    result = {}
+    try:
+        with run_folder(out, settings, resume=False, overwrite=False,
+                        record=lambda o: open(os.path.join(o, "config.json"), "w").write(json.dumps(settings))) as f:
+            result["finished"] = f.finished
+            if not f.finished:
+                barrier()  # the run's work: every rank takes part
+                open(os.path.join(out, "summary.json"), "w").write("{}") if rank == 0 else None
+    except RunConflict as e:
+        result["refused"] = str(e)
+    barrier()
+    teardown()
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
+        json.dump(result, fh)
+""")
+
+
+def two_ranks_enter(out: Path, settings: dict) -> list[dict]:
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", FOLDER_WORKER, str(ROOT), str(out), json.dumps(settings)],
+                              env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(r),
+                                   "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "2"})
+             for r in (0, 1)]
+    try:
+        for p in procs:  # a rank left waiting for the other fails here instead of hanging
+            assert p.wait(timeout=240) == 0
+    finally:
+        for p in procs:
+            p.kill()
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.slow  # subprocesses
+def test_every_rank_enters_the_run_folder_alike_new_finished_or_refused(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    assert two_ranks_enter(out, {"beta": 0.1}) == [{"finished": False}] * 2
+    assert json.loads((out / "summary.json").read_text()) == {"finished": True}  # marked by rank 0 on exit
+    assert two_ranks_enter(out, {"beta": 0.1}) == [{"finished": True}] * 2        # both ranks stop, cleanly
+    refused = two_ranks_enter(out, {"beta": 0.5})
+    assert all("beta" in r["refused"] for r in refused) and refused[0] == refused[1]
