@@ -42,7 +42,7 @@ from minidpo.model.lora import LoRAConfig
 from minidpo.dataset.pairs import PairsConfig
 from minidpo.model.gpt import GPTConfig
 from minidpo.methods.online_dpo import OnlineDPOConfig
-from minidpo.methods.pg import RLOOConfig
+from minidpo.methods.rloo import RLOOConfig
 from minidpo.experiment.resolve import (autocast, autocast_dtype, check_model_name, check_writable, imdb_source,
                                        pick_device)
 from minidpo.registry import NAMES

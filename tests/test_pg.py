@@ -12,7 +12,8 @@ from minidpo.config import ConfigError
 from minidpo.model.lora import apply_lora, lora_state_dict
 from minidpo.model.gpt import GPT, GPTConfig
 from minidpo.dataset.pairs import Prompt
-from minidpo.methods.pg import RLOOConfig, adaptive_kl_coef, kl_penalized_rewards, policy_gradient_loss, rloo_advantages
+from minidpo.methods.pg import adaptive_kl_coef, kl_penalized_rewards, policy_gradient_loss, rloo_advantages
+from minidpo.methods.rloo import RLOOConfig
 from minidpo.methods import rollout
 from minidpo.methods.rloo import KLController, train_rloo
 from minidpo.methods.rollout import completion_logps

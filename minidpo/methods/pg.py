@@ -42,31 +42,7 @@ Top-k sampling draws from pi truncated to its k most likely tokens while the log
 blind to the tail, which training then tends to fill (measured in minidpo/methods/rloo.py's docstring).
 """
 
-import math
-from dataclasses import dataclass
-
 from torch import Tensor
-
-from minidpo.config import require
-from minidpo.methods.rollout import RolloutConfig
-
-
-@dataclass(frozen=True)
-class RLOOConfig(RolloutConfig):
-    """The rollout settings (k, prompts_per_step, lengths, temperature, top_k, ...) plus the KL penalty's."""
-    kl_coef: float = 0.1            # beta: reward - beta * (log pi - log ref) per completion
-    target_kl: float | None = None  # adapt kl_coef toward this sequence KL (None: fixed kl_coef)
-    horizon: int = 10000            # adaptive KL horizon, in sampled completions
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require(math.isfinite(self.kl_coef) and self.kl_coef >= 0, "kl_coef",
-                f"must be a finite number >= 0, got {self.kl_coef}")
-        require(self.target_kl is None or (math.isfinite(self.target_kl) and self.target_kl > 0), "target_kl",
-                f"must be none or a finite number > 0, got {self.target_kl}")
-        require(self.target_kl is None or self.kl_coef > 0, "kl_coef",
-                "must be > 0 when target_kl is set (an adaptive coefficient of 0 stays 0)")
-        require(self.horizon >= 1, "horizon", f"must be >= 1, got {self.horizon}")
 
 
 # (metric key, short label, format) for the progress line (LoopConfig.show)

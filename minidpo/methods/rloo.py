@@ -42,9 +42,10 @@ adaptive kl_coef is updated at the end of each optimizer step inside the step it
 (train_loop's get_state / set_state), so a resumed run continues with the coefficient it had.
 """
 
+import math
 import time
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, ContextManager
 
@@ -52,13 +53,31 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from minidpo.methods.pg import RLOO_SHOW, RLOOConfig, adaptive_kl_coef, kl_penalized_rewards, policy_gradient_loss, \
-    rloo_advantages
+from minidpo.config import require
+from minidpo.methods.pg import (RLOO_SHOW, adaptive_kl_coef, kl_penalized_rewards, policy_gradient_loss,
+                                rloo_advantages)
 from minidpo.progress import Log, quiet
-from minidpo.methods.rollout import Rollout, completion_logps, make_rollout_fn, trainable_adapter
+from minidpo.methods.rollout import Rollout, RolloutConfig, completion_logps, make_rollout_fn, trainable_adapter
 from minidpo.training.checkpoint import Checkpointer
 from minidpo.training.trainer import LoopConfig, train_loop
 
+
+@dataclass(frozen=True)
+class RLOOConfig(RolloutConfig):
+    """The rollout settings (k, prompts_per_step, lengths, temperature, top_k, ...) plus the KL penalty's."""
+    kl_coef: float = 0.1            # beta: reward - beta * (log pi - log ref) per completion
+    target_kl: float | None = None  # adapt kl_coef toward this sequence KL (None: fixed kl_coef)
+    horizon: int = 10000            # adaptive KL horizon, in sampled completions
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(math.isfinite(self.kl_coef) and self.kl_coef >= 0, "kl_coef",
+                f"must be a finite number >= 0, got {self.kl_coef}")
+        require(self.target_kl is None or (math.isfinite(self.target_kl) and self.target_kl > 0), "target_kl",
+                f"must be none or a finite number > 0, got {self.target_kl}")
+        require(self.target_kl is None or self.kl_coef > 0, "kl_coef",
+                "must be > 0 when target_kl is set (an adaptive coefficient of 0 stays 0)")
+        require(self.horizon >= 1, "horizon", f"must be >= 1, got {self.horizon}")
 
 def rloo_loss(model: torch.nn.Module, rollout: Rollout, cfg: RLOOConfig, kl_coef: float,
               autocast: ContextManager | None = None) -> tuple[Tensor, dict[str, Tensor], Tensor]:
