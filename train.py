@@ -3,12 +3,12 @@ minidpo end to end: the DPO paper's IMDb experiment (Rafailov et al. 2023, sec. 
 
     python train.py                          # GPT-2 124M + full IMDB when available, else the bundled model (tiny)
     python train.py --preset tiny            # bundled small model + shipped IMDB sample, minutes on a CPU
-    python train.py --preset tiny --method dpo                   # the paper's offline DPO (tiny's default: online)
-    python train.py --preset tiny --method rloo                  # the policy-gradient (RL) baseline instead
-    python train.py --preset tiny --compare dpo,online-dpo,rloo,best-of-n   # every method -> frontier.csv/.png
-    python train.py --beta-sweep 0.05,0.1,0.5,1                  # one DPO run per beta over the same pairs
+    python train.py --preset tiny --method dpo --out-dir out/tiny-dpo     # the paper's offline DPO (tiny: online)
+    python train.py --preset tiny --method rloo --out-dir out/tiny-rloo   # the policy-gradient (RL) baseline instead
+    python train.py --preset tiny --compare dpo,online-dpo,rloo,best-of-n --out-dir out/tiny-compare  # -> frontier
+    python train.py --beta-sweep 0.05,0.1,0.5,1 --out-dir out/dpo-sweep   # one DPO run per beta over the same pairs
     python train.py --resume out/tiny        # continue a killed run from its last checkpoint
-    torchrun --nproc_per_node 2 train.py --preset tiny   # data parallel (gloo on CPU, nccl on GPU)
+    torchrun --nproc_per_node 2 train.py --preset tiny --out-dir out/tiny-ddp   # data parallel (gloo / nccl)
 
 The story: 1. the model (official GPT-2, a path, the bundled model, or random init); 2. optional SFT on review text,
 folded into the weights, so the SFT model is the reference; 3. a sentiment classifier (the reward); 4. preference
@@ -22,6 +22,7 @@ folder was made with.
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -30,7 +31,8 @@ from pathlib import Path
 import torch
 
 from minidpo import config as C
-from minidpo.experiment.compare import RunContext, export_merged, method_runs, result_lines, run_one, summarize
+from minidpo.experiment.compare import (RunContext, check_checkpoints, export_merged, method_runs, result_lines,
+                                        run_one, sample_hint, summarize)
 from minidpo.training.distributed import is_main, setup_distributed, teardown
 from minidpo.formats.download import cache_dir
 from minidpo.methods.dpo import DPOConfig
@@ -43,8 +45,7 @@ from minidpo.dataset.pairs import PairsConfig
 from minidpo.model.gpt import GPTConfig
 from minidpo.methods.online_dpo import OnlineDPOConfig
 from minidpo.methods.rloo import RLOOConfig
-from minidpo.experiment.resolve import (autocast, autocast_dtype, check_model_name, check_writable, imdb_source,
-                                       pick_device)
+from minidpo.experiment.resolve import autocast, check_model_name, check_writable, choose_dtype, imdb_source, pick_device
 from minidpo.registry import NAMES
 from minidpo.training.run_folder import run_folder
 from minidpo.training.runs import NOT_SETTINGS, is_finished, resume_overrides
@@ -63,8 +64,8 @@ class TrainConfig:
     method: str = "dpo"             # dpo (pairs made once) | online-dpo (pairs from the policy) | rloo | best-of-n
     compare: str | None = None      # methods on one frontier, e.g. dpo,online-dpo,rloo,best-of-n (each with its sweep)
     device: str = "auto"            # auto: cuda, then mps, then cpu
-    dtype: str = "auto"             # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16: autocast precision
-    compile: bool = False           # torch.compile the DPO step
+    dtype: str = "auto"             # auto (bf16 on CUDA or an AMX/AVX512-BF16 CPU, else fp32) | fp32 | bf16
+    compile: bool = False           # torch.compile offline DPO's step (--method dpo only); changes the last digits
     seed: int = 0                   # every random choice (prompts, samples, batches, init) derives from it
     # 1. model
     model: str = "auto"             # auto | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | 124M.. | PATH | bundled | random
@@ -158,11 +159,27 @@ def stage_configs(cfg: TrainConfig) -> dict:
          "caches the reference's log-probs of offline pairs: it needs --method dpo (online-dpo and rloo score each "
          "step's own samples)")
     need(cfg.eval_every >= 0, "eval_every", f"must be >= 0 (0: only at the end), got {cfg.eval_every}")
+    need(len(set(compare)) == len(compare), "compare", f"lists a method twice: {cfg.compare}")
+    need(math.isfinite(cfg.kl_coef) and cfg.kl_coef >= 0, "kl_coef", f"must be a finite number >= 0, got {cfg.kl_coef}")
+    need(cfg.eval_every <= max(cfg.steps, cfg.rloo_steps), "eval_every",
+         f"({cfg.eval_every}) is larger than --steps ({cfg.steps}) and --rloo-steps ({cfg.rloo_steps}): no step would "
+         "be evaluated before the end; use 0 (only at the end) or a smaller value")
+    # built first: --gen-temperature gets the rollout's one range whatever the bad value (nan, 0, 1e-4)
+    online = make(OnlineDPOConfig, ONLINE_DPO_FLAGS, k=cfg.completions_per_prompt,
+                  prompts_per_step=cfg.batch_prompts, min_new_tokens=cfg.min_new_tokens,
+                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.gen_temperature, top_k=cfg.gen_top_k or None,
+                  logprobs=cfg.logprobs, eot_id=EOT_ID, seed=cfg.seed, pairing=cfg.pairing)
     sweeps = COMPARE_SWEEPS if compare else {}
     betas = C.parse_list("beta_sweep", cfg.beta_sweep or sweeps.get("beta_sweep"), float) or [cfg.beta]
     kl_coefs = C.parse_list("kl_coef_sweep", cfg.kl_coef_sweep or sweeps.get("kl_coef_sweep"), float) or [cfg.kl_coef]
     ns = C.parse_list("best_of_n", cfg.best_of_n, int)
     need(all(n >= 1 for n in ns), "best_of_n", f"values must be >= 1, got {cfg.best_of_n}")
+    for field, raw, values in (("beta_sweep", cfg.beta_sweep, betas), ("kl_coef_sweep", cfg.kl_coef_sweep, kl_coefs),
+                               ("best_of_n", cfg.best_of_n, ns)):
+        need(len(set(values)) == len(values), field, f"lists a value twice: {raw} (each value is one run)")
+        need("" not in [x.strip() for x in (raw or "x").split(",")], field, f"has an empty item: {raw!r}")
+    need(not cfg.compile or set(compare or [cfg.method]) <= {"dpo"}, "compile",
+         "compiles offline DPO's step only: use it with --method dpo (online-dpo and rloo train uncompiled)")
     loop = dict(warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, grad_accum=cfg.grad_accum,
                 grad_clip=cfg.grad_clip, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every)
     loop_flags = {"lr": "lr", "steps": "steps"}
@@ -194,12 +211,9 @@ def stage_configs(cfg: TrainConfig) -> dict:
                     batch_size=cfg.sft_batch_size, block_size=cfg.sft_block_size, lora=cfg.sft_lora, seed=cfg.seed),
         "random_model": make(GPTConfig, None, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                              n_embd=cfg.n_embd) if cfg.model == "random" else None,
-        "online_dpo": make(OnlineDPOConfig, ONLINE_DPO_FLAGS, k=cfg.completions_per_prompt,
-                           prompts_per_step=cfg.batch_prompts, min_new_tokens=cfg.min_new_tokens,
-                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.gen_temperature,
-                           top_k=cfg.gen_top_k or None, logprobs=cfg.logprobs, eot_id=EOT_ID, seed=cfg.seed,
-                           pairing=cfg.pairing),
-        "rloo": [make(RLOOConfig, RLOO_FLAGS, **rloo_values(cfg, kl)) for kl in kl_coefs],
+        "online_dpo": online,
+        "rloo": [make(RLOOConfig, {**RLOO_FLAGS, "kl_coef": "kl_coef_sweep" if cfg.kl_coef_sweep else "kl_coef"},
+                      **rloo_values(cfg, kl)) for kl in kl_coefs],
         "rloo_loop": make(LoopConfig, {"steps": "rloo_steps", "lr": "rloo_lr"}, steps=cfg.rloo_steps,
                           lr=cfg.rloo_lr, label="rloo", **loop),
         "best_of_n": ns,
@@ -279,20 +293,35 @@ def with_tiny_defaults(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     return out
 
 
+def wants_frontier(cfg: TrainConfig, stages: dict) -> bool:
+    return len(method_runs(stages, Path(cfg.out_dir))) > 1 or bool(cfg.eval_every)
+
+
+def missing_outputs(cfg: TrainConfig, out: Path) -> list[str]:
+    """What a finished run in `out` lacks of what this command writes (a kill between its summary and its last
+    output, or a file deleted since): frontier.csv, or the --export-merged model."""
+    missing = []
+    if wants_frontier(cfg, cfg.stages()) and not (out / "frontier.csv").is_file():
+        missing.append(str(out / "frontier.csv"))
+    if cfg.export_merged and not (Path(cfg.export_merged) / "model.safetensors").is_file():
+        missing.append(str(Path(cfg.export_merged) / "model.safetensors"))
+    return missing
+
+
 def main(argv: list[str]) -> None:
     """The story of the docstring, step by step; every rank runs it the same way."""
     cfg, given = load_config(argv)
     t_start = time.perf_counter()
     check_model_name(cfg.model)  # every path is checked before any work or any write
     data_src, data_note = imdb_source(cfg.data)
-    if cfg.resume and is_finished(Path(cfg.out_dir)):
-        print(f"{cfg.out_dir} holds a finished run; its outputs stay as they are. Sample it with: "
-              f"python sample.py --adapter {cfg.out_dir}")
+    out = Path(cfg.out_dir)
+    if cfg.resume and is_finished(out) and not missing_outputs(cfg, out):
+        print(f"{out} holds a finished run; its outputs stay as they are. {sample_hint(out).capitalize()}")
         return
     rank, world, dev_override = setup_distributed()
     try:
         device = pick_device(dev_override or cfg.device)
-        dtype = autocast_dtype(device, cfg.dtype)
+        dtype, dtype_why = choose_dtype(device, cfg.dtype)  # the why goes on the run's first line
         say = (lambda msg: print(msg, flush=True)) if is_main() else (lambda msg: None)
         # 1. the model (the bundled model brings the tiny preset's settings unless some were given)
         model, model_desc, notes = load_model_stage(cfg.model, device, cfg.stages()["random_model"], cfg.seed)
@@ -307,15 +336,22 @@ def main(argv: list[str]) -> None:
             check_writable(out, "--out-dir")
             check_writable(cache_dir(), "the cache dir ($MINIDPO_CACHE)")
         settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_SETTINGS}
-        with run_folder(out, settings, resume=cfg.resume is not None, overwrite=cfg.overwrite,
-                        record=lambda o: C.save_config(cfg, o / "config.json")) as folder:
+
+        def record(o: Path) -> None:  # rank 0, after the folder check: refuse a sub-run made otherwise first
+            check_checkpoints(stages, settings, o)
+            C.save_config(cfg, o / "config.json")
+
+        with run_folder(out, settings, resume=cfg.resume is not None, overwrite=cfg.overwrite, record=record,
+                        missing=lambda o: missing_outputs(cfg, o)) as folder:
             if folder.finished:
                 say(f"{out} already holds this run, finished; its outputs stay as they are (--overwrite to run "
-                    f"it again). Sample it with: python sample.py --adapter {out}")
+                    f"it again). {sample_hint(out).capitalize()}")
                 return
+            if folder.repairing:  # every sub-run resumes at its last step: nothing is trained again
+                say(f"{out} holds this run, finished, without {', '.join(missing_outputs(cfg, out))}: making them")
             torch.manual_seed(cfg.seed)
             say(f"minidpo: device {device}{' x' + str(world) if world > 1 else ''}, "
-                f"{'bf16 autocast' if dtype else 'fp32'}, model {model_desc}, out_dir {out}")
+                f"{'bf16 autocast' if dtype else 'fp32'} ({dtype_why}), model {model_desc}, out_dir {out}")
             if data_note:
                 say(data_note)
             t0 = time.perf_counter()
@@ -330,7 +366,8 @@ def main(argv: list[str]) -> None:
             scorer = fit_classifier(reviews, say)
             # 4. prompts (the pairs are built by the first method that needs them, then cached)
             prompts = make_prompt_sets(reviews, tok, stages["prompts"])
-            ctx = RunContext(model, tok, scorer, reviews, prompts, stages, base, out, device, amp, rank, world, say)
+            ctx = RunContext(model, tok, scorer, reviews, prompts, stages, base, out, device, amp, rank, world, say,
+                             settings=settings)
             # 5-6. each method and setting trains a fresh adapter (or none, best-of-N) and is evaluated the same way
             runs = []
             for method, setting, run_dir in method_runs(stages, out):
@@ -338,11 +375,12 @@ def main(argv: list[str]) -> None:
             if is_main():
                 summary = summarize(runs, model_desc, base, data_src, device, world, time.perf_counter() - t_start)
                 atomic_write_json(out / "summary.json", summary)
-                if len(runs) > 1 or cfg.eval_every:
+                if wants_frontier(cfg, stages):
                     write_frontier(out, [p for r in runs for p in r.frontier], say)
-                say(result_lines(runs[-1], summary, out))
                 if cfg.export_merged:
                     export_merged(model, Path(cfg.export_merged), say)
+                say(result_lines(runs[-1], summary, out))
+            # leaving the folder marks the run finished, last: a kill before leaves a run that --resume completes
     finally:
         teardown()
 

@@ -3,7 +3,9 @@ One DPO optimizer step, side by side: minidpo vs Hugging Face TRL's DPOTrainer +
 
 Same weights (a seeded GPT-2 124M-shaped minidpo GPT, saved with save_hf, loaded by both sides), same tokens (P prompt
 + C completion tokens ending in <|endoftext|>), LoRA r=8 alpha=16 on c_attn, sigmoid loss, beta 0.1, reference =
-adapter disabled, AdamW (0.9, 0.95), grad clip 1.0. CPU: fp32, C = 32; CUDA: bf16 autocast, C = 248. Two layouts:
+adapter disabled, AdamW (0.9, 0.95), grad clip 1.0. CPU: C = 32; CUDA: C = 248. --dtype auto (default): bf16
+autocast (TRL: bf16=True) on CUDA and on a CPU with AMX-BF16/AVX512-BF16, else fp32; --dtype fp32|bf16 forces it.
+Two layouts:
   pairs  `--pairs` independent pairs (CPU 4, CUDA 16): each pair's two sequences are forwarded.
   paper  the DPO paper's IMDb layout: `--prompts` prompts (CPU 1, CUDA 4) x 4 completions, all 6 pairs per prompt.
          minidpo-unique forwards each distinct (prompt, completion) once (4 per prompt, minidpo.methods.dpo.sequence_forward);
@@ -74,6 +76,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.add_argument(flag, type=type(default), default=default)
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--compile", action="store_true", help="also run minidpo-compile (torch.compile forward)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: minidpo.resolve.choose_dtype (bf16 on CUDA or an AMX/AVX512-BF16 CPU); both sides alike")
     p.add_argument("--peak-tflops", type=float, help="device bf16 dense peak for MFU (default: by GPU name)")
     p.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one variant in this process
     p.add_argument("--work", help=argparse.SUPPRESS)
@@ -89,6 +93,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if unknown := [v for v in names if v not in VARIANTS]:
         p.error(f"--variants: unknown {unknown}; expected names from {list(VARIANTS)}")
     a.variant_list = list(dict.fromkeys(names))
+    if a.dtype == "auto":
+        from minidpo.experiment.resolve import choose_dtype
+        a.dtype = "bf16" if choose_dtype(torch.device(a.device), "auto")[0] is not None else "fp32"
     if min(a.prompt_len, a.completion_len - 1, a.pairs, a.prompts, a.steps, a.warmup + 1) < 1:
         p.error("need --prompt-len >= 1, --completion-len >= 2, --pairs, --prompts, --steps >= 1, --warmup >= 0")
     return a
@@ -161,7 +168,7 @@ def run_minidpo(a: argparse.Namespace, v: dict, work: Path) -> dict:
     from minidpo.model.weights import load_gpt2
 
     device = torch.device(a.device)
-    amp = torch.bfloat16 if a.device == "cuda" else None  # minidpo.experiment.resolve.autocast_dtype
+    amp = torch.bfloat16 if a.dtype == "bf16" else None  # as train.py: bf16 autocast, fp32 weights
     autocast = torch.autocast(device.type, dtype=amp, enabled=amp is not None)
     model = load_gpt2(work / "model", device=device)
     for p in model.parameters():
@@ -244,7 +251,8 @@ def run_trl(a: argparse.Namespace, v: dict, work: Path) -> dict:
         gradient_accumulation_steps=1, learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, beta=a.beta, loss_type=["sigmoid"],
         max_length=a.prompt_len + a.completion_len, precompute_ref_log_probs=v["ref"] == "cached",
-        gradient_checkpointing=v.get("gradient_checkpointing", False), bf16=cuda, fp16=False, use_cpu=not cuda,
+        gradient_checkpointing=v.get("gradient_checkpointing", False), bf16=a.dtype == "bf16", fp16=False,
+        use_cpu=not cuda,
         logging_steps=10 ** 6, save_strategy="no", report_to="none", disable_tqdm=True, seed=a.seed,
         dataloader_num_workers=0)
     lora = LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], bias="none",
@@ -397,7 +405,8 @@ def main(argv: list[str]) -> None:
         work = Path(d)
         cfg, n_params = write_inputs(a, work)
         print(f"model: {cfg.n_layer}x{cfg.n_embd} ({n_params / 1e6:.0f}M params) "
-              f"{'bf16 autocast' if a.device == 'cuda' else 'fp32'}; sequences of {a.prompt_len} + {a.completion_len} "
+              f"{'bf16 autocast (TRL: bf16=True)' if a.dtype == 'bf16' else 'fp32'}; "
+              f"sequences of {a.prompt_len} + {a.completion_len} "
               f"tokens; pairs layout: {a.pairs} pairs/step; paper layout: {a.prompts} prompt(s) x {K} completions = "
               f"{n_pairs(a, 'paper')} pairs/step; median of {a.steps} steps after {a.warmup} warm-up; LoRA "
               f"r={LORA['rank']} alpha={LORA['alpha']:g} on c_attn; beta {a.beta}, lr {a.lr}", flush=True)

@@ -47,8 +47,10 @@ def hf_model_from(model: GPT, device: torch.device):
 def sampled_rows(args: argparse.Namespace, device: torch.device) -> None:
     """Sampled generation of the bundled model at --sampled-batch, minidpo vs transformers on the same weights."""
     model = load_gpt2(BUNDLED_MODEL, device=device).eval()
+    bf16 = args.dtype == "bfloat16"  # minidpo as train.py runs it (bf16 autocast, KV cache in bf16); HF in bf16
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     try:
-        hf = hf_model_from(model, device)
+        hf = hf_model_from(model, device).to(torch.bfloat16 if bf16 else torch.float32)
     except ImportError:
         hf = None
         print("transformers not installed: `pip install -r bench/requirements.txt` for the side-by-side column")
@@ -58,12 +60,13 @@ def sampled_rows(args: argparse.Namespace, device: torch.device) -> None:
     mask = torch.ones_like(idx)
     g = torch.Generator(device=device).manual_seed(0)
     print(f"sampled, bundled model ({model.num_params() / 1e6:.1f}M parameters), batch {B}, "
-          f"{args.prompt_tokens} prompt + {n} new tokens")
+          f"{args.prompt_tokens} prompt + {n} new tokens, {'bf16 (minidpo: autocast)' if bf16 else 'fp32'}")
     print(f"{'sampling':>24} | {'minidpo cached':>15} | {'transformers':>13} | ratio")
     for label, temperature, top_k, top_p in SAMPLED:
         with torch.inference_mode():
-            ours = timed(lambda: generate(model, idx, n, min_new_tokens=n, temperature=temperature, top_k=top_k,
-                                                top_p=top_p, generator=g), device, args.repeats)
+            with amp:
+                ours = timed(lambda: generate(model, idx, n, min_new_tokens=n, temperature=temperature, top_k=top_k,
+                                              top_p=top_p, generator=g), device, args.repeats)
             theirs = float("nan")
             if hf is not None:
                 theirs = timed(lambda: hf.generate(idx, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
@@ -112,7 +115,8 @@ def greedy_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     for B in [int(b) for b in args.batch_sizes.split(",")]:
         idx = torch.randint(0, 50257, (B, args.prompt_tokens), device=device)
         with torch.inference_mode():
-            ours = timed(lambda: generate(model, idx, n, temperature=0, eos_id=None), device, args.repeats)
+            with amp:
+                ours = timed(lambda: generate(model, idx, n, temperature=0, eos_id=None), device, args.repeats)
             plain = float("nan") if args.no_uncached else timed(
                 lambda: generate(model, idx, n, temperature=0, eos_id=None, use_cache=False), device, args.repeats)
             theirs = float("nan")

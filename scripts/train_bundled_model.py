@@ -48,7 +48,7 @@ class BundledConfig:
     n_embd: int = 256
     block_size: int = 128
     batch_size: int = 16
-    steps: int = 6000
+    steps: int = 4500
     lr: float = 2e-3
     warmup_steps: int = 100
     weight_decay: float = 0.1
@@ -57,12 +57,14 @@ class BundledConfig:
     eval_every: int = 250        # steps between held-out losses in curve.jsonl (0: only at the end)
     eval_windows: int = 128      # held-out windows per curve point (the final figure uses REPORT_WINDOWS)
     checkpoint_every: int = 100
+    threads: int = 0             # torch threads (0: torch's default, one per core); 1 leaves a core for other work
     resume: bool = False
 
     def __post_init__(self):
         require(self.dtype in ("auto", "bf16", "fp32"), "dtype", f"must be auto, bf16 or fp32, got {self.dtype!r}")
         require(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         require(self.eval_windows >= 1, "eval_windows", f"must be >= 1, got {self.eval_windows}")
+        require(self.threads >= 0, "threads", f"must be >= 0 (0: torch's default), got {self.threads}")
 
 
 def token_streams(cfg: BundledConfig, tok: Tokenizer, work: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,10 +85,13 @@ def token_streams(cfg: BundledConfig, tok: Tokenizer, work: Path) -> tuple[torch
 
 def main(argv: list[str]) -> None:
     cfg = build_config(BundledConfig, argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     tok = Tokenizer()
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    (work / "run_config.json").write_text(json.dumps(asdict(cfg), indent=2))  # for scripts/bundled_model_report.py
     t0 = time.perf_counter()
     train_stream, test_stream = token_streams(cfg, tok, work)
     print(f"data: {len(train_stream):,} train tokens, {len(test_stream):,} test tokens "

@@ -111,7 +111,11 @@ def test_settings_are_recorded_and_a_checkpoint_of_other_settings_is_refused(tmp
     assert Checkpointer(tmp_path, params).stored_settings() == {"beta": 0.5, "lr": 0.005, "seed": 0}
     with pytest.raises(RunConflict) as e:
         Checkpointer(tmp_path, params, {"beta": 0.1, "lr": 0.005, "seed": 0}).load(optimizer, scheduler)
-    assert "--beta 0.5 (now --beta 0.1)" in str(e.value) and "--lr" not in str(e.value)
+    assert "made with beta=0.5 (now beta=0.1)" in str(e.value) and "lr" not in str(e.value).split(";")[0]
+    with pytest.raises(RunConflict) as e:  # nested settings name the setting inside, never a whole dict
+        Checkpointer(tmp_path, params, {"beta": 0.5, "lr": 0.005, "seed": {"data": 1}}).load(optimizer, scheduler)
+    assert "seed.data=null, seed=0 (now seed.data=1, seed=null)" in str(e.value)
+    assert "{" not in str(e.value) and "\n" not in str(e.value)
     step, _ = Checkpointer(tmp_path, params, {"beta": 0.5, "lr": 0.005, "seed": 0}).load(optimizer, scheduler)
     assert step == 4
 

@@ -224,3 +224,26 @@ def test_generation_rejects_bad_lengths_and_settings_before_any_work(tiny_model)
         generate(tiny_model, ids, 3, top_p=0)
     with pytest.raises(ValueError, match="eos_id"):
         generate(tiny_model, ids, 3, eos_id=TINY.vocab_size)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([-3e38, -1e30, -1e4, -50.0, 0.0, 1.0, 30.0, 1e4, 1e30, 3e38, -float("inf")]),
+                min_size=1, max_size=600),
+       st.sampled_from([1e-30, 1e-12, 1e-4, 0.01, 0.7, 1.0, 3.0, 1e30]),
+       st.sampled_from([None, 3]), st.sampled_from([None, 0.9]), st.integers(0, 2**31 - 1))
+def test_sample_never_returns_an_id_outside_the_vocabulary_or_of_zero_probability(values, temperature, top_k, top_p,
+                                                                                  seed):
+    """Extreme finite logits at any finite temperature: the token is in the vocabulary and one of the largest
+    logits when T is tiny (softmax(x / T) puts all its mass there), never a -inf (forbidden) one."""
+    if all(v == -float("inf") for v in values):
+        values = values + [0.0]
+    logits = torch.tensor([values, values[::-1]], dtype=torch.float32)  # (2, V)
+    g = torch.Generator().manual_seed(seed)
+    token = sample(logits.clone(), temperature, top_k, top_p, generator=g)
+    V = logits.size(1)
+    assert ((token >= 0) & (token < V)).all()
+    picked = logits.gather(1, token[:, None]).squeeze(1)
+    assert (picked > -float("inf")).all()
+    if temperature <= 1e-4:
+        gap = logits.amax(-1) - picked
+        assert (gap <= temperature * 200).all()  # weight exp(-gap / T) of a lower logit is below e^-200

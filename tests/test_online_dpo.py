@@ -16,7 +16,7 @@ from minidpo.methods.online_dpo import OnlineDPOConfig, online_dpo_loss, rollout
 from minidpo.dataset.pairs import Prompt
 from minidpo.methods.rollout import Rollout, completion_logps
 from minidpo.model.tokenizer import Tokenizer
-from minidpo.training.trainer import LoopConfig
+from minidpo.training.trainer import LoopConfig, train_loop
 from conftest import VowelScorer
 
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -121,7 +121,24 @@ def test_a_rollout_whose_completions_all_score_alike_gives_no_update():
     assert all(float(p.grad.abs().sum()) == 0.0 for p in model.parameters() if p.requires_grad)
     # the same metric keys as a rollout with pairs: micro-batches and processes average them key by key
     _, usual, _ = online_dpo_loss(model, hand_rollout([0.5, 0.1, 0.2, 0.9], k, eot), DPOConfig(), cfg)
-    assert metrics.keys() == usual.keys() and float(metrics["rewards/accuracies"]) == 0.0
+    assert metrics.keys() == usual.keys()
+    # no pair, so no accuracy: NaN, which the trainer leaves out of its averages (not a 0 that drags them down)
+    assert math.isnan(float(metrics["rewards/accuracies"])) and math.isnan(float(metrics["rewards/margins"]))
+    assert float(metrics["reward"]) == 0.5  # the rollout's own metrics stay
+
+
+def test_logged_pair_metrics_average_over_micro_batches_with_real_pairs_only(tmp_path):
+    """grad_accum 2: a micro-batch with pairs (accuracy 1) and one without (NaN): the step logs 1, not 0.5."""
+    w = torch.nn.Parameter(torch.zeros(2))
+    nan = float("nan")
+
+    def step_fn(batch):
+        loss = (w ** 2).sum() + 1.0
+        acc = torch.tensor(1.0 if batch == 0 else nan)
+        return loss * (1.0 if batch == 0 else 0.0), {"rewards/accuracies": acc, "reward": torch.tensor(0.5)}, 1
+    cfg = LoopConfig(steps=1, lr=0.1, grad_accum=2, warmup_steps=0, log_every=1)
+    out = train_loop(cfg, {"w": w}, lambda step, micro: micro, step_fn, log=lambda m: None)
+    assert out["rewards/accuracies"] == 1.0 and out["reward"] == 0.5
 
 
 @pytest.mark.parametrize("field, bad", [("k", 1), ("prompts_per_step", 0), ("pairing", "random"),

@@ -270,3 +270,45 @@ def test_completion_logps_are_of_the_sampler_with_end_of_text_forbidden_fused_eq
                 total += float(lg.log_softmax(-1)[token])
             expected.append(total)
     torch.testing.assert_close(out["fused"].detach(), torch.tensor(expected, dtype=torch.float64))
+
+
+class LogitsModel(torch.nn.Module):
+    """hidden_states = the given logits, lm_head = the identity: a model whose logits are chosen exactly."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits  # (B, T, V)
+        self.lm_head = torch.nn.Linear(logits.size(-1), logits.size(-1), bias=False)
+        with torch.no_grad():
+            self.lm_head.weight.copy_(torch.eye(logits.size(-1)))
+
+    def hidden_states(self, ids):
+        return self.logits[:, :ids.size(1)]
+
+    def forward(self, ids):
+        return self.lm_head(self.hidden_states(ids))
+
+
+@pytest.mark.parametrize("logits_budget, eot", [(0, 31), (2**30, 31), (2**30, 2)])  # eot last (a view) or not
+@pytest.mark.parametrize("one_minus_p_eot", [1e-4, 1e-6, 1e-7, 1e-8])
+def test_fused_completion_logps_stay_exact_where_end_of_text_takes_almost_all_the_mass(monkeypatch, logits_budget,
+                                                                                       eot, one_minus_p_eot):
+    """At a forbidden step with 1 - p(eot) tiny, log pi~(y) = logit(y) - logsumexp over the rest; a difference
+    log pi(y) - log(1 - p(eot)) in fp32 loses it (-1.558 for -1.409 at 5e-6, +inf at 1e-7)."""
+    monkeypatch.setattr(rollout, "SMALL_LOGITS_BYTES", logits_budget)
+    V, T = 32, 6
+    g = torch.Generator().manual_seed(0)
+    logits = torch.rand(1, T, V, generator=g, dtype=torch.float64)
+    rest = torch.logsumexp(torch.cat([logits[..., :eot], logits[..., eot + 1:]], -1), -1)  # (1, T) without eot
+    logits[..., eot] = rest - math.log(one_minus_p_eot)                   # 1 - p(eot) ~ one_minus_p_eot
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    mask = torch.tensor([[False, True, True, True, True, True]])
+    lens = torch.tensor([1])
+    exact = sum(float(logits[0, t, ids[0, t + 1]] - (rest[0, t] if t < 3 else torch.logsumexp(logits[0, t], -1)))
+                for t in range(T - 1))
+    model = LogitsModel(logits.float())
+    for mode in ("naive", "fused"):
+        cfg = RLOOConfig(min_new_tokens=3, max_new_tokens=5, eot_id=eot, logprobs=mode)
+        got = completion_logps(model, ids, mask, lens, cfg)
+        assert torch.isfinite(got).all()
+        assert float(got) == pytest.approx(exact, rel=1e-5), mode

@@ -34,6 +34,15 @@ def test_model_auto_falls_back_to_the_bundled_model_and_says_why_when_offline(of
     assert torch.isfinite(model(torch.tensor([[464, 3807]]))).all()
 
 
+def test_offline_fallback_note_never_cuts_a_path_or_url_at_a_hyphen(offline, monkeypatch):
+    """The download error names the cache path and URL; its wrapped lines must keep every hyphenated word whole."""
+    cache = offline / ("a-long-hyphenated-cache-directory-name-" * 3)
+    monkeypatch.setenv("MINIDPO_CACHE", str(cache))
+    _, _, notes = load_model("auto", torch.device("cpu"))
+    assert any("a-long-hyphenated" in line for line in notes)
+    assert all(not line.rstrip().endswith("-") for line in notes), notes
+
+
 def test_bundled_model_is_small_fp16_safetensors_with_config():
     weights = BUNDLED_MODEL / "model.safetensors"
     assert (BUNDLED_MODEL / "config.json").is_file()

@@ -250,8 +250,9 @@ def test_dpo_online_dpo_rloo_and_best_of_n_share_one_frontier(env, tmp_path):
     for method in ("dpo", "online-dpo", "rloo"):
         first = min((r for r in rows if r["method"] == method), key=lambda r: int(r["step"]))
         assert float(first["kl"]) == 0.0  # every line starts at the reference's own point
-    bon = {r["setting"]: float(r["kl"]) for r in rows if r["method"] == "best-of-n"}
+    bon = {r["setting"]: float(r["kl_bound"]) for r in rows if r["method"] == "best-of-n"}
     assert bon["N=1"] == 0.0 and abs(bon["N=2"] - (math.log(2) - 0.5)) < 1e-9
+    assert all(r["kl"] == "" for r in rows if r["method"] == "best-of-n")  # a bound, never a measured kl
     summary = json.loads((out_dir / "summary.json").read_text())
     assert [r["method"] for r in summary["runs"]] == ["dpo", "online-dpo", "rloo", "best-of-n"]
     assert (out_dir / "rloo_kl_coef_0.1" / "run.json").is_file()

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from minidpo.methods.best_of_n import best_of_n_sweep
+from minidpo.training.checkpoint import Checkpointer, check_settings
 from minidpo.training.distributed import barrier, is_main
 from minidpo.methods.dpo_train import RunResult, run_dpo
 from minidpo.methods.evaluate import evaluate, sample_reference, side_by_side
@@ -54,6 +55,7 @@ class RunContext:
     pairs: PairData | None = field(default=None)
     reference_cache: dict | None = field(default=None)
     reference_samples: list | None = field(default=None)  # the reference's evaluation samples, drawn once
+    settings: dict = field(default_factory=dict)  # the run's options that change results (train.py's config.json)
 
 
 def method_runs(stages: dict, out: Path) -> list[tuple[str, object, Path]]:
@@ -66,6 +68,25 @@ def method_runs(stages: dict, out: Path) -> list[tuple[str, object, Path]]:
     if len(runs) == 1:
         return [(runs[0][0], runs[0][1], out)]
     return [(m, s, out / f"{m}_{setting_name(m, s).replace('=', '_')}") for m, s in runs]
+
+
+def checkpoint_settings(stages: dict, run_settings: dict, method: str, setting) -> dict:
+    """Everything a sub-run's checkpoint records, so that a resume under any other setting that changes results is
+    refused (never silently continued): the method, its setting, the loop, LoRA, and every recorded run option."""
+    loop = stages["rloo_loop" if method == "rloo" else "loop"]
+    return {"method": method, "setting": asdict(setting), "lora": asdict(stages["lora"]), "steps": loop.steps,
+            "lr": loop.lr, "run": run_settings}
+
+
+def check_checkpoints(stages: dict, run_settings: dict, out: Path) -> None:
+    """Before any work: every sub-run checkpoint in `out` must have been made with this run's settings
+    (RunConflict, one line, otherwise), so a refusal never comes after other results were rewritten."""
+    for method, setting, run_dir in method_runs(stages, out):
+        ckpt = Checkpointer(run_dir / "checkpoint", {})
+        if method != "best-of-n" and ckpt.exists():
+            stored = ckpt.stored_settings()
+            if stored is not None:
+                check_settings(ckpt.dir, stored, checkpoint_settings(stages, run_settings, method, setting))
 
 
 def setting_name(method: str, setting) -> str:
@@ -118,7 +139,8 @@ def run_one(ctx: RunContext, method: str, setting, run_dir: Path) -> RunResult:
         result = run_dpo(ctx.model, data, setting, ctx.stages["lora"], ctx.stages["batch"], ctx.stages["loop"],
                          run_dir, lambda step, ref: evaluate_now(ctx, step, ref, setting.beta),
                          ctx.stages["eval_every"], ctx.rank, ctx.world, ctx.amp, ctx.reference_cache,
-                         ctx.stages["compile"], log=ctx.log)
+                         ctx.stages["compile"], log=ctx.log,
+                         settings=checkpoint_settings(ctx.stages, ctx.settings, method, setting))
     else:
         result = run_on_policy(ctx, method, setting, run_dir)
     if is_main():
@@ -151,7 +173,8 @@ def run_on_policy(ctx: RunContext, method: str, cfg, run_dir: Path) -> RunResult
         if every and step % every == 0 and step != loop.steps and is_main():
             point(run_dir, method, name, step, evaluate_now(ctx, step, False, beta))
 
-    common = dict(log=ctx.log, autocast=ctx.amp, rank=ctx.rank, world=ctx.world, on_step_end=on_step_end)
+    common = dict(log=ctx.log, autocast=ctx.amp, rank=ctx.rank, world=ctx.world, on_step_end=on_step_end,
+                  settings=checkpoint_settings(ctx.stages, ctx.settings, method, cfg))
     if method == "rloo":
         summary = train_rloo(ctx.model, ctx.tok, ctx.scorer, ctx.prompts.train, cfg, loop, run_dir, ctx.device,
                              **common)
@@ -174,21 +197,24 @@ def point(run_dir: Path, method: str, setting: str, step: int, r: dict) -> None:
 
 
 def run_best_of_n(ctx: RunContext, ns: list[int], run_dir: Path) -> RunResult:
-    """Best-of-N at every N: samples from the reference only, nothing trained. Its KL is the bound log N - (N-1)/N."""
-    points = []
+    """Best-of-N at every N: samples from the reference only, nothing trained. Its KL is the bound log N - (N-1)/N,
+    stored as `kl_bound` (never as a measured `kl`/`kl_exact`). Best-of-1 (round 0, the reference's own evaluation
+    sample) is always computed, so the reference reward is set whatever the N list."""
+    points, ref = [], {}
     if is_main():
         with ctx.amp:  # max(ns) rounds of reference samples serve every N
-            results = best_of_n_sweep(ctx.model, ctx.tok, ctx.scorer, ctx.prompts.eval, ns, ctx.stages["eval"],
-                                      ctx.device)
-        for n, r in zip(ns, results):
+            results = best_of_n_sweep(ctx.model, ctx.tok, ctx.scorer, ctx.prompts.eval, sorted({1, *ns}),
+                                      ctx.stages["eval"], ctx.device)
+        by_n = {r["n"]: r for r in results}
+        ref = {"reward": by_n[1]["reward"]}
+        for n in ns:
+            r = by_n[n]
             ctx.log(f"[best-of-n] N={n}: reward {r['reward']:.3f}, KL bound {r['kl_bound']:.3f}")
             points.append({"method": "best-of-n", "setting": f"N={n}", "step": 0, "reward": r["reward"],
-                           "kl": r["kl_bound"], "kl_sampled": math.nan})
-        atomic_write_json(run_dir / "result.json", {"points": [{**p, "kl_sampled": None} for p in points]})
-    ref = {"reward": points[0]["reward"]} if points and ns[0] == 1 else {}
-    policy = {"reward": points[-1]["reward"], "kl_exact": points[-1]["kl"], "kl_sampled": None} if points else {}
-    return RunResult("best-of-n", setting_name("best-of-n", ns), ref, policy, {}, [],
-                     [{**p, "kl_sampled": None} for p in points])
+                           "kl": None, "kl_bound": r["kl_bound"], "kl_sampled": None})
+        atomic_write_json(run_dir / "result.json", {"points": points})
+    policy = {"reward": points[-1]["reward"], "kl_bound": points[-1]["kl_bound"]} if points else {}
+    return RunResult("best-of-n", setting_name("best-of-n", ns), ref, policy, {}, [], points)
 
 
 def summarize(runs: list[RunResult], model_desc: str, base: str, data_src: Path, device: torch.device,
@@ -198,7 +224,7 @@ def summarize(runs: list[RunResult], model_desc: str, base: str, data_src: Path,
     return {"model": model_source(model_desc), "data": str(data_src), "reference_model": base,
             "method": last.method, "setting": last.setting, "reference": last.reference, "policy": last.policy,
             "train": last.train, "device": str(device), "world_size": world, "total_seconds": seconds,
-            "finished": True,
+            "finished": False,  # train.py marks it finished once every output is written (runs.mark_finished)
             "runs": [{"method": r.method, "setting": r.setting, "reference": r.reference, "policy": r.policy,
                       "train": r.train} for r in runs]}
 
@@ -206,11 +232,23 @@ def summarize(runs: list[RunResult], model_desc: str, base: str, data_src: Path,
 def result_lines(last: RunResult, summary: dict, out: Path) -> str:
     lines = ["", side_by_side(last.examples)] if last.examples else [""]
     pol, ref = last.policy, last.reference
+    kl = (f"KL bound {pol['kl_bound']:.3f}" if "kl_bound" in pol
+          else f"KL(policy||reference) {pol.get('kl_exact', math.nan):.3f}")
     lines.append(f"{last.method} {last.setting}: reference reward {ref.get('reward', math.nan):.3f} | policy reward "
-                 f"{pol.get('reward', math.nan):.3f} | KL(policy||reference) {pol.get('kl_exact', math.nan):.3f} | "
-                 f"total {format_seconds(summary['total_seconds'])}")
-    lines.append(f"wrote {out / 'summary.json'}; sample with: python sample.py --adapter {out}")
+                 f"{pol.get('reward', math.nan):.3f} | {kl} | total {format_seconds(summary['total_seconds'])}")
+    lines.append(f"wrote {out / 'summary.json'}; {sample_hint(out)}")
     return "\n".join(lines)
+
+
+def sample_hint(out: Path) -> str:
+    """How to sample the run in `out`: the folder itself when it holds an adapter, else the last sub-run (of a sweep
+    or --compare) that does, else a note that there is none (best-of-N trains nothing)."""
+    if (out / "run.json").is_file():
+        return f"sample with: python sample.py --adapter {out}"
+    held = [p for p in sorted(out.iterdir()) if p.is_dir() and (p / "run.json").is_file()] if out.is_dir() else []
+    if not held:
+        return "no trained adapter to sample (best-of-N trains nothing)"
+    return f"sample with: python sample.py --adapter {held[-1]} ({len(held)} trained runs in {out})"
 
 
 def export_merged(model: torch.nn.Module, path: Path, log: Log) -> None:

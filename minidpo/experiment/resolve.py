@@ -106,7 +106,9 @@ def load_model(name: str, device: torch.device) -> tuple[GPT, str, list[str]]:
     try:
         return load_gpt2("gpt2", device=device), "gpt2", []
     except DownloadError as e:
-        reason = textwrap.wrap(f"({str(e).splitlines()[0]})", 112, initial_indent="  ", subsequent_indent="   ")
+        # never break inside a word: a path or URL cut at a hyphen could not be copied back
+        reason = textwrap.wrap(f"({str(e).splitlines()[0]})", 112, initial_indent="  ", subsequent_indent="   ",
+                               break_on_hyphens=False, break_long_words=False)
         notes = ["--model auto: the official GPT-2 weights are not cached and could not be downloaded", *reason,
                  f"  so this run uses the small bundled model {BUNDLED_MODEL.relative_to(REPO)} (see data/README.md)",
                  "  with the tiny preset's settings; for GPT-2 124M run once with network access, or place",

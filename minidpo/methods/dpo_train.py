@@ -130,9 +130,10 @@ class RunResult:
 def run_dpo(model: torch.nn.Module, data: PairData, dpo: DPOConfig, lora: LoRAConfig, bcfg: BatchConfig,
             loop: LoopConfig, run_dir: Path, evaluate_fn: Callable[[int, bool], dict], eval_every: int,
             rank: int, world: int, autocast: torch.autocast, reference_cache: dict[int, Tensor] | None = None,
-            compile: bool = False, log: Log = quiet) -> RunResult:
+            compile: bool = False, log: Log = quiet, settings: dict | None = None) -> RunResult:
     """Fresh adapter, train, evaluate. `evaluate_fn(step, with_reference)` measures reward and KL on held-out
-    prompts (the same function for every method), so points on the frontier compare like for like."""
+    prompts (the same function for every method), so points on the frontier compare like for like. `settings`:
+    what the checkpoint records and a resume must match (default: this function's own configs)."""
     torch.manual_seed(bcfg.seed)
     apply_lora(model, lora)
     if not adapters_are_zero(model):  # the reference would not be the starting policy
@@ -145,6 +146,7 @@ def run_dpo(model: torch.nn.Module, data: PairData, dpo: DPOConfig, lora: LoRACo
     setting = f"beta={dpo.beta:g}"
 
     def step_fn(batch):
+        model.train()  # LoRA dropout on in every training step; evaluation and sampling run in eval mode
         with autocast:
             return dpo_step(model, batch, dpo, bcfg, reference_cache)
 
@@ -157,7 +159,9 @@ def run_dpo(model: torch.nn.Module, data: PairData, dpo: DPOConfig, lora: LoRACo
             point(step_no, evaluate_fn(step_no, False))
 
     t0 = time.perf_counter()
-    settings = {"dpo": asdict(dpo), "lora": asdict(lora), "batch": asdict(bcfg), "steps": loop.steps, "lr": loop.lr}
+    if settings is None:
+        settings = {"dpo": asdict(dpo), "lora": asdict(lora), "batch": asdict(bcfg), "steps": loop.steps,
+                    "lr": loop.lr}
     ckpt = Checkpointer(run_dir / "checkpoint", params, settings)
     summary = train_loop(replace(loop, label=f"dpo {setting}"), params, get_batch, step_fn, ckpt,
                          run_dir / "log.jsonl", on_step_end, resume=True, log=log)

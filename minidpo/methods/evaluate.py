@@ -40,6 +40,7 @@ from torch import Tensor
 
 from minidpo.dataset.batching import collate_pairs
 from minidpo.config import require
+from minidpo.stats import mean_and_se
 from minidpo.methods.dpo import concatenated_forward
 from minidpo.model.lora import lora_disabled, lora_layers
 from minidpo.model.generate import generate
@@ -180,13 +181,6 @@ def implicit_reward_accuracy(model: GPT, pairs: Sequence[Pair], max_length: int,
         margin = (pol["chosen_logps"] - ref["chosen_logps"]) - (pol["rejected_logps"] - ref["rejected_logps"])
         correct += int((beta * margin > 0).sum())
     return correct / len(pairs)
-
-
-def mean_and_se(x: Tensor) -> tuple[float, float | None]:
-    """Mean and its standard error std(ddof=1) / sqrt(n); the error is None below two values (JSON has no NaN)."""
-    x = torch.as_tensor(x, dtype=torch.float64).reshape(-1)
-    se = float(x.std() / len(x) ** 0.5) if len(x) >= 2 else None
-    return float(x.mean()), se
 
 
 def rewards_of(scorer, tok, prompts: Sequence[Prompt], completions: Sequence[list[int]]) -> tuple[Tensor, list[str]]:

@@ -28,6 +28,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from minidpo.model.cast_cache import autocast_weight
+
 IGNORE_INDEX = -100
 
 
@@ -239,8 +241,8 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk
     _check_targets(hidden, targets, weight.size(0), "linear_token_logprobs")
     device = hidden.device.type
     if torch.is_autocast_enabled(device):  # the matmuls inside use out=, which autocast skips: cast as nn.Linear would
-        dtype = torch.get_autocast_dtype(device)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        dtype = torch.get_autocast_dtype(device)  # a frozen weight (GPT-2's tied head under LoRA) is cast once
+        hidden, weight = hidden.to(dtype), autocast_weight(weight).to(dtype)
     if hidden.dtype != weight.dtype:
         raise TypeError(f"linear_token_logprobs: hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the "
                         "same dtype (or run under torch.autocast)")

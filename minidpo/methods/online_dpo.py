@@ -5,8 +5,15 @@ the pairs come from changes.
 
 References: Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback" (OAIF, arXiv:2402.04792): each
 step, sample responses from the current policy, let an annotator pick the preferred one, take a DPO step against the
-fixed reference; TRL's OnlineDPOTrainer (the log-probs are of the tempered sampling distribution, logits / T). The
-annotator here is the sentiment classifier, as in the DPO paper's IMDb experiment (Rafailov et al. 2023, sec. 6.1).
+fixed reference; TRL's OnlineDPOTrainer. The annotator here is the sentiment classifier, as in the DPO paper's IMDb
+experiment (Rafailov et al. 2023, sec. 6.1).
+
+Temperature: where minidpo differs from TRL. Both sample the training completions at temperature T. TRL 1.16's
+OnlineDPOTrainer then takes the log-probs of policy and reference from the untempered logits (log softmax(logits)),
+so its loss scores the samples under distributions other than the one they were drawn from. minidpo tempers both
+(log softmax(logits / T), policy and reference alike, as TRL's RLOOTrainer does for its KL), so every log-prob in
+the loss is of the sampler that produced the samples, online DPO and RLOO use the same log-probs
+(minidpo/methods/rollout.py), and the logged `kl` is the sampled KL of that sampler. At T = 1 the two choices agree.
 With K > 2 samples per prompt every distinct-score pair is used, as offline (`minidpo.dataset.pairs.preference_pairs`), and
 each completion is scored once however many pairs it is in (`minidpo.methods.dpo.dpo_unique_loss`).
 
@@ -41,6 +48,7 @@ One step (per micro-batch, `prompts_per_step` prompts on each process):
    pairs. No reward model is learned and no advantage is formed: the classifier's scores only order the samples.
 """
 
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -101,21 +109,26 @@ def online_dpo_loss(model: torch.nn.Module, rollout: Rollout, dpo: DPOConfig, cf
     weight = 1.0
     if chosen.numel() == 0:  # every prompt's completions scored alike: nothing to prefer, so no update. A zero-weight
         # self-pair keeps the metrics' keys: every micro-batch and process must report the same ones to be averaged
+        # (as NaN, below: the pair metrics are averaged over real pairs only)
         chosen = rejected = torch.zeros(1, dtype=torch.long, device=policy.device)
         weight = 0.0
     seqs = {"logps": policy, "logps_mean": policy / n_tokens}
     reference = {"logps": rollout.reference_logps, "logps_mean": rollout.reference_logps / n_tokens}
     loss, metrics = dpo_unique_loss(seqs, reference, {"chosen_index": chosen, "rejected_index": rejected}, dpo)
+    if weight == 0.0:  # no real pair: NaN, which the trainer leaves out of its averages (never a 0 accuracy)
+        metrics = {k: torch.full_like(v, math.nan) for k, v in metrics.items()}
     return loss * weight, {**metrics, **extra}, log_ratio
 
 
 def train_online_dpo(model: torch.nn.Module, tokenizer, scorer, prompts: list, dpo: DPOConfig,
                      cfg: OnlineDPOConfig, loop: LoopConfig, run_dir: Path, device: torch.device, log: Log = quiet,
                      autocast: ContextManager | None = None, rank: int = 0, world: int = 1,
-                     on_step_end: Callable[[int], None] | None = None, resume: bool = True) -> dict:
+                     on_step_end: Callable[[int], None] | None = None, resume: bool = True,
+                     settings: dict | None = None) -> dict:
     """Train the model's (fresh, B = 0) LoRA adapter with online DPO; returns the last logged metrics and the
     training seconds. Writes run_dir/log.jsonl and the checkpoint run_dir/checkpoint (resumed from when `resume`
-    and it exists). The caller applies the adapter (`apply_lora`) and evaluates afterwards.
+    and it exists; `settings`, what the checkpoint records and a resume must match, default this function's
+    configs). The caller applies the adapter (`apply_lora`) and evaluates afterwards.
     """
     params = trainable_adapter(model, prompts, "train_online_dpo")
     run_dir = Path(run_dir)
@@ -124,11 +137,13 @@ def train_online_dpo(model: torch.nn.Module, tokenizer, scorer, prompts: list, d
                                 autocast)
 
     def step_fn(rollout: Rollout) -> tuple[Tensor, dict[str, Tensor], int, int]:
+        model.train()  # LoRA dropout on in every training step (the rollout sampled in eval mode)
         loss, metrics, log_ratio = online_dpo_loss(model, rollout, dpo, cfg, autocast)
         return loss, metrics, rollout.n_tokens, log_ratio.numel()
 
     t0 = time.perf_counter()
-    settings = {"dpo": asdict(dpo), "online": asdict(cfg), "steps": loop.steps, "lr": loop.lr}
+    if settings is None:
+        settings = {"dpo": asdict(dpo), "online": asdict(cfg), "steps": loop.steps, "lr": loop.lr}
     loop = replace(loop, show=ONLINE_DPO_SHOW, item_name="completions", label=f"online-dpo beta={dpo.beta:g}")
     summary = train_loop(loop, params, get_batch, step_fn, Checkpointer(run_dir / "checkpoint", params, settings),
                          run_dir / "log.jsonl", on_step_end, resume=resume, log=log)

@@ -45,7 +45,7 @@ adaptive kl_coef is updated at the end of each optimizer step inside the step it
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, ContextManager
 
@@ -128,10 +128,11 @@ class KLController:
 def train_rloo(model: torch.nn.Module, tokenizer, scorer, prompts: list, cfg: RLOOConfig, loop: LoopConfig,
                run_dir: Path, device: torch.device, log: Log = quiet, autocast: ContextManager | None = None,
                rank: int = 0, world: int = 1, on_step_end: Callable[[int], None] | None = None,
-               resume: bool = True) -> dict:
+               resume: bool = True, settings: dict | None = None) -> dict:
     """Train the model's (fresh, B = 0) LoRA adapter with RLOO; returns the last logged metrics, the final kl_coef
     and the training seconds. Writes run_dir/log.jsonl and the checkpoint run_dir/checkpoint (resumed from when
-    `resume` and it exists). The caller applies the adapter (`apply_lora`) and evaluates afterwards.
+    `resume` and it exists; `settings`, what the checkpoint records and a resume must match, default this
+    function's configs). The caller applies the adapter (`apply_lora`) and evaluates afterwards.
     """
     params = trainable_adapter(model, prompts, "train_rloo")
     run_dir = Path(run_dir)
@@ -141,13 +142,16 @@ def train_rloo(model: torch.nn.Module, tokenizer, scorer, prompts: list, cfg: RL
                                 autocast)
 
     def step_fn(rollout: Rollout) -> tuple[Tensor, dict[str, Tensor], int, int]:
+        model.train()  # LoRA dropout on in every training step (the rollout sampled in eval mode)
         loss, metrics, log_ratio = rloo_loss(model, rollout, cfg, kl.value, autocast)
         kl.observe(log_ratio, rollout.micro)  # after the loss: this step used the previous coefficient
         return loss, metrics, rollout.n_tokens, log_ratio.numel()
 
+    if settings is None:
+        settings = {"rloo": asdict(cfg), "steps": loop.steps, "lr": loop.lr}
     t0 = time.perf_counter()
     loop = replace(loop, show=RLOO_SHOW, item_name="completions", label=f"rloo kl_coef={cfg.kl_coef:g}")
     summary = train_loop(loop, params, get_batch, step_fn,
-                         Checkpointer(run_dir / "checkpoint", params), run_dir / "log.jsonl", on_step_end,
+                         Checkpointer(run_dir / "checkpoint", params, settings), run_dir / "log.jsonl", on_step_end,
                          resume=resume, log=log, get_state=kl.state, set_state=kl.load)
     return {**summary, "kl_coef": kl.value, "seconds": time.perf_counter() - t0}

@@ -1,8 +1,11 @@
 """
 On-policy sampling, shared by the two methods that learn from the policy's own samples: RLOO (minidpo/methods/rloo.py) and
 online DPO (minidpo/methods/online_dpo.py). Both follow TRL's RLOOTrainer and OnlineDPOTrainer: each step the CURRENT policy
-samples K completions per prompt, the reward model scores them, and every log-prob is of the distribution the
-samples came from (the tempered policy, end-of-text forbidden before min_new_tokens).
+samples K completions per prompt and the reward model scores them. Every log-prob here is of the distribution the
+samples came from (the tempered policy, end-of-text forbidden before min_new_tokens), as in TRL's RLOOTrainer; TRL
+1.16's OnlineDPOTrainer instead scores its tempered samples with untempered log-probs (see minidpo/methods/online_dpo.py for
+why minidpo tempers both policy and reference). Sampling and scoring run in eval mode (no LoRA dropout), as TRL
+generates under model.eval(); each training step runs in train mode.
 
 One rollout (`sample_rollout`), no gradient: the policy samples K completions per prompt from left-padded prompts,
 all in one generate call up to the largest budget; each row is then cut at its prompt's budget (the same
@@ -42,6 +45,7 @@ from minidpo.dataset.pairs import cut_at_eot, response_text
 from minidpo.model.tokenizer import EOT_ID
 from minidpo.training.trainer import trainable_parameters
 
+MIN_TEMPERATURE = 0.05  # the lowest rollout temperature: the tiny preset trains with finite losses down to it
 
 
 @dataclass(frozen=True)
@@ -62,8 +66,9 @@ class RolloutConfig:
         require(self.min_new_tokens >= 1, "min_new_tokens", f"must be >= 1, got {self.min_new_tokens}")
         require(self.max_new_tokens >= self.min_new_tokens, "max_new_tokens",
                 f"must be >= min_new_tokens ({self.min_new_tokens}), got {self.max_new_tokens}")
-        require(math.isfinite(self.temperature) and self.temperature > 0, "temperature",
-                f"must be a finite number > 0 (on-policy methods need a stochastic policy), got {self.temperature}")
+        require(math.isfinite(self.temperature) and self.temperature >= MIN_TEMPERATURE, "temperature",
+                f"must be a finite number >= {MIN_TEMPERATURE:g} (on-policy methods need a stochastic policy, and "
+                f"the tempered log-ratios grow as 1 / T: the loss became NaN at 0.01), got {self.temperature}")
         require(self.top_k is None or self.top_k >= 1, "top_k", f"must be none or >= 1, got {self.top_k}")
         require(self.logprobs in LOGPROBS, "logprobs", f"must be one of {', '.join(LOGPROBS)}, got {self.logprobs!r}")
 
@@ -90,10 +95,12 @@ def completion_logps(model: torch.nn.Module, ids: Tensor, response_mask: Tensor,
     model's next-token distribution with end-of-text removed (the rest renormalized) before min_new_tokens.
 
     Naive equivalent (cfg.logprobs "naive"): log_softmax(evaluate.sampler_logits(model(ids)))[next token], summed
-    over the completion. "fused" scores only completion positions, holds their (M, V) logits only when they fit in
-    SMALL_LOGITS_BYTES (their gradient then reuses their storage; larger ones are recomputed chunk by chunk in
-    backward, as dpo.score_sequences does) and renormalizes with log pi~(y) = log pi(y) - log(1 - pi(eot)), where
-    log pi(eot) = logit(eot) - logit(y) + log pi(y) needs two dot products, not another pass over the vocabulary.
+    over the completion. "fused" scores only completion positions and holds their (M, V) logits only when they fit
+    in SMALL_LOGITS_BYTES (their gradient then reuses their storage; larger ones are recomputed chunk by chunk in
+    backward, as dpo.score_sequences does). At a step where end-of-text is forbidden, log pi~(y) = logit(y) -
+    logsumexp over the vocabulary without end-of-text: the same kernels over the head without its end-of-text row.
+    Never log pi(y) - log(1 - pi(eot)) from a difference: when 1 - pi(eot) is ~1e-7 that difference is lost to fp32
+    rounding (and reaches log 0 = +inf in the sum).
     """
     B, T = ids.shape
     targets, keep = ids[:, 1:], response_mask[:, 1:] != 0                  # (B, T-1): position t-1 predicts t
@@ -107,16 +114,25 @@ def completion_logps(model: torch.nn.Module, ids: Tensor, response_mask: Tensor,
     if cfg.temperature != 1.0:
         h = h / cfg.temperature                                            # logits / T = (h / T) @ W.T
     y = targets.reshape(-1)[rows]                                          # (M,)
-    if h.size(0) * W.size(0) * h.element_size() <= SMALL_LOGITS_BYTES:  # one (M, V) buffer: no recompute
-        logp = token_logprobs(h @ W.t(), y, inplace_backward=True)         # (M,) log pi(y)
-    else:                                                                  # never holds (M, V)
-        logp = linear_token_logprobs(h, W, y)
     forbidden = steps.reshape(-1)[rows] < cfg.min_new_tokens               # (M,) eot was masked at these
-    hf, Wf = h.float(), W.float()
-    log_eot = (hf * Wf[cfg.eot_id]).sum(-1) - (hf * Wf[y]).sum(-1) + logp  # (M,) log pi(eot)
-    log_eot = torch.where(forbidden, log_eot, -30.0)  # elsewhere unused; keeps log(0) out of the gradient
-    logp = logp - torch.where(forbidden, torch.log(-torch.expm1(log_eot)), 0.0)  # log(1 - pi(eot))
+    f, a = forbidden.nonzero().squeeze(1), (~forbidden).nonzero().squeeze(1)
+    # the head without end-of-text (a view when it is the last token, as GPT-2's is); y there is never eot
+    W_no_eot = W[:-1] if cfg.eot_id == W.size(0) - 1 else torch.cat([W[:cfg.eot_id], W[cfg.eot_id + 1:]])  # (V-1, C)
+    y_f = y[f] - (y[f] > cfg.eot_id).long()                                # (Mf,) ids in W_no_eot
+    logp_f, logp_a = head_logprobs(h[f], W_no_eot, y_f), head_logprobs(h[a], W, y[a])
+    dtype = torch.promote_types(torch.promote_types(logp_f.dtype, logp_a.dtype), torch.float32)
+    logp = torch.zeros(rows.numel(), dtype=dtype, device=ids.device)
+    logp = logp.index_copy(0, f, logp_f.to(dtype)).index_copy(0, a, logp_a.to(dtype))  # (M,)
     return torch.zeros(B, dtype=logp.dtype, device=ids.device).index_add(0, rows // (T - 1), logp)
+
+
+def head_logprobs(h: Tensor, W: Tensor, y: Tensor) -> Tensor:
+    """(M,) log softmax(h @ W.T)[y]: one (M, V) buffer when it fits in SMALL_LOGITS_BYTES, else never built."""
+    if h.size(0) == 0:
+        return h.new_zeros(0)
+    if h.size(0) * W.size(0) * h.element_size() <= SMALL_LOGITS_BYTES:
+        return token_logprobs(h @ W.t(), y, inplace_backward=True)
+    return linear_token_logprobs(h, W, y)
 
 
 @torch.no_grad()
@@ -128,6 +144,17 @@ def sample_rollout(model: torch.nn.Module, tokenizer, scorer, prompts: list, cfg
     prompts: objects with .ids (list of token ids) and .text; budgets: one max-new-tokens per prompt.
     """
     K, amp = cfg.k, autocast or nullcontext()
+    was_training = model.training
+    model.eval()  # sampling and scoring see no dropout, as TRL generates under model.eval(); training steps turn it on
+    try:
+        return _sample_rollout(model, tokenizer, scorer, prompts, cfg, budgets, generator, device, micro, amp, K)
+    finally:
+        model.train(was_training)
+
+
+def _sample_rollout(model: torch.nn.Module, tokenizer, scorer, prompts: list, cfg: RolloutConfig, budgets: list[int],
+                    generator: torch.Generator, device: torch.device, micro: int, amp: ContextManager,
+                    K: int) -> Rollout:
     prompt_ids = [p.ids for p in prompts for _ in range(K)]
     idx, mask = tokenizer.pad(prompt_ids, padding_side="left")  # (P*K, Tp)
     with amp:

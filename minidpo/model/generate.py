@@ -78,7 +78,11 @@ def softmax_weights(logits: Tensor, temperature: float, overwrite: bool = False)
     by T in the logits' own memory: a fresh (B, V) buffer per token costs page faults on a CPU."""
     x = logits.float()
     if temperature != 1.0:
-        x = x.div_(temperature) if overwrite or x is not logits else x / temperature  # .float() may have copied
+        # (x - max) / T, not x / T: at a tiny T a finite logit over T overflows to inf (inf - inf = NaN weights, and
+        # the search runs past the vocabulary); x - max <= 0 only underflows, and the top token keeps weight 1
+        top = x.amax(dim=-1, keepdim=True)                               # (B, 1)
+        x = x.sub_(top) if overwrite or x is not logits else x - top     # .float() may have copied
+        x = x.div_(temperature)
     return torch.softmax(x, dim=-1)
 
 

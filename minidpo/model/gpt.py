@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from minidpo.model.cast_cache import Linear, autocast_dtype_now
 from minidpo.config import require
 
 
@@ -92,8 +93,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.kv_cache: KVCache | None = None
 
@@ -120,8 +121,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -183,7 +184,7 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, eps=1e-5),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as in GPT-2
         if self.lm_head.weight.is_meta:
             return  # shapes only (a loader fills the weights in); random init on meta tensors would take seconds
@@ -238,10 +239,13 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ generation
 
     def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
+        """A KV cache per layer, in the dtype attention will read it in: under autocast the keys and values come
+        out of c_attn in bf16, and an fp32 cache would be cast back to bf16 for every decoded token."""
         p = self.lm_head.weight
+        dtype = autocast_dtype_now(p.device.type) or p.dtype
         hs = self.config.n_embd // self.config.n_head
         for block in self.transformer.h:
-            block.attn.kv_cache = KVCache(batch_size, max_seq_len, self.config.n_head, hs, p.dtype, p.device)
+            block.attn.kv_cache = KVCache(batch_size, max_seq_len, self.config.n_head, hs, dtype, p.device)
 
     def clear_cache(self) -> None:
         for block in self.transformer.h:

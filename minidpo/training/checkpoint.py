@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from minidpo.fileio import atomic_path, atomic_write_bytes
-from minidpo.training.runs import RunConflict, describe, differing
+from minidpo.training.runs import RunConflict, differing
 from minidpo.formats.safetensors import load_file, save_file
 
 FORMAT = 2
@@ -76,6 +76,28 @@ def to_bytes(obj: object) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
+
+
+def flatten(settings: dict, prefix: str = "") -> dict:
+    """{"lora": {"alpha": 16}} -> {"lora.alpha": 16}: nested settings as one level, so a difference names its
+    setting (never a whole dict)."""
+    flat = {}
+    for k, v in settings.items():
+        if isinstance(v, dict):
+            flat.update(flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def check_settings(directory: Path, stored: dict, settings: dict) -> None:
+    """RunConflict, one line naming each differing setting, when a checkpoint was made with other settings."""
+    old, new = flatten(stored), flatten(settings)
+    diff = differing(old, new) + [k for k in old if k not in new]
+    if diff:
+        show = lambda d: ", ".join(f"{k}={json.dumps(d.get(k))}" for k in diff)  # noqa: E731
+        raise RunConflict(f"checkpoint {directory} was made with {show(old)} (now {show(new)}); resume with its "
+                          f"settings, or delete {directory} to start again")
 
 
 class Checkpointer:
@@ -190,14 +212,8 @@ class Checkpointer:
             raise CheckpointCorrupt(path, f"is unreadable ({type(e).__name__}: {e})", self.dir) from None
 
     def _check_settings(self, raw: str | None) -> None:
-        if self.settings is None or raw is None:
-            return
-        stored = json.loads(raw)
-        diff = differing(stored, self.settings)
-        if diff:
-            raise RunConflict(f"checkpoint {self.dir} was made with {describe(diff, stored)} (now "
-                              f"{describe(diff, self.settings)}); resume with its settings, or delete {self.dir} "
-                              "to start again")
+        if self.settings is not None and raw is not None:
+            check_settings(self.dir, json.loads(raw), self.settings)
 
     def _check_tensors(self, tensors: dict[str, Tensor]) -> None:
         missing = sorted(set(self.params) - set(tensors))

@@ -24,29 +24,35 @@ from minidpo.training.runs import OutDirLock, RunConflict, check_out_dir, mark_f
 class RunFolder:
     path: Path
     finished: bool   # the folder already holds this run, finished: nothing to do
+    repairing: bool = False  # it holds this run, finished, but lacks some of its outputs: make them (trains nothing)
 
 
 @contextmanager
 def run_folder(out: str | os.PathLike, settings: dict, resume: bool, overwrite: bool,
-               record: Callable[[Path], None]) -> Iterator[RunFolder]:
+               record: Callable[[Path], None],
+               missing: Callable[[Path], list[str]] = lambda out: []) -> Iterator[RunFolder]:
     """Enter `out` for a run with `settings` on every rank; `record(out)` writes its config (rank 0, after the
-    check). Yields RunFolder(finished=True) when there is nothing to do; marks the run finished on a clean exit."""
+    check; it may refuse by raising). Yields RunFolder(finished=True) when there is nothing to do, and
+    RunFolder(repairing=True) for a finished run that lacks some of what `missing(out)` lists (a kill between its
+    summary and its last output, or a file deleted since). Marks the run finished on a clean exit, so finishing
+    is the last thing a run writes."""
     out = Path(out)
     with OutDirLock(out) if is_main() else nullcontext():
         outcome: tuple[str, str] = ("go", "")
         if is_main():
             try:
                 state = check_out_dir(out, settings, resume=resume, overwrite=overwrite)
-                outcome = ("finished", "") if state.status == "finished" else ("go", "")
-                if outcome[0] == "go":
+                done = state.status == "finished"
+                outcome = ("finished", "") if done and not missing(out) else ("repair" if done else "go", "")
+                if outcome[0] != "finished":
                     record(out)
-            except (RunConflict, OSError) as e:  # the other ranks stop with the same message
+            except Exception as e:  # the other ranks stop with the same message
                 share_from_main(("refused", str(e)))
                 raise
         status, message = share_from_main(outcome)
         if status == "refused":
             raise RunConflict(message)
-        folder = RunFolder(out, finished=status == "finished")
+        folder = RunFolder(out, finished=status == "finished", repairing=status == "repair")
         yield folder
         if is_main() and not folder.finished:
             mark_finished(out)

@@ -31,7 +31,7 @@ from minidpo.registry import SUBRUN
 # options that do not change results (the one list): a run into a folder may differ in these from the run that made
 # it, and a resumed run takes them from the command line
 NOT_SETTINGS = frozenset({"preset", "out_dir", "resume", "overwrite", "log_every", "checkpoint_every", "export_merged",
-                          "device", "compile"})
+                          "device"})
 # options that change results which a resumed run may still take from the command line (more steps)
 RESUME_SAFE = frozenset({"steps", "rloo_steps", "export_merged"})
 # what minidpo writes into a run folder (and nothing else is ever removed by --overwrite)

@@ -212,12 +212,12 @@ def train_loop(
             if log_path is not None and is_main():
                 append_jsonl(log_path, {"stage": cfg.label, **last})
             window = Totals()
+        if on_step_end is not None:  # before the checkpoint: a kill between them re-runs this step, losing nothing
+            on_step_end(done)
         if checkpointer is not None and is_main() and (
                 (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps):
             checkpointer.save(done, optimizer, scheduler, extra={
                 "loop_state": get_state() if get_state is not None else {}, "totals": vars(totals), "last": last})
-        if on_step_end is not None:
-            on_step_end(done)
     barrier()
     return {**last, "steps": cfg.steps, "steps_this_session": cfg.steps - start,
             "final_loss": last.get("loss", math.nan), "seconds": totals.seconds, **totals.rates(cfg.item_name)}
@@ -231,6 +231,7 @@ def one_step(cfg: LoopConfig, step: int, trainable: list[Tensor], get_batch, ste
     the gradients are dropped and nothing is stepped, so the weights stay those of the last good step.
     """
     metric_sums: dict[str, Tensor] = {}
+    metric_counts: dict[str, Tensor] = {}  # micro-batches with a value: a NaN metric (e.g. no pairs) is left out
     loss_sum: Tensor | float = 0.0  # stays on the device: no host sync per micro-step
     tokens = items = 0
     for micro in range(cfg.grad_accum):
@@ -239,13 +240,17 @@ def one_step(cfg: LoopConfig, step: int, trainable: list[Tensor], get_batch, ste
         (loss / cfg.grad_accum).backward()
         loss_sum = loss_sum + loss.detach().float() / cfg.grad_accum
         for k, v in metrics.items():
-            metric_sums[k] = metric_sums.get(k, 0) + v.detach().float() / cfg.grad_accum
+            v = v.detach().float()
+            real = ~torch.isnan(v)
+            metric_sums[k] = metric_sums.get(k, 0) + torch.where(real, v, 0.0)
+            metric_counts[k] = metric_counts.get(k, 0) + real.float()
         tokens = tokens + n_tokens
         items = items + (out[3] if len(out) > 3 else 0)
     # one all-reduce for gradients, loss and metrics: every rank sees the same loss, so a NaN stops them all
     keys = list(metric_sums)
-    loss_sum, *values = average_gradients(trainable, [loss_sum, *metric_sums.values()])
-    metrics = dict(zip(keys, values))
+    loss_sum, *values = average_gradients(trainable, [loss_sum, *metric_sums.values(), *metric_counts.values()])
+    # the mean over the micro-batches (and ranks) that measured each metric; NaN when none did
+    metrics = {k: s / c for k, s, c in zip(keys, values[:len(keys)], values[len(keys):])}
     loss_value = loss_sum.item()  # the one host sync per step: a NaN must stop the run before the optimizer step
     if not math.isfinite(loss_value):
         optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,61 @@
+"""
+Frozen weights cast to the autocast dtype once, not at every forward.
+
+torch.autocast casts an fp32 weight to bf16 each time a matmul reads it. It caches that cast only for leaf tensors
+that require grad, and only until the outermost autocast region exits (so a training step re-casts the weights it
+trains, as it must). Frozen weights are never cached: under LoRA that is every weight of GPT-2, so each forward
+(policy, reference) copied ~124M fp32 values to bf16: 98 of the 760 aten::copy_ calls of a DPO step at GPT-2
+124M shape (bench/profile_dpo_step.py --shapes; the rest are activation casts), and aten::copy_ was
+the largest op of the bf16 step there, ahead of the matmuls.
+
+`autocast_weight(w)` returns w itself outside autocast or when w requires grad (autocast's own rules then apply),
+else a bf16 (the autocast dtype) copy kept beside w and reused while w is unchanged: the copy is keyed on the
+tensor's storage, version counter (bumped by every in-place write: optimizer steps, LoRA merge/unmerge,
+load_state_dict; not writes through `.data`, which minidpo never does) and the dtype, so a changed weight is
+never read stale. The values are exactly what autocast's own cast gives (round to nearest even), so results do not
+change, only the time: `Linear` is nn.Linear with this weight; `linear_token_logprobs` (the fused head) uses it too.
+
+Memory: one half-precision copy of the frozen weights (250 MB for GPT-2 124M) stays alive while the model is used
+under autocast; the fp32 weights remain the source of truth (checkpoints, merges, exports read them).
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+# weight -> (storage pointer, version, dtype, copy); weak keys by identity, so a dropped weight takes its copy along
+_CACHE = WeakIdKeyDictionary()
+
+
+def autocast_dtype_now(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts matmul inputs to on this device type, or None outside autocast."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def autocast_weight(weight: Tensor) -> Tensor:
+    """weight as autocast would hand it to a matmul, cached across calls while weight is frozen and unchanged.
+
+    Naive equivalent: weight.to(torch.get_autocast_dtype(weight.device.type)) under autocast, else weight.
+    """
+    if torch.compiler.is_compiling():
+        return weight  # a traced graph casts (and can hoist the cast) itself; a Python-side cache cannot be traced
+    dtype = autocast_dtype_now(weight.device.type)
+    if dtype is None or weight.dtype != torch.float32 or weight.requires_grad:
+        return weight  # not ours to cache: fp32 math, already half precision, or autocast's per-step cache applies
+    key = (weight.data_ptr(), weight._version, dtype)
+    hit = _CACHE.get(weight)
+    if hit is not None and hit[:3] == key:
+        return hit[3]
+    copy = weight.detach().to(dtype)
+    _CACHE[weight] = (*key, copy)
+    return copy
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose frozen weight is cast to the autocast dtype once (see the module docstring); same parameters,
+    same state dict, same values as nn.Linear under autocast."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, autocast_weight(self.weight), self.bias)
