@@ -20,6 +20,7 @@ KL(policy || reference) of plain samples. Every stage is cached, and every run i
 folder was made with.
 """
 
+import csv
 import dataclasses
 import json
 import math
@@ -32,7 +33,7 @@ import torch
 
 from minidpo import config as C
 from minidpo.experiment.compare import (RunContext, check_checkpoints, export_merged, method_runs, result_lines,
-                                        run_one, sample_hint, summarize)
+                                        run_one, sample_hint, seeds_summary, summarize)
 from minidpo.training.distributed import is_main, setup_distributed, teardown
 from minidpo.formats.download import cache_dir
 from minidpo.methods.dpo import DPOConfig
@@ -44,11 +45,12 @@ from minidpo.model.lora import LoRAConfig
 from minidpo.dataset.pairs import PairsConfig
 from minidpo.model.gpt import GPTConfig
 from minidpo.methods.online_dpo import OnlineDPOConfig
+from minidpo.methods.baselines import UnlikelihoodConfig
 from minidpo.methods.rloo import RLOOConfig
 from minidpo.experiment.resolve import autocast, check_model_name, check_writable, choose_dtype, imdb_source, pick_device
 from minidpo.registry import NAMES
 from minidpo.training.run_folder import run_folder
-from minidpo.training.runs import NOT_SETTINGS, is_finished, resume_overrides
+from minidpo.training.runs import NOT_SETTINGS, check_out_dir, is_finished, mark_finished, resume_overrides
 from minidpo.experiment.stages import (PromptConfig, SFTConfig, check_model_fits, fit_classifier, load_model_stage,
                             load_reviews, make_prompt_sets, sft_stage)
 from minidpo.model.tokenizer import EOT_ID, Tokenizer
@@ -61,8 +63,9 @@ class TrainConfig:
     out_dir: str = "out/run"        # outputs; a folder holding a run made with other settings is refused
     resume: str | None = None       # an out_dir to continue from its checkpoint (its config.json is used)
     overwrite: bool = False         # replace the outputs of an earlier run in --out-dir
-    method: str = "dpo"             # dpo (pairs made once) | online-dpo (pairs from the policy) | rloo | best-of-n
+    method: str = "dpo"             # dpo | online-dpo | rlhf | rloo | preferred-ft | unlikelihood | best-of-n
     compare: str | None = None      # methods on one frontier, e.g. dpo,online-dpo,rloo,best-of-n (each with its sweep)
+    seeds: str | None = None        # repeat the whole run per seed into out_dir/seed_<s>/, e.g. 0,1,2 (error bars)
     device: str = "auto"            # auto: cuda, then mps, then cpu
     dtype: str = "auto"             # auto (bf16 on CUDA or an AMX/AVX512-BF16 CPU, else fp32) | fp32 | bf16
     compile: bool = False           # torch.compile offline DPO's step (--method dpo only); changes the last digits
@@ -129,7 +132,12 @@ class TrainConfig:
     kl_coef_sweep: str | None = None  # RLOO kl_coefs for a sweep or --compare, e.g. 0.02,0.1,0.5
     target_kl: float | None = None  # adapt kl_coef toward this KL per completion (TRL's AdaptiveKLController)
     kl_horizon: int = 10000         # adaptive KL horizon, in sampled completions
-    # 8. best-of-N and evaluation
+    # 8. the learned reward model (--method rlhf) and the paper's baselines (preferred-ft, unlikelihood)
+    rm_steps: int = 100             # reward-model optimizer steps (Bradley-Terry on DPO's pairs and batches; --lora-*)
+    rm_lr: float = 5e-4             # reward-model peak learning rate (LoRA on the reference body, head trained fully)
+    unlikelihood_alpha: float = 1.0  # weight of the rejected completion's unlikelihood term
+    unlikelihood_alpha_sweep: str | None = None  # alphas for a sweep or --compare, e.g. 0.1,1
+    # 9. best-of-N and evaluation
     best_of_n: str = "1,2,4,8,16"   # N values for --method best-of-n (samples from the reference, keep the best)
     eval_prompts: int = 64          # held-out test prompts for reward and KL
     heldout_prompts: int = 32       # held-out test prompts for implicit-reward accuracy (DPO)
@@ -156,8 +164,8 @@ def stage_configs(cfg: TrainConfig) -> dict:
               f"({cfg.prompt_max_tokens}) must be < --max-length ({cfg.max_length})")
     need(not cfg.precompute_ref or cfg.batching == "unique", "precompute_ref", "needs --batching unique")
     need(not cfg.precompute_ref or "dpo" in (compare or [cfg.method]), "precompute_ref",
-         "caches the reference's log-probs of offline pairs: it needs --method dpo (online-dpo and rloo score each "
-         "step's own samples)")
+         "caches the reference's log-probs of offline pairs: it needs --method dpo (the other methods use no "
+         "reference log-probs of the pairs, or score each step's own samples)")
     need(cfg.eval_every >= 0, "eval_every", f"must be >= 0 (0: only at the end), got {cfg.eval_every}")
     need(len(set(compare)) == len(compare), "compare", f"lists a method twice: {cfg.compare}")
     need(math.isfinite(cfg.kl_coef) and cfg.kl_coef >= 0, "kl_coef", f"must be a finite number >= 0, got {cfg.kl_coef}")
@@ -172,14 +180,21 @@ def stage_configs(cfg: TrainConfig) -> dict:
     sweeps = COMPARE_SWEEPS if compare else {}
     betas = C.parse_list("beta_sweep", cfg.beta_sweep or sweeps.get("beta_sweep"), float) or [cfg.beta]
     kl_coefs = C.parse_list("kl_coef_sweep", cfg.kl_coef_sweep or sweeps.get("kl_coef_sweep"), float) or [cfg.kl_coef]
+    alphas = C.parse_list("unlikelihood_alpha_sweep",
+                          cfg.unlikelihood_alpha_sweep or sweeps.get("unlikelihood_alpha_sweep"),
+                          float) or [cfg.unlikelihood_alpha]
+    seeds = C.parse_list("seeds", cfg.seeds, int)
+    need(all(s >= 0 for s in seeds), "seeds", f"values must be >= 0, got {cfg.seeds}")
     ns = C.parse_list("best_of_n", cfg.best_of_n, int)
     need(all(n >= 1 for n in ns), "best_of_n", f"values must be >= 1, got {cfg.best_of_n}")
     for field, raw, values in (("beta_sweep", cfg.beta_sweep, betas), ("kl_coef_sweep", cfg.kl_coef_sweep, kl_coefs),
-                               ("best_of_n", cfg.best_of_n, ns)):
+                               ("best_of_n", cfg.best_of_n, ns),
+                               ("unlikelihood_alpha_sweep", cfg.unlikelihood_alpha_sweep, alphas),
+                               ("seeds", cfg.seeds, seeds)):
         need(len(set(values)) == len(values), field, f"lists a value twice: {raw} (each value is one run)")
         need("" not in [x.strip() for x in (raw or "x").split(",")], field, f"has an empty item: {raw!r}")
     need(not cfg.compile or set(compare or [cfg.method]) <= {"dpo"}, "compile",
-         "compiles offline DPO's step only: use it with --method dpo (online-dpo and rloo train uncompiled)")
+         "compiles offline DPO's step only: use it with --method dpo (the other methods train uncompiled)")
     loop = dict(warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, grad_accum=cfg.grad_accum,
                 grad_clip=cfg.grad_clip, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every)
     loop_flags = {"lr": "lr", "steps": "steps"}
@@ -217,6 +232,12 @@ def stage_configs(cfg: TrainConfig) -> dict:
         "rloo_loop": make(LoopConfig, {"steps": "rloo_steps", "lr": "rloo_lr"}, steps=cfg.rloo_steps,
                           lr=cfg.rloo_lr, label="rloo", **loop),
         "best_of_n": ns,
+        "unlikelihood": [make(UnlikelihoodConfig, {"unlikelihood_alpha": "unlikelihood_alpha_sweep"
+                                                   if cfg.unlikelihood_alpha_sweep else "unlikelihood_alpha"}, alpha=a)
+                         for a in alphas],
+        "rm_loop": make(LoopConfig, {"steps": "rm_steps", "lr": "rm_lr"}, steps=cfg.rm_steps, lr=cfg.rm_lr,
+                        label="reward-model", **loop),
+        "seeds": seeds,
         "eval": make(EvalConfig, None, max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
                      seed=cfg.seed + 1),
         "eval_every": cfg.eval_every, "max_length": cfg.max_length, "precompute_ref": cfg.precompute_ref,
@@ -245,7 +266,8 @@ PRESETS = {
                  steps=80, batch_prompts=8, batch_size=16, lr=5e-3, beta=0.1, warmup_steps=10, lora_rank=8,
                  log_every=25, checkpoint_every=50, min_new_tokens=8, max_new_tokens=16, max_length=32,
                  lora_targets="attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj", rloo_steps=80, rloo_lr=1e-2,
-                 rloo_k=8, rloo_prompts=8, rloo_temperature=0.7, kl_coef=0.02, best_of_n="1,2,4,8,16"),
+                 rloo_k=8, rloo_prompts=8, rloo_temperature=0.7, kl_coef=0.02, best_of_n="1,2,4,8,16",
+                 rm_steps=80, rm_lr=5e-3),
     # GPT-2 124M on the full set: about a quarter of an hour on one modern GPU
     "gpt2": dict(model="gpt2", data="auto", out_dir="out/gpt2", sft_steps=200, sft_batch_size=16, num_prompts=2048,
                  steps=400, batch_prompts=4, batch_size=16, lr=5e-4, max_new_tokens=32, max_length=48,
@@ -256,7 +278,7 @@ PRESETS = {
                        heldout_prompts=64),
 }
 # a --compare without its own sweeps: the settings each method is swept over
-COMPARE_SWEEPS = {"beta_sweep": "0.05,0.1,0.5", "kl_coef_sweep": "0.02,0.05"}
+COMPARE_SWEEPS = {"beta_sweep": "0.05,0.1,0.5", "kl_coef_sweep": "0.02,0.05", "unlikelihood_alpha_sweep": "0.1,1"}
 
 
 def load_config(argv: list[str]) -> tuple[TrainConfig, set[str]]:
@@ -294,7 +316,8 @@ def with_tiny_defaults(cfg: TrainConfig, given: set[str]) -> TrainConfig:
 
 
 def wants_frontier(cfg: TrainConfig, stages: dict) -> bool:
-    return len(method_runs(stages, Path(cfg.out_dir))) > 1 or bool(cfg.eval_every)
+    """A frontier.csv for several runs, several evaluation steps, or each seed of --seeds (what the top gathers)."""
+    return len(method_runs(stages, Path(cfg.out_dir))) > 1 or bool(cfg.eval_every) or bool(cfg.seeds)
 
 
 def missing_outputs(cfg: TrainConfig, out: Path) -> list[str]:
@@ -309,8 +332,15 @@ def missing_outputs(cfg: TrainConfig, out: Path) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
-    """The story of the docstring, step by step; every rank runs it the same way."""
+    """The story of the docstring, step by step; every rank runs it the same way. --seeds repeats it per seed."""
     cfg, given = load_config(argv)
+    if cfg.stages()["seeds"]:
+        return run_seeds(cfg, given)
+    run(cfg, given)
+
+
+def run(cfg: TrainConfig, given: set[str]) -> None:
+    """One whole run (every method and setting of --compare) with one seed, into cfg.out_dir."""
     t_start = time.perf_counter()
     check_model_name(cfg.model)  # every path is checked before any work or any write
     data_src, data_note = imdb_source(cfg.data)
@@ -373,16 +403,49 @@ def main(argv: list[str]) -> None:
             for method, setting, run_dir in method_runs(stages, out):
                 runs.append(run_one(ctx, method, setting, run_dir))
             if is_main():
-                summary = summarize(runs, model_desc, base, data_src, device, world, time.perf_counter() - t_start)
+                summary = summarize(runs, model_desc, base, data_src, device, world, time.perf_counter() - t_start,
+                                    ctx.reward_model_info)
                 atomic_write_json(out / "summary.json", summary)
                 if wants_frontier(cfg, stages):
-                    write_frontier(out, [p for r in runs for p in r.frontier], say)
+                    write_frontier(out, [{**p, "seed": cfg.seed} for r in runs for p in r.frontier], say)
                 if cfg.export_merged:
                     export_merged(model, Path(cfg.export_merged), say)
                 say(result_lines(runs[-1], summary, out))
             # leaving the folder marks the run finished, last: a kill before leaves a run that --resume completes
     finally:
         teardown()
+
+
+def run_seeds(cfg: TrainConfig, given: set[str]) -> None:
+    """--seeds: the whole run once per seed into out_dir/seed_<s>/ (each with its own prompts, pairs, reward model
+    and adapters), then frontier.csv (a `seed` column), frontier_mean.csv and frontier.png (means with standard-error
+    bars) and a summary.json of every seed with the mean and standard error per method and setting."""
+    out, seeds = Path(cfg.out_dir), cfg.stages()["seeds"]
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_SETTINGS}
+    if is_main():
+        check_writable(out, "--out-dir")
+        state = check_out_dir(out, settings, resume=cfg.resume is not None, overwrite=cfg.overwrite)
+        if state.finished and all((out / f"seed_{s}" / "summary.json").is_file() for s in seeds):
+            print(f"{out} already holds this run over seeds {cfg.seeds}, finished; its outputs stay as they are "
+                  "(--overwrite to run it again)")
+            return
+        C.save_config(cfg, out / "config.json")
+    for s in seeds:
+        sub_out = out / f"seed_{s}"
+        resume = str(sub_out) if cfg.resume and (sub_out / "config.json").is_file() else None
+        print(f"[seeds] seed {s} of {cfg.seeds} -> {sub_out}", flush=True)
+        run(replace(cfg, seed=s, out_dir=str(sub_out), resume=resume, overwrite=False), given | {"seed"})
+    if is_main():
+        points, per_seed = [], {}
+        for s in seeds:
+            with open(out / f"seed_{s}" / "frontier.csv", newline="") as f:
+                points += [{**row, "seed": s} for row in csv.DictReader(f)]
+            per_seed[s] = json.loads((out / f"seed_{s}" / "summary.json").read_text())
+        write_frontier(out, points, print)
+        atomic_write_json(out / "summary.json", seeds_summary(per_seed, points))
+        mark_finished(out)
+        print(f"wrote {out / 'summary.json'} and {out / 'frontier_mean.csv'} (mean and standard error over seeds "
+              f"{cfg.seeds})")
 
 
 if __name__ == "__main__":

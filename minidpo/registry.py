@@ -15,16 +15,22 @@ from dataclasses import dataclass
 class Method:
     name: str       # the --method / --compare name, and the prefix of its sub-run folders
     summary: str    # one line, as in the README's table of methods
-    sweep: str      # the option a --compare sweeps it over
+    sweep: str | None  # the option a --compare sweeps it over (None: one run)
 
 
 METHODS = (
     Method("dpo", "DPO's loss on pairs sampled once from the reference and ranked by the reward (the paper's)",
            "beta_sweep"),
     Method("online-dpo", "DPO's loss on pairs of the policy's own samples, drawn every step", "beta_sweep"),
-    Method("rloo", "REINFORCE with a leave-one-out baseline on the KL-penalized reward", "kl_coef_sweep"),
+    Method("rlhf", "RLOO on a reward model learned from DPO's pairs (Bradley-Terry): RLHF proper, the paper's PPO",
+           "kl_coef_sweep"),
+    Method("rloo", "REINFORCE with a leave-one-out baseline on the KL-penalized true reward (the paper's PPO-GT)",
+           "kl_coef_sweep"),
+    Method("preferred-ft", "supervised fine-tuning on the chosen completion of each of DPO's pairs", None),
+    Method("unlikelihood", "log p(chosen) + alpha * sum of log(1 - p(token)) over the rejected completion",
+           "unlikelihood_alpha_sweep"),
     Method("best-of-n", "N samples from the reference, the highest-reward one kept; trains nothing", "best_of_n"),
 )
 NAMES = tuple(m.name for m in METHODS)
-# the folders of a sweep or --compare inside a run folder
-SUBRUN = re.compile(rf"^({'|'.join(re.escape(n) for n in NAMES)})_.+$")
+# the folders of a sweep or --compare inside a run folder, and of each seed of --seeds (seed_<s>)
+SUBRUN = re.compile(rf"^(({'|'.join(re.escape(n) for n in NAMES)})_.+|seed_\d+)$")

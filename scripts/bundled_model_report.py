@@ -52,6 +52,7 @@ def plot(cfg: ReportConfig) -> None:
                 label="bundled model (6 x 256)")
     ax.plot([OLD_MODEL[0] / 1e6], [OLD_MODEL[1]], "kx", ms=8, label="previous model (4 x 128)")
     ax.axhline(4.3, color="grey", lw=0.8, ls=":")
+    ax.text(0.1, 4.33, "goal: 4.3", color="grey", fontsize=8)
     ax.set_xlabel("training tokens seen (millions)")
     ax.set_ylabel("IMDB test loss (nats/token)")
     ax.set_ylim(3.5, 8)

@@ -48,7 +48,7 @@ class BundledConfig:
     n_embd: int = 256
     block_size: int = 128
     batch_size: int = 16
-    steps: int = 4500
+    steps: int = 3300
     lr: float = 2e-3
     warmup_steps: int = 100
     weight_decay: float = 0.1

@@ -91,6 +91,7 @@ def summary_of(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
+@pytest.mark.slow  # train.main end to end, three times
 def test_a_run_killed_before_its_last_outputs_is_not_finished_and_a_finished_one_repairs_them(tmp_path, monkeypatch,
                                                                                              capsys):
     monkeypatch.setenv("MINIDPO_CACHE", str(tmp_path / "cache"))
@@ -117,8 +118,8 @@ def test_a_run_killed_before_its_last_outputs_is_not_finished_and_a_finished_one
 def test_lora_dropout_is_on_in_every_training_step_and_off_in_every_rollout(tmp_path, monkeypatch):
     """Each LoRA forward with gradient (a training step) runs in train mode; each without (sampling, the rollout's
     scoring) in eval mode, from the first step on, whatever mode the model was loaded in."""
-    from minidpo import lora as lora_mod
-    from minidpo.methods.pg import RLOOConfig
+    from minidpo.model import lora as lora_mod
+    from minidpo.methods.rloo import RLOOConfig
     from minidpo.methods.rloo import train_rloo
     from tests.test_pg import VowelScorer, tiny_setup
     model, tok, prompts = tiny_setup()
@@ -170,8 +171,8 @@ def test_a_sub_run_checkpoint_made_with_other_settings_is_refused_in_one_line_be
 
 def test_best_of_n_stores_its_bound_as_kl_bound_and_sets_the_reference_reward_without_n_1(tmp_path, monkeypatch):
     from types import SimpleNamespace
-    from minidpo import compare
-    from minidpo.best_of_n import kl_bound
+    from minidpo.experiment import compare
+    from minidpo.methods.best_of_n import kl_bound
     from minidpo.training.frontier import read_frontier, write_frontier
     asked = []
 

@@ -18,6 +18,7 @@ import minidpo.model.gpt as model_module
 import minidpo.experiment.resolve as resolve
 from minidpo.model.cast_cache import Linear, autocast_weight
 from minidpo.model.lora import apply_lora
+from minidpo.model.generate import generate
 from minidpo.model.gpt import GPT, GPTConfig
 from minidpo.methods.sft import run_sft
 from minidpo.training.trainer import LoopConfig
@@ -46,6 +47,7 @@ def last_log(run_dir: Path) -> dict:
     return json.loads((run_dir / "log.jsonl").read_text().splitlines()[-1])
 
 
+@pytest.mark.slow  # the compare_run fixture: train.py end to end in a subprocess
 def test_every_method_runs_end_to_end_under_bf16_and_says_so_first(compare_run):
     out, stdout = compare_run
     assert stdout.splitlines()[0].startswith("minidpo: device cpu, bf16 autocast (--dtype bf16)")
@@ -58,6 +60,7 @@ def test_every_method_runs_end_to_end_under_bf16_and_says_so_first(compare_run):
         assert math.isfinite(result["policy"]["kl_exact"]) and result["policy"]["kl_exact"] >= 0
 
 
+@pytest.mark.slow  # the compare_run fixture: train.py end to end in a subprocess
 def test_bf16_training_moves_the_policy_every_forward_sees(compare_run):
     """The adapter starts at B = 0, so policy == reference at step 0 exactly. Had an autocast region wrapped the
     loop, every forward would keep reading autocast's step-0 copy of the adapter and these would stay exactly 0."""
@@ -164,7 +167,7 @@ def test_bf16_kv_cache_samples_exactly_what_an_fp32_cache_does_under_autocast(mo
 
     def sample() -> tuple[torch.Tensor, torch.dtype]:
         with torch.autocast(**BF16):
-            out = model.generate(idx, 12, temperature=1.0, generator=torch.Generator().manual_seed(1), eos_id=None)
+            out = generate(model, idx, 12, temperature=1.0, generator=torch.Generator().manual_seed(1), eos_id=None)
             model.setup_cache(1, 4)
             dtype = model.transformer.h[0].attn.kv_cache.k.dtype
             model.clear_cache()

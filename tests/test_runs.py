@@ -116,7 +116,7 @@ def test_overwrite_after_a_compare_of_every_method_starts_clean(tmp_path):
     from minidpo.registry import NAMES
     out = made(tmp_path / "r")
     stages = {"compare": list(NAMES), "dpo": [NS(beta=0.1), NS(beta=0.5)], "rloo": [NS(kl_coef=0.02)],
-              "best_of_n": [1, 4]}
+              "unlikelihood": [NS(alpha=0.1), NS(alpha=1.0)], "best_of_n": [1, 4]}
     runs = method_runs(stages, out)
     assert {m for m, _, _ in runs} == set(NAMES) and all(d.parent == out for _, _, d in runs)
     for _, _, d in runs:
@@ -132,7 +132,8 @@ def test_the_readme_lists_every_registered_method_with_its_sweep():
     from minidpo.registry import METHODS
     readme = (ROOT / "README.md").read_text()
     for m in METHODS:
-        assert f"| `{m.name}` | {m.summary} | `--{m.sweep.replace('_', '-')}` |" in readme, m.name
+        sweep = f"`--{m.sweep.replace('_', '-')}`" if m.sweep else "one run"
+        assert f"| `{m.name}` | {m.summary} | {sweep} |" in readme, m.name
 
 
 def test_a_run_is_finished_only_once_marked(tmp_path):

@@ -1,28 +1,36 @@
 """
-The methods on one frontier: DPO (offline, the paper's, and online), the RLOO policy-gradient baseline and
-best-of-N, each run at each of its settings against the same reference, reward classifier, prompts and evaluation
-(the DPO paper's Figure 2, left).
+The methods on one frontier: DPO (offline, the paper's, and online), RLHF (RLOO on a reward model learned from the
+pairs: the paper's PPO), RLOO on the true reward (the paper's PPO-GT), Preferred-FT, Unlikelihood and best-of-N, each
+run at each of its settings against the same reference, reward classifier, prompts and evaluation (the DPO paper's
+Figure 2, left).
 
 `method_runs` lists (method, setting, folder) for a run or a `--compare`; `run_one` trains one of them with a fresh
-LoRA adapter (DPO: `minidpo.methods.dpo_train.run_dpo`; online DPO: `minidpo.methods.online_dpo`; RLOO: `minidpo.methods.rloo`),
-evaluates it with the shared evaluator and writes its run.json; the adapter is then dropped so the next run starts
-from the same reference weights.
+LoRA adapter (DPO: `minidpo.methods.dpo_train.run_dpo`; online DPO: `minidpo.methods.online_dpo`; RLOO and RLHF:
+`minidpo.methods.rloo`; Preferred-FT and Unlikelihood: `minidpo.methods.baselines`), evaluates it with the shared
+evaluator (`evaluate_trained`), writes its run.json and curves.png; the adapter is then dropped so the next run
+starts from the same reference weights. The reward model RLHF needs is a cached stage (`ensure_reward_model`),
+trained once on the pairs before any adapter is on the reference; evaluation keeps the classifier for every method.
 """
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 
 import torch
 
+from minidpo.methods.baselines import train_baseline
 from minidpo.methods.best_of_n import best_of_n_sweep
+from minidpo.methods.reward_model import RewardModelScorer, cached_reward_model, train_reward_model
+from minidpo.dataset.pairs_cache import fingerprint, module_fingerprint
+from minidpo.training.curves import plot_curves
 from minidpo.training.checkpoint import Checkpointer, check_settings
 from minidpo.training.distributed import barrier, is_main
 from minidpo.methods.dpo_train import RunResult, run_dpo
 from minidpo.methods.evaluate import evaluate, sample_reference, side_by_side
 from minidpo.model.export import export_peft, save_hf
 from minidpo.fileio import atomic_write_json
-from minidpo.training.frontier import append_point, read_points
+from minidpo.stats import mean_and_se
+from minidpo.training.frontier import aggregate_points, append_point, read_points
 from minidpo.model.lora import apply_lora, remove_lora, save_lora
 from minidpo.methods.online_dpo import train_online_dpo
 from minidpo.progress import Log
@@ -56,13 +64,19 @@ class RunContext:
     reference_cache: dict | None = field(default=None)
     reference_samples: list | None = field(default=None)  # the reference's evaluation samples, drawn once
     settings: dict = field(default_factory=dict)  # the run's options that change results (train.py's config.json)
+    reward_model: RewardModelScorer | None = field(default=None)  # RLHF's learned reward, trained once
+    reward_model_info: dict | None = field(default=None)  # its held-out accuracy, normalization and training
+
+RL_METHODS = ("rlhf", "rloo")             # RLOO's loop; rlhf on the learned reward, rloo on the true one
+OFFLINE_BASELINES = ("preferred-ft", "unlikelihood")  # the paper's baselines, trained on DPO's pairs
 
 
 def method_runs(stages: dict, out: Path) -> list[tuple[str, object, Path]]:
     """(method, its config for this setting, run folder). One run writes into `out`; several get a folder each."""
     runs = []
     for method in stages["compare"]:
-        settings = {"dpo": stages["dpo"], "online-dpo": stages["dpo"], "rloo": stages["rloo"],
+        settings = {"dpo": stages["dpo"], "online-dpo": stages["dpo"], "rlhf": stages["rloo"], "rloo": stages["rloo"],
+                    "preferred-ft": [None], "unlikelihood": stages["unlikelihood"],
                     "best-of-n": [stages["best_of_n"]]}[method]
         runs += [(method, s) for s in settings]
     if len(runs) == 1:
@@ -73,9 +87,14 @@ def method_runs(stages: dict, out: Path) -> list[tuple[str, object, Path]]:
 def checkpoint_settings(stages: dict, run_settings: dict, method: str, setting) -> dict:
     """Everything a sub-run's checkpoint records, so that a resume under any other setting that changes results is
     refused (never silently continued): the method, its setting, the loop, LoRA, and every recorded run option."""
-    loop = stages["rloo_loop" if method == "rloo" else "loop"]
-    return {"method": method, "setting": asdict(setting), "lora": asdict(stages["lora"]), "steps": loop.steps,
-            "lr": loop.lr, "run": run_settings}
+    loop = method_loop(stages, method)
+    return {"method": method, "setting": asdict(setting) if is_dataclass(setting) else setting,
+            "lora": asdict(stages["lora"]), "steps": loop.steps, "lr": loop.lr, "run": run_settings}
+
+
+def method_loop(stages: dict, method: str):
+    """The loop settings a method trains with: RLOO's (rlhf, rloo) or DPO's (every method on or like DPO's)."""
+    return stages["rloo_loop" if method in RL_METHODS else "loop"]
 
 
 def check_checkpoints(stages: dict, run_settings: dict, out: Path) -> None:
@@ -92,8 +111,12 @@ def check_checkpoints(stages: dict, run_settings: dict, out: Path) -> None:
 def setting_name(method: str, setting) -> str:
     if method in ("dpo", "online-dpo"):
         return f"beta={setting.beta:g}"
-    if method == "rloo":
+    if method in RL_METHODS:
         return f"kl_coef={setting.kl_coef:g}"
+    if method == "preferred-ft":
+        return "sft"
+    if method == "unlikelihood":
+        return f"alpha={setting.alpha:g}"
     return "N=" + ",".join(str(n) for n in setting)
 
 
@@ -128,6 +151,37 @@ def ensure_pairs(ctx: RunContext) -> PairData:
     return ctx.pairs
 
 
+def ensure_reward_model(ctx: RunContext) -> RewardModelScorer:
+    """RLHF's reward: a reward model fitted to the pairs (Bradley-Terry), trained once per run folder before any
+    adapter is on the reference, cached in out/reward_model.safetensors by a fingerprint of everything it depends
+    on (reference weights, pairs, LoRA, batches, loop). Every rank trains (the loop all-reduces); rank 0 saves."""
+    if ctx.reward_model is None:
+        data = ensure_pairs(ctx)
+        st = ctx.stages
+        fp = fingerprint({"model": module_fingerprint(ctx.model), "pairs": data.fingerprint,
+                          "lora": asdict(st["lora"]), "batch": asdict(st["batch"]),
+                          "loop": {**asdict(st["rm_loop"]), "show": None}})
+        trained: dict = {}
+
+        def build():
+            rm, info = train_reward_model(ctx.model, data, st["lora"], st["batch"], st["rm_loop"],
+                                          ctx.out / "reward_model", ctx.device, ctx.amp, ctx.rank, ctx.world, ctx.log)
+            trained.update(info["train"])
+            if is_main():
+                plot_curves(ctx.out / "reward_model", ctx.log)
+            return rm, info
+
+        rm, info = cached_reward_model(ctx.out / "reward_model.safetensors", fp, ctx.model, build, ctx.log)
+        for p in rm.parameters():
+            p.requires_grad_(False)
+        rm_loop = st["rm_loop"]
+        ctx.reward_model_info = {**info, "heldout_pairs": len(data.heldout),
+                                 "train": {"steps": rm_loop.steps, "lr": rm_loop.lr,
+                                           **{k: v for k, v in trained.items() if isinstance(v, (int, float))}}}
+        ctx.reward_model = RewardModelScorer(rm, ctx.tok, st["max_length"], autocast=ctx.amp)
+    return ctx.reward_model
+
+
 def run_one(ctx: RunContext, method: str, setting, run_dir: Path) -> RunResult:
     """Train and evaluate one method at one setting in run_dir; the model is the reference again afterwards."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -141,9 +195,12 @@ def run_one(ctx: RunContext, method: str, setting, run_dir: Path) -> RunResult:
                          ctx.stages["eval_every"], ctx.rank, ctx.world, ctx.amp, ctx.reference_cache,
                          ctx.stages["compile"], log=ctx.log,
                          settings=checkpoint_settings(ctx.stages, ctx.settings, method, setting))
+    elif method in OFFLINE_BASELINES:
+        result = run_offline_baseline(ctx, method, setting, run_dir)
     else:
         result = run_on_policy(ctx, method, setting, run_dir)
     if is_main():
+        plot_curves(run_dir, ctx.log)
         save_lora(ctx.model, run_dir / "adapter")
         export_peft(ctx.model, run_dir / "adapter_peft", base_model_name_or_path=model_source(ctx.base))
         base = model_source(ctx.base)
@@ -160,35 +217,62 @@ def run_one(ctx: RunContext, method: str, setting, run_dir: Path) -> RunResult:
     return result
 
 
-def run_on_policy(ctx: RunContext, method: str, cfg, run_dir: Path) -> RunResult:
-    """A fresh adapter trained on the policy's own samples, evaluated like DPO: RLOO (`minidpo.methods.rloo`, cfg an
-    RLOOConfig) or online DPO (`minidpo.methods.online_dpo`, cfg a DPOConfig; the rollout settings are in the stages)."""
-    torch.manual_seed(ctx.stages["seed"])
-    apply_lora(ctx.model, ctx.stages["lora"])
-    name, every = setting_name(method, cfg), ctx.stages["eval_every"]
-    loop = ctx.stages["rloo_loop" if method == "rloo" else "loop"]
-    beta = cfg.beta if method == "online-dpo" else None
+def periodic_eval(ctx: RunContext, method: str, name: str, run_dir: Path, steps: int, beta: float | None):
+    """on_step_end for a training loop: a frontier point every --eval-every steps (the last step is evaluated by
+    `evaluate_trained`)."""
+    every = ctx.stages["eval_every"]
 
     def on_step_end(step: int) -> None:
-        if every and step % every == 0 and step != loop.steps and is_main():
+        if every and step % every == 0 and step != steps and is_main():
             point(run_dir, method, name, step, evaluate_now(ctx, step, False, beta))
+    return on_step_end
 
-    common = dict(log=ctx.log, autocast=ctx.amp, rank=ctx.rank, world=ctx.world, on_step_end=on_step_end,
+
+def evaluate_trained(ctx: RunContext, method: str, name: str, run_dir: Path, steps: int, beta: float | None,
+                     summary: dict) -> RunResult:
+    """The epilogue of every trained method but offline DPO (its own is in dpo_train.run_dpo): evaluate the policy
+    and the reference on the held-out prompts, write the reference's point (KL 0) and the policy's last one."""
+    if not is_main():
+        return RunResult(method, name, {}, {}, {}, [], [])
+    r = evaluate_now(ctx, steps, True, beta)
+    append_point(run_dir, {"method": method, "setting": name, "step": 0, "reward": r["reference"]["reward"],
+                           "kl": 0.0, "kl_sampled": 0.0})
+    point(run_dir, method, name, steps, r)
+    summary = {**summary, "reward_accuracy": r.get("reward_accuracy")} if beta else summary
+    return RunResult(method, name, r["reference"], r["policy"], summary, r["examples"], read_points(run_dir))
+
+
+def run_on_policy(ctx: RunContext, method: str, cfg, run_dir: Path) -> RunResult:
+    """A fresh adapter trained on the policy's own samples, evaluated like DPO: RLOO (`minidpo.methods.rloo`, cfg an
+    RLOOConfig) on the true reward (rloo) or on the learned reward model (rlhf), or online DPO
+    (`minidpo.methods.online_dpo`, cfg a DPOConfig; the rollout settings are in the stages)."""
+    reward = ensure_reward_model(ctx) if method == "rlhf" else ctx.scorer  # before the adapter: the reference's copy
+    torch.manual_seed(ctx.stages["seed"])
+    apply_lora(ctx.model, ctx.stages["lora"])
+    name, loop = setting_name(method, cfg), method_loop(ctx.stages, method)
+    beta = cfg.beta if method == "online-dpo" else None
+    common = dict(log=ctx.log, autocast=ctx.amp, rank=ctx.rank, world=ctx.world,
+                  on_step_end=periodic_eval(ctx, method, name, run_dir, loop.steps, beta),
                   settings=checkpoint_settings(ctx.stages, ctx.settings, method, cfg))
-    if method == "rloo":
-        summary = train_rloo(ctx.model, ctx.tok, ctx.scorer, ctx.prompts.train, cfg, loop, run_dir, ctx.device,
-                             **common)
+    if method in RL_METHODS:
+        summary = train_rloo(ctx.model, ctx.tok, reward, ctx.prompts.train, cfg, replace(loop, label=method),
+                             run_dir, ctx.device, **common)
     else:
         summary = train_online_dpo(ctx.model, ctx.tok, ctx.scorer, ctx.prompts.train, cfg, ctx.stages["online_dpo"],
                                    loop, run_dir, ctx.device, **common)
-    if not is_main():
-        return RunResult(method, name, {}, {}, {}, [], [])
-    r = evaluate_now(ctx, loop.steps, True, beta)
-    append_point(run_dir, {"method": method, "setting": name, "step": 0, "reward": r["reference"]["reward"],
-                           "kl": 0.0, "kl_sampled": 0.0})
-    point(run_dir, method, name, loop.steps, r)
-    summary = {**summary, "reward_accuracy": r.get("reward_accuracy")} if beta else summary
-    return RunResult(method, name, r["reference"], r["policy"], summary, r["examples"], read_points(run_dir))
+    return evaluate_trained(ctx, method, name, run_dir, loop.steps, beta, summary)
+
+
+def run_offline_baseline(ctx: RunContext, method: str, ul, run_dir: Path) -> RunResult:
+    """Preferred-FT or Unlikelihood (`ul` its UnlikelihoodConfig) on DPO's pairs, batches, LoRA and steps
+    (`minidpo.methods.baselines`), evaluated like every method."""
+    data = ensure_pairs(ctx)
+    name, loop = setting_name(method, ul), ctx.stages["loop"]
+    summary = train_baseline(ctx.model, data, method, ctx.stages["lora"], ctx.stages["batch"], loop, run_dir,
+                             ctx.device, unlikelihood=ul, autocast=ctx.amp, rank=ctx.rank, world=ctx.world,
+                             on_step_end=periodic_eval(ctx, method, name, run_dir, loop.steps, None), log=ctx.log,
+                             settings=checkpoint_settings(ctx.stages, ctx.settings, method, ul))
+    return evaluate_trained(ctx, method, name, run_dir, loop.steps, None, summary)
 
 
 def point(run_dir: Path, method: str, setting: str, step: int, r: dict) -> None:
@@ -217,16 +301,55 @@ def run_best_of_n(ctx: RunContext, ns: list[int], run_dir: Path) -> RunResult:
     return RunResult("best-of-n", setting_name("best-of-n", ns), ref, policy, {}, [], points)
 
 
+def implicit_reward_accuracy(runs: list[RunResult]) -> dict:
+    """{method: {setting: held-out pair accuracy of the policy's implicit reward}} for the DPO runs (Rafailov et al.
+    sec. 5: the policy is a reward model), measured on the pairs the learned reward model's accuracy uses."""
+    out: dict = {}
+    for r in runs:
+        if r.train.get("reward_accuracy") is not None:
+            out.setdefault(r.method, {})[r.setting] = r.train["reward_accuracy"]
+    return out
+
+
 def summarize(runs: list[RunResult], model_desc: str, base: str, data_src: Path, device: torch.device,
-              world: int, seconds: float) -> dict:
-    """summary.json: the last run leads (a single run is the only one); every run is under "runs"."""
+              world: int, seconds: float, reward_model: dict | None = None) -> dict:
+    """summary.json: the last run leads (a single run is the only one); every run is under "runs"; the learned
+    reward model's held-out accuracy (when RLHF ran) beside DPO's implicit-reward accuracy on the same pairs."""
     last = runs[-1]
     return {"model": model_source(model_desc), "data": str(data_src), "reference_model": base,
             "method": last.method, "setting": last.setting, "reference": last.reference, "policy": last.policy,
             "train": last.train, "device": str(device), "world_size": world, "total_seconds": seconds,
             "finished": False,  # train.py marks it finished once every output is written (runs.mark_finished)
             "runs": [{"method": r.method, "setting": r.setting, "reference": r.reference, "policy": r.policy,
-                      "train": r.train} for r in runs]}
+                      "train": r.train} for r in runs],
+            **({"reward_model": reward_model} if reward_model is not None else {}),
+            "implicit_reward_accuracy": implicit_reward_accuracy(runs)}
+
+
+def seeds_summary(per_seed: dict[int, dict], points: list[dict]) -> dict:
+    """The top summary.json of --seeds: each seed's results, and per method and setting the mean over seeds of the
+    last evaluation's reward and KL with its standard error (frontier.aggregate_points); likewise the learned reward
+    model's and DPO's implicit-reward held-out accuracy."""
+    last: dict = {}
+    for row in aggregate_points(points):  # a setting's row with the largest step is its final evaluation
+        key = (row["method"], row["setting"])
+        if key not in last or (row["step"] or 0) >= (last[key]["step"] or 0):
+            last[key] = row
+    accuracy: dict = {}
+    for s in per_seed.values():
+        for method, by_setting in s.get("implicit_reward_accuracy", {}).items():
+            for setting, acc in by_setting.items():
+                accuracy.setdefault(method, {}).setdefault(setting, []).append(acc)
+    rm = [s["reward_model"]["heldout_accuracy"] for s in per_seed.values()
+          if s.get("reward_model", {}).get("heldout_accuracy") is not None]
+    stat = lambda v: dict(zip(("mean", "se"), mean_and_se(v)), seeds=len(v))  # noqa: E731
+    return {"seeds": sorted(per_seed), "finished": False,
+            "mean": list(last.values()),
+            **({"reward_model": {"heldout_accuracy": stat(rm)}} if rm else {}),
+            "implicit_reward_accuracy": {m: {k: stat(v) for k, v in d.items()} for m, d in accuracy.items()},
+            "per_seed": {str(k): {key: s.get(key) for key in ("runs", "reward_model", "implicit_reward_accuracy",
+                                                                "total_seconds")}
+                         for k, s in per_seed.items()}}
 
 
 def result_lines(last: RunResult, summary: dict, out: Path) -> str:

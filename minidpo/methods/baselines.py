@@ -171,10 +171,12 @@ def unlikelihood_step(model: torch.nn.Module, batch: tuple, cfg: UnlikelihoodCon
 def train_baseline(model: torch.nn.Module, data: PairData, method: str, lora: LoRAConfig, bcfg: BatchConfig,
                    loop: LoopConfig, run_dir: Path, device: torch.device, unlikelihood: UnlikelihoodConfig | None = None,
                    autocast: ContextManager | None = None, rank: int = 0, world: int = 1,
-                   on_step_end: Callable[[int], None] | None = None, log: Log = quiet) -> dict:
+                   on_step_end: Callable[[int], None] | None = None, log: Log = quiet,
+                   settings: dict | None = None) -> dict:
     """A fresh LoRA adapter (B = 0, so the adapter disabled is the reference the evaluation's KL is measured
     against) trained with "preferred-ft" or "unlikelihood" on DPO's batches; returns the training summary. The
-    caller evaluates afterwards and removes the adapter, as for RLOO."""
+    caller evaluates afterwards and removes the adapter, as for RLOO. `settings`: what the checkpoint records and a
+    resume must match (default: this function's own configs)."""
     require(method in ("preferred-ft", "unlikelihood"), "method",
             f"train_baseline takes 'preferred-ft' or 'unlikelihood', got {method!r}")
     ul = unlikelihood if unlikelihood is not None else UnlikelihoodConfig()
@@ -191,7 +193,8 @@ def train_baseline(model: torch.nn.Module, data: PairData, method: str, lora: Lo
 
     setting = "sft" if method == "preferred-ft" else f"alpha={ul.alpha:g}"
     show = PREFERRED_FT_SHOW if method == "preferred-ft" else UNLIKELIHOOD_SHOW
-    settings = {"method": method, "lora": asdict(lora), "batch": asdict(bcfg), "steps": loop.steps, "lr": loop.lr,
-                **({"unlikelihood": asdict(ul)} if method == "unlikelihood" else {})}
+    if settings is None:
+        settings = {"method": method, "lora": asdict(lora), "batch": asdict(bcfg), "steps": loop.steps, "lr": loop.lr,
+                    **({"unlikelihood": asdict(ul)} if method == "unlikelihood" else {})}
     loop = replace(loop, label=f"{method} {setting}", show=show)
     return train_on_pairs(params, data, bcfg, loop, step_fn, run_dir, settings, device, rank, world, on_step_end, log)

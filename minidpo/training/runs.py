@@ -38,7 +38,8 @@ RESUME_SAFE = frozenset({"steps", "rloo_steps", "export_merged"})
 RUN_OUTPUTS = frozenset({
     "config.json", "summary.json", "log.jsonl", "pairs.jsonl", "points.jsonl", "frontier.csv", "frontier.png",
     "run.json", "result.json", "reference_logps.safetensors", "adapter", "adapter_peft", "checkpoint",
-    "sft_checkpoint", "sft_model", "base_model"})
+    "sft_checkpoint", "sft_model", "base_model", "reward_model", "reward_model.safetensors", "frontier_mean.csv",
+    "curves.png"})
 TEMP = re.compile(r"^.+\.\d+\.[0-9a-f]+\.tmp$")        # minidpo.fileio's temporary names
 LOCK_NAME = ".lock"
 

@@ -1,0 +1,175 @@
+"""The Figure 2 methods wired into train.py: RLHF (RLOO on the learned reward model), Preferred-FT, Unlikelihood
+beside DPO, online DPO, RLOO and best-of-N; their flags, sub-run folders, summary.json and --seeds aggregation."""
+
+import csv
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minidpo.config import ConfigError
+from minidpo.dataset.batching import PairData
+from minidpo.experiment.compare import RunContext, ensure_reward_model, method_runs, seeds_summary, summarize
+from minidpo.methods.dpo_train import RunResult
+from minidpo.registry import NAMES
+from train import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+SEVEN = "dpo,online-dpo,rlhf,rloo,preferred-ft,unlikelihood,best-of-n"
+
+
+def test_compare_takes_all_seven_methods_each_with_its_own_folders(tmp_path):
+    cfg, _ = load_config(["--preset", "tiny", "--compare", SEVEN])
+    stages = cfg.stages()
+    assert stages["compare"] == SEVEN.split(",") and set(SEVEN.split(",")) == set(NAMES)
+    names = [d.name for _, _, d in method_runs(stages, tmp_path)]
+    assert "preferred-ft_sft" in names and "unlikelihood_alpha_0.1" in names and "unlikelihood_alpha_1" in names
+    assert "rlhf_kl_coef_0.02" in names and "rloo_kl_coef_0.02" in names  # the same kl_coef sweep for both RLs
+    assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--unlikelihood-alpha-sweep", "0.1,0.1"], "--unlikelihood-alpha-sweep lists a value twice"),
+    (["--unlikelihood-alpha-sweep", "0.1,-1"], "--unlikelihood-alpha-sweep must be a finite number >= 0"),
+    (["--unlikelihood-alpha", "-1", "--method", "unlikelihood"], "--unlikelihood-alpha must be a finite number"),
+    (["--seeds", "0,1,1"], "--seeds lists a value twice"),
+    (["--seeds", "0,-1"], "--seeds values must be >= 0"),
+    (["--rm-steps", "0"], "--rm-steps must be"),
+    (["--compile", "true", "--method", "preferred-ft"], "--compile compiles offline DPO's step only"),
+    (["--precompute-ref", "true", "--method", "rlhf"], "--precompute-ref caches the reference's log-probs"),
+])
+def test_bad_values_of_the_new_flags_are_refused_naming_the_flag(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(["--preset", "tiny", *argv])
+
+
+def run_result(method, setting, accuracy=None):
+    return RunResult(method, setting, {"reward": 0.4}, {"reward": 0.6, "kl_exact": 1.0},
+                     {"reward_accuracy": accuracy} if accuracy is not None else {}, [], [])
+
+
+def test_summary_has_the_reward_models_accuracy_beside_dpos_implicit_one():
+    runs = [run_result("dpo", "beta=0.1", 0.6), run_result("dpo", "beta=0.5", 0.55), run_result("rlhf", "kl_coef=0.1")]
+    rm = {"heldout_accuracy": 0.7, "heldout_pairs": 12, "train": {"steps": 3}}
+    s = summarize(runs, "bundled", "bundled", Path("x"), "cpu", 1, 1.0, rm)
+    assert s["reward_model"]["heldout_accuracy"] == 0.7 and s["reward_model"]["heldout_pairs"] == 12
+    assert s["implicit_reward_accuracy"] == {"dpo": {"beta=0.1": 0.6, "beta=0.5": 0.55}}
+    assert "reward_model" not in summarize(runs, "bundled", "bundled", Path("x"), "cpu", 1, 1.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(0, 1), min_size=2, max_size=5), st.lists(st.floats(0, 20), min_size=2, max_size=5))
+def test_seeds_summary_gives_the_mean_and_standard_error_of_the_last_evaluation(rewards, kls):
+    n = min(len(rewards), len(kls))
+    points = []
+    for s in range(n):  # each seed: the reference point at step 0 and the trained one at step 4
+        points += [{"method": "dpo", "setting": "beta=0.1", "step": "0", "reward": "0.4", "kl": "0.0", "seed": s},
+                   {"method": "dpo", "setting": "beta=0.1", "step": "4", "reward": str(rewards[s]),
+                    "kl": str(kls[s]), "seed": s}]
+    per_seed = {s: {"reward_model": {"heldout_accuracy": rewards[s]},
+                    "implicit_reward_accuracy": {"dpo": {"beta=0.1": kls[s] / 20}}} for s in range(n)}
+    out = seeds_summary(per_seed, points)
+    (row,) = out["mean"]
+    r, k = [float(str(x)) for x in rewards[:n]], [float(str(x)) for x in kls[:n]]
+    assert row["step"] == 4 and row["seeds"] == n
+    assert math.isclose(row["reward"], statistics.mean(r), abs_tol=1e-12)
+    assert math.isclose(row["reward_se"], statistics.stdev(r) / math.sqrt(n), rel_tol=1e-9, abs_tol=1e-12)
+    assert math.isclose(row["kl_se"], statistics.stdev(k) / math.sqrt(n), rel_tol=1e-9, abs_tol=1e-12)
+    acc = out["reward_model"]["heldout_accuracy"]
+    assert acc["seeds"] == n and math.isclose(acc["se"], statistics.stdev(rewards[:n]) / math.sqrt(n),
+                                              rel_tol=1e-9, abs_tol=1e-12)
+    assert out["implicit_reward_accuracy"]["dpo"]["beta=0.1"]["seeds"] == n
+
+
+def test_the_reward_model_stage_is_trained_once_then_reused_from_its_file(tmp_path):
+    """ensure_reward_model trains on the pairs before any adapter, saves it, and a new context reuses the file:
+    the same scores, nothing trained again (its info, the held-out accuracy, read back)."""
+    import torch
+    from minidpo.dataset.batching import prompt_groups
+    from minidpo.dataset.pairs import Pair
+    from minidpo.experiment.resolve import autocast
+    from minidpo.methods.dpo_train import BatchConfig
+    from minidpo.model.gpt import GPT, GPTConfig
+    from minidpo.model.lora import LoRAConfig
+    from minidpo.model.tokenizer import EOT_ID, Tokenizer
+    from minidpo.training.trainer import LoopConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tok = Tokenizer()
+    pairs = [Pair(f"movie {i}", " great fun", " awful", tok.encode(f"movie {i}"), tok.encode(" great fun"),
+                  tok.encode(" awful"), 0.9, 0.1, "train" if i < 4 else "heldout") for i in range(6)]
+    data = PairData(pairs[:4], pairs[4:], prompt_groups(pairs[:4]), "fp")
+    stages = {"lora": LoRAConfig(rank=2, alpha=4.0), "max_length": 32,
+              "batch": BatchConfig(mode="unique", prompts=2, max_length=32, pad_id=EOT_ID),
+              "rm_loop": LoopConfig(steps=2, lr=1e-2, log_every=1, label="reward-model")}
+    lines = []
+
+    def context():
+        return RunContext(model, tok, None, None, None, stages, "bundled", tmp_path, torch.device("cpu"),
+                          autocast(torch.device("cpu"), None), 0, 1, lines.append, pairs=data)
+    first = context()
+    scores = ensure_reward_model(first).score(["movie 1 great fun", "movie 1 awful"])
+    assert (tmp_path / "reward_model.safetensors").is_file() and first.reward_model_info["heldout_pairs"] == 2
+    assert not any(n.startswith("lora") or "lora_" in n for n, _ in model.named_modules() if n)  # reference as it was
+    again = context()
+    assert torch.equal(ensure_reward_model(again).score(["movie 1 great fun", "movie 1 awful"]), scores)
+    assert any("reusing" in line for line in lines)
+    assert again.reward_model_info["heldout_accuracy"] == first.reward_model_info["heldout_accuracy"]
+
+
+# ----------------------------------------------------------------------------- end to end (slow)
+
+SMALL = ["--preset", "tiny", "--method", "dpo", "--batch-prompts", "2", "--num-prompts", "12", "--heldout-prompts",
+         "4", "--eval-prompts", "4", "--steps", "4", "--batch-size", "4", "--log-every", "2", "--checkpoint-every",
+         "2", "--seed", "3", "--rloo-steps", "2", "--rloo-prompts", "2", "--rloo-k", "2", "--rm-steps", "3"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    return {**os.environ, "MINIDPO_CACHE": str(tmp_path_factory.mktemp("cache")), "PYTHONUNBUFFERED": "1"}
+
+
+def train(args: list[str], env: dict) -> None:
+    out = subprocess.run([sys.executable, "train.py", *SMALL, *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=1800)
+    assert out.returncode == 0, f"{args} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+
+
+@pytest.mark.slow
+def test_rlhf_preferred_ft_and_unlikelihood_run_end_to_end_beside_dpo(env, tmp_path):
+    out = tmp_path / "cmp"
+    train(["--out-dir", str(out), "--compare", "dpo,rlhf,preferred-ft,unlikelihood", "--beta-sweep", "0.5",
+           "--kl-coef-sweep", "0.1", "--unlikelihood-alpha-sweep", "0.5"], env)
+    with open(out / "frontier.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["method"] for r in rows} == {"dpo", "rlhf", "preferred-ft", "unlikelihood"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 <= summary["reward_model"]["heldout_accuracy"] <= 1 and summary["reward_model"]["heldout_pairs"] > 0
+    assert set(summary["implicit_reward_accuracy"]["dpo"]) == {"beta=0.5"}
+    for d in ("rlhf_kl_coef_0.1", "preferred-ft_sft", "unlikelihood_alpha_0.5"):
+        assert (out / d / "run.json").is_file() and (out / d / "log.jsonl").is_file()
+    assert (out / "reward_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_seeds_repeat_the_run_and_write_the_mean_with_error_bars(env, tmp_path):
+    out = tmp_path / "seeds"
+    train(["--out-dir", str(out), "--seeds", "0,1", "--steps", "2"], env)
+    assert (out / "seed_0" / "summary.json").is_file() and (out / "seed_1" / "summary.json").is_file()
+    with open(out / "frontier.csv", newline="") as f:
+        assert {r["seed"] for r in csv.DictReader(f)} == {"0", "1"}
+    with open(out / "frontier_mean.csv", newline="") as f:
+        last = [r for r in csv.DictReader(f) if r["step"] == "2"]
+    assert len(last) == 1 and last[0]["seeds"] == "2" and last[0]["reward_se"] != ""
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and summary["finished"] is True and summary["mean"][0]["seeds"] == 2
