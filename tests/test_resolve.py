@@ -46,7 +46,7 @@ def test_offline_fallback_note_never_cuts_a_path_or_url_at_a_hyphen(offline, mon
 def test_bundled_model_is_small_fp16_safetensors_with_config():
     weights = BUNDLED_MODEL / "model.safetensors"
     assert (BUNDLED_MODEL / "config.json").is_file()
-    assert weights.stat().st_size <= 25 * 2**20
+    assert weights.stat().st_size <= 64 * 2**20  # the bundled model's budget (issue: files <= 64 MB)
     from minidpo.formats.safetensors import read_header
     header, _ = read_header(weights)
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16"}

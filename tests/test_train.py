@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # the paper's offline DPO (the tiny preset's own method is online-dpo), 2 prompts a step
 SMALL = ["--preset", "tiny", "--method", "dpo", "--batch-prompts", "2", "--num-prompts", "12", "--heldout-prompts", "4",
          "--eval-prompts", "4", "--steps", "8", "--batch-size", "4", "--log-every", "2", "--checkpoint-every", "2",
-         "--seed", "3"]
+         "--seed", "3", "--dtype", "fp32"]  # fp32: these tests compare adapters to 1e-5 (bf16 has tests/test_bf16.py)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def free_port() -> int:
 def test_two_cpu_processes_train_like_one_process_with_the_combined_batch(env, tmp_path):
     # --batching pairs: every micro-batch has the same number of pairs, so the mean of two ranks' means is the mean
     # over the combined batch (with whole prompts, prompts with more pairs would weigh differently)
-    common = list(SMALL) + ["--batching", "pairs", "--dtype", "fp32"]  # fp32: the comparison is to 2e-5
+    common = list(SMALL) + ["--batching", "pairs"]
     i = common.index("--batch-size")
     one = common[:i] + ["--batch-size", "4"] + common[i + 2:]
     two = common[:i] + ["--batch-size", "2"] + common[i + 2:]
@@ -135,7 +135,10 @@ def test_two_cpu_processes_train_like_one_process_with_the_combined_batch(env, t
     assert ddp.stdout.count("step     8/8") == 1  # rank 0 logs, rank 1 does not
     a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")
     for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4)
+        # 2e-4: two ranks sum gradients in another order than one process, and 8 Adam steps (which divide by the
+        # gradient's own size) turn that last-bit difference into up to ~1e-4 on a few near-zero-gradient elements
+        # of the 17.6M bundled model; a rank that saw other data would move every element by ~1e-2.
+        torch.testing.assert_close(b[k], a[k], atol=2e-4, rtol=1e-3)
     # the same command again: the run is finished, and both ranks exit cleanly (run() checks torchrun's exit code)
     again = torchrun()
     assert again.stdout.count("already holds this run, finished") == 1 and "Traceback" not in again.stderr
