@@ -5,7 +5,7 @@ minidpo end to end: the DPO paper's IMDb experiment (Rafailov et al. 2023, sec. 
     python train.py --preset tiny            # bundled small model + shipped IMDB sample, minutes on a CPU
     python train.py --preset tiny --method dpo --out-dir out/tiny-dpo     # the paper's offline DPO (tiny: online)
     python train.py --preset tiny --method rloo --out-dir out/tiny-rloo   # the policy-gradient (RL) baseline instead
-    python train.py --preset tiny --compare dpo,online-dpo,rloo,best-of-n --out-dir out/tiny-compare  # -> frontier
+    python train.py --preset tiny --compare dpo,online-dpo,rlhf,rloo,best-of-n --out-dir out/tiny-compare  # -> frontier
     python train.py --beta-sweep 0.05,0.1,0.5,1 --out-dir out/dpo-sweep   # one DPO run per beta over the same pairs
     python train.py --resume out/tiny        # continue a killed run from its last checkpoint
     torchrun --nproc_per_node 2 train.py --preset tiny --out-dir out/tiny-ddp   # data parallel (gloo / nccl)
