@@ -43,10 +43,12 @@ from minidpo.fileio import atomic_write_json
 from minidpo.training.frontier import write_frontier
 from minidpo.model.lora import LoRAConfig
 from minidpo.dataset.pairs import PairsConfig
+from minidpo.model.generate import SamplingConfig
 from minidpo.model.gpt import GPTConfig
 from minidpo.methods.online_dpo import OnlineDPOConfig
 from minidpo.methods.baselines import UnlikelihoodConfig
 from minidpo.methods.rloo import RLOOConfig
+from minidpo.methods.rollout import check_rollout_temperature
 from minidpo.experiment.resolve import autocast, check_model_name, check_writable, choose_dtype, imdb_source, pick_device
 from minidpo.registry import NAMES
 from minidpo.training.run_folder import run_folder
@@ -172,11 +174,14 @@ def stage_configs(cfg: TrainConfig) -> dict:
     need(cfg.eval_every <= max(cfg.steps, cfg.rloo_steps), "eval_every",
          f"({cfg.eval_every}) is larger than --steps ({cfg.steps}) and --rloo-steps ({cfg.rloo_steps}): no step would "
          "be evaluated before the end; use 0 (only at the end) or a smaller value")
-    # built first: --gen-temperature gets the rollout's one range whatever the bad value (nan, 0, 1e-4)
-    online = make(OnlineDPOConfig, ONLINE_DPO_FLAGS, k=cfg.completions_per_prompt,
-                  prompts_per_step=cfg.batch_prompts, min_new_tokens=cfg.min_new_tokens,
-                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.gen_temperature, top_k=cfg.gen_top_k or None,
-                  logprobs=cfg.logprobs, eot_id=EOT_ID, seed=cfg.seed, pairing=cfg.pairing)
+    # on-policy temperatures first: one range message whatever the bad value (nan, 0, 1e-4)
+    make(check_rollout_temperature, {"temperature": "gen_temperature"}, temperature=cfg.gen_temperature)
+    make(check_rollout_temperature, {"temperature": "rloo_temperature"}, temperature=cfg.rloo_temperature)
+    gen = make(SamplingConfig, {"temperature": "gen_temperature", "top_k": "gen_top_k"},
+               temperature=cfg.gen_temperature, top_k=cfg.gen_top_k or None, min_new_tokens=cfg.min_new_tokens,
+               max_new_tokens=cfg.max_new_tokens, eot_id=EOT_ID)
+    online = make(OnlineDPOConfig, ONLINE_DPO_FLAGS, sampling=gen, k=cfg.completions_per_prompt,
+                  prompts_per_step=cfg.batch_prompts, logprobs=cfg.logprobs, seed=cfg.seed, pairing=cfg.pairing)
     sweeps = COMPARE_SWEEPS if compare else {}
     betas = C.parse_list("beta_sweep", cfg.beta_sweep or sweeps.get("beta_sweep"), float) or [cfg.beta]
     kl_coefs = C.parse_list("kl_coef_sweep", cfg.kl_coef_sweep or sweeps.get("kl_coef_sweep"), float) or [cfg.kl_coef]
@@ -204,12 +209,9 @@ def stage_configs(cfg: TrainConfig) -> dict:
                         eval=cfg.eval_prompts, min_tokens=cfg.prompt_min_tokens, max_tokens=cfg.prompt_max_tokens,
                         seed=cfg.seed),
         "pairs": make(PairsConfig, {"n_completions": "completions_per_prompt", "mode": "pairs_mode",
-                                    "temperature": "gen_temperature", "top_k": "gen_top_k",
                                     "batch_size": "gen_batch_size"},
-                      mode=cfg.pairs_mode, n_completions=cfg.completions_per_prompt, pairing=cfg.pairing,
-                      min_new_tokens=cfg.min_new_tokens, max_new_tokens=cfg.max_new_tokens,
-                      temperature=cfg.gen_temperature, top_k=cfg.gen_top_k or None, batch_size=cfg.gen_batch_size,
-                      seed=cfg.seed),
+                      sampling=gen, mode=cfg.pairs_mode, n_completions=cfg.completions_per_prompt,
+                      pairing=cfg.pairing, batch_size=cfg.gen_batch_size, seed=cfg.seed),
         "dpo": [make(DPOConfig, {"beta": "beta_sweep" if cfg.beta_sweep else "beta"}, beta=b,
                      loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing) for b in betas],
         "lora": make(LoRAConfig, {"rank": "lora_rank", "alpha": "lora_alpha", "dropout": "lora_dropout",
@@ -238,8 +240,9 @@ def stage_configs(cfg: TrainConfig) -> dict:
         "rm_loop": make(LoopConfig, {"steps": "rm_steps", "lr": "rm_lr"}, steps=cfg.rm_steps, lr=cfg.rm_lr,
                         label="reward-model", **loop),
         "seeds": seeds,
-        "eval": make(EvalConfig, None, max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
-                     seed=cfg.seed + 1),
+        "eval": make(EvalConfig, None, sampling=make(SamplingConfig, None, min_new_tokens=cfg.min_new_tokens,
+                                                     max_new_tokens=cfg.max_new_tokens, eot_id=EOT_ID),
+                     seed=cfg.seed + 1, max_length=cfg.max_length),
         "eval_every": cfg.eval_every, "max_length": cfg.max_length, "precompute_ref": cfg.precompute_ref,
         "compile": cfg.compile, "export_merged": cfg.export_merged, "seed": cfg.seed,
     }
@@ -252,10 +255,11 @@ RLOO_FLAGS = {"k": "rloo_k", "prompts_per_step": "rloo_prompts", "kl_coef": "kl_
 
 
 def rloo_values(cfg: TrainConfig, kl_coef: float) -> dict:
-    return dict(k=cfg.rloo_k, prompts_per_step=cfg.rloo_prompts, kl_coef=kl_coef, target_kl=cfg.target_kl,
-                horizon=cfg.kl_horizon, min_new_tokens=cfg.min_new_tokens, max_new_tokens=cfg.max_new_tokens,
-                top_k=cfg.rloo_top_k or None, temperature=cfg.rloo_temperature, logprobs=cfg.logprobs,
-                eot_id=EOT_ID, seed=cfg.seed)
+    sampling = C.build_component(SamplingConfig, {"temperature": "rloo_temperature", "top_k": "rloo_top_k"},
+                                 temperature=cfg.rloo_temperature, top_k=cfg.rloo_top_k or None,
+                                 min_new_tokens=cfg.min_new_tokens, max_new_tokens=cfg.max_new_tokens, eot_id=EOT_ID)
+    return dict(sampling=sampling, k=cfg.rloo_k, prompts_per_step=cfg.rloo_prompts, kl_coef=kl_coef,
+                target_kl=cfg.target_kl, horizon=cfg.kl_horizon, logprobs=cfg.logprobs, seed=cfg.seed)
 
 
 PRESETS = {

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train
+from minidpo.model.generate import SamplingConfig
 from minidpo.config import ConfigError
 from minidpo.training.trainer import Checkpointer, LoopConfig, train_loop
 
@@ -135,7 +136,7 @@ def test_lora_dropout_is_on_in_every_training_step_and_off_in_every_rollout(tmp_
             seen.append((torch.is_grad_enabled(), self.training))
         return forward(self, x)
     monkeypatch.setattr(lora_mod.LoRALinear, "forward", spy)
-    cfg = RLOOConfig(k=2, prompts_per_step=2, kl_coef=0.1, min_new_tokens=2, max_new_tokens=4, seed=1)
+    cfg = RLOOConfig(sampling=SamplingConfig(min_new_tokens=2, max_new_tokens=4), k=2, prompts_per_step=2, kl_coef=0.1, seed=1)
     train_rloo(model, tok, VowelScorer(), prompts, cfg, LoopConfig(steps=2, lr=1e-2, log_every=1, label="rloo"),
                tmp_path, torch.device("cpu"))
     assert {(True, True), (False, False)} == set(seen)
@@ -176,7 +177,7 @@ def test_best_of_n_stores_its_bound_as_kl_bound_and_sets_the_reference_reward_wi
     from minidpo.training.frontier import read_frontier, write_frontier
     asked = []
 
-    def sweep(model, tok, scorer, prompts, ns, cfg, device):
+    def sweep(model, tok, scorer, prompts, ns, cfg):
         asked.append(list(ns))
         return [{"n": n, "reward": 0.4 + 0.01 * n, "kl_bound": kl_bound(n)} for n in ns]
     monkeypatch.setattr(compare, "best_of_n_sweep", sweep)

@@ -9,12 +9,12 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from minidpo.methods.baselines import (UL_FLOOR, UnlikelihoodConfig, completion_token_logps, log1mexp, per_row,
+from minidpo.methods.baselines import (UL_FLOOR, UnlikelihoodConfig, log1mexp, per_row,
                                preferred_ft_loss, preferred_ft_step, train_baseline, unlikelihood_loss,
                                unlikelihood_step, unlikelihood_term)
 from minidpo.dataset.batching import collate_pairs, collate_unique, prompt_groups
 from minidpo.config import ConfigError
-from minidpo.methods.dpo import score_sequences
+from minidpo.methods.scoring import completion_logps, token_logps
 from minidpo.methods.dpo_train import BatchConfig
 from minidpo.methods.logprobs import naive_token_logps
 from minidpo.model.lora import LoRAConfig, apply_lora, lora_state_dict
@@ -132,9 +132,9 @@ def test_token_logps_sum_to_dpos_sequence_scores(logprobs):
     model = tiny_policy()
     b = collate_unique(some_pairs(), 16, pad_id=V - 1)
     keep = b["response_mask"] * b["attention_mask"]
-    logp, row = completion_token_logps(model, b["ids"], keep, logprobs)
+    logp, row = token_logps(model, b["ids"], keep, logprobs)
     assert logp.shape == row.shape == (int((keep[:, 1:] != 0).sum()),)
-    torch.testing.assert_close(per_row(logp, row, b["ids"].size(0)), score_sequences(model, b["ids"], keep, logprobs),
+    torch.testing.assert_close(per_row(logp, row, b["ids"].size(0)), completion_logps(model, b["ids"], keep, logprobs),
                                rtol=1e-5, atol=1e-5)
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from minidpo.model.generate import SamplingConfig
 from minidpo.dataset.batching import prompt_groups
 from minidpo.methods.dpo_train import BatchConfig
 from minidpo.model.lora import LoRAConfig
@@ -228,15 +229,14 @@ def test_scorer_is_what_rollouts_call_and_scores_their_texts():
     from minidpo.model.lora import apply_lora
     apply_lora(policy, rank=2, alpha=4.0, targets=("attn.c_attn",))
     prompts = [Prompt(tok.encode(t), t) for t in ("This movie was", "I")]
-    cfg = RolloutConfig(k=2, prompts_per_step=2, min_new_tokens=2, max_new_tokens=4)
+    cfg = RolloutConfig(sampling=SamplingConfig(min_new_tokens=2, max_new_tokens=4), k=2, prompts_per_step=2)
     seen = []
 
     class Recording:
         def score(self, texts):
             seen.extend(texts)
             return scorer.score(texts)
-    rollout = sample_rollout(policy, tok, Recording(), prompts, cfg, [4, 4], torch.Generator().manual_seed(0),
-                             torch.device("cpu"))
+    rollout = sample_rollout(policy, tok, Recording(), prompts, cfg, [4, 4], torch.Generator().manual_seed(0))
     assert len(seen) == 4 and all(s.startswith(prompts[i // 2].text) for i, s in enumerate(seen))
     torch.testing.assert_close(rollout.scores, scorer.score(seen))
     with pytest.raises(ValueError, match="no tokens"):

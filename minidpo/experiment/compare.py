@@ -125,12 +125,10 @@ def evaluate_now(ctx: RunContext, step: int, with_reference: bool, beta: float |
             + (" and the reference" if with_reference else "") + ", exact KL ...")
     with ctx.amp:
         if with_reference and ctx.reference_samples is None:  # the same for every run of a sweep: sampled once
-            ctx.reference_samples = sample_reference(ctx.model, ctx.tok, ctx.prompts.eval, ctx.stages["eval"],
-                                                     ctx.device)
+            ctx.reference_samples = sample_reference(ctx.model, ctx.tok, ctx.prompts.eval, ctx.stages["eval"])
         heldout = ctx.pairs.heldout if ctx.pairs and beta else None
-        r = evaluate(ctx.model, ctx.tok, ctx.scorer, ctx.prompts.eval, heldout, ctx.stages["eval"],
-                     ctx.stages["max_length"], beta, ctx.device, with_reference=with_reference,
-                     reference_completions=ctx.reference_samples)
+        r = evaluate(ctx.model, ctx.tok, ctx.scorer, ctx.prompts.eval, ctx.stages["eval"], heldout, beta,
+                     reference=ctx.reference_samples if with_reference else False)
     ctx.log(f"[eval] step {step}: policy reward {r['policy']['reward']:.3f}, KL(policy||reference) exact "
             f"{r['policy']['kl_exact']:.3f} (sampled estimate {r['policy']['kl_sampled']:.3f})"
             + (f", held-out reward accuracy {r['reward_accuracy']:.3f}" if r.get("reward_accuracy") is not None
@@ -288,7 +286,7 @@ def run_best_of_n(ctx: RunContext, ns: list[int], run_dir: Path) -> RunResult:
     if is_main():
         with ctx.amp:  # max(ns) rounds of reference samples serve every N
             results = best_of_n_sweep(ctx.model, ctx.tok, ctx.scorer, ctx.prompts.eval, sorted({1, *ns}),
-                                      ctx.stages["eval"], ctx.device)
+                                      ctx.stages["eval"])
         by_n = {r["n"]: r for r in results}
         ref = {"reward": by_n[1]["reward"]}
         for n in ns:

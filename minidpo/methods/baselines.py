@@ -32,14 +32,12 @@ import torch
 from torch import Tensor
 
 from minidpo.config import require
-from minidpo.methods.dpo import LOGPROBS, score_sequences
 from minidpo.methods.dpo_train import BatchConfig
-from minidpo.methods.fused_logprobs import linear_token_logprobs
-from minidpo.methods.logprobs import naive_token_logps
 from minidpo.model.lora import LoRAConfig, apply_lora
 from minidpo.methods.offline_train import as_unique, train_on_pairs
 from minidpo.progress import Log, quiet
 from minidpo.methods.rollout import trainable_adapter
+from minidpo.methods.scoring import completion_logps, token_logps
 from minidpo.dataset.batching import PairData
 from minidpo.training.trainer import LoopConfig
 
@@ -106,27 +104,6 @@ def unlikelihood_loss(chosen_logps: Tensor, rejected_unlikelihood: Tensor, alpha
 
 # ----------------------------------------------------------------------------- log-probs of a batch
 
-def completion_token_logps(model: torch.nn.Module, ids: Tensor, keep: Tensor,
-                           logprobs: str = "fused") -> tuple[Tensor, Tensor]:
-    """(M,) log p(ids[n, t] | ids[n, :t]) of every token with keep[n, t] nonzero (t >= 1), and (M,) its row n.
-
-    Token by token what `minidpo.dpo.score_sequences` sums per row (its sums equal index_add of these; tested), from
-    the same kernels: the plain log_softmax + gather path ("naive") or the fused linear log-probs ("fused"). ids
-    must be right-padded, as there.
-    """
-    if logprobs not in LOGPROBS:
-        raise ValueError(f"logprobs must be one of {LOGPROBS}, got {logprobs!r}")
-    N, T = ids.shape
-    rows = (keep[:, 1:] != 0).reshape(-1).nonzero().squeeze(1)  # (M,) flat positions of scored tokens
-    targets = ids[:, 1:].reshape(-1)[rows]                      # (M,)
-    if logprobs == "naive":
-        logits = model(ids)[:, :-1].reshape(N * (T - 1), -1)    # (N*(T-1), V)
-        return naive_token_logps(logits[rows], targets), rows // (T - 1)
-    hidden = model.hidden_states(ids[:, :-1])                   # (N, T-1, C); the last token predicts nothing
-    h = hidden.reshape(-1, hidden.size(-1))[rows]               # (M, C)
-    return linear_token_logprobs(h, model.lm_head.weight, targets), rows // (T - 1)
-
-
 def per_row(values: Tensor, row: Tensor, n_rows: int) -> Tensor:
     """(n_rows,) sums of per-token values (M,) by row; naive: [values[row == n].sum() for n in range(n_rows)]."""
     return torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, row, values)
@@ -136,12 +113,12 @@ def per_row(values: Tensor, row: Tensor, n_rows: int) -> Tensor:
 
 def preferred_ft_step(model: torch.nn.Module, batch: tuple, bcfg: BatchConfig) -> tuple[Tensor, dict, int, int]:
     """One Preferred-FT micro-batch (make_batch_fn's tuple): only the sequences that are some pair's chosen side
-    are forwarded, once each, through `score_sequences` (DPO's scorer)."""
+    are forwarded, once each, through the one completion scorer (DPO's too)."""
     _, tensors, n_tokens, n_pairs = batch
     u = as_unique(tensors)
     rows, pick = torch.unique(u["chosen_index"], return_inverse=True)  # (R,) distinct chosen rows, (P,) into them
     keep = u["response_mask"][rows] * u["attention_mask"][rows]        # (R, T)
-    sums = score_sequences(model, u["ids"][rows], keep, bcfg.logprobs)  # (R,)
+    sums = completion_logps(model, u["ids"][rows], keep, bcfg.logprobs)  # (R,)
     chosen_logps = sums[pick]                                           # (P,)
     chosen_tokens = (keep[:, 1:] != 0).sum(-1)[pick]                    # (P,)
     loss = preferred_ft_loss(chosen_logps, chosen_tokens)
@@ -155,7 +132,7 @@ def unlikelihood_step(model: torch.nn.Module, batch: tuple, cfg: UnlikelihoodCon
     _, tensors, n_tokens, n_pairs = batch
     u = as_unique(tensors)
     N = u["ids"].size(0)
-    logp, row = completion_token_logps(model, u["ids"], u["response_mask"] * u["attention_mask"], bcfg.logprobs)
+    logp, row = token_logps(model, u["ids"], u["response_mask"] * u["attention_mask"], bcfg.logprobs)
     logps = per_row(logp, row, N)                                        # (N,) log p(y|x)
     unlikely = per_row(unlikelihood_term(logp, cfg.floor), row, N)       # (N,) sum_t log(1 - p(y_t))
     chosen, rejected = logps[u["chosen_index"]], unlikely[u["rejected_index"]]  # (P,) each

@@ -63,7 +63,7 @@ from minidpo.config import require
 from minidpo.methods.dpo import DPOConfig, dpo_unique_loss
 from minidpo.dataset.pairs import PAIRINGS, preference_pairs
 from minidpo.progress import Log, quiet
-from minidpo.methods.rollout import Rollout, RolloutConfig, completion_logps, make_rollout_fn, trainable_adapter
+from minidpo.methods.rollout import Rollout, RolloutConfig, make_rollout_fn, policy_logps, trainable_adapter
 from minidpo.training.checkpoint import Checkpointer
 from minidpo.training.trainer import LoopConfig, train_loop
 
@@ -101,7 +101,7 @@ def online_dpo_loss(model: torch.nn.Module, rollout: Rollout, dpo: DPOConfig, cf
     """DPO's loss over a rollout's pairs, its metrics (DPO's, plus the classifier reward and the sampled KL) and the
     (P*K,) sampled log-ratios log pi(y|x) - log ref(y|x), whose mean estimates KL(policy || reference)."""
     with autocast or nullcontext():
-        policy = completion_logps(model, rollout.ids, rollout.response_mask, rollout.prompt_lens, cfg).float()  # (B,)
+        policy = policy_logps(model, rollout, cfg).float()  # (B,)
     n_tokens = rollout.response_mask.sum(-1).clamp(min=1)  # (B,)
     log_ratio = policy.detach() - rollout.reference_logps  # (B,)
     chosen, rejected = rollout_pairs(rollout.scores.view(-1, cfg.k), cfg.pairing)
@@ -134,8 +134,7 @@ def train_online_dpo(model: torch.nn.Module, tokenizer, scorer, prompts: list, d
     params = trainable_adapter(model, prompts, "train_online_dpo")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    get_batch = make_rollout_fn(model, tokenizer, scorer, prompts, cfg, loop.grad_accum, rank, world, device,
-                                autocast)
+    get_batch = make_rollout_fn(model, tokenizer, scorer, prompts, cfg, loop.grad_accum, rank, world, autocast)
 
     def step_fn(rollout: Rollout) -> tuple[Tensor, dict[str, Tensor], int, int]:
         model.train()  # LoRA dropout on in every training step (the rollout sampled in eval mode)

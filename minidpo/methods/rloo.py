@@ -58,7 +58,7 @@ from minidpo.config import require
 from minidpo.methods.pg import (RLOO_SHOW, adaptive_kl_coef, kl_penalized_rewards, policy_gradient_loss,
                                 rloo_advantages)
 from minidpo.progress import Log, quiet
-from minidpo.methods.rollout import Rollout, RolloutConfig, completion_logps, make_rollout_fn, trainable_adapter
+from minidpo.methods.rollout import Rollout, RolloutConfig, make_rollout_fn, policy_logps, trainable_adapter
 from minidpo.training.checkpoint import Checkpointer
 from minidpo.training.trainer import LoopConfig, train_loop
 
@@ -85,7 +85,7 @@ def rloo_loss(model: torch.nn.Module, rollout: Rollout, cfg: RLOOConfig, kl_coef
     """The RLOO surrogate loss of one rollout, its metrics (0-dim tensors) and the (P*K,) sampled log-ratios
     log pi(y|x) - log ref(y|x), whose mean estimates KL(policy || reference)."""
     with autocast or nullcontext():
-        policy = completion_logps(model, rollout.ids, rollout.response_mask, rollout.prompt_lens, cfg).float()  # (B,)
+        policy = policy_logps(model, rollout, cfg).float()  # (B,)
     kl = policy.detach() - rollout.reference_logps                                     # (B,) sampled log-ratio
     rewards = kl_penalized_rewards(rollout.scores, policy.detach(), rollout.reference_logps, kl_coef)
     advantages = rloo_advantages(rewards.view(-1, cfg.k))                              # (P, K)
@@ -139,8 +139,7 @@ def train_rloo(model: torch.nn.Module, tokenizer, scorer, prompts: list, cfg: RL
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     kl = KLController(cfg, loop.grad_accum, world)
-    get_batch = make_rollout_fn(model, tokenizer, scorer, prompts, cfg, loop.grad_accum, rank, world, device,
-                                autocast)
+    get_batch = make_rollout_fn(model, tokenizer, scorer, prompts, cfg, loop.grad_accum, rank, world, autocast)
 
     def step_fn(rollout: Rollout) -> tuple[Tensor, dict[str, Tensor], int, int]:
         model.train()  # LoRA dropout on in every training step (the rollout sampled in eval mode)
