@@ -8,6 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from minidpo.training.runtime import Runtime
+from minidpo.training.trainer import TrainRun
 from minidpo.model.generate import SamplingConfig
 from minidpo.config import ConfigError
 from minidpo.methods.dpo import DPOConfig, dpo_loss
@@ -18,7 +20,7 @@ from minidpo.dataset.prompts import Prompt
 from minidpo.methods.rollout import Rollout, policy_logps
 from minidpo.methods.scoring import completion_logps
 from minidpo.model.tokenizer import Tokenizer
-from minidpo.training.trainer import LoopConfig, train_loop
+from minidpo.training.trainer import LoopConfig, Training, train_loop
 from conftest import VowelScorer, with_sampling
 
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -138,7 +140,7 @@ def test_logged_pair_metrics_average_over_micro_batches_with_real_pairs_only(tmp
         acc = torch.tensor(1.0 if batch == 0 else nan)
         return loss * (1.0 if batch == 0 else 0.0), {"rewards/accuracies": acc, "reward": torch.tensor(0.5)}, 1
     cfg = LoopConfig(steps=1, lr=0.1, grad_accum=2, warmup_steps=0, log_every=1)
-    out = train_loop(cfg, {"w": w}, lambda step, micro: micro, step_fn, log=lambda m: None)
+    out = train_loop(Training(cfg, {"w": w}, lambda step, micro: micro, step_fn), log=lambda m: None)
     assert out["rewards/accuracies"] == 1.0 and out["reward"] == 0.5
 
 
@@ -162,8 +164,8 @@ def run(tmp, steps, crash_at=None):
     def crash(step):
         if step == crash_at:
             raise KeyboardInterrupt
-    train_online_dpo(model, tok, VowelScorer(), prompts, DPOConfig(beta=0.1), cfg, loop, tmp, torch.device("cpu"),
-                     on_step_end=crash if crash_at else None)
+    train_online_dpo(model, tok, VowelScorer(), prompts, DPOConfig(beta=0.1), cfg,
+                     TrainRun(loop, tmp, crash if crash_at else None), Runtime())
     return model
 
 

@@ -8,6 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from minidpo.training.runtime import Runtime
+from minidpo.training.trainer import TrainRun
 from minidpo.model.generate import SamplingConfig
 from minidpo.config import ConfigError
 from minidpo.model.lora import apply_lora, lora_state_dict
@@ -186,8 +188,8 @@ def run(tmp, steps, crash_at=None, target_kl=0.01):
     def crash(step):
         if step == crash_at:
             raise KeyboardInterrupt
-    out = train_rloo(model, tok, VowelScorer(), prompts, cfg, loop, tmp, torch.device("cpu"),
-                     on_step_end=crash if crash_at else None)
+    out = train_rloo(model, tok, VowelScorer(), prompts, cfg, TrainRun(loop, tmp, crash if crash_at else None),
+                     Runtime())
     return model, out
 
 

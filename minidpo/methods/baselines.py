@@ -23,23 +23,17 @@ otherwise make the term -inf and stop training.
 """
 
 import math
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
-from typing import Callable, ContextManager
 
 import torch
 from torch import Tensor
 
 from minidpo.config import require
-from minidpo.methods.dpo_train import BatchConfig
-from minidpo.model.lora import LoRAConfig, apply_lora
-from minidpo.methods.offline_train import as_unique, train_on_pairs
-from minidpo.progress import Log, quiet
-from minidpo.methods.rollout import trainable_adapter
-from minidpo.methods.scoring import completion_logps, token_logps
 from minidpo.dataset.batching import PairData
-from minidpo.training.trainer import LoopConfig
+from minidpo.methods.offline_train import BatchConfig, as_unique, make_batch_fn
+from minidpo.methods.scoring import completion_logps, token_logps
+from minidpo.training.runtime import Runtime
+from minidpo.training.trainer import Training, TrainRun, fit, trainable_adapter
 
 UL_FLOOR = 1e-5  # smallest 1 - p the unlikelihood term uses (Welleck et al.'s clamp)
 LN2 = math.log(2.0)
@@ -145,33 +139,25 @@ def unlikelihood_step(model: torch.nn.Module, batch: tuple, cfg: UnlikelihoodCon
 
 # ----------------------------------------------------------------------------- one run
 
-def train_baseline(model: torch.nn.Module, data: PairData, method: str, lora: LoRAConfig, bcfg: BatchConfig,
-                   loop: LoopConfig, run_dir: Path, device: torch.device, unlikelihood: UnlikelihoodConfig | None = None,
-                   autocast: ContextManager | None = None, rank: int = 0, world: int = 1,
-                   on_step_end: Callable[[int], None] | None = None, log: Log = quiet,
-                   settings: dict | None = None) -> dict:
-    """A fresh LoRA adapter (B = 0, so the adapter disabled is the reference the evaluation's KL is measured
-    against) trained with "preferred-ft" or "unlikelihood" on DPO's batches; returns the training summary. The
-    caller evaluates afterwards and removes the adapter, as for RLOO. `settings`: what the checkpoint records and a
-    resume must match (default: this function's own configs)."""
+def train_baseline(model: torch.nn.Module, data: PairData, method: str, bcfg: BatchConfig, run: TrainRun,
+                   rt: Runtime, unlikelihood: UnlikelihoodConfig | None = None) -> dict:
+    """Train the model's fresh LoRA adapter (B = 0: the caller applies it, so the adapter disabled is the reference
+    the evaluation's KL is measured against) with "preferred-ft" or "unlikelihood" on DPO's batches; returns the
+    training summary. The caller evaluates afterwards, as for every method."""
     require(method in ("preferred-ft", "unlikelihood"), "method",
             f"train_baseline takes 'preferred-ft' or 'unlikelihood', got {method!r}")
     ul = unlikelihood if unlikelihood is not None else UnlikelihoodConfig()
-    torch.manual_seed(bcfg.seed)
-    apply_lora(model, lora)
-    params = trainable_adapter(model, data.train, f"train_baseline({method})")
-    amp = autocast or nullcontext()
+    params = trainable_adapter(model, f"train_baseline({method})")
 
     def step_fn(batch):
-        with amp:
+        with rt.autocast:
             if method == "preferred-ft":
                 return preferred_ft_step(model, batch, bcfg)
             return unlikelihood_step(model, batch, ul, bcfg)
 
     setting = "sft" if method == "preferred-ft" else f"alpha={ul.alpha:g}"
     show = PREFERRED_FT_SHOW if method == "preferred-ft" else UNLIKELIHOOD_SHOW
-    if settings is None:
-        settings = {"method": method, "lora": asdict(lora), "batch": asdict(bcfg), "steps": loop.steps, "lr": loop.lr,
-                    **({"unlikelihood": asdict(ul)} if method == "unlikelihood" else {})}
-    loop = replace(loop, label=f"{method} {setting}", show=show)
-    return train_on_pairs(params, data, bcfg, loop, step_fn, run_dir, settings, device, rank, world, on_step_end, log)
+    loop = replace(run.loop, label=f"{method} {setting}", show=show)
+    settings = {"method": method, "batch": asdict(bcfg), "steps": loop.steps, "lr": loop.lr,
+                **({"unlikelihood": asdict(ul)} if method == "unlikelihood" else {})}
+    return fit(Training(loop, params, make_batch_fn(data, bcfg, rt), step_fn), run, rt, settings)

@@ -40,8 +40,8 @@ from minidpo.methods.logprobs import LOGPROBS
 from minidpo.methods.scoring import completion_logps
 from minidpo.model.completions import eval_mode, response_text, sample_completions
 from minidpo.model.generate import SamplingConfig
-from minidpo.model.lora import adapters_are_zero, lora_disabled, lora_layers
-from minidpo.training.trainer import trainable_parameters
+from minidpo.model.lora import lora_disabled
+from minidpo.training.runtime import Runtime
 
 MIN_TEMPERATURE = 0.05  # the lowest rollout temperature: the tiny preset trains with finite losses down to it
 
@@ -94,7 +94,7 @@ def policy_logps(model: torch.nn.Module, rollout: Rollout, cfg: RolloutConfig) -
 
 @torch.no_grad()
 def sample_rollout(model: torch.nn.Module, tokenizer, scorer, prompts: list, cfg: RolloutConfig, budgets: list[int],
-                   generator: torch.Generator, micro: int = 0, autocast: ContextManager | None = None) -> Rollout:
+                   generator: torch.Generator, autocast: ContextManager | None = None) -> Rollout:
     """K completions per prompt from the current policy, their scores and reference log-probs (no gradient), in eval
     mode. prompts: objects with .ids (list of token ids) and .text; budgets: one max-new-tokens per prompt."""
     K, amp = cfg.k, autocast or nullcontext()
@@ -112,17 +112,18 @@ def sample_rollout(model: torch.nn.Module, tokenizer, scorer, prompts: list, cfg
             response_mask[b, len(p):len(p) + len(c)] = True
         prompt_lens = torch.tensor([len(p) for p in prompt_ids], device=device)
         rollout = Rollout(ids.to(device), response_mask.to(device), scores.to(device), torch.zeros(0), prompt_lens,
-                          int(attention.sum()), micro)  # reference_logps: scored next, by the same rows
+                          int(attention.sum()), 0)  # reference_logps: scored next, by the same rows
         with amp, lora_disabled(model):
             return replace(rollout, reference_logps=policy_logps(model, rollout, cfg).float())
 
 
 def make_rollout_fn(model: torch.nn.Module, tokenizer, scorer, prompts: list, cfg: RolloutConfig, grad_accum: int,
-                    rank: int, world: int, autocast: ContextManager | None = None) -> Callable[[int, int], Rollout]:
+                    rt: Runtime) -> Callable[[int, int], Rollout]:
     """get_batch(step, micro) -> this process's Rollout; a pure function of (cfg.seed, step, micro, rank) and the
     weights."""
-    P = cfg.prompts_per_step
-    device = next(model.parameters()).device
+    if not prompts:
+        raise ValueError("make_rollout_fn: no training prompts")
+    P, rank, world, device = cfg.prompts_per_step, rt.rank, rt.world, rt.device
 
     def get_batch(step: int, micro: int) -> Rollout:
         slot = (step * grad_accum + micro) * world + rank
@@ -130,19 +131,5 @@ def make_rollout_fn(model: torch.nn.Module, tokenizer, scorer, prompts: list, cf
         s = cfg.sampling
         budgets = LengthSampler(s.min_new_tokens, s.max_new_tokens, seed=batch_seed(cfg.seed, slot, 1)).sample(P)
         g = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, slot, 2))
-        return sample_rollout(model, tokenizer, scorer, chosen, cfg, budgets, g, micro, autocast)
+        return replace(sample_rollout(model, tokenizer, scorer, chosen, cfg, budgets, g, rt.autocast), micro=micro)
     return get_batch
-
-
-def trainable_adapter(model: torch.nn.Module, prompts: list, who: str) -> dict[str, torch.nn.Parameter]:
-    """The parameters an on-policy run trains, after checking that it can start: prompts to sample, and a fresh
-    LoRA adapter (B = 0), so that the reference (the adapter disabled) is the starting policy."""
-    if not prompts:
-        raise ValueError(f"{who}: no training prompts")
-    if not lora_layers(model):
-        raise ValueError(f"{who}: the model has no LoRA adapter; apply_lora first (the reference is the model with "
-                         "its adapter disabled)")
-    if not adapters_are_zero(model):
-        raise RuntimeError(f"{who}: a new LoRA adapter must start at B = 0, so that the reference is the starting "
-                           "policy")
-    return trainable_parameters(model)
