@@ -22,6 +22,7 @@ from minidpo.model.tokenizer import Tokenizer
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
 
 
+@pytest.mark.slow  # trains the classifier on the IMDB sample
 def test_classifier_is_trained_once_then_loaded_from_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("MINIDPO_CACHE", str(tmp_path))
     reviews = Reviews(Path(IMDB_SAMPLE_PATH), load_imdb(IMDB_SAMPLE_PATH, "train")[::3],  # a third: quick
@@ -35,6 +36,7 @@ def test_classifier_is_trained_once_then_loaded_from_the_cache(monkeypatch, tmp_
     assert torch.equal(first.score(texts), second.score(texts))
 
 
+@pytest.mark.slow  # trains the classifier on the IMDB sample
 def test_a_corrupt_classifier_cache_is_retrained_not_trusted(monkeypatch, tmp_path):
     monkeypatch.setenv("MINIDPO_CACHE", str(tmp_path))
     reviews = Reviews(Path(IMDB_SAMPLE_PATH), load_imdb(IMDB_SAMPLE_PATH, "train")[::6],
