@@ -9,7 +9,6 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from minidpo.model.lora import apply_lora
 from minidpo.training.runtime import Runtime
 from minidpo.training.trainer import TrainRun
 from minidpo.methods.baselines import (UL_FLOOR, UnlikelihoodConfig, log1mexp, per_row,
