@@ -15,46 +15,37 @@ folded into the weights, so the SFT model is the reference; 3. a sentiment class
 pairs: the reference samples completions of 2-8 token review prefixes and the classifier ranks them; 5. a method
 trains a fresh LoRA adapter: DPO on the pairs, or online DPO (the same loss on pairs the policy samples as it trains),
 or RLOO (REINFORCE with a leave-one-out baseline and a KL penalty) on its own samples, or best-of-N, which trains
-nothing; 6. evaluation on held-out test prompts: reward and
-KL(policy || reference) of plain samples. Every stage is cached, and every run is checked against the settings its
-folder was made with.
+nothing; 6. evaluation on held-out test prompts: reward and KL(policy || reference) of plain samples; 7. the report:
+summary.json and the reward-KL frontier. Every stage is cached, and every run is checked against its folder's settings.
 """
 
 import csv
 import dataclasses
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from minidpo import config as C
-from minidpo.experiment.compare import (RunContext, check_checkpoints, export_merged, method_runs, result_lines,
-                                        run_one, sample_hint, seeds_summary, summarize)
-from minidpo.training.distributed import is_main, setup_distributed, teardown
-from minidpo.formats.download import cache_dir
-from minidpo.methods.dpo import DPOConfig
-from minidpo.methods.dpo_train import BatchConfig
-from minidpo.methods.evaluate import EvalConfig
-from minidpo.fileio import atomic_write_json
-from minidpo.training.frontier import write_frontier
-from minidpo.model.lora import LoRAConfig
-from minidpo.dataset.pairs import PairsConfig
-from minidpo.model.gpt import GPTConfig
-from minidpo.methods.online_dpo import OnlineDPOConfig
-from minidpo.methods.baselines import UnlikelihoodConfig
-from minidpo.methods.rloo import RLOOConfig
+from minidpo.experiment.compare import check_checkpoints, method_runs, run_one
+from minidpo.experiment.context import RunContext, Stages
+from minidpo.experiment.options import build_stages
+from minidpo.experiment.report import export_merged, result_lines, sample_hint, seeds_summary, summarize
 from minidpo.experiment.resolve import autocast, check_model_name, check_writable, choose_dtype, imdb_source, pick_device
-from minidpo.registry import NAMES
+from minidpo.experiment.stages import (check_model_fits, fit_classifier, load_model_stage, load_reviews,
+                                       make_prompt_sets, sft_stage)
+from minidpo.fileio import atomic_write_json
+from minidpo.formats.download import cache_dir
+from minidpo.model.tokenizer import Tokenizer
+from minidpo.training.distributed import is_main, setup_distributed, teardown
+from minidpo.training.frontier import write_frontier
 from minidpo.training.run_folder import run_folder
-from minidpo.training.runs import NOT_SETTINGS, check_out_dir, is_finished, mark_finished, resume_overrides
-from minidpo.experiment.stages import (PromptConfig, SFTConfig, check_model_fits, fit_classifier, load_model_stage,
-                            load_reviews, make_prompt_sets, sft_stage)
-from minidpo.model.tokenizer import EOT_ID, Tokenizer
-from minidpo.training.trainer import LoopConfig
+from minidpo.training.runs import NOT_SETTINGS, resume_overrides
+from minidpo.training.runtime import Runtime
 
 
 @dataclass
@@ -143,119 +134,11 @@ class TrainConfig:
     heldout_prompts: int = 32       # held-out test prompts for implicit-reward accuracy (DPO)
     export_merged: str | None = None  # also write the policy with LoRA folded in, in Hugging Face's layout
 
-    def stages(self) -> dict:
-        """The component configs this run will use: building them checks every option before any work."""
-        return stage_configs(self)
-
-
-def need(ok: bool, field: str, detail: str) -> None:
-    C.require(ok, C.flag_name(field), detail)
-
-
-def stage_configs(cfg: TrainConfig) -> dict:
-    """Each component's own small config, built from the flags. Each checks itself; a bad value fails here, before
-    any stage runs, with the flag's name."""
-    make = C.build_component
-    need(cfg.method in NAMES, "method", f"must be one of {', '.join(NAMES)}, got {cfg.method!r}")
-    compare = C.parse_list("compare", cfg.compare, str)
-    for m in compare:
-        need(m in NAMES, "compare", f"items must be among {', '.join(NAMES)}, got {m!r}")
-    need(cfg.prompt_max_tokens < cfg.max_length, "prompt_max_tokens",
-              f"({cfg.prompt_max_tokens}) must be < --max-length ({cfg.max_length})")
-    need(not cfg.precompute_ref or cfg.batching == "unique", "precompute_ref", "needs --batching unique")
-    need(not cfg.precompute_ref or "dpo" in (compare or [cfg.method]), "precompute_ref",
-         "caches the reference's log-probs of offline pairs: it needs --method dpo (the other methods use no "
-         "reference log-probs of the pairs, or score each step's own samples)")
-    need(cfg.eval_every >= 0, "eval_every", f"must be >= 0 (0: only at the end), got {cfg.eval_every}")
-    need(len(set(compare)) == len(compare), "compare", f"lists a method twice: {cfg.compare}")
-    need(math.isfinite(cfg.kl_coef) and cfg.kl_coef >= 0, "kl_coef", f"must be a finite number >= 0, got {cfg.kl_coef}")
-    need(cfg.eval_every <= max(cfg.steps, cfg.rloo_steps), "eval_every",
-         f"({cfg.eval_every}) is larger than --steps ({cfg.steps}) and --rloo-steps ({cfg.rloo_steps}): no step would "
-         "be evaluated before the end; use 0 (only at the end) or a smaller value")
-    # built first: --gen-temperature gets the rollout's one range whatever the bad value (nan, 0, 1e-4)
-    online = make(OnlineDPOConfig, ONLINE_DPO_FLAGS, k=cfg.completions_per_prompt,
-                  prompts_per_step=cfg.batch_prompts, min_new_tokens=cfg.min_new_tokens,
-                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.gen_temperature, top_k=cfg.gen_top_k or None,
-                  logprobs=cfg.logprobs, eot_id=EOT_ID, seed=cfg.seed, pairing=cfg.pairing)
-    sweeps = COMPARE_SWEEPS if compare else {}
-    betas = C.parse_list("beta_sweep", cfg.beta_sweep or sweeps.get("beta_sweep"), float) or [cfg.beta]
-    kl_coefs = C.parse_list("kl_coef_sweep", cfg.kl_coef_sweep or sweeps.get("kl_coef_sweep"), float) or [cfg.kl_coef]
-    alphas = C.parse_list("unlikelihood_alpha_sweep",
-                          cfg.unlikelihood_alpha_sweep or sweeps.get("unlikelihood_alpha_sweep"),
-                          float) or [cfg.unlikelihood_alpha]
-    seeds = C.parse_list("seeds", cfg.seeds, int)
-    need(all(s >= 0 for s in seeds), "seeds", f"values must be >= 0, got {cfg.seeds}")
-    ns = C.parse_list("best_of_n", cfg.best_of_n, int)
-    need(all(n >= 1 for n in ns), "best_of_n", f"values must be >= 1, got {cfg.best_of_n}")
-    for field, raw, values in (("beta_sweep", cfg.beta_sweep, betas), ("kl_coef_sweep", cfg.kl_coef_sweep, kl_coefs),
-                               ("best_of_n", cfg.best_of_n, ns),
-                               ("unlikelihood_alpha_sweep", cfg.unlikelihood_alpha_sweep, alphas),
-                               ("seeds", cfg.seeds, seeds)):
-        need(len(set(values)) == len(values), field, f"lists a value twice: {raw} (each value is one run)")
-        need("" not in [x.strip() for x in (raw or "x").split(",")], field, f"has an empty item: {raw!r}")
-    need(not cfg.compile or set(compare or [cfg.method]) <= {"dpo"}, "compile",
-         "compiles offline DPO's step only: use it with --method dpo (the other methods train uncompiled)")
-    loop = dict(warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, grad_accum=cfg.grad_accum,
-                grad_clip=cfg.grad_clip, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every)
-    loop_flags = {"lr": "lr", "steps": "steps"}
-    return {
-        "compare": compare or [cfg.method],
-        "prompts": make(PromptConfig, None, train=cfg.num_prompts, heldout=cfg.heldout_prompts,
-                        eval=cfg.eval_prompts, min_tokens=cfg.prompt_min_tokens, max_tokens=cfg.prompt_max_tokens,
-                        seed=cfg.seed),
-        "pairs": make(PairsConfig, {"n_completions": "completions_per_prompt", "mode": "pairs_mode",
-                                    "temperature": "gen_temperature", "top_k": "gen_top_k",
-                                    "batch_size": "gen_batch_size"},
-                      mode=cfg.pairs_mode, n_completions=cfg.completions_per_prompt, pairing=cfg.pairing,
-                      min_new_tokens=cfg.min_new_tokens, max_new_tokens=cfg.max_new_tokens,
-                      temperature=cfg.gen_temperature, top_k=cfg.gen_top_k or None, batch_size=cfg.gen_batch_size,
-                      seed=cfg.seed),
-        "dpo": [make(DPOConfig, {"beta": "beta_sweep" if cfg.beta_sweep else "beta"}, beta=b,
-                     loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing) for b in betas],
-        "lora": make(LoRAConfig, {"rank": "lora_rank", "alpha": "lora_alpha", "dropout": "lora_dropout",
-                                  "targets": "lora_targets"}, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-                     dropout=cfg.lora_dropout, targets=tuple(t.strip() for t in cfg.lora_targets.split(","))),
-        "batch": make(BatchConfig, None, mode=cfg.batching, pairs=cfg.batch_size, prompts=cfg.batch_prompts,
-                      grad_accum=cfg.grad_accum, max_length=cfg.max_length, pad_id=EOT_ID, logprobs=cfg.logprobs,
-                      seed=cfg.seed),
-        "loop": make(LoopConfig, loop_flags, steps=cfg.steps, lr=cfg.lr, label="dpo", **loop),
-        "sft_loop": make(LoopConfig, {"steps": "sft_steps", "lr": "sft_lr"}, steps=cfg.sft_steps, lr=cfg.sft_lr,
-                         label="sft", **{**loop, "warmup_steps": min(20, cfg.sft_steps // 10)})
-        if cfg.sft_steps > 0 else None,
-        "sft": make(SFTConfig, {"batch_size": "sft_batch_size", "block_size": "sft_block_size"},
-                    batch_size=cfg.sft_batch_size, block_size=cfg.sft_block_size, lora=cfg.sft_lora, seed=cfg.seed),
-        "random_model": make(GPTConfig, None, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                             n_embd=cfg.n_embd) if cfg.model == "random" else None,
-        "online_dpo": online,
-        "rloo": [make(RLOOConfig, {**RLOO_FLAGS, "kl_coef": "kl_coef_sweep" if cfg.kl_coef_sweep else "kl_coef"},
-                      **rloo_values(cfg, kl)) for kl in kl_coefs],
-        "rloo_loop": make(LoopConfig, {"steps": "rloo_steps", "lr": "rloo_lr"}, steps=cfg.rloo_steps,
-                          lr=cfg.rloo_lr, label="rloo", **loop),
-        "best_of_n": ns,
-        "unlikelihood": [make(UnlikelihoodConfig, {"unlikelihood_alpha": "unlikelihood_alpha_sweep"
-                                                   if cfg.unlikelihood_alpha_sweep else "unlikelihood_alpha"}, alpha=a)
-                         for a in alphas],
-        "rm_loop": make(LoopConfig, {"steps": "rm_steps", "lr": "rm_lr"}, steps=cfg.rm_steps, lr=cfg.rm_lr,
-                        label="reward-model", **loop),
-        "seeds": seeds,
-        "eval": make(EvalConfig, None, max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
-                     seed=cfg.seed + 1),
-        "eval_every": cfg.eval_every, "max_length": cfg.max_length, "precompute_ref": cfg.precompute_ref,
-        "compile": cfg.compile, "export_merged": cfg.export_merged, "seed": cfg.seed,
-    }
-
-
-ONLINE_DPO_FLAGS = {"k": "completions_per_prompt", "prompts_per_step": "batch_prompts",
-                    "temperature": "gen_temperature", "top_k": "gen_top_k"}
-RLOO_FLAGS = {"k": "rloo_k", "prompts_per_step": "rloo_prompts", "kl_coef": "kl_coef_sweep", "top_k": "rloo_top_k",
-              "horizon": "kl_horizon", "temperature": "rloo_temperature"}
-
-
-def rloo_values(cfg: TrainConfig, kl_coef: float) -> dict:
-    return dict(k=cfg.rloo_k, prompts_per_step=cfg.rloo_prompts, kl_coef=kl_coef, target_kl=cfg.target_kl,
-                horizon=cfg.kl_horizon, min_new_tokens=cfg.min_new_tokens, max_new_tokens=cfg.max_new_tokens,
-                top_k=cfg.rloo_top_k or None, temperature=cfg.rloo_temperature, logprobs=cfg.logprobs,
-                eot_id=EOT_ID, seed=cfg.seed)
+    @cached_property
+    def stages(self) -> Stages:
+        """The component configs this run will use, built once per config: building them checks every option
+        before any work (a replace() is a new config, built anew)."""
+        return build_stages(self, COMPARE_SWEEPS)
 
 
 PRESETS = {
@@ -282,13 +165,19 @@ COMPARE_SWEEPS = {"beta_sweep": "0.05,0.1,0.5", "kl_coef_sweep": "0.02,0.05", "u
 
 
 def load_config(argv: list[str]) -> tuple[TrainConfig, set[str]]:
-    """(config, the options given on the command line). --resume reads the run's own config.json instead."""
+    """(config, the options given on the command line), every option checked (its stages built). --resume reads
+    the run's own config.json instead."""
     types = C.field_types(TrainConfig)
     given = C.parse_overrides(argv, types)
     cfg = C.build_config(TrainConfig, argv, PRESETS)
-    if cfg.resume is None:
-        cfg.stages()
-        return cfg, set(given)
+    if cfg.resume is not None:
+        cfg = resumed_config(cfg, given)
+    cfg.stages  # noqa: B018 (built here, so a bad option fails before any work)
+    return cfg, set(given)
+
+
+def resumed_config(cfg: TrainConfig, given: dict) -> TrainConfig:
+    """The config a run in cfg.resume was started with; options given now that change results are ignored."""
     saved = Path(cfg.resume) / "config.json"
     if not saved.is_file():
         raise C.ConfigError(f"--resume {cfg.resume}: no config.json there (not a train.py output directory)")
@@ -302,150 +191,159 @@ def load_config(argv: list[str]) -> tuple[TrainConfig, set[str]]:
     if ignored:
         print(f"[resume] ignoring {', '.join('--' + k.replace('_', '-') for k in sorted(ignored))}: a resumed run "
               "keeps the settings it was started with (start a new --out-dir to change them)", file=sys.stderr)
-    cfg = replace(TrainConfig(**merged), out_dir=cfg.resume, resume=cfg.resume)
-    cfg.stages()
-    return cfg, set(given)
+    return replace(TrainConfig(**merged), out_dir=cfg.resume, resume=cfg.resume)
 
 
 def with_tiny_defaults(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     """The bundled model with GPT-2-sized settings learns nothing: take the tiny preset's values for every option
     the user did not give."""
-    out = replace(cfg, **{k: v for k, v in PRESETS["tiny"].items() if k not in given | {"out_dir", "model"}})
-    out.stages()
-    return out
+    return replace(cfg, **{k: v for k, v in PRESETS["tiny"].items() if k not in given | {"out_dir", "model"}})
 
 
-def wants_frontier(cfg: TrainConfig, stages: dict) -> bool:
+def run_settings(cfg: TrainConfig) -> dict:
+    """The options that change results: what config.json's check compares (runs.NOT_SETTINGS are left out)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_SETTINGS}
+
+
+def make_runtime(cfg: TrainConfig, rank: int, world: int, device_override: str | None) -> tuple[Runtime, str]:
+    """This process's Runtime, and its precision in words for the run's first line."""
+    device = pick_device(device_override or cfg.device)
+    dtype, why = choose_dtype(device, cfg.dtype)
+    say = (lambda msg: print(msg, flush=True)) if is_main() else (lambda msg: None)
+    return Runtime(device, autocast(device, dtype), rank, world, say), f"{'bf16 autocast' if dtype else 'fp32'} ({why})"
+
+
+def main(argv: list[str]) -> None:
+    """The story of the docstring (`run`), the same on every rank; --seeds repeats it per seed (`run_seeds`)."""
+    cfg, given = load_config(argv)
+    check_model_name(cfg.model)  # every path is checked before any work or any write
+    rank, world, device_override = setup_distributed()
+    try:
+        rt, precision = make_runtime(cfg, rank, world, device_override)
+        if cfg.stages.seeds:
+            run_seeds(cfg, given, rt, precision)
+        else:
+            run(cfg, given, rt, precision)
+    finally:
+        teardown()
+
+
+def run(cfg: TrainConfig, given: set[str], rt: Runtime, precision: str) -> None:
+    """One whole run (every method and setting of --compare) with one seed, into cfg.out_dir."""
+    t_start = time.perf_counter()
+    data_src, data_note = imdb_source(cfg.data)
+    # 1. the model (the bundled model brings the tiny preset's settings unless some were given)
+    model, model_desc, notes = load_model_stage(cfg.model, rt.device, cfg.stages.random_model, cfg.seed)
+    if notes and cfg.preset is None and cfg.resume is None:
+        cfg = with_tiny_defaults(cfg, given)
+    for line in notes:
+        rt.log(line)
+    stages, out, tok = cfg.stages, Path(cfg.out_dir), Tokenizer()  # tok: read and sha256-checked once
+    check_model_fits(model, cfg.prompt_max_tokens + cfg.max_new_tokens, cfg.max_length, tok.vocab_size)
+    with enter_run_folder(cfg, out) as folder:
+        if folder.finished:
+            rt.log(f"{out} already holds this run, finished; its outputs stay as they are (--overwrite to run it "
+                   f"again). {sample_hint(out).capitalize()}")
+            return
+        if folder.repairing:  # every sub-run resumes at its last step: nothing is trained again
+            rt.log(f"{out} holds this run, finished, without {', '.join(missing_outputs(cfg, out))}: making them")
+        torch.manual_seed(cfg.seed)
+        rt.log(f"minidpo: device {rt.device}{' x' + str(rt.world) if rt.world > 1 else ''}, {precision}, model "
+               f"{model_desc}, out_dir {out}")
+        if data_note:
+            rt.log(data_note)
+        t0 = time.perf_counter()
+        reviews = load_reviews(data_src)
+        rt.log(f"[data] {data_src}: {len(reviews.train):,} train / {len(reviews.test):,} test reviews "
+               f"({time.perf_counter() - t0:.1f} s)")
+        # 2. optional SFT, folded into the weights: the reference
+        model, base = sft_stage(model, model_desc, reviews, tok, stages, out, rt)
+        # 3. the reward: a sentiment classifier
+        scorer = fit_classifier(reviews, rt.log)
+        # 4. prompts (the pairs are built by the first method that needs them, then cached)
+        prompts = make_prompt_sets(reviews, tok, stages.prompts)
+        ctx = RunContext(model, tok, scorer, reviews, prompts, stages, base, out, rt, settings=run_settings(cfg))
+        # 5-6. each method and setting trains a fresh adapter (or none, best-of-N) and is evaluated the same way
+        runs = [run_one(ctx, method, setting, run_dir) for method, setting, run_dir in method_runs(stages, out)]
+        # 7. the report: summary.json, the frontier, the merged model (rank 0)
+        if is_main():
+            report(ctx, cfg, runs, model_desc, data_src, time.perf_counter() - t_start)
+        # leaving the folder marks the run finished, last: a kill before leaves a run that --resume completes
+
+
+def enter_run_folder(cfg: TrainConfig, out: Path):
+    """run_folder (every rank alike) for this run: the paths are checked writable first (rank 0); a sub-run's
+    checkpoint made with other settings is refused before anything is written; config.json is recorded."""
+    if is_main():
+        check_writable(out, "--out-dir")
+        check_writable(cache_dir(), "the cache dir ($MINIDPO_CACHE)")
+    settings = run_settings(cfg)
+
+    def record(o: Path) -> None:  # rank 0, after the folder check: refuse a sub-run made otherwise first
+        check_checkpoints(cfg.stages, settings, o)
+        C.save_config(cfg, o / "config.json")
+    return run_folder(out, settings, resume=cfg.resume is not None, overwrite=cfg.overwrite, record=record,
+                      missing=lambda o: missing_outputs(cfg, o))
+
+
+def wants_frontier(cfg: TrainConfig) -> bool:
     """A frontier.csv for several runs, several evaluation steps, or each seed of --seeds (what the top gathers)."""
-    return len(method_runs(stages, Path(cfg.out_dir))) > 1 or bool(cfg.eval_every) or bool(cfg.seeds)
+    return len(method_runs(cfg.stages, Path(cfg.out_dir))) > 1 or bool(cfg.eval_every) or bool(cfg.seeds)
 
 
 def missing_outputs(cfg: TrainConfig, out: Path) -> list[str]:
     """What a finished run in `out` lacks of what this command writes (a kill between its summary and its last
     output, or a file deleted since): frontier.csv, or the --export-merged model."""
     missing = []
-    if wants_frontier(cfg, cfg.stages()) and not (out / "frontier.csv").is_file():
+    if wants_frontier(cfg) and not (out / "frontier.csv").is_file():
         missing.append(str(out / "frontier.csv"))
     if cfg.export_merged and not (Path(cfg.export_merged) / "model.safetensors").is_file():
         missing.append(str(Path(cfg.export_merged) / "model.safetensors"))
     return missing
 
 
-def main(argv: list[str]) -> None:
-    """The story of the docstring, step by step; every rank runs it the same way. --seeds repeats it per seed."""
-    cfg, given = load_config(argv)
-    if cfg.stages()["seeds"]:
-        return run_seeds(cfg, given)
-    run(cfg, given)
+def report(ctx: RunContext, cfg: TrainConfig, runs: list, model_desc: str, data_src: Path, seconds: float) -> None:
+    """summary.json, frontier.csv (with this run's seed), the --export-merged model and the last lines."""
+    summary = summarize(runs, model_desc, ctx.base, data_src, ctx.rt.device, ctx.rt.world, seconds,
+                        ctx.reward_model_info)
+    atomic_write_json(ctx.out / "summary.json", summary)
+    if wants_frontier(cfg):
+        write_frontier(ctx.out, [{**p, "seed": cfg.seed} for r in runs for p in r.frontier], ctx.rt.log)
+    if cfg.export_merged:
+        export_merged(ctx.model, Path(cfg.export_merged), ctx.rt.log)
+    ctx.rt.log(result_lines(runs[-1], summary, ctx.out))
 
 
-def run(cfg: TrainConfig, given: set[str]) -> None:
-    """One whole run (every method and setting of --compare) with one seed, into cfg.out_dir."""
-    t_start = time.perf_counter()
-    check_model_name(cfg.model)  # every path is checked before any work or any write
-    data_src, data_note = imdb_source(cfg.data)
-    out = Path(cfg.out_dir)
-    if cfg.resume and is_finished(out) and not missing_outputs(cfg, out):
-        print(f"{out} holds a finished run; its outputs stay as they are. {sample_hint(out).capitalize()}")
-        return
-    rank, world, dev_override = setup_distributed()
-    try:
-        device = pick_device(dev_override or cfg.device)
-        dtype, dtype_why = choose_dtype(device, cfg.dtype)  # the why goes on the run's first line
-        say = (lambda msg: print(msg, flush=True)) if is_main() else (lambda msg: None)
-        # 1. the model (the bundled model brings the tiny preset's settings unless some were given)
-        model, model_desc, notes = load_model_stage(cfg.model, device, cfg.stages()["random_model"], cfg.seed)
-        if notes and cfg.preset is None and cfg.resume is None:
-            cfg = with_tiny_defaults(cfg, given)
-        for line in notes:
-            say(line)
-        out, stages = Path(cfg.out_dir), cfg.stages()
-        tok = Tokenizer()  # read and sha256-checked once, used from the vocabulary check to evaluation
-        check_model_fits(model, cfg.prompt_max_tokens + cfg.max_new_tokens, cfg.max_length, tok.vocab_size)
-        if is_main():
-            check_writable(out, "--out-dir")
-            check_writable(cache_dir(), "the cache dir ($MINIDPO_CACHE)")
-        settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_SETTINGS}
-
-        def record(o: Path) -> None:  # rank 0, after the folder check: refuse a sub-run made otherwise first
-            check_checkpoints(stages, settings, o)
-            C.save_config(cfg, o / "config.json")
-
-        with run_folder(out, settings, resume=cfg.resume is not None, overwrite=cfg.overwrite, record=record,
-                        missing=lambda o: missing_outputs(cfg, o)) as folder:
-            if folder.finished:
-                say(f"{out} already holds this run, finished; its outputs stay as they are (--overwrite to run "
-                    f"it again). {sample_hint(out).capitalize()}")
-                return
-            if folder.repairing:  # every sub-run resumes at its last step: nothing is trained again
-                say(f"{out} holds this run, finished, without {', '.join(missing_outputs(cfg, out))}: making them")
-            torch.manual_seed(cfg.seed)
-            say(f"minidpo: device {device}{' x' + str(world) if world > 1 else ''}, "
-                f"{'bf16 autocast' if dtype else 'fp32'} ({dtype_why}), model {model_desc}, out_dir {out}")
-            if data_note:
-                say(data_note)
-            t0 = time.perf_counter()
-            reviews = load_reviews(data_src)
-            say(f"[data] {data_src}: {len(reviews.train):,} train / {len(reviews.test):,} test reviews "
-                f"({time.perf_counter() - t0:.1f} s)")
-            amp = autocast(device, dtype)
-            # 2. optional SFT, folded into the weights: the reference
-            model, base = sft_stage(model, model_desc, reviews, tok, stages["sft_loop"], stages["sft"],
-                                    stages["lora"], out, amp, rank, say)
-            # 3. the reward: a sentiment classifier
-            scorer = fit_classifier(reviews, say)
-            # 4. prompts (the pairs are built by the first method that needs them, then cached)
-            prompts = make_prompt_sets(reviews, tok, stages["prompts"])
-            ctx = RunContext(model, tok, scorer, reviews, prompts, stages, base, out, device, amp, rank, world, say,
-                             settings=settings)
-            # 5-6. each method and setting trains a fresh adapter (or none, best-of-N) and is evaluated the same way
-            runs = []
-            for method, setting, run_dir in method_runs(stages, out):
-                runs.append(run_one(ctx, method, setting, run_dir))
-            if is_main():
-                summary = summarize(runs, model_desc, base, data_src, device, world, time.perf_counter() - t_start,
-                                    ctx.reward_model_info)
-                atomic_write_json(out / "summary.json", summary)
-                if wants_frontier(cfg, stages):
-                    write_frontier(out, [{**p, "seed": cfg.seed} for r in runs for p in r.frontier], say)
-                if cfg.export_merged:
-                    export_merged(model, Path(cfg.export_merged), say)
-                say(result_lines(runs[-1], summary, out))
-            # leaving the folder marks the run finished, last: a kill before leaves a run that --resume completes
-    finally:
-        teardown()
-
-
-def run_seeds(cfg: TrainConfig, given: set[str]) -> None:
+def run_seeds(cfg: TrainConfig, given: set[str], rt: Runtime, precision: str) -> None:
     """--seeds: the whole run once per seed into out_dir/seed_<s>/ (each with its own prompts, pairs, reward model
     and adapters), then frontier.csv (a `seed` column), frontier_mean.csv and frontier.png (means with standard-error
     bars) and a summary.json of every seed with the mean and standard error per method and setting."""
-    out, seeds = Path(cfg.out_dir), cfg.stages()["seeds"]
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_SETTINGS}
+    out, seeds = Path(cfg.out_dir), cfg.stages.seeds
     if is_main():
         check_writable(out, "--out-dir")
-        state = check_out_dir(out, settings, resume=cfg.resume is not None, overwrite=cfg.overwrite)
-        if state.finished and all((out / f"seed_{s}" / "summary.json").is_file() for s in seeds):
-            print(f"{out} already holds this run over seeds {cfg.seeds}, finished; its outputs stay as they are "
-                  "(--overwrite to run it again)")
+    with run_folder(out, run_settings(cfg), resume=cfg.resume is not None, overwrite=cfg.overwrite,
+                    record=lambda o: C.save_config(cfg, o / "config.json"),
+                    missing=lambda o: [s for s in seeds if not (o / f"seed_{s}" / "summary.json").is_file()]) as folder:
+        if folder.finished:
+            rt.log(f"{out} already holds this run over seeds {cfg.seeds}, finished; its outputs stay as they are "
+                   "(--overwrite to run it again)")
             return
-        C.save_config(cfg, out / "config.json")
-    for s in seeds:
-        sub_out = out / f"seed_{s}"
-        resume = str(sub_out) if cfg.resume and (sub_out / "config.json").is_file() else None
-        print(f"[seeds] seed {s} of {cfg.seeds} -> {sub_out}", flush=True)
-        run(replace(cfg, seed=s, out_dir=str(sub_out), resume=resume, overwrite=False), given | {"seed"})
-    if is_main():
-        points, per_seed = [], {}
         for s in seeds:
-            with open(out / f"seed_{s}" / "frontier.csv", newline="") as f:
-                points += [{**row, "seed": s} for row in csv.DictReader(f)]
-            per_seed[s] = json.loads((out / f"seed_{s}" / "summary.json").read_text())
-        write_frontier(out, points, print)
-        atomic_write_json(out / "summary.json", seeds_summary(per_seed, points))
-        mark_finished(out)
-        print(f"wrote {out / 'summary.json'} and {out / 'frontier_mean.csv'} (mean and standard error over seeds "
-              f"{cfg.seeds})")
+            sub_out = out / f"seed_{s}"
+            resume = str(sub_out) if cfg.resume and (sub_out / "config.json").is_file() else None
+            rt.log(f"[seeds] seed {s} of {cfg.seeds} -> {sub_out}")
+            run(replace(cfg, seed=s, out_dir=str(sub_out), resume=resume, overwrite=False), given | {"seed"}, rt,
+                precision)
+        if is_main():
+            points, per_seed = [], {}
+            for s in seeds:
+                with open(out / f"seed_{s}" / "frontier.csv", newline="") as f:
+                    points += [{**row, "seed": s} for row in csv.DictReader(f)]
+                per_seed[s] = json.loads((out / f"seed_{s}" / "summary.json").read_text())
+            write_frontier(out, points, rt.log)
+            atomic_write_json(out / "summary.json", seeds_summary(per_seed, points))
+            rt.log(f"wrote {out / 'summary.json'} and {out / 'frontier_mean.csv'} (mean and standard error over "
+                   f"seeds {cfg.seeds})")
 
 
 if __name__ == "__main__":

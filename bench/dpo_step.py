@@ -164,7 +164,7 @@ def run_minidpo(a: argparse.Namespace, v: dict, work: Path) -> dict:
                              sequence_forward)
     from minidpo.model.lora import apply_lora
     from minidpo.dataset.pairs import Pair
-    from minidpo.training.trainer import LoopConfig, train_loop
+    from minidpo.training.trainer import LoopConfig, Training, train_loop
     from minidpo.model.weights import load_gpt2
 
     device = torch.device(a.device)
@@ -209,7 +209,7 @@ def run_minidpo(a: argparse.Namespace, v: dict, work: Path) -> dict:
 
     loop = LoopConfig(steps=a.warmup + a.steps, lr=a.lr, warmup_steps=0, weight_decay=0.0, grad_accum=1,
                       grad_clip=1.0, log_every=10 ** 9, checkpoint_every=0, label=f"bench {a.child}")
-    train_loop(loop, params, get_batch, step_fn, on_step_end=lambda step: ends.append(sync(a.device)),
+    train_loop(Training(loop, params, get_batch, step_fn), on_step_end=lambda step: ends.append(sync(a.device)),
                log=lambda line: None)
     return dict(times=[e - s for s, e in zip(starts, ends)], base_mb=first["base"], peak_mb=mem_peak(a.device),
                 logps=first["logps"])

@@ -4,7 +4,7 @@ The methods minidpo trains and compares, by name: the one place a method is regi
 From this list derive `--method` and `--compare`'s choices (train.py), the names of the sub-run folders a sweep or
 `--compare` writes into a run folder, `<method>_<setting>` (training/runs.py: what `--overwrite` may remove), and
 the README's table of methods (tests/test_runs.py checks it). A new method is registered here and wired up in
-experiment/compare.py (`method_runs`, `run_one`).
+experiment/compare.py (`method_runs`, `setting_name`, `train_method`) and experiment/options.py (its sweep).
 """
 
 import re

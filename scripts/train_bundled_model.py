@@ -31,7 +31,8 @@ from minidpo.dataset.imdb import load_imdb  # noqa: E402
 from minidpo.model.generate import generate  # noqa: E402
 from minidpo.model.gpt import GPT, GPTConfig  # noqa: E402
 from minidpo.experiment.resolve import autocast_dtype  # noqa: E402
-from minidpo.methods.sft import eval_loss, pack_texts, run_sft  # noqa: E402
+from minidpo.methods.sft import SFTConfig, eval_loss, pack_texts, run_sft  # noqa: E402
+from minidpo.training.runtime import Runtime  # noqa: E402
 from minidpo.model.tokenizer import Tokenizer  # noqa: E402
 from minidpo.training.trainer import LoopConfig, append_jsonl  # noqa: E402
 
@@ -120,8 +121,9 @@ def main(argv: list[str]) -> None:
     if not cfg.resume and curve.exists():
         curve.unlink()  # a fresh run: the old curve would be mixed in
     t_start = time.perf_counter()
-    run_sft(model, train_stream, loop, cfg.batch_size, cfg.block_size, cfg.seed, device, work,
-            resume=cfg.resume, on_step_end=evaluate, autocast=amp)
+    windows = SFTConfig(batch_size=cfg.batch_size, block_size=cfg.block_size, seed=cfg.seed)
+    run_sft(model, train_stream, windows, loop, Runtime(device, amp), work,
+            resume=cfg.resume, on_step_end=evaluate)
     train_s = time.perf_counter() - t_start
     model.eval()
     test_loss = eval_loss(model, test_stream, cfg.block_size, batch_size=16, max_batches=REPORT_WINDOWS // 16)

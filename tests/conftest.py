@@ -25,3 +25,14 @@ class VowelScorer:
     def score(self, texts: list[str]) -> torch.Tensor:
         letters = [[c for c in t.lower() if c.isalpha()] for t in texts]
         return torch.tensor([sum(c in "aeiou" for c in ls) / max(1, len(ls)) for ls in letters])
+
+
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_new_tokens", "max_new_tokens", "eot_id")
+
+
+def with_sampling(cls, **kw):
+    """cls (a config that embeds a SamplingConfig: pairs, rollouts, evaluation) with the sampling keywords among kw
+    routed into its `sampling`, the lengths defaulting to 4..16 as in those configs."""
+    from minidpo.model.generate import SamplingConfig
+    sampling = {"min_new_tokens": 4, "max_new_tokens": 16, **{k: kw.pop(k) for k in SAMPLING_FIELDS if k in kw}}
+    return cls(sampling=SamplingConfig(**sampling), **kw)

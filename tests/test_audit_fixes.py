@@ -9,8 +9,12 @@ import pytest
 import torch
 
 import train
+from minidpo.training.runtime import Runtime
+from minidpo.training.trainer import TrainRun
+from minidpo.model.generate import SamplingConfig
 from minidpo.config import ConfigError
-from minidpo.training.trainer import Checkpointer, LoopConfig, train_loop
+from minidpo.training.checkpoint import Checkpointer
+from minidpo.training.trainer import LoopConfig, Training, train_loop
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -74,10 +78,10 @@ def test_a_step_evaluation_is_made_before_that_step_checkpoint(tmp_path, monkeyp
         return real_save(self, step, *a, **k)
     monkeypatch.setattr(Checkpointer, "save", save)
     with pytest.raises(KeyboardInterrupt):
-        train_loop(cfg, params, get_batch, step_fn, Checkpointer(tmp_path / "c", params), on_step_end=evaluated.append)
+        train_loop(Training(cfg, params, get_batch, step_fn), Checkpointer(tmp_path / "c", params), on_step_end=evaluated.append)
     assert evaluated == [1, 2]
     monkeypatch.setattr(Checkpointer, "save", real_save)
-    train_loop(cfg, params, get_batch, step_fn, Checkpointer(tmp_path / "c", params), on_step_end=evaluated.append,
+    train_loop(Training(cfg, params, get_batch, step_fn), Checkpointer(tmp_path / "c", params), on_step_end=evaluated.append,
                resume=True)
     assert evaluated == [1, 2, 2, 3]
 
@@ -135,9 +139,9 @@ def test_lora_dropout_is_on_in_every_training_step_and_off_in_every_rollout(tmp_
             seen.append((torch.is_grad_enabled(), self.training))
         return forward(self, x)
     monkeypatch.setattr(lora_mod.LoRALinear, "forward", spy)
-    cfg = RLOOConfig(k=2, prompts_per_step=2, kl_coef=0.1, min_new_tokens=2, max_new_tokens=4, seed=1)
-    train_rloo(model, tok, VowelScorer(), prompts, cfg, LoopConfig(steps=2, lr=1e-2, log_every=1, label="rloo"),
-               tmp_path, torch.device("cpu"))
+    cfg = RLOOConfig(sampling=SamplingConfig(min_new_tokens=2, max_new_tokens=4), k=2, prompts_per_step=2, kl_coef=0.1, seed=1)
+    train_rloo(model, tok, VowelScorer(), prompts, cfg,
+               TrainRun(LoopConfig(steps=2, lr=1e-2, log_every=1, label="rloo"), tmp_path), Runtime())
     assert {(True, True), (False, False)} == set(seen)
 
 
@@ -151,13 +155,13 @@ def test_a_sub_run_checkpoint_made_with_other_settings_is_refused_in_one_line_be
 
     def settings_of(argv):
         cfg, _ = train.load_config(argv)
-        return cfg.stages(), {k: v for k, v in dataclasses.asdict(cfg).items() if k not in train.NOT_SETTINGS}
+        return cfg.stages, {k: v for k, v in dataclasses.asdict(cfg).items() if k not in train.NOT_SETTINGS}
     base = ["--preset", "tiny", "--compare", "dpo,online-dpo", "--out-dir", str(out)]
     stages, record = settings_of(base)
     method, setting, run_dir = [r for r in method_runs(stages, out) if r[0] == "online-dpo"][0]
     params, get_batch, step_fn = make_problem()
     ckpt = Checkpointer(run_dir / "checkpoint", params, checkpoint_settings(stages, record, method, setting))
-    train_loop(LoopConfig(steps=1, lr=0.1, warmup_steps=0), params, get_batch, step_fn, ckpt)
+    train_loop(Training(LoopConfig(steps=1, lr=0.1, warmup_steps=0), params, get_batch, step_fn), ckpt)
     check_checkpoints(stages, record, out)  # the same settings: fine
     for extra, named in ((["--lora-alpha", "64"], "run.lora_alpha=16.0"), (["--steps", "9"], "steps=80"),
                          (["--gen-temperature", "0.5"], "run.gen_temperature=0.7")):
@@ -171,17 +175,17 @@ def test_a_sub_run_checkpoint_made_with_other_settings_is_refused_in_one_line_be
 
 def test_best_of_n_stores_its_bound_as_kl_bound_and_sets_the_reference_reward_without_n_1(tmp_path, monkeypatch):
     from types import SimpleNamespace
-    from minidpo.experiment import compare
+    from minidpo.experiment import compare, report
     from minidpo.methods.best_of_n import kl_bound
     from minidpo.training.frontier import read_frontier, write_frontier
     asked = []
 
-    def sweep(model, tok, scorer, prompts, ns, cfg, device):
+    def sweep(model, tok, scorer, prompts, ns, cfg):
         asked.append(list(ns))
         return [{"n": n, "reward": 0.4 + 0.01 * n, "kl_bound": kl_bound(n)} for n in ns]
     monkeypatch.setattr(compare, "best_of_n_sweep", sweep)
-    ctx = SimpleNamespace(amp=torch.autocast("cpu", enabled=False), model=None, tok=None, scorer=None,
-                          prompts=SimpleNamespace(eval=[]), stages={"eval": None}, device="cpu", log=lambda m: None)
+    ctx = SimpleNamespace(model=None, tok=None, scorer=None, prompts=SimpleNamespace(eval=[]),
+                          stages=SimpleNamespace(eval=None), rt=Runtime())
     result = compare.run_best_of_n(ctx, [2, 4], tmp_path)
     assert asked == [[1, 2, 4]] and result.reference == {"reward": pytest.approx(0.41)}
     assert "kl_exact" not in result.policy and result.policy["kl_bound"] == pytest.approx(kl_bound(4))
@@ -190,11 +194,11 @@ def test_best_of_n_stores_its_bound_as_kl_bound_and_sets_the_reference_reward_wi
     header, *rows = (tmp_path / "frontier.csv").read_text().splitlines()
     assert "kl_bound" in header.split(",")
     assert all(r["kl"] == pytest.approx(r["kl_bound"]) for r in read_frontier(tmp_path))  # the plot's x: the bound
-    assert "KL bound" in compare.result_lines(result, {"total_seconds": 1.0}, tmp_path)
+    assert "KL bound" in report.result_lines(result, {"total_seconds": 1.0}, tmp_path)
 
 
 def test_the_last_line_names_a_sub_run_that_holds_an_adapter_or_says_there_is_none(tmp_path):
-    from minidpo.experiment.compare import sample_hint
+    from minidpo.experiment.report import sample_hint
     (tmp_path / "best-of-n_N_1,2").mkdir()
     assert "python sample.py" not in sample_hint(tmp_path) and "no trained adapter" in sample_hint(tmp_path)
     for name in ("dpo_beta_0.1", "rloo_kl_coef_0.02"):

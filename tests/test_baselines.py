@@ -9,13 +9,15 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from minidpo.methods.baselines import (UL_FLOOR, UnlikelihoodConfig, completion_token_logps, log1mexp, per_row,
+from minidpo.training.runtime import Runtime
+from minidpo.training.trainer import TrainRun
+from minidpo.methods.baselines import (UL_FLOOR, UnlikelihoodConfig, log1mexp, per_row,
                                preferred_ft_loss, preferred_ft_step, train_baseline, unlikelihood_loss,
                                unlikelihood_step, unlikelihood_term)
 from minidpo.dataset.batching import collate_pairs, collate_unique, prompt_groups
 from minidpo.config import ConfigError
-from minidpo.methods.dpo import score_sequences
-from minidpo.methods.dpo_train import BatchConfig
+from minidpo.methods.scoring import completion_logps, token_logps
+from minidpo.methods.offline_train import BatchConfig
 from minidpo.methods.logprobs import naive_token_logps
 from minidpo.model.lora import LoRAConfig, apply_lora, lora_state_dict
 from minidpo.model.gpt import GPT, GPTConfig
@@ -132,9 +134,9 @@ def test_token_logps_sum_to_dpos_sequence_scores(logprobs):
     model = tiny_policy()
     b = collate_unique(some_pairs(), 16, pad_id=V - 1)
     keep = b["response_mask"] * b["attention_mask"]
-    logp, row = completion_token_logps(model, b["ids"], keep, logprobs)
+    logp, row = token_logps(model, b["ids"], keep, logprobs)
     assert logp.shape == row.shape == (int((keep[:, 1:] != 0).sum()),)
-    torch.testing.assert_close(per_row(logp, row, b["ids"].size(0)), score_sequences(model, b["ids"], keep, logprobs),
+    torch.testing.assert_close(per_row(logp, row, b["ids"].size(0)), completion_logps(model, b["ids"], keep, logprobs),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -200,8 +202,9 @@ def run(method, tmp, steps, crash_at=None):
     def crash(step):
         if step == crash_at:
             raise KeyboardInterrupt
-    summary = train_baseline(model, toy_data(), method, LoRAConfig(rank=2, alpha=4.0), bcfg, loop, tmp,
-                             torch.device("cpu"), UnlikelihoodConfig(alpha=0.5), on_step_end=crash if crash_at else None)
+    apply_lora(model, LoRAConfig(rank=2, alpha=4.0))  # the caller's fresh adapter, seeded as above
+    summary = train_baseline(model, toy_data(), method, bcfg, TrainRun(loop, tmp, crash if crash_at else None),
+                             Runtime(), UnlikelihoodConfig(alpha=0.5))
     return model, summary
 
 
@@ -223,4 +226,4 @@ def test_a_short_run_moves_its_target_log_prob_and_resumes_bit_identically(tmp_p
 def test_train_baseline_refuses_another_method(tmp_path):
     with pytest.raises(ConfigError, match="method"):
         train_baseline(GPT(GPTConfig(block_size=32, vocab_size=V, n_layer=1, n_head=2, n_embd=16)), toy_data(),
-                       "dpo", LoRAConfig(), BatchConfig(), LoopConfig(steps=1, lr=1e-3), tmp_path, torch.device("cpu"))
+                       "dpo", BatchConfig(), TrainRun(LoopConfig(steps=1, lr=1e-3), tmp_path), Runtime())

@@ -8,16 +8,16 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from minidpo.methods.best_of_n import best_of_n, best_of_n_sweep, kl_bound, sample_rounds
-from minidpo.methods.evaluate import EvalConfig, sample_completions
+from minidpo.methods.evaluate import EvalConfig, sample_plain
+from minidpo.model.generate import SamplingConfig
 from minidpo.model.lora import apply_lora, lora_layers
 from minidpo.model.gpt import GPT, GPTConfig
-from minidpo.dataset.pairs import response_text
+from minidpo.model.completions import response_text
 from minidpo.dataset.prompts import Prompt
 from minidpo.model.tokenizer import Tokenizer
 from conftest import VowelScorer
 
-CPU = torch.device("cpu")
-CFG = EvalConfig(max_new_tokens=4, min_new_tokens=1, batch_size=3, seed=7)
+CFG = EvalConfig(sampling=SamplingConfig(max_new_tokens=4, min_new_tokens=1), batch_size=3, seed=7)
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +44,8 @@ def test_kl_bound_rejects_anything_but_a_positive_integer(bad):
 
 def test_best_of_one_is_the_reference_sample_evaluation_scores(setup):
     model, tok, prompts = setup
-    r = best_of_n(model, tok, VowelScorer(), prompts, 1, CFG, CPU)
-    plain = sample_completions(model, tok, prompts, CFG, CPU)
+    r = best_of_n(model, tok, VowelScorer(), prompts, 1, CFG)
+    plain = sample_plain(model, tok, prompts, CFG)
     expected = VowelScorer().score([p.text + response_text(c, tok) for p, c in zip(prompts, plain)]).mean()
     assert r["completions"] == plain
     assert r["reward"] == pytest.approx(float(expected))
@@ -55,21 +55,21 @@ def test_best_of_one_is_the_reference_sample_evaluation_scores(setup):
 def test_reward_never_drops_as_n_grows_and_separate_calls_agree_with_the_sweep(setup):
     model, tok, prompts = setup
     ns = [1, 2, 3, 5, 8]
-    sweep = best_of_n_sweep(model, tok, VowelScorer(), prompts, ns, CFG, CPU)
+    sweep = best_of_n_sweep(model, tok, VowelScorer(), prompts, ns, CFG)
     rewards = [r["reward"] for r in sweep]
     assert all(a <= b for a, b in zip(rewards, rewards[1:])), rewards
     assert rewards[-1] > rewards[0]  # with 8 tries some prompt gets a better completion
     for n, per_prompt in zip(ns[1:], sweep[1:]):  # per prompt too, not only on average
         assert all(a <= b for a, b in zip(sweep[0]["scores"], per_prompt["scores"]))
-    single = best_of_n(model, tok, VowelScorer(), prompts, 5, CFG, CPU)
+    single = best_of_n(model, tok, VowelScorer(), prompts, 5, CFG)
     assert single["completions"] == sweep[3]["completions"] and single["reward"] == sweep[3]["reward"]
     assert [r["kl_bound"] for r in sweep] == [kl_bound(n) for n in ns]
 
 
 def test_the_kept_completion_is_the_highest_scoring_of_its_prompts_samples(setup):
     model, tok, prompts = setup
-    r = best_of_n(model, tok, VowelScorer(), prompts, 4, CFG, CPU)
-    completions, scores = sample_rounds(model, tok, VowelScorer(), prompts, 4, CFG, CPU)  # (rounds, P)
+    r = best_of_n(model, tok, VowelScorer(), prompts, 4, CFG)
+    completions, scores = sample_rounds(model, tok, VowelScorer(), prompts, 4, CFG)  # (rounds, P)
     torch.testing.assert_close(torch.tensor(r["scores"]), scores.max(0).values)
     for i, kept in enumerate(r["completions"]):
         assert kept in [completions[j][i] for j in range(4)]
@@ -80,7 +80,7 @@ def test_the_kept_completion_is_the_highest_scoring_of_its_prompts_samples(setup
 
 def test_samples_come_from_the_reference_with_the_adapter_disabled(setup):
     model, tok, prompts = setup
-    plain = best_of_n(model, tok, VowelScorer(), prompts, 3, CFG, CPU)
+    plain = best_of_n(model, tok, VowelScorer(), prompts, 3, CFG)
     tuned = GPT(model.config).eval()
     tuned.load_state_dict(model.state_dict())
     apply_lora(tuned, rank=2, alpha=4.0, targets=("attn.c_attn", "mlp.c_fc"))
@@ -88,8 +88,8 @@ def test_samples_come_from_the_reference_with_the_adapter_disabled(setup):
         for layer in lora_layers(tuned).values():
             layer.lora_B.normal_(0, 1.0)  # a policy far from the reference
     # the adapter changes what the policy samples ...
-    assert sample_completions(tuned, tok, prompts, CFG, CPU) != sample_completions(model, tok, prompts, CFG, CPU)
-    r = best_of_n(tuned, tok, VowelScorer(), prompts, 3, CFG, CPU)  # ... but not what best-of-n samples
+    assert sample_plain(tuned, tok, prompts, CFG) != sample_plain(model, tok, prompts, CFG)
+    r = best_of_n(tuned, tok, VowelScorer(), prompts, 3, CFG)  # ... but not what best-of-n samples
     assert r["completions"] == plain["completions"] and r["reward"] == plain["reward"]
     assert tuned.training is False
 
@@ -97,6 +97,6 @@ def test_samples_come_from_the_reference_with_the_adapter_disabled(setup):
 def test_n_larger_than_the_rounds_or_an_empty_sweep_is_refused(setup):
     model, tok, prompts = setup
     with pytest.raises(ValueError):
-        best_of_n(model, tok, VowelScorer(), prompts, 0, CFG, CPU)
+        best_of_n(model, tok, VowelScorer(), prompts, 0, CFG)
     with pytest.raises(ValueError):
-        best_of_n_sweep(model, tok, VowelScorer(), prompts, [], CFG, CPU)
+        best_of_n_sweep(model, tok, VowelScorer(), prompts, [], CFG)

@@ -16,11 +16,12 @@ import torch.nn as nn
 
 import minidpo.model.gpt as model_module
 import minidpo.experiment.resolve as resolve
+from minidpo.training.runtime import Runtime
 from minidpo.model.cast_cache import Linear, autocast_weight
 from minidpo.model.lora import apply_lora
 from minidpo.model.generate import generate
 from minidpo.model.gpt import GPT, GPTConfig
-from minidpo.methods.sft import run_sft
+from minidpo.methods.sft import SFTConfig, run_sft
 from minidpo.training.trainer import LoopConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,7 +86,7 @@ def test_sft_under_bf16_lowers_the_loss_of_a_fixed_batch():
             return float(nn.functional.cross_entropy(model(x[:, :-1]).float().flatten(0, 1), x[0, 1:]))
 
     before = loss()
-    run_sft(model, stream, loop, batch_size=4, block_size=15, seed=0, device="cpu", autocast=amp)
+    run_sft(model, stream, SFTConfig(batch_size=4, block_size=15), loop, Runtime(autocast=amp))
     assert loss() < 0.5 * before
 
 

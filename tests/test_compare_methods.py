@@ -16,8 +16,10 @@ from hypothesis import strategies as st
 
 from minidpo.config import ConfigError
 from minidpo.dataset.batching import PairData
-from minidpo.experiment.compare import RunContext, ensure_reward_model, method_runs, seeds_summary, summarize
-from minidpo.methods.dpo_train import RunResult
+from minidpo.experiment.compare import method_runs
+from minidpo.experiment.context import RunContext
+from minidpo.experiment.report import RunResult, seeds_summary, summarize
+from minidpo.experiment.stages import ensure_reward_model
 from minidpo.registry import NAMES
 from train import load_config
 
@@ -27,8 +29,8 @@ SEVEN = "dpo,online-dpo,rlhf,rloo,preferred-ft,unlikelihood,best-of-n"
 
 def test_compare_takes_all_seven_methods_each_with_its_own_folders(tmp_path):
     cfg, _ = load_config(["--preset", "tiny", "--compare", SEVEN])
-    stages = cfg.stages()
-    assert stages["compare"] == SEVEN.split(",") and set(SEVEN.split(",")) == set(NAMES)
+    stages = cfg.stages
+    assert list(stages.compare) == SEVEN.split(",") and set(SEVEN.split(",")) == set(NAMES)
     names = [d.name for _, _, d in method_runs(stages, tmp_path)]
     assert "preferred-ft_sft" in names and "unlikelihood_alpha_0.1" in names and "unlikelihood_alpha_1" in names
     assert "rlhf_kl_coef_0.02" in names and "rloo_kl_coef_0.02" in names  # the same kl_coef sweep for both RLs
@@ -95,8 +97,11 @@ def test_the_reward_model_stage_is_trained_once_then_reused_from_its_file(tmp_pa
     from minidpo.dataset.batching import prompt_groups
     from minidpo.dataset.pairs import Pair
     from minidpo.experiment.resolve import autocast
-    from minidpo.methods.dpo_train import BatchConfig
+    from minidpo.methods.offline_train import BatchConfig
+    from dataclasses import replace
+
     from minidpo.model.gpt import GPT, GPTConfig
+    from minidpo.training.runtime import Runtime
     from minidpo.model.lora import LoRAConfig
     from minidpo.model.tokenizer import EOT_ID, Tokenizer
     from minidpo.training.trainer import LoopConfig
@@ -109,14 +114,14 @@ def test_the_reward_model_stage_is_trained_once_then_reused_from_its_file(tmp_pa
     pairs = [Pair(f"movie {i}", " great fun", " awful", tok.encode(f"movie {i}"), tok.encode(" great fun"),
                   tok.encode(" awful"), 0.9, 0.1, "train" if i < 4 else "heldout") for i in range(6)]
     data = PairData(pairs[:4], pairs[4:], prompt_groups(pairs[:4]), "fp")
-    stages = {"lora": LoRAConfig(rank=2, alpha=4.0), "max_length": 32,
-              "batch": BatchConfig(mode="unique", prompts=2, max_length=32, pad_id=EOT_ID),
-              "rm_loop": LoopConfig(steps=2, lr=1e-2, log_every=1, label="reward-model")}
+    stages = replace(load_config(["--max-length", "32"])[0].stages, lora=LoRAConfig(rank=2, alpha=4.0),
+                     batch=BatchConfig(mode="unique", prompts=2, max_length=32, pad_id=EOT_ID),
+                     rm_loop=LoopConfig(steps=2, lr=1e-2, log_every=1, label="reward-model"))
     lines = []
 
     def context():
-        return RunContext(model, tok, None, None, None, stages, "bundled", tmp_path, torch.device("cpu"),
-                          autocast(torch.device("cpu"), None), 0, 1, lines.append, pairs=data)
+        return RunContext(model, tok, None, None, None, stages, "bundled", tmp_path,
+                          Runtime(autocast=autocast(torch.device("cpu"), None), log=lines.append), pairs=data)
     first = context()
     scores = ensure_reward_model(first).score(["movie 1 great fun", "movie 1 awful"])
     assert (tmp_path / "reward_model.safetensors").is_file() and first.reward_model_info["heldout_pairs"] == 2

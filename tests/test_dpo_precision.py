@@ -85,6 +85,7 @@ def have_cpp_compiler() -> bool:
 # all; MINIDPO_SKIP_COMPILE_TEST=1 skips it there (nothing else should need it).
 @pytest.mark.skipif(not have_cpp_compiler() or os.environ.get("MINIDPO_SKIP_COMPILE_TEST") == "1",
                     reason="torch.compile (inductor) needs a C++ compiler on the CPU; or MINIDPO_SKIP_COMPILE_TEST=1")
+@pytest.mark.slow  # inductor compiles for several seconds
 def test_torch_compile_of_the_forward_matches_eager_for_three_steps():
     eager = tiny_policy(1, n_layer=1)
     compiled = copy.deepcopy(eager)

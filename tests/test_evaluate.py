@@ -9,14 +9,18 @@ import torch
 import torch.nn as nn
 from hypothesis import given, settings, strategies as st
 
+from minidpo.model.generate import SamplingConfig
 from minidpo.dataset.batching import pair_indices
 from minidpo.config import ConfigError
 from minidpo.methods.evaluate import (EvalConfig, evaluate, implicit_reward_accuracy, kl_terms, per_token_kl,
-                              sample_completions, sample_reference, sampler_logits, sequence_kl)
+                                     sample_plain, sample_reference, sequence_kl)
+from minidpo.model.completions import sampler_logits
 from minidpo.model.lora import LoRALinear, apply_lora, lora_disabled
 from minidpo.model.gpt import GPT, GPTConfig
 from minidpo.dataset.pairs import Pair
 from minidpo.dataset.prompts import Prompt
+
+from conftest import with_sampling
 
 CPU = torch.device("cpu")
 
@@ -188,10 +192,11 @@ def tiny_prompts(n: int, seed: int = 5) -> list[Prompt]:
 def test_exact_and_sampled_kl_agree_within_their_standard_error():
     """Both estimate the KL between the two samplers; their per-prompt difference has mean 0."""
     model = tiny_lora_model(zero=False, vocab=12, wte_scale=5.0, b_std=1.0)
-    prompts, cfg = tiny_prompts(400), EvalConfig(max_new_tokens=6, min_new_tokens=3, batch_size=200, seed=0)
-    completions = sample_completions(model, TinyTokenizer(), prompts, cfg, CPU)
+    prompts, cfg = tiny_prompts(400), EvalConfig(SamplingConfig(max_new_tokens=6, min_new_tokens=3, eot_id=11),
+                                                 batch_size=200, seed=0)
+    completions = sample_plain(model, TinyTokenizer(), prompts, cfg)
     assert any(c[-1] == 11 for c in completions) and any(len(c) == 6 and c[-1] != 11 for c in completions)
-    kl = sequence_kl(model, prompts, completions, CPU, 11, cfg.min_new_tokens, batch_size=200)
+    kl = sequence_kl(model, prompts, completions, CPU, 11, cfg.sampling.min_new_tokens, batch_size=200)
     diff = kl.sampled - kl.exact
     se = diff.std() / len(diff) ** 0.5
     assert kl.exact.mean() > 0.5  # a KL well away from 0, so agreement means something
@@ -201,9 +206,10 @@ def test_exact_and_sampled_kl_agree_within_their_standard_error():
 
 def test_evaluate_with_a_small_vocabulary_reports_both_kls_and_their_errors():
     model = tiny_lora_model(zero=False, vocab=12, wte_scale=5.0, b_std=1.0)
-    prompts, cfg = tiny_prompts(40), EvalConfig(max_new_tokens=6, min_new_tokens=2, batch_size=16, seed=0)
+    prompts, cfg = tiny_prompts(40), EvalConfig(SamplingConfig(max_new_tokens=6, min_new_tokens=2, eot_id=11),
+                                                batch_size=16, seed=0, max_length=16)
     pairs = [Pair("p", "a", "b", [1, 2], [3, 4, 11], [5], 1.0, 0.0), Pair("q", "c", "d", [6], [7], [8, 9], 1.0, 0.0)]
-    r = evaluate(model, TinyTokenizer(), CountingScorer(), prompts, pairs, cfg, 16, 0.1, CPU)
+    r = evaluate(model, TinyTokenizer(), CountingScorer(), prompts, cfg, pairs, 0.1)
     assert set(r["policy"]) == {"reward", "reward_se", "kl_exact", "kl_exact_se", "kl_sampled", "kl_sampled_se"}
     assert set(r["reference"]) == {"reward", "reward_se"} and len(r["examples"]) == 3
     assert r["policy"]["kl_exact"] > 0 and r["policy"]["kl_exact_se"] > 0 and r["policy"]["kl_sampled_se"] > 0
@@ -218,37 +224,35 @@ def test_evaluate_without_pairs_or_beta_skips_the_implicit_reward(pairs, beta):
     """The RL baseline has no implicit reward; it is evaluated by the same function."""
     model = tiny_lora_model(zero=False, vocab=12, wte_scale=5.0)
     pairs = [Pair("p", "a", "b", [1], [3], [5], 1.0, 0.0)] if pairs == "pairs" else pairs
-    r = evaluate(model, TinyTokenizer(), CountingScorer(), tiny_prompts(4), pairs, EvalConfig(4, 1, seed=0), 16, beta,
-                 CPU, with_reference=False)
+    cfg = EvalConfig(SamplingConfig(min_new_tokens=1, max_new_tokens=4, eot_id=11), seed=0, max_length=16)
+    r = evaluate(model, TinyTokenizer(), CountingScorer(), tiny_prompts(4), cfg, pairs, beta, reference=False)
     assert r["reward_accuracy"] is None and "reference" not in r
 
 
 def test_reference_uses_the_policy_seed_and_a_cached_sample_gives_the_same_result():
-    prompts, cfg = tiny_prompts(12), EvalConfig(max_new_tokens=5, min_new_tokens=1, batch_size=5, seed=3)
+    prompts, cfg = tiny_prompts(12), EvalConfig(SamplingConfig(max_new_tokens=5, min_new_tokens=1, eot_id=11),
+                                                batch_size=5, seed=3)
     fresh = tiny_lora_model(zero=True, vocab=12, wte_scale=5.0)
-    r = evaluate(fresh, TinyTokenizer(), CountingScorer(), prompts, None, cfg, 16, None, CPU)
+    r = evaluate(fresh, TinyTokenizer(), CountingScorer(), prompts, cfg)
     # policy == reference and common random numbers: identical samples, identical rewards, KL exactly 0
     assert r["policy"]["reward"] == r["reference"]["reward"] and r["policy"]["kl_exact"] == 0.0
     assert r["examples"][0]["policy"] == r["examples"][0]["reference"]
     moved = tiny_lora_model(zero=False, vocab=12, wte_scale=5.0)
-    cached = sample_reference(moved, TinyTokenizer(), prompts, cfg, CPU)
-    again = evaluate(moved, TinyTokenizer(), CountingScorer(), prompts, None, cfg, 16, None, CPU)
-    reused = evaluate(moved, TinyTokenizer(), CountingScorer(), prompts, None, cfg, 16, None, CPU,
-                      reference_completions=cached)
+    cached = sample_reference(moved, TinyTokenizer(), prompts, cfg)
+    again = evaluate(moved, TinyTokenizer(), CountingScorer(), prompts, cfg)
+    reused = evaluate(moved, TinyTokenizer(), CountingScorer(), prompts, cfg, reference=cached)
     assert again == reused
     with pytest.raises(ValueError, match="cached reference completions"):
-        evaluate(moved, TinyTokenizer(), CountingScorer(), prompts, None, cfg, 16, None, CPU,
-                 reference_completions=cached[:-1])
+        evaluate(moved, TinyTokenizer(), CountingScorer(), prompts, cfg, reference=cached[:-1])
 
 
-def test_eval_config_has_no_sampling_knobs_and_checks_its_lengths():
-    assert {f.name for f in dataclasses.fields(EvalConfig)} == {"max_new_tokens", "min_new_tokens", "batch_size",
-                                                                "seed"}
+def test_eval_config_samples_plainly_and_checks_its_lengths():
+    assert {f.name for f in dataclasses.fields(EvalConfig)} == {"sampling", "batch_size", "seed", "max_length"}
     for kwargs, field in [(dict(max_new_tokens=0), "max_new_tokens"), (dict(min_new_tokens=-1), "min_new_tokens"),
-                          (dict(max_new_tokens=4, min_new_tokens=5), "min_new_tokens"),
-                          (dict(batch_size=0), "batch_size")]:
+                          (dict(max_new_tokens=4, min_new_tokens=5), "max_new_tokens"), (dict(temperature=0.7),
+                          "temperature"), (dict(top_k=50), "temperature"), (dict(batch_size=0), "batch_size")]:
         with pytest.raises(ConfigError) as e:
-            EvalConfig(**kwargs)
+            with_sampling(EvalConfig, **kwargs)
         assert e.value.field == field
 
 

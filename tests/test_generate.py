@@ -170,7 +170,7 @@ def test_bad_sampling_settings_raise_a_value_error_naming_the_field(kw, field):
 
 @pytest.mark.parametrize("kw,field", [({"max_new_tokens": 0}, "max_new_tokens"),
                                       ({"min_new_tokens": -1}, "min_new_tokens"),
-                                      ({"min_new_tokens": 9, "max_new_tokens": 8}, "min_new_tokens")])
+                                      ({"min_new_tokens": 9, "max_new_tokens": 8}, "max_new_tokens")])
 def test_sampling_config_checks_its_lengths(kw, field):
     with pytest.raises(ConfigError) as err:
         SamplingConfig(**kw)

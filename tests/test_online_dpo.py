@@ -8,16 +8,20 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from minidpo.training.runtime import Runtime
+from minidpo.training.trainer import TrainRun
+from minidpo.model.generate import SamplingConfig
 from minidpo.config import ConfigError
 from minidpo.methods.dpo import DPOConfig, dpo_loss
 from minidpo.model.lora import apply_lora, lora_state_dict
 from minidpo.model.gpt import GPT, GPTConfig
 from minidpo.methods.online_dpo import OnlineDPOConfig, online_dpo_loss, rollout_pairs, train_online_dpo
-from minidpo.dataset.pairs import Prompt
-from minidpo.methods.rollout import Rollout, completion_logps
+from minidpo.dataset.prompts import Prompt
+from minidpo.methods.rollout import Rollout, policy_logps
+from minidpo.methods.scoring import completion_logps
 from minidpo.model.tokenizer import Tokenizer
-from minidpo.training.trainer import LoopConfig, train_loop
-from conftest import VowelScorer
+from minidpo.training.trainer import LoopConfig, Training, train_loop
+from conftest import VowelScorer, with_sampling
 
 SETTINGS = settings(max_examples=25, deadline=None)
 # few distinct values, so that ties (which must never form a pair) are common
@@ -77,19 +81,18 @@ def hand_rollout(scores: list[float], k: int, eot: int) -> Rollout:
 def test_loss_and_gradient_equal_dpo_loss_over_every_pair_one_by_one(loss_type, label_smoothing):
     eot, k = 63, 3
     model = tiny_model()
-    cfg = OnlineDPOConfig(k=k, min_new_tokens=1, max_new_tokens=4, eot_id=eot, temperature=0.8)
+    cfg = OnlineDPOConfig(sampling=SamplingConfig(min_new_tokens=1, max_new_tokens=4, eot_id=eot, temperature=0.8), k=k)
     dpo = DPOConfig(beta=0.3, loss_type=loss_type, label_smoothing=label_smoothing)
     rollout = hand_rollout([0.9, 0.1, 0.5, 0.2, 0.2, 0.7], k, eot)
     with torch.no_grad():
-        rollout.reference_logps = completion_logps(model, rollout.ids, rollout.response_mask, rollout.prompt_lens,
-                                                   cfg) - 1.5 * torch.arange(6, dtype=torch.float64)
+        rollout.reference_logps = policy_logps(model, rollout, cfg) - 1.5 * torch.arange(6, dtype=torch.float64)
     params = [p for p in model.parameters() if p.requires_grad]
     loss, metrics, log_ratio = online_dpo_loss(model, rollout, dpo, cfg)
     grads = torch.autograd.grad(loss, params)
 
     def logp(b: int) -> torch.Tensor:  # one row at a time, nothing shared
-        return completion_logps(model, rollout.ids[b:b + 1], rollout.response_mask[b:b + 1],
-                                rollout.prompt_lens[b:b + 1], cfg)[0]
+        return completion_logps(model, rollout.ids[b:b + 1], rollout.response_mask[b:b + 1], cfg.logprobs,
+                                cfg.sampling, rollout.prompt_lens[b:b + 1])[0]
     s = rollout.scores.tolist()
     pairs = [(p * k + i, p * k + j) for p in range(2) for i in range(k) for j in range(k)
              if s[p * k + i] > s[p * k + j]]
@@ -114,7 +117,7 @@ def test_loss_and_gradient_equal_dpo_loss_over_every_pair_one_by_one(loss_type, 
 def test_a_rollout_whose_completions_all_score_alike_gives_no_update():
     eot, k = 63, 2
     model = tiny_model()
-    cfg = OnlineDPOConfig(k=k, min_new_tokens=1, max_new_tokens=4, eot_id=eot)
+    cfg = OnlineDPOConfig(sampling=SamplingConfig(min_new_tokens=1, max_new_tokens=4, eot_id=eot), k=k)
     loss, metrics, _ = online_dpo_loss(model, hand_rollout([0.5] * 4, k, eot), DPOConfig(), cfg)
     loss.backward()
     assert float(loss.detach()) == 0.0
@@ -137,7 +140,7 @@ def test_logged_pair_metrics_average_over_micro_batches_with_real_pairs_only(tmp
         acc = torch.tensor(1.0 if batch == 0 else nan)
         return loss * (1.0 if batch == 0 else 0.0), {"rewards/accuracies": acc, "reward": torch.tensor(0.5)}, 1
     cfg = LoopConfig(steps=1, lr=0.1, grad_accum=2, warmup_steps=0, log_every=1)
-    out = train_loop(cfg, {"w": w}, lambda step, micro: micro, step_fn, log=lambda m: None)
+    out = train_loop(Training(cfg, {"w": w}, lambda step, micro: micro, step_fn), log=lambda m: None)
     assert out["rewards/accuracies"] == 1.0 and out["reward"] == 0.5
 
 
@@ -145,7 +148,7 @@ def test_logged_pair_metrics_average_over_micro_batches_with_real_pairs_only(tmp
                                         ("temperature", 0.0), ("temperature", math.nan), ("max_new_tokens", 2)])
 def test_config_rejects_bad_values_naming_the_field(field, bad):
     with pytest.raises(ConfigError) as e:
-        OnlineDPOConfig(**{"min_new_tokens": 3, field: bad})
+        with_sampling(OnlineDPOConfig, **{"min_new_tokens": 3, field: bad})
     assert e.value.field == field
 
 
@@ -155,14 +158,14 @@ def run(tmp, steps, crash_at=None):
     apply_lora(model, rank=2, alpha=4.0, targets=("attn.c_attn",))
     tok = Tokenizer()
     prompts = [Prompt(tok.encode(t), t) for t in ["This movie was", "I", "The acting in this film", "What a"]]
-    cfg = OnlineDPOConfig(k=3, prompts_per_step=2, min_new_tokens=2, max_new_tokens=5, seed=1)
+    cfg = OnlineDPOConfig(sampling=SamplingConfig(min_new_tokens=2, max_new_tokens=5), k=3, prompts_per_step=2, seed=1)
     loop = LoopConfig(steps=steps, lr=1e-2, grad_accum=2, log_every=1, checkpoint_every=1, label="online-dpo")
 
     def crash(step):
         if step == crash_at:
             raise KeyboardInterrupt
-    train_online_dpo(model, tok, VowelScorer(), prompts, DPOConfig(beta=0.1), cfg, loop, tmp, torch.device("cpu"),
-                     on_step_end=crash if crash_at else None)
+    train_online_dpo(model, tok, VowelScorer(), prompts, DPOConfig(beta=0.1), cfg,
+                     TrainRun(loop, tmp, crash if crash_at else None), Runtime())
     return model
 
 
@@ -188,11 +191,10 @@ def test_tiny_online_dpo_run_logs_dpo_metrics_and_resumes_bit_identically(tmp_pa
 def test_bf16_autocast_loss_and_gradient_track_fp32():
     eot, k = 63, 3
     model = tiny_model().float()
-    cfg = OnlineDPOConfig(k=k, min_new_tokens=1, max_new_tokens=4, eot_id=eot, temperature=0.7)
+    cfg = OnlineDPOConfig(sampling=SamplingConfig(min_new_tokens=1, max_new_tokens=4, eot_id=eot, temperature=0.7), k=k)
     rollout = hand_rollout([0.9, 0.1, 0.5, 0.3, 0.2, 0.7], k, eot)
     with torch.no_grad():
-        rollout.reference_logps = completion_logps(model, rollout.ids, rollout.response_mask, rollout.prompt_lens,
-                                                   cfg) - torch.arange(6.0)
+        rollout.reference_logps = policy_logps(model, rollout, cfg) - torch.arange(6.0)
     params = [p for p in model.parameters() if p.requires_grad]
     out = {}
     for name, amp in (("fp32", torch.autocast("cpu", enabled=False)),

@@ -12,15 +12,17 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from minidpo.model.generate import SamplingConfig
 from minidpo.config import ConfigError
 from minidpo.dataset.imdb import IMDB_SAMPLE_PATH, load_imdb
 from minidpo.model.gpt import GPT
-from minidpo.dataset.pairs import Pair, PairsConfig, build_pairs, cut_at_eot, preference_pairs
+from minidpo.dataset.pairs import Pair, PairsConfig, build_pairs, preference_pairs
+from minidpo.model.completions import cut_at_eot
 from minidpo.dataset.pairs_cache import (FORMAT, PairsFileError, cached_pairs, load_pairs, module_fingerprint,
                                  pairs_fingerprint, read_fingerprint, save_pairs)
 from minidpo.dataset.prompts import Prompt, make_prompts
 from minidpo.model.tokenizer import EOT_ID, Tokenizer
-from conftest import tiny_gpt
+from conftest import tiny_gpt, with_sampling
 
 SETTINGS = settings(max_examples=40, deadline=None)
 EOT = EOT_ID
@@ -110,7 +112,7 @@ def test_generated_pairs_rank_scored_completions_within_length_bounds(prompts, t
         seen.extend(texts)
         return len_scorer(texts)
 
-    cfg = PairsConfig(min_new_tokens=2, max_new_tokens=6, batch_size=8, seed=1)
+    cfg = PairsConfig(sampling=SamplingConfig(min_new_tokens=2, max_new_tokens=6), batch_size=8, seed=1)
     pairs = build_pairs(cfg, prompts, tok, model=gpt2_vocab_gpt(), scorer=recording_scorer)
     assert len(seen) == 4 * len(prompts)
     for q, p in enumerate(prompts):
@@ -126,7 +128,7 @@ def test_generated_pairs_rank_scored_completions_within_length_bounds(prompts, t
 
 
 def test_generated_pairs_are_reproducible_and_change_with_the_seed(prompts, tok):
-    cfg = PairsConfig(min_new_tokens=2, max_new_tokens=4, batch_size=8, seed=1)
+    cfg = PairsConfig(sampling=SamplingConfig(min_new_tokens=2, max_new_tokens=4), batch_size=8, seed=1)
     a = build_pairs(cfg, prompts[:3], tok, model=gpt2_vocab_gpt(), scorer=len_scorer)
     b = build_pairs(cfg, prompts[:3], tok, model=gpt2_vocab_gpt(), scorer=len_scorer)
     c = build_pairs(replace(cfg, seed=2), prompts[:3], tok, model=gpt2_vocab_gpt(), scorer=len_scorer)
@@ -134,7 +136,7 @@ def test_generated_pairs_are_reproducible_and_change_with_the_seed(prompts, tok)
 
 
 def test_completion_ends_at_first_eot_which_ids_keep_and_text_drops(prompts, tok):
-    cfg = PairsConfig(min_new_tokens=3, max_new_tokens=8, length_per_batch=False, batch_size=16)
+    cfg = PairsConfig(sampling=SamplingConfig(min_new_tokens=3, max_new_tokens=8), length_per_batch=False, batch_size=16)
     pairs = build_pairs(cfg, prompts[:3], tok, model=eot_loving_gpt(), scorer=len_scorer)
     assert pairs
     for x in pairs:
@@ -144,7 +146,7 @@ def test_completion_ends_at_first_eot_which_ids_keep_and_text_drops(prompts, tok
 
 def test_budget_is_drawn_per_batch_and_shared_by_a_prompts_completions(prompts, tok):
     # random tiny GPT virtually never emits eot, so every completion uses its whole budget
-    cfg = PairsConfig(min_new_tokens=2, max_new_tokens=9, n_completions=2, batch_size=2, seed=4)
+    cfg = PairsConfig(sampling=SamplingConfig(min_new_tokens=2, max_new_tokens=9), n_completions=2, batch_size=2, seed=4)
     pairs = build_pairs(cfg, prompts, tok, model=gpt2_vocab_gpt(), scorer=len_scorer)
     for x in pairs:
         assert len(x.chosen_ids) == len(x.rejected_ids)
@@ -152,7 +154,7 @@ def test_budget_is_drawn_per_batch_and_shared_by_a_prompts_completions(prompts, 
 
 
 def test_progress_goes_through_log_one_line_per_phase_and_nothing_is_printed(prompts, tok, capsys):
-    cfg = PairsConfig(min_new_tokens=1, max_new_tokens=2, batch_size=4)
+    cfg = PairsConfig(sampling=SamplingConfig(min_new_tokens=1, max_new_tokens=2), batch_size=4)
     lines: list[str] = []
     build_pairs(cfg, prompts[:3], tok, model=gpt2_vocab_gpt(), scorer=len_scorer, log=lines.append)
     assert capsys.readouterr() == ("", "")
@@ -165,7 +167,7 @@ def test_identical_completions_never_form_a_pair_and_are_reported(prompts, tok):
     def impure_scorer(texts):  # a scorer that is not a function of the text, e.g. batch-dependent rounding
         return [float(next(counter)) for _ in texts]
 
-    cfg = PairsConfig(min_new_tokens=2, max_new_tokens=3, temperature=0.0, batch_size=8)  # greedy: 4 equal samples
+    cfg = PairsConfig(sampling=SamplingConfig(min_new_tokens=2, max_new_tokens=3, temperature=0.0), batch_size=8)  # greedy: 4 equal samples
     lines: list[str] = []
     pairs = build_pairs(cfg, prompts[:2], tok, model=gpt2_vocab_gpt(), scorer=impure_scorer, log=lines.append)
     assert pairs == []
@@ -177,7 +179,7 @@ def test_scorer_object_with_score_method_and_bad_scores(prompts, tok):
         def score(self, texts):
             return torch.tensor(len_scorer(texts))
 
-    cfg = PairsConfig(min_new_tokens=1, max_new_tokens=2, batch_size=4, pairing="best_vs_worst")
+    cfg = PairsConfig(sampling=SamplingConfig(min_new_tokens=1, max_new_tokens=2), batch_size=4, pairing="best_vs_worst")
     pairs = build_pairs(cfg, prompts[:2], tok, model=gpt2_vocab_gpt(), scorer=Classifier())
     assert len(pairs) <= 2 and all(x.chosen_score > x.rejected_score for x in pairs)
     with pytest.raises(ValueError, match="one finite score per text"):
@@ -190,7 +192,7 @@ def test_scorer_object_with_score_method_and_bad_scores(prompts, tok):
 def test_label_pairs_continue_with_same_range_of_a_pos_and_a_neg_review(reviews, tok):
     train, test = reviews
     ps = make_prompts(train, tok, n=10, seed=0) + make_prompts(test, tok, n=5, seed=0)
-    cfg = PairsConfig(mode="labels", min_new_tokens=4, max_new_tokens=12, seed=2)
+    cfg = PairsConfig(sampling=SamplingConfig(min_new_tokens=4, max_new_tokens=12), mode="labels", seed=2)
     pairs = build_pairs(cfg, ps, tok, reviews=train + test)
     assert len(pairs) == 15
     pools = {}
@@ -214,20 +216,19 @@ def test_label_pairs_continue_with_same_range_of_a_pos_and_a_neg_review(reviews,
 ])
 def test_pairs_config_rejects_bad_values_with_a_config_error_naming_the_field(bad, field):
     with pytest.raises(ConfigError) as err:
-        PairsConfig(**bad)
+        with_sampling(PairsConfig, **bad)
     assert err.value.field == field and str(err.value).startswith(field)
 
 
 def test_pairs_config_accepts_the_edge_values_that_mean_off_or_greedy():
-    cfg = PairsConfig(temperature=0.0, top_k=0, top_p=1.0, min_new_tokens=1, max_new_tokens=1, n_completions=2,
-                      batch_size=1)
-    assert cfg.top_k == 0 and cfg.top_p == 1.0
+    cfg = PairsConfig(sampling=SamplingConfig(temperature=0.0, top_k=0, top_p=1.0, min_new_tokens=1, max_new_tokens=1), n_completions=2, batch_size=1)
+    assert cfg.sampling.top_k == 0 and cfg.sampling.top_p == 1.0
 
 
 def test_top_k_zero_samples_like_top_k_off(prompts, tok):
-    cfg = PairsConfig(min_new_tokens=2, max_new_tokens=3, batch_size=8, seed=3)
+    cfg = PairsConfig(sampling=SamplingConfig(min_new_tokens=2, max_new_tokens=3), batch_size=8, seed=3)
     off = build_pairs(cfg, prompts[:2], tok, model=gpt2_vocab_gpt(), scorer=len_scorer)
-    assert build_pairs(replace(cfg, top_k=0), prompts[:2], tok, model=gpt2_vocab_gpt(), scorer=len_scorer) == off
+    assert build_pairs(replace(cfg, sampling=replace(cfg.sampling, top_k=0)), prompts[:2], tok, model=gpt2_vocab_gpt(), scorer=len_scorer) == off
 
 
 def test_labels_mode_needs_reviews_and_generated_mode_needs_model(prompts, tok):
@@ -291,7 +292,8 @@ def test_fingerprint_changes_with_every_input(prompts):
     assert base == pairs_fingerprint(PairsConfig(), list(prompts), "m", "s", "d")
     variants = [pairs_fingerprint(replace(cfg, seed=1), prompts, "m", "s", "d"),
                 pairs_fingerprint(replace(cfg, n_completions=5), prompts, "m", "s", "d"),
-                pairs_fingerprint(replace(cfg, max_new_tokens=17), prompts, "m", "s", "d"),
+                pairs_fingerprint(replace(cfg, sampling=replace(cfg.sampling, max_new_tokens=17)), prompts, "m", "s",
+                                  "d"),
                 pairs_fingerprint(replace(cfg, mode="labels"), prompts, "m", "s", "d"),
                 pairs_fingerprint(cfg, prompts[:-1], "m", "s", "d"),
                 pairs_fingerprint(cfg, prompts, "m2", "s", "d"),

@@ -8,18 +8,21 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from minidpo.training.runtime import Runtime
+from minidpo.training.trainer import TrainRun
+from minidpo.model.generate import SamplingConfig
 from minidpo.config import ConfigError
 from minidpo.model.lora import apply_lora, lora_state_dict
 from minidpo.model.gpt import GPT, GPTConfig
-from minidpo.dataset.pairs import Prompt
+from minidpo.dataset.prompts import Prompt
 from minidpo.methods.pg import adaptive_kl_coef, kl_penalized_rewards, policy_gradient_loss, rloo_advantages
 from minidpo.methods.rloo import RLOOConfig
-from minidpo.methods import rollout
+from minidpo.methods import scoring
 from minidpo.methods.rloo import KLController, train_rloo
-from minidpo.methods.rollout import completion_logps
+from minidpo.methods.scoring import completion_logps
 from minidpo.model.tokenizer import Tokenizer
 from minidpo.training.trainer import LoopConfig
-from conftest import VowelScorer
+from conftest import VowelScorer, with_sampling
 
 SETTINGS = settings(max_examples=15, deadline=None)
 rewards_2d = st.integers(1, 4).flatmap(lambda P: st.integers(2, 6).flatmap(lambda K: st.lists(
@@ -81,11 +84,11 @@ def test_adaptive_kl_coef_follows_trl_and_clips_the_error_at_20_percent():
 @pytest.mark.parametrize("field, bad", [("k", 1), ("prompts_per_step", 0), ("kl_coef", -0.1),
                                         ("kl_coef", math.nan), ("kl_coef", math.inf), ("target_kl", 0.0),
                                         ("target_kl", math.nan), ("horizon", 0), ("min_new_tokens", 0),
-                                        ("max_new_tokens", 3), ("top_k", 0), ("logprobs", "fast"),
+                                        ("max_new_tokens", 3), ("logprobs", "fast"),
                                         ("temperature", 0.0), ("temperature", math.inf)])
 def test_rloo_config_rejects_bad_values_naming_the_field(field, bad):
     with pytest.raises(ConfigError) as e:
-        RLOOConfig(**{field: bad})
+        with_sampling(RLOOConfig, **{field: bad})
     assert e.value.field == field
 
 
@@ -179,15 +182,14 @@ def tiny_setup():
 
 def run(tmp, steps, crash_at=None, target_kl=0.01):
     model, tok, prompts = tiny_setup()
-    cfg = RLOOConfig(k=3, prompts_per_step=2, kl_coef=0.1, target_kl=target_kl, horizon=20, min_new_tokens=2,
-                     max_new_tokens=5, seed=1)
+    cfg = RLOOConfig(sampling=SamplingConfig(min_new_tokens=2, max_new_tokens=5), k=3, prompts_per_step=2, kl_coef=0.1, target_kl=target_kl, horizon=20, seed=1)
     loop = LoopConfig(steps=steps, lr=1e-2, grad_accum=2, log_every=1, checkpoint_every=1, label="rloo")
 
     def crash(step):
         if step == crash_at:
             raise KeyboardInterrupt
-    out = train_rloo(model, tok, VowelScorer(), prompts, cfg, loop, tmp, torch.device("cpu"),
-                     on_step_end=crash if crash_at else None)
+    out = train_rloo(model, tok, VowelScorer(), prompts, cfg, TrainRun(loop, tmp, crash if crash_at else None),
+                     Runtime())
     return model, out
 
 
@@ -230,7 +232,7 @@ def test_fixed_kl_coef_never_moves_and_adaptive_one_updates_once_per_optimizer_s
 def test_completion_logps_are_of_the_sampler_with_end_of_text_forbidden_fused_equal_to_naive(monkeypatch,
                                                                                               logits_budget,
                                                                                               temperature):
-    monkeypatch.setattr(rollout, "SMALL_LOGITS_BYTES", logits_budget)
+    monkeypatch.setattr(scoring, "SMALL_LOGITS_BYTES", logits_budget)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, block_size=16)).double()
     apply_lora(model, rank=2, alpha=4.0, targets=("attn.c_attn",))
@@ -249,9 +251,9 @@ def test_completion_logps_are_of_the_sampler_with_end_of_text_forbidden_fused_eq
     lens = torch.tensor([3, 1])
     out = {}
     for mode in ("naive", "fused"):
-        cfg = RLOOConfig(min_new_tokens=2, max_new_tokens=5, eot_id=eot, logprobs=mode, temperature=temperature)
+        cfg = RLOOConfig(sampling=SamplingConfig(min_new_tokens=2, max_new_tokens=5, eot_id=eot, temperature=temperature), logprobs=mode)
         model.zero_grad()
-        out[mode] = completion_logps(model, ids, mask, lens, cfg)
+        out[mode] = completion_logps(model, ids, mask, mode, cfg.sampling, lens, small_logits=True)
         out[mode].sum().backward()
         out[mode + "_grad"] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     close = dict(check_dtype=False, rtol=1e-4, atol=1e-5)  # the naive path computes in fp32 (evaluation's)
@@ -295,7 +297,7 @@ def test_fused_completion_logps_stay_exact_where_end_of_text_takes_almost_all_th
                                                                                        eot, one_minus_p_eot):
     """At a forbidden step with 1 - p(eot) tiny, log pi~(y) = logit(y) - logsumexp over the rest; a difference
     log pi(y) - log(1 - p(eot)) in fp32 loses it (-1.558 for -1.409 at 5e-6, +inf at 1e-7)."""
-    monkeypatch.setattr(rollout, "SMALL_LOGITS_BYTES", logits_budget)
+    monkeypatch.setattr(scoring, "SMALL_LOGITS_BYTES", logits_budget)
     V, T = 32, 6
     g = torch.Generator().manual_seed(0)
     logits = torch.rand(1, T, V, generator=g, dtype=torch.float64)
@@ -308,7 +310,7 @@ def test_fused_completion_logps_stay_exact_where_end_of_text_takes_almost_all_th
                 for t in range(T - 1))
     model = LogitsModel(logits.float())
     for mode in ("naive", "fused"):
-        cfg = RLOOConfig(min_new_tokens=3, max_new_tokens=5, eot_id=eot, logprobs=mode)
-        got = completion_logps(model, ids, mask, lens, cfg)
+        cfg = RLOOConfig(sampling=SamplingConfig(min_new_tokens=3, max_new_tokens=5, eot_id=eot), logprobs=mode)
+        got = completion_logps(model, ids, mask, mode, cfg.sampling, lens, small_logits=True)
         assert torch.isfinite(got).all()
         assert float(got) == pytest.approx(exact, rel=1e-5), mode

@@ -10,8 +10,11 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from minidpo.training.runtime import Runtime
+from minidpo.training.trainer import TrainRun
+from minidpo.model.generate import SamplingConfig
 from minidpo.dataset.batching import prompt_groups
-from minidpo.methods.dpo_train import BatchConfig
+from minidpo.methods.offline_train import BatchConfig
 from minidpo.model.lora import LoRAConfig
 from minidpo.model.gpt import GPT, GPTConfig
 from minidpo.dataset.pairs import Pair
@@ -133,8 +136,8 @@ def toy_data() -> PairData:
 def fit(run_dir, steps: int = 40):
     bcfg = BatchConfig(mode="unique", prompts=4, max_length=16)
     loop = LoopConfig(steps=steps, lr=2e-2, log_every=10)
-    return train_reward_model(tiny_gpt(), toy_data(), LoRAConfig(rank=2, alpha=4.0), bcfg, loop, run_dir,
-                              torch.device("cpu"))
+    return train_reward_model(tiny_gpt(), toy_data(), LoRAConfig(rank=2, alpha=4.0), bcfg, TrainRun(loop, run_dir),
+                              Runtime())
 
 
 def test_a_reward_model_fitted_on_separable_pairs_ranks_held_out_pairs_right_and_resumes(tmp_path):
@@ -161,7 +164,7 @@ def test_the_reference_passed_in_is_not_changed_by_training(tmp_path):
     ref = tiny_gpt()
     before = {k: v.clone() for k, v in ref.state_dict().items()}
     train_reward_model(ref, toy_data(), LoRAConfig(rank=2, alpha=4.0), BatchConfig(prompts=2, max_length=16),
-                       LoopConfig(steps=2, lr=1e-2), tmp_path, torch.device("cpu"))
+                       TrainRun(LoopConfig(steps=2, lr=1e-2), tmp_path), Runtime())
     assert set(ref.state_dict()) == set(before)  # no LoRA layers were added to it
     assert all(torch.equal(v, before[k]) for k, v in ref.state_dict().items())
 
@@ -228,15 +231,14 @@ def test_scorer_is_what_rollouts_call_and_scores_their_texts():
     from minidpo.model.lora import apply_lora
     apply_lora(policy, rank=2, alpha=4.0, targets=("attn.c_attn",))
     prompts = [Prompt(tok.encode(t), t) for t in ("This movie was", "I")]
-    cfg = RolloutConfig(k=2, prompts_per_step=2, min_new_tokens=2, max_new_tokens=4)
+    cfg = RolloutConfig(sampling=SamplingConfig(min_new_tokens=2, max_new_tokens=4), k=2, prompts_per_step=2)
     seen = []
 
     class Recording:
         def score(self, texts):
             seen.extend(texts)
             return scorer.score(texts)
-    rollout = sample_rollout(policy, tok, Recording(), prompts, cfg, [4, 4], torch.Generator().manual_seed(0),
-                             torch.device("cpu"))
+    rollout = sample_rollout(policy, tok, Recording(), prompts, cfg, [4, 4], torch.Generator().manual_seed(0))
     assert len(seen) == 4 and all(s.startswith(prompts[i // 2].text) for i, s in enumerate(seen))
     torch.testing.assert_close(rollout.scores, scorer.score(seen))
     with pytest.raises(ValueError, match="no tokens"):

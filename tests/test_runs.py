@@ -115,8 +115,8 @@ def test_overwrite_after_a_compare_of_every_method_starts_clean(tmp_path):
     from minidpo.experiment.compare import method_runs
     from minidpo.registry import NAMES
     out = made(tmp_path / "r")
-    stages = {"compare": list(NAMES), "dpo": [NS(beta=0.1), NS(beta=0.5)], "rloo": [NS(kl_coef=0.02)],
-              "unlikelihood": [NS(alpha=0.1), NS(alpha=1.0)], "best_of_n": [1, 4]}
+    stages = NS(compare=list(NAMES), dpo=[NS(beta=0.1), NS(beta=0.5)], rloo=[NS(kl_coef=0.02)],
+                unlikelihood=[NS(alpha=0.1), NS(alpha=1.0)], best_of_n=[1, 4])
     runs = method_runs(stages, out)
     assert {m for m, _, _ in runs} == set(NAMES) and all(d.parent == out for _, _, d in runs)
     for _, _, d in runs:

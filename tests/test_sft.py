@@ -6,9 +6,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from minidpo.training.runtime import Runtime
 from minidpo.model.gpt import GPT, GPTConfig
 from minidpo.dataset.batching import batch_seed
-from minidpo.methods.sft import eval_loss, lm_loss, pack_texts, random_windows, run_sft
+from minidpo.methods.sft import SFTConfig, eval_loss, lm_loss, pack_texts, random_windows, run_sft
 from minidpo.training.trainer import LoopConfig
 
 
@@ -97,13 +98,13 @@ def test_run_sft_lowers_the_loss_on_a_repetitive_stream():
     model = tiny_model(vocab=6)
     before = eval_loss(model, stream, block_size=12)
     lines = []
-    run_sft(model, stream, LoopConfig(steps=30, lr=1e-2, log_every=10, label="sft"), batch_size=4, block_size=12,
-            seed=0, device="cpu", log=lines.append)
+    run_sft(model, stream, SFTConfig(batch_size=4, block_size=12), LoopConfig(steps=30, lr=1e-2, log_every=10,
+            label="sft"), Runtime(log=lines.append))
     assert eval_loss(model, stream, block_size=12) < 0.5 * before
     assert lines  # progress goes to the log given, not to stdout
 
 
 def test_run_sft_refuses_a_stream_shorter_than_one_window():
     with pytest.raises(ValueError, match="at least"):
-        run_sft(tiny_model(), torch.arange(12, dtype=torch.int32), LoopConfig(steps=1, lr=1e-3), batch_size=1,
-                block_size=12, seed=0, device="cpu")
+        run_sft(tiny_model(), torch.arange(12, dtype=torch.int32), SFTConfig(batch_size=1, block_size=12),
+                LoopConfig(steps=1, lr=1e-3), Runtime())

@@ -12,13 +12,17 @@ from minidpo.model.lora import apply_lora, lora_disabled
 from minidpo.model.gpt import GPT, GPTConfig
 from minidpo.dataset.pairs import Pair
 from minidpo.dataset.batching import PairData
-from minidpo.experiment.stages import (PromptConfig, ReferenceCacheConfig, Reviews, check_model_fits,
-                            fit_classifier, make_prompt_sets, precompute_reference)
+from minidpo.dataset.prompts import PromptConfig
+from minidpo.experiment.context import Reviews
+from minidpo.experiment.stages import (ReferenceCacheConfig, check_model_fits, fit_classifier, make_prompt_sets,
+                                       precompute_reference)
+from minidpo.training.runtime import Runtime
 from minidpo.model.tokenizer import Tokenizer
 
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
 
 
+@pytest.mark.slow  # trains the classifier on the IMDB sample
 def test_classifier_is_trained_once_then_loaded_from_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("MINIDPO_CACHE", str(tmp_path))
     reviews = Reviews(Path(IMDB_SAMPLE_PATH), load_imdb(IMDB_SAMPLE_PATH, "train")[::3],  # a third: quick
@@ -32,6 +36,7 @@ def test_classifier_is_trained_once_then_loaded_from_the_cache(monkeypatch, tmp_
     assert torch.equal(first.score(texts), second.score(texts))
 
 
+@pytest.mark.slow  # trains the classifier on the IMDB sample
 def test_a_corrupt_classifier_cache_is_retrained_not_trusted(monkeypatch, tmp_path):
     monkeypatch.setenv("MINIDPO_CACHE", str(tmp_path))
     reviews = Reviews(Path(IMDB_SAMPLE_PATH), load_imdb(IMDB_SAMPLE_PATH, "train")[::6],
@@ -73,11 +78,11 @@ def test_precomputed_reference_equals_the_disabled_adapter_forward_and_is_reused
     data = PairData(pairs, [], groups, "fp1")
     cfg = ReferenceCacheConfig(groups_needed=6, max_length=16, pad_id=50256, logprobs="naive", seed=0)
     said = []
-    ref = precompute_reference(model, data, cfg, tmp_path, NO_AUTOCAST, said.append)
+    ref = precompute_reference(model, data, cfg, tmp_path, Runtime(autocast=NO_AUTOCAST, log=said.append))
     assert set(ref) == {0, 1, 2}
-    again = precompute_reference(model, data, cfg, tmp_path, NO_AUTOCAST, said.append)
+    again = precompute_reference(model, data, cfg, tmp_path, Runtime(autocast=NO_AUTOCAST, log=said.append))
     assert "reusing" in said[-1] and torch.equal(again[0], ref[0])
-    precompute_reference(model, PairData(pairs, [], groups, "fp2"), cfg, tmp_path, NO_AUTOCAST, said.append)
+    precompute_reference(model, PairData(pairs, [], groups, "fp2"), cfg, tmp_path, Runtime(autocast=NO_AUTOCAST, log=said.append))
     assert "precomputing" in said[-1]  # other pairs: rebuilt
     apply_lora(model, rank=2, alpha=4)
     with torch.no_grad():

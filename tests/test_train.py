@@ -119,7 +119,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_cpu_processes_train_like_one_process_with_the_combined_batch(env, tmp_path):
+def test_two_cpu_processes_train_like_one_process_and_a_finished_torchrun_exits_cleanly_on_both_ranks(env, tmp_path):
     # --batching pairs: every micro-batch has the same number of pairs, so the mean of two ranks' means is the mean
     # over the combined batch (with whole prompts, prompts with more pairs would weigh differently)
     common = list(SMALL) + ["--batching", "pairs"]

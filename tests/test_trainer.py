@@ -2,13 +2,14 @@
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 from minidpo.training.checkpoint import Checkpointer
-from minidpo.training.trainer import LoopConfig, NonFiniteLoss, lr_lambda, train_loop
+from minidpo.training.trainer import LoopConfig, NonFiniteLoss, Training, lr_lambda, train_loop
 
 
 @settings(max_examples=50, deadline=None)
@@ -45,7 +46,7 @@ def make_problem(seed: int = 0):
 def test_resumed_loop_ends_bit_identical_to_an_uninterrupted_one(tmp_path):
     cfg = LoopConfig(steps=12, lr=0.05, warmup_steps=3, grad_accum=2, log_every=100, checkpoint_every=4)
     model, params, get_batch, step_fn = make_problem()
-    train_loop(cfg, params, get_batch, step_fn, Checkpointer(tmp_path / "a", params))
+    train_loop(Training(cfg, params, get_batch, step_fn), Checkpointer(tmp_path / "a", params))
     straight = {k: v.detach().clone() for k, v in params.items()}
 
     # a second run dies right after step 9 (its last checkpoint is step 8), then resumes from disk
@@ -58,10 +59,10 @@ def test_resumed_loop_ends_bit_identical_to_an_uninterrupted_one(tmp_path):
             crashed.append(step)
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        train_loop(partial, params, get_batch, step_fn, Checkpointer(tmp_path / "b", params), on_step_end=crash_after_8)
+        train_loop(Training(partial, params, get_batch, step_fn), Checkpointer(tmp_path / "b", params), on_step_end=crash_after_8)
     assert crashed == [9]
     model, params, get_batch, step_fn = make_problem(seed=123)  # different init: everything must come from disk
-    train_loop(cfg, params, get_batch, step_fn, Checkpointer(tmp_path / "b", params), resume=True)
+    train_loop(Training(cfg, params, get_batch, step_fn), Checkpointer(tmp_path / "b", params), resume=True)
     for k in straight:
         assert torch.equal(params[k].detach(), straight[k]), k
 
@@ -79,7 +80,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         exploding.calls += 1
     ckpt = Checkpointer(tmp_path, params)
     with pytest.raises(NonFiniteLoss, match=r"loss is (inf|nan) at step 6/10.*last good checkpoint \(step 4\)"):
-        train_loop(cfg, params, get_batch, exploding, ckpt, on_step_end=count)
+        train_loop(Training(cfg, params, get_batch, exploding), ckpt, on_step_end=count)
     saved = torch.load(tmp_path / "state.pt", weights_only=True)
     assert saved["step"] == 4
     weights_at_failure = {k: v.detach().clone() for k, v in params.items()}
@@ -101,7 +102,7 @@ def test_non_finite_loss_before_any_checkpoint_promises_none(tmp_path):
     nan_at_3.calls = 0
     cfg = LoopConfig(steps=10, lr=0.01, log_every=100, checkpoint_every=0)
     with pytest.raises(NonFiniteLoss, match=r"at step 3/10; .*no checkpoint was written yet"):
-        train_loop(cfg, params, get_batch, nan_at_3, Checkpointer(tmp_path, params), log=lambda m: None)
+        train_loop(Training(cfg, params, get_batch, nan_at_3), Checkpointer(tmp_path, params), log=lambda m: None)
 
 
 @pytest.mark.parametrize("field,value", [
@@ -153,7 +154,7 @@ def test_summary_throughput_covers_the_whole_run_also_across_a_resume(tmp_path, 
     cfg = LoopConfig(steps=8, lr=0.01, log_every=4, checkpoint_every=4)
     params, get_batch, step_fn = timed_problem(clock, slow_then_fast)
     lines = []
-    straight = train_loop(cfg, params, get_batch, step_fn, Checkpointer(tmp_path / "a", params), tmp_path / "log",
+    straight = train_loop(Training(cfg, params, get_batch, step_fn), Checkpointer(tmp_path / "a", params), tmp_path / "log",
                           log=lines.append)
     window = [json.loads(line) for line in (tmp_path / "log").read_text().splitlines()][-1]
     assert window["tokens_per_s"] == pytest.approx(32 / 0.4) and window["pairs_per_s"] == pytest.approx(8 / 0.4)
@@ -164,10 +165,10 @@ def test_summary_throughput_covers_the_whole_run_also_across_a_resume(tmp_path, 
 
     params, get_batch, step_fn = timed_problem(clock, slow_then_fast)
     with pytest.raises(KeyboardInterrupt):
-        train_loop(cfg, params, get_batch, step_fn, Checkpointer(tmp_path / "b", params), log=lines.append,
+        train_loop(Training(cfg, params, get_batch, step_fn), Checkpointer(tmp_path / "b", params), log=lines.append,
                    on_step_end=lambda s: (_ for _ in ()).throw(KeyboardInterrupt) if s == 6 else None)
     params, get_batch, step_fn = timed_problem(clock, slow_then_fast)
-    resumed = train_loop(cfg, params, get_batch, step_fn, Checkpointer(tmp_path / "b", params), resume=True,
+    resumed = train_loop(Training(cfg, params, get_batch, step_fn), Checkpointer(tmp_path / "b", params), resume=True,
                          log=lines.append)
     assert resumed["steps_this_session"] == 4 and resumed["steps"] == 8
     for key in ("tokens_per_s", "pairs_per_s", "ms_per_step", "final_loss"):
@@ -196,14 +197,14 @@ def test_log_lines_go_to_the_given_log_with_the_configured_metrics_and_nothing_i
     cfg = LoopConfig(steps=4, lr=0.01, log_every=2, label="rloo", show=(("reward", "reward", "{:.3f}"),),
                      item_name="sequences")
     lines = []
-    summary = train_loop(cfg, params, get_batch, rloo_like, Checkpointer(tmp_path, params), tmp_path / "log.jsonl",
+    summary = train_loop(Training(cfg, params, get_batch, rloo_like), Checkpointer(tmp_path, params), tmp_path / "log.jsonl",
                          log=lines.append)
     assert len(lines) == 2 and lines[-1].startswith("[rloo] step     4/4 | loss ")
     assert "| reward 0.500 |" in lines[-1] and "sequences/s" in lines[-1] and " ms | eta " in lines[-1]
     assert summary["sequences_per_s"] > 0 and "pairs_per_s" not in summary
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4] and records[-1]["kl/sampled"] is None  # strict JSON: NaN -> null
-    train_loop(LoopConfig(**{**cfg.__dict__, "steps": 6}), params, get_batch, rloo_like,
+    train_loop(Training(LoopConfig(**{**cfg.__dict__, "steps": 6}), params, get_batch, rloo_like),
                Checkpointer(tmp_path, params), tmp_path / "log.jsonl", resume=True, log=lines.append)
     assert lines[2] == f"[rloo] resumed from {tmp_path} at step 4/6"
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 3  # appended to
@@ -225,8 +226,9 @@ def test_caller_state_is_saved_with_the_checkpoint_and_restored_on_resume(tmp_pa
             if step == crash_at:
                 raise KeyboardInterrupt
         cfg = LoopConfig(steps=8, lr=0.05, log_every=100, checkpoint_every=3)
-        train_loop(cfg, params, get_batch, scaled, Checkpointer(directory, params), on_step_end=crash,
-                   log=lambda m: None, get_state=lambda: dict(coef), set_state=coef.update, resume=True)
+        state = SimpleNamespace(state=lambda: dict(coef), load=coef.update)  # a LoopState
+        train_loop(Training(cfg, params, get_batch, scaled, state), Checkpointer(directory, params), on_step_end=crash,
+                   log=lambda m: None, resume=True)
         return params, coef["value"]
     straight, coef = run(tmp_path / "a")
     with pytest.raises(KeyboardInterrupt):

@@ -38,8 +38,8 @@ from minidpo.config import require
 from minidpo.dataset.length_sampler import LengthSampler
 from minidpo.progress import Log, ProgressLine, quiet
 from minidpo.dataset.prompts import Prompt, review_name
-from minidpo.model.generate import generate
-from minidpo.model.tokenizer import EOT_ID
+from minidpo.model.completions import response_text, sample_completions
+from minidpo.model.generate import SamplingConfig
 
 MODES = ("generated", "labels")
 PAIRINGS = ("all", "best_vs_worst")
@@ -61,15 +61,11 @@ class Pair:
 
 @dataclass(frozen=True)
 class PairsConfig:
+    sampling: SamplingConfig = SamplingConfig(min_new_tokens=4, max_new_tokens=16)  # the reference's sampler
     mode: str = "generated"
     n_completions: int = 4           # per prompt (generated mode)
     pairing: str = "all"             # "all": every distinct-score pair; "best_vs_worst": one per prompt
-    min_new_tokens: int = 4
-    max_new_tokens: int = 16
     length_per_batch: bool = True    # draw each generate call's budget from [min, max]; False: always max
-    temperature: float = 1.0         # 0: greedy
-    top_k: int | None = None         # None or 0: off
-    top_p: float | None = None       # None or 1: off
     batch_size: int = 64             # sequences per generate / scoring call; results depend on it (RNG order)
     seed: int = 0
 
@@ -77,14 +73,8 @@ class PairsConfig:
         require(self.mode in MODES, "mode", f"must be one of {MODES}, got {self.mode!r}")
         require(self.pairing in PAIRINGS, "pairing", f"must be one of {PAIRINGS}, got {self.pairing!r}")
         require(self.n_completions >= 2, "n_completions", f"must be >= 2 to form a pair, got {self.n_completions}")
-        require(self.min_new_tokens >= 1, "min_new_tokens", f"must be >= 1, got {self.min_new_tokens}")
-        require(self.max_new_tokens >= self.min_new_tokens, "max_new_tokens",
-                f"must be >= min_new_tokens ({self.min_new_tokens}), got {self.max_new_tokens}")
-        require(math.isfinite(self.temperature) and self.temperature >= 0, "temperature",
-                f"must be a finite number >= 0 (0 = greedy), got {self.temperature}")
-        require(self.top_k is None or self.top_k >= 0, "top_k", f"must be >= 0 (0 = off), got {self.top_k}")
-        require(self.top_p is None or (math.isfinite(self.top_p) and 0 < self.top_p <= 1), "top_p",
-                f"must be in (0, 1] (1 = off), got {self.top_p}")
+        require(self.sampling.min_new_tokens >= 1, "min_new_tokens",
+                f"must be >= 1, got {self.sampling.min_new_tokens}")
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
 
 
@@ -112,43 +102,23 @@ def preference_pairs(scores: Sequence[float], pairing: str = "all") -> list[tupl
     return out
 
 
-def cut_at_eot(ids: list[int], eot_id: int = EOT_ID) -> list[int]:
-    """Tokens up to AND including the first eot. Naive: ids[:ids.index(eot) + 1] if eot in ids else ids."""
-    return ids[:ids.index(eot_id) + 1] if eot_id in ids else ids
-
-
-def response_text(ids: list[int], tokenizer: Any) -> str:
-    """The completion's text: its ids without the final eot, decoded."""
-    return tokenizer.decode(ids[:-1] if ids and ids[-1] == tokenizer.eot_id else ids)
-
-
-@torch.no_grad()
 def generate_completions(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], cfg: PairsConfig,
                          log: Log = quiet) -> list[list[list[int]]]:
-    """cfg.n_completions response id lists per prompt, sampled with the KV cache from left-padded batches."""
-    n = cfg.n_completions
-    per_call = max(1, cfg.batch_size // n)  # whole prompts per call, so compared completions share a budget
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    budgets = LengthSampler(cfg.min_new_tokens, cfg.max_new_tokens, seed=cfg.seed)
+    """cfg.n_completions response id lists per prompt from the one sampler (minidpo.model.completions), whole
+    prompts per call so that compared completions share a budget, one generator seeded with cfg.seed."""
+    n, s = cfg.n_completions, cfg.sampling
+    per_call = max(1, cfg.batch_size // n)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
+    budgets = LengthSampler(s.min_new_tokens, s.max_new_tokens, seed=cfg.seed)
     progress = ProgressLine("pairs: generated prompts", log)
-    was_training = model.training
-    model.eval()
     out: list[list[list[int]]] = []
-    try:
-        for start in range(0, len(prompts), per_call):
-            chunk = prompts[start:start + per_call]
-            ids, mask = tokenizer.pad([p.ids for p in chunk for _ in range(n)], padding_side="left")  # (B, T)
-            budget = budgets() if cfg.length_per_batch else cfg.max_new_tokens
-            seqs = generate(model, ids.to(device), max_new_tokens=budget, min_new_tokens=cfg.min_new_tokens,
-                                  temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p,
-                                  eos_id=tokenizer.eot_id, attention_mask=mask.to(device), generator=generator,
-                                  use_cache=True)                           # (B, T + <=budget)
-            new = [cut_at_eot(row, tokenizer.eot_id) for row in seqs[:, ids.size(1):].tolist()]
-            out.extend(new[i * n:(i + 1) * n] for i in range(len(chunk)))
-            progress.update(len(out), len(prompts))
-    finally:
-        model.train(was_training)
+    for start in range(0, len(prompts), per_call):
+        chunk = prompts[start:start + per_call]
+        budget = budgets() if cfg.length_per_batch else s.max_new_tokens
+        new = sample_completions(model, tokenizer, [p.ids for p in chunk], s, generator, k=n,
+                                 budgets=[budget] * len(chunk))
+        out.extend(new[i * n:(i + 1) * n] for i in range(len(chunk)))
+        progress.update(len(out), len(prompts))
     return out
 
 
@@ -226,7 +196,7 @@ def label_pairs(cfg: PairsConfig, prompts: Sequence[Prompt], tokenizer: Any, rev
     for r, ids in zip(reviews, tokenizer.encode_batch([r.text for r in reviews])):
         pools.setdefault((r.split, r.label), []).append((review_name(r), ids))
     rng = random.Random(f"labels/{cfg.seed}")
-    lengths = LengthSampler(cfg.min_new_tokens, cfg.max_new_tokens, seed=cfg.seed)
+    lengths = LengthSampler(cfg.sampling.min_new_tokens, cfg.sampling.max_new_tokens, seed=cfg.seed)
     pairs, skipped = [], 0
     for p in prompts:
         k, m = len(p.ids), lengths()

@@ -14,6 +14,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from minidpo.config import require
 from minidpo.dataset.length_sampler import PROMPT_MAX_TOKENS, PROMPT_MIN_TOKENS, LengthSampler
 
 
@@ -54,3 +55,20 @@ def make_prompts(reviews: Sequence[Any], tokenizer: Any, n: int | None = None, m
         raise ValueError(f"make_prompts: asked for n={n} prompts but only {len(prompts)} of the {len(reviews)} "
                          f"reviews are longer than their {min_len}-{max_len} token prefix")
     return prompts
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    train: int = 512          # training prompts (from train reviews)
+    heldout: int = 32         # test prompts whose pairs measure held-out implicit-reward accuracy
+    eval: int = 64            # test prompts whose samples measure reward and KL
+    min_tokens: int = 2
+    max_tokens: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.train >= 1, "num_prompts", f"must be >= 1, got {self.train}")
+        require(self.heldout >= 0, "heldout_prompts", f"must be >= 0, got {self.heldout}")
+        require(self.eval >= 1, "eval_prompts", f"must be >= 1, got {self.eval}")
+        require(1 <= self.min_tokens <= self.max_tokens, "prompt_min_tokens",
+                f"must be >= 1 and <= prompt_max_tokens ({self.max_tokens}), got {self.min_tokens}")

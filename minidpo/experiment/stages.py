@@ -1,6 +1,7 @@
 """
-The cached stages between the model and training in train.py: the IMDB data, the prompts, the reward classifier, the
-preference pairs and (optionally) the reference log-probs.
+The cached stages between the model and training in train.py: the model, optional SFT, the IMDB data, the prompts,
+the reward classifier, the preference pairs and (optionally) the reference log-probs, and RLHF's learned reward
+model.
 
 Each stage takes its own small config and returns a typed result; nothing here reads train.py's flat config. Each
 cached stage is keyed by a fingerprint of everything it depends on and reused when that has not changed, so a resumed
@@ -13,33 +14,36 @@ completions, a sentiment classifier ranks them into preference pairs.
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from minidpo.dataset.batching import PairData, collate_unique, fit_pairs, group_indices, prompt_groups, split_pairs
-from minidpo.config import require
-from minidpo.training.distributed import is_main, rank_zero_first
-from minidpo.methods.dpo import reference_forward
-from minidpo.formats.download import cache_dir
-from minidpo.model.export import save_hf
-from minidpo.dataset.imdb import Review, load_imdb
-from minidpo.model.lora import LoRAConfig, apply_lora, remove_lora
-from minidpo.model.gpt import GPT, GPTConfig
-from minidpo.dataset.pairs import Pair, PairsConfig, build_pairs
+from minidpo.dataset.imdb import load_imdb
+from minidpo.dataset.pairs import Pair, build_pairs
 from minidpo.dataset.pairs_cache import (cached_pairs, fingerprint, module_fingerprint, pairs_fingerprint,
-                                 reviews_fingerprint)
-from minidpo.progress import Log, quiet
-from minidpo.dataset.prompts import Prompt, make_prompts
-from minidpo.experiment.resolve import load_model
+                                         reviews_fingerprint)
+from minidpo.dataset.prompts import PromptConfig, make_prompts
 from minidpo.dataset.reward import SentimentClassifier
-from minidpo.methods.sft import pack_texts, run_sft
+from minidpo.experiment.context import PromptSets, Reviews, RunContext, Stages
+from minidpo.experiment.resolve import load_model
+from minidpo.formats.download import cache_dir
 from minidpo.formats.safetensors import load_file, load_metadata, save_file
+from minidpo.methods.dpo import reference_forward
+from minidpo.methods.reward_model import RewardModelScorer, cached_reward_model, train_reward_model
+from minidpo.methods.sft import pack_texts, run_sft
+from minidpo.model.export import save_hf
+from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.model.lora import apply_lora, remove_lora
 from minidpo.model.tokenizer import Tokenizer
-from minidpo.training.trainer import LoopConfig
 from minidpo.model.weights import load_gpt2
+from minidpo.progress import Log, quiet
+from minidpo.training.curves import plot_curves
+from minidpo.training.distributed import is_main, rank_zero_first
+from minidpo.training.runtime import Runtime
+from minidpo.training.trainer import TrainRun
 
 
 def load_model_stage(name: str, device: torch.device, random_config: GPTConfig | None,
@@ -68,52 +72,9 @@ def check_model_fits(model: GPT, need_context: int, max_length: int, vocab_size:
                          f"must fit the model's context of {cfg.block_size} tokens")
 
 
-@dataclass(frozen=True)
-class SFTConfig:
-    batch_size: int = 8      # windows per step
-    block_size: int = 128    # window length
-    lora: bool = True        # train a LoRA adapter (merged afterwards) instead of every weight
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        require(self.block_size >= 2, "block_size", f"must be >= 2, got {self.block_size}")
-
-
-@dataclass
-class Reviews:
-    source: Path
-    train: list[Review]
-    test: list[Review]
-
-
 def load_reviews(source: Path) -> Reviews:
     """IMDB's labelled train and test splits (pos and neg) from a tarball or directory."""
     return Reviews(source, load_imdb(source, "train", ("pos", "neg")), load_imdb(source, "test", ("pos", "neg")))
-
-
-@dataclass(frozen=True)
-class PromptConfig:
-    train: int = 512          # training prompts (from train reviews)
-    heldout: int = 32         # test prompts whose pairs measure held-out implicit-reward accuracy
-    eval: int = 64            # test prompts whose samples measure reward and KL
-    min_tokens: int = 2
-    max_tokens: int = 8
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        require(self.train >= 1, "num_prompts", f"must be >= 1, got {self.train}")
-        require(self.heldout >= 0, "heldout_prompts", f"must be >= 0, got {self.heldout}")
-        require(self.eval >= 1, "eval_prompts", f"must be >= 1, got {self.eval}")
-        require(1 <= self.min_tokens <= self.max_tokens, "prompt_min_tokens",
-                f"must be >= 1 and <= prompt_max_tokens ({self.max_tokens}), got {self.min_tokens}")
-
-
-@dataclass
-class PromptSets:
-    train: list[Prompt]
-    heldout: list[Prompt]
-    eval: list[Prompt]
 
 
 def make_prompt_sets(reviews: Reviews, tok: Tokenizer, cfg: PromptConfig) -> PromptSets:
@@ -153,29 +114,67 @@ def fit_classifier(reviews: Reviews, log: Log = quiet) -> SentimentClassifier:
     return rank_zero_first(build)
 
 
-def build_pair_data(cfg: PairsConfig, prompts: PromptSets, model: torch.nn.Module, tok: Tokenizer,
-                    scorer: SentimentClassifier, reviews: Reviews, path: Path, max_length: int,
-                    autocast: torch.autocast, log: Log = quiet) -> PairData:
-    """Training pairs (train prompts) and held-out pairs (test prompts), cached in `path` (pairs.jsonl)."""
-    every = prompts.train + prompts.heldout
-    scorer_id = hashlib.sha256(scorer.weight.numpy().tobytes()).hexdigest()
-    fp = pairs_fingerprint(cfg, every, model_id=module_fingerprint(model), scorer_id=scorer_id,
-                           data_id=reviews_fingerprint(reviews.train + reviews.test) if cfg.mode == "labels" else "")
+def ensure_pairs(ctx: RunContext) -> PairData:
+    """The run's training pairs (train prompts) and held-out pairs (test prompts), built by the first method that
+    needs them, cached in out/pairs.jsonl; with --precompute-ref also the reference's log-probs of them."""
+    if ctx.pairs is not None:
+        return ctx.pairs
+    st, log = ctx.stages, ctx.rt.log
+    every = ctx.prompts.train + ctx.prompts.heldout
+    reviews = ctx.reviews.train + ctx.reviews.test
+    scorer_id = hashlib.sha256(ctx.scorer.weight.numpy().tobytes()).hexdigest()
+    fp = pairs_fingerprint(st.pairs, every, model_id=module_fingerprint(ctx.model), scorer_id=scorer_id,
+                           data_id=reviews_fingerprint(reviews) if st.pairs.mode == "labels" else "")
 
     def build() -> list[Pair]:
-        with autocast:
-            return build_pairs(cfg, every, tok, model=model, scorer=scorer, reviews=reviews.train + reviews.test,
+        with ctx.rt.autocast:
+            return build_pairs(st.pairs, every, ctx.tok, model=ctx.model, scorer=ctx.scorer, reviews=reviews,
                                log=log if is_main() else quiet)
-    pairs = rank_zero_first(lambda: cached_pairs(path, fp, build, log=log if is_main() else quiet))
+    pairs = rank_zero_first(lambda: cached_pairs(ctx.out / "pairs.jsonl", fp, build, log=log if is_main() else quiet))
     train, heldout = split_pairs(pairs)
-    train, _ = fit_pairs(train, max_length)
-    heldout, _ = fit_pairs(heldout, max_length)
+    train, _ = fit_pairs(train, st.max_length)
+    heldout, _ = fit_pairs(heldout, st.max_length)
     if not train:
         raise ValueError("no training pairs (every prompt's completions scored the same?); raise --num-prompts or "
                          "--completions-per-prompt")
-    log(f"[pairs] {len(train):,} training pairs from {len(prompts.train)} prompts, {len(heldout)} held-out pairs, "
-        f"{len(prompts.eval)} evaluation prompts")
-    return PairData(train, heldout, prompt_groups(train), fp)
+    log(f"[pairs] {len(train):,} training pairs from {len(ctx.prompts.train)} prompts, {len(heldout)} held-out "
+        f"pairs, {len(ctx.prompts.eval)} evaluation prompts")
+    ctx.pairs = PairData(train, heldout, prompt_groups(train), fp)
+    if st.precompute_ref:
+        b = st.batch
+        need = st.loop.steps * b.draws_per_step(ctx.rt.world)
+        ctx.reference_cache = precompute_reference(ctx.model, ctx.pairs, ReferenceCacheConfig(
+            need, b.max_length, b.pad_id, b.logprobs, b.seed), ctx.out, ctx.rt)
+    return ctx.pairs
+
+
+def ensure_reward_model(ctx: RunContext) -> RewardModelScorer:
+    """RLHF's reward: a reward model fitted to the pairs (Bradley-Terry), trained once per run folder before any
+    adapter is on the reference, cached in out/reward_model.safetensors by a fingerprint of everything it depends
+    on (reference weights, pairs, LoRA, batches, loop). Every rank trains (the loop all-reduces); rank 0 saves."""
+    if ctx.reward_model is not None:
+        return ctx.reward_model
+    data, st = ensure_pairs(ctx), ctx.stages
+    fp = fingerprint({"model": module_fingerprint(ctx.model), "pairs": data.fingerprint, "lora": asdict(st.lora),
+                      "batch": asdict(st.batch), "loop": {**asdict(st.rm_loop), "show": None}})
+    trained: dict = {}
+
+    def build():
+        rm, info = train_reward_model(ctx.model, data, st.lora, st.batch,
+                                      TrainRun(st.rm_loop, ctx.out / "reward_model"), ctx.rt)
+        trained.update(info["train"])
+        if is_main():
+            plot_curves(ctx.out / "reward_model", ctx.rt.log)
+        return rm, info
+
+    rm, info = cached_reward_model(ctx.out / "reward_model.safetensors", fp, ctx.model, build, ctx.rt.log)
+    for p in rm.parameters():
+        p.requires_grad_(False)
+    ctx.reward_model_info = {**info, "heldout_pairs": len(data.heldout),
+                             "train": {"steps": st.rm_loop.steps, "lr": st.rm_loop.lr,
+                                       **{k: v for k, v in trained.items() if isinstance(v, (int, float))}}}
+    ctx.reward_model = RewardModelScorer(rm, ctx.tok, st.max_length, autocast=ctx.rt.autocast)
+    return ctx.reward_model
 
 
 @dataclass(frozen=True)
@@ -189,7 +188,7 @@ class ReferenceCacheConfig:
 
 @torch.no_grad()
 def precompute_reference(model: torch.nn.Module, data: PairData, cfg: ReferenceCacheConfig, out: Path,
-                         autocast: torch.autocast, log: Log = quiet) -> dict[int, Tensor]:
+                         rt: Runtime) -> dict[int, Tensor]:
     """Reference sequence log-probs of every prompt group the run will draw (not the whole dataset), computed once
     before the adapter exists (so exactly the reference) and cached in out/reference_logps.safetensors.
 
@@ -200,7 +199,7 @@ def precompute_reference(model: torch.nn.Module, data: PairData, cfg: ReferenceC
     path = out / "reference_logps.safetensors"
     fp = fingerprint({"model": module_fingerprint(model), "pairs": data.fingerprint, "groups": used,
                       "max_length": cfg.max_length, "logprobs": cfg.logprobs})
-    device = next(model.parameters()).device
+    device, log = next(model.parameters()).device, rt.log
 
     def build() -> dict[str, Tensor]:
         if path.is_file():
@@ -216,7 +215,7 @@ def precompute_reference(model: torch.nn.Module, data: PairData, cfg: ReferenceC
         for g in used:
             batch = collate_unique([data.train[i] for i in data.groups[g]], cfg.max_length, pad_id=cfg.pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast:
+            with rt.autocast:
                 r = reference_forward(model, batch, cfg.logprobs, unique=True)
             tensors[str(g)] = torch.stack([r["logps"].float(), r["logps_mean"].float()]).cpu()
         if is_main():
@@ -227,13 +226,12 @@ def precompute_reference(model: torch.nn.Module, data: PairData, cfg: ReferenceC
 
 
 
-def sft_stage(model: GPT, model_desc: str, reviews: Reviews, tok: Tokenizer, loop: LoopConfig | None,
-              cfg: SFTConfig, lora: LoRAConfig, out: Path, amp: torch.autocast, rank: int,
-              log: Log = quiet) -> tuple[GPT, str]:
-    """SFT on review text, folded into the weights: (the model that is both the reference and DPO's start, what
-    run.json records as its base). Without SFT the loaded model itself; `random` weights are saved so a sampler
-    can find them again."""
-    device = next(model.parameters()).device
+def sft_stage(model: GPT, model_desc: str, reviews: Reviews, tok: Tokenizer, st: Stages, out: Path,
+              rt: Runtime) -> tuple[GPT, str]:
+    """SFT on review text (st.sft_loop, st.sft, st.lora), folded into the weights: (the model that is both the
+    reference and every method's start, what run.json records as its base). Without SFT the loaded model itself;
+    `random` weights are saved so a sampler can find them again."""
+    device, loop, cfg = next(model.parameters()).device, st.sft_loop, st.sft
     if loop is None:
         if model_desc.startswith("random(") and is_main():
             save_hf(model, out / "base_model")
@@ -241,18 +239,17 @@ def sft_stage(model: GPT, model_desc: str, reviews: Reviews, tok: Tokenizer, loo
         return model, model_desc
     done = out / "sft_model"
     if (done / "config.json").is_file():
-        log(f"[sft] reusing {done}")
+        rt.log(f"[sft] reusing {done}")
         return load_gpt2(done, device=device).eval(), "sft_model"
-    log(f"[sft] {loop.steps} steps on {len(reviews.train):,} reviews ({'LoRA' if cfg.lora else 'all weights'})")
+    rt.log(f"[sft] {loop.steps} steps on {len(reviews.train):,} reviews ({'LoRA' if cfg.lora else 'all weights'})")
     if cfg.lora:
-        apply_lora(model, lora)
+        apply_lora(model, st.lora)
     else:
         for p in model.parameters():
             p.requires_grad_(True)
     stream = pack_texts([r.text for r in reviews.train], tok)
-    block = min(cfg.block_size, model.config.block_size)
-    run_sft(model, stream, loop, cfg.batch_size, block, cfg.seed, device, out, resume=True, rank=rank, log=log,
-            autocast=amp)
+    windows = replace(cfg, block_size=min(cfg.block_size, model.config.block_size))
+    run_sft(model, stream, windows, loop, rt, out, resume=True)
     if cfg.lora:
         remove_lora(model, merge=True)
     for p in model.parameters():

@@ -244,6 +244,7 @@ def _fetch(url: str, dest: Path, part: Path, expected_size: int | None, desc: st
     raise AssertionError("unreachable")
 
 
+# params: the url and dest, then optional keywords only (pins, retries, timeout), as urllib and requests take them
 def download_file(url: str, dest: str | os.PathLike, expected_size: int | None = None, sha256: str | None = None,
                   desc: str | None = None, retries: int = 3, timeout: float = TIMEOUT_S, allow_html: bool = False,
                   log: Log = quiet) -> Path:

@@ -23,25 +23,17 @@ otherwise make the term -inf and stop training.
 """
 
 import math
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
-from typing import Callable, ContextManager
 
 import torch
 from torch import Tensor
 
 from minidpo.config import require
-from minidpo.methods.dpo import LOGPROBS, score_sequences
-from minidpo.methods.dpo_train import BatchConfig
-from minidpo.methods.fused_logprobs import linear_token_logprobs
-from minidpo.methods.logprobs import naive_token_logps
-from minidpo.model.lora import LoRAConfig, apply_lora
-from minidpo.methods.offline_train import as_unique, train_on_pairs
-from minidpo.progress import Log, quiet
-from minidpo.methods.rollout import trainable_adapter
 from minidpo.dataset.batching import PairData
-from minidpo.training.trainer import LoopConfig
+from minidpo.methods.offline_train import BatchConfig, as_unique, make_batch_fn
+from minidpo.methods.scoring import completion_logps, token_logps
+from minidpo.training.runtime import Runtime
+from minidpo.training.trainer import Training, TrainRun, fit, trainable_adapter
 
 UL_FLOOR = 1e-5  # smallest 1 - p the unlikelihood term uses (Welleck et al.'s clamp)
 LN2 = math.log(2.0)
@@ -106,27 +98,6 @@ def unlikelihood_loss(chosen_logps: Tensor, rejected_unlikelihood: Tensor, alpha
 
 # ----------------------------------------------------------------------------- log-probs of a batch
 
-def completion_token_logps(model: torch.nn.Module, ids: Tensor, keep: Tensor,
-                           logprobs: str = "fused") -> tuple[Tensor, Tensor]:
-    """(M,) log p(ids[n, t] | ids[n, :t]) of every token with keep[n, t] nonzero (t >= 1), and (M,) its row n.
-
-    Token by token what `minidpo.dpo.score_sequences` sums per row (its sums equal index_add of these; tested), from
-    the same kernels: the plain log_softmax + gather path ("naive") or the fused linear log-probs ("fused"). ids
-    must be right-padded, as there.
-    """
-    if logprobs not in LOGPROBS:
-        raise ValueError(f"logprobs must be one of {LOGPROBS}, got {logprobs!r}")
-    N, T = ids.shape
-    rows = (keep[:, 1:] != 0).reshape(-1).nonzero().squeeze(1)  # (M,) flat positions of scored tokens
-    targets = ids[:, 1:].reshape(-1)[rows]                      # (M,)
-    if logprobs == "naive":
-        logits = model(ids)[:, :-1].reshape(N * (T - 1), -1)    # (N*(T-1), V)
-        return naive_token_logps(logits[rows], targets), rows // (T - 1)
-    hidden = model.hidden_states(ids[:, :-1])                   # (N, T-1, C); the last token predicts nothing
-    h = hidden.reshape(-1, hidden.size(-1))[rows]               # (M, C)
-    return linear_token_logprobs(h, model.lm_head.weight, targets), rows // (T - 1)
-
-
 def per_row(values: Tensor, row: Tensor, n_rows: int) -> Tensor:
     """(n_rows,) sums of per-token values (M,) by row; naive: [values[row == n].sum() for n in range(n_rows)]."""
     return torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, row, values)
@@ -136,12 +107,12 @@ def per_row(values: Tensor, row: Tensor, n_rows: int) -> Tensor:
 
 def preferred_ft_step(model: torch.nn.Module, batch: tuple, bcfg: BatchConfig) -> tuple[Tensor, dict, int, int]:
     """One Preferred-FT micro-batch (make_batch_fn's tuple): only the sequences that are some pair's chosen side
-    are forwarded, once each, through `score_sequences` (DPO's scorer)."""
+    are forwarded, once each, through the one completion scorer (DPO's too)."""
     _, tensors, n_tokens, n_pairs = batch
     u = as_unique(tensors)
     rows, pick = torch.unique(u["chosen_index"], return_inverse=True)  # (R,) distinct chosen rows, (P,) into them
     keep = u["response_mask"][rows] * u["attention_mask"][rows]        # (R, T)
-    sums = score_sequences(model, u["ids"][rows], keep, bcfg.logprobs)  # (R,)
+    sums = completion_logps(model, u["ids"][rows], keep, bcfg.logprobs)  # (R,)
     chosen_logps = sums[pick]                                           # (P,)
     chosen_tokens = (keep[:, 1:] != 0).sum(-1)[pick]                    # (P,)
     loss = preferred_ft_loss(chosen_logps, chosen_tokens)
@@ -155,7 +126,7 @@ def unlikelihood_step(model: torch.nn.Module, batch: tuple, cfg: UnlikelihoodCon
     _, tensors, n_tokens, n_pairs = batch
     u = as_unique(tensors)
     N = u["ids"].size(0)
-    logp, row = completion_token_logps(model, u["ids"], u["response_mask"] * u["attention_mask"], bcfg.logprobs)
+    logp, row = token_logps(model, u["ids"], u["response_mask"] * u["attention_mask"], bcfg.logprobs)
     logps = per_row(logp, row, N)                                        # (N,) log p(y|x)
     unlikely = per_row(unlikelihood_term(logp, cfg.floor), row, N)       # (N,) sum_t log(1 - p(y_t))
     chosen, rejected = logps[u["chosen_index"]], unlikely[u["rejected_index"]]  # (P,) each
@@ -168,33 +139,25 @@ def unlikelihood_step(model: torch.nn.Module, batch: tuple, cfg: UnlikelihoodCon
 
 # ----------------------------------------------------------------------------- one run
 
-def train_baseline(model: torch.nn.Module, data: PairData, method: str, lora: LoRAConfig, bcfg: BatchConfig,
-                   loop: LoopConfig, run_dir: Path, device: torch.device, unlikelihood: UnlikelihoodConfig | None = None,
-                   autocast: ContextManager | None = None, rank: int = 0, world: int = 1,
-                   on_step_end: Callable[[int], None] | None = None, log: Log = quiet,
-                   settings: dict | None = None) -> dict:
-    """A fresh LoRA adapter (B = 0, so the adapter disabled is the reference the evaluation's KL is measured
-    against) trained with "preferred-ft" or "unlikelihood" on DPO's batches; returns the training summary. The
-    caller evaluates afterwards and removes the adapter, as for RLOO. `settings`: what the checkpoint records and a
-    resume must match (default: this function's own configs)."""
+def train_baseline(model: torch.nn.Module, data: PairData, method: str, bcfg: BatchConfig, run: TrainRun,
+                   rt: Runtime, unlikelihood: UnlikelihoodConfig | None = None) -> dict:
+    """Train the model's fresh LoRA adapter (B = 0: the caller applies it, so the adapter disabled is the reference
+    the evaluation's KL is measured against) with "preferred-ft" or "unlikelihood" on DPO's batches; returns the
+    training summary. The caller evaluates afterwards, as for every method."""
     require(method in ("preferred-ft", "unlikelihood"), "method",
             f"train_baseline takes 'preferred-ft' or 'unlikelihood', got {method!r}")
     ul = unlikelihood if unlikelihood is not None else UnlikelihoodConfig()
-    torch.manual_seed(bcfg.seed)
-    apply_lora(model, lora)
-    params = trainable_adapter(model, data.train, f"train_baseline({method})")
-    amp = autocast or nullcontext()
+    params = trainable_adapter(model, f"train_baseline({method})")
 
     def step_fn(batch):
-        with amp:
+        with rt.autocast:
             if method == "preferred-ft":
                 return preferred_ft_step(model, batch, bcfg)
             return unlikelihood_step(model, batch, ul, bcfg)
 
     setting = "sft" if method == "preferred-ft" else f"alpha={ul.alpha:g}"
     show = PREFERRED_FT_SHOW if method == "preferred-ft" else UNLIKELIHOOD_SHOW
-    if settings is None:
-        settings = {"method": method, "lora": asdict(lora), "batch": asdict(bcfg), "steps": loop.steps, "lr": loop.lr,
-                    **({"unlikelihood": asdict(ul)} if method == "unlikelihood" else {})}
-    loop = replace(loop, label=f"{method} {setting}", show=show)
-    return train_on_pairs(params, data, bcfg, loop, step_fn, run_dir, settings, device, rank, world, on_step_end, log)
+    loop = replace(run.loop, label=f"{method} {setting}", show=show)
+    settings = {"method": method, "batch": asdict(bcfg), "steps": loop.steps, "lr": loop.lr,
+                **({"unlikelihood": asdict(ul)} if method == "unlikelihood" else {})}
+    return fit(Training(loop, params, make_batch_fn(data, bcfg, rt), step_fn), run, rt, settings)

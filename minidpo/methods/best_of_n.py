@@ -8,8 +8,8 @@ on the best-of-n alignment policy" (arXiv:2401.01879): that number is an upper b
 no two samples tie), so it is reported as `kl_bound`; Gao et al. 2023, "Scaling Laws for Reward Model
 Overoptimization", for best-of-N as the baseline of RL against a learned reward.
 
-Measured like the other methods: completions come from evaluation's sampler (`minidpo.methods.evaluate.sample_completions`,
-same lengths, temperature, top-k) on the same held-out prompts, and the reward is the classifier's P(positive) of
+Measured like the other methods: completions come from evaluation's sampler (`minidpo.methods.evaluate.sample_plain`, same
+lengths, temperature, top-k) on the same held-out prompts, and the reward is the classifier's P(positive) of
 prompt + completion, averaged over prompts. Round j draws one completion per prompt with generator seed
 cfg.seed + j, so:
 - round 0 is exactly the reference sample that evaluation scores: best-of-1's reward is the reference reward;
@@ -18,14 +18,12 @@ cfg.seed + j, so:
 """
 
 import math
-from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
 
-from minidpo.methods.evaluate import EvalConfig, sample_completions
-from minidpo.model.lora import lora_disabled, lora_layers
-from minidpo.dataset.pairs import response_text
+from minidpo.methods.evaluate import EvalConfig, reference_of, sample_plain
+from minidpo.model.completions import response_text
 from minidpo.progress import Log, quiet
 
 
@@ -37,24 +35,19 @@ def kl_bound(n: int) -> float:
 
 
 def sample_rounds(model: torch.nn.Module, tokenizer, scorer, prompts: list, rounds: int, cfg: EvalConfig,
-                  device: torch.device, log: Log = quiet) -> tuple[list[list[list[int]]], torch.Tensor]:
+                  log: Log = quiet) -> tuple[list[list[list[int]]], torch.Tensor]:
     """`rounds` reference completions per prompt and their rewards: (ids[round][prompt], scores (rounds, P)).
 
     The reference is the model with its adapter disabled when it has one, else the model itself.
     """
-    was_training = model.training
-    model.eval()
     completions, scores = [], []
-    try:
-        with lora_disabled(model) if lora_layers(model) else nullcontext():
-            for j in range(rounds):
-                ids = sample_completions(model, tokenizer, prompts, replace(cfg, seed=cfg.seed + j), device)
-                texts = [p.text + response_text(c, tokenizer) for p, c in zip(prompts, ids)]
-                completions.append(ids)
-                scores.append(torch.as_tensor(scorer.score(texts), dtype=torch.float32).reshape(len(prompts)))
-                log(f"[best-of-n] sampled round {j + 1}/{rounds}")
-    finally:
-        model.train(was_training)
+    with reference_of(model):
+        for j in range(rounds):
+            ids = sample_plain(model, tokenizer, prompts, replace(cfg, seed=cfg.seed + j))
+            texts = [p.text + response_text(c, tokenizer) for p, c in zip(prompts, ids)]
+            completions.append(ids)
+            scores.append(torch.as_tensor(scorer.score(texts), dtype=torch.float32).reshape(len(prompts)))
+            log(f"[best-of-n] sampled round {j + 1}/{rounds}")
     return completions, torch.stack(scores) if scores else torch.zeros(0, len(prompts))
 
 
@@ -69,20 +62,20 @@ def pick_best(completions: list[list[list[int]]], scores: torch.Tensor, n: int, 
 
 
 def best_of_n(model: torch.nn.Module, tokenizer, scorer, prompts: list, n: int, cfg: EvalConfig,
-              device: torch.device, log: Log = quiet) -> dict:
+              log: Log = quiet) -> dict:
     """n reference samples per prompt, keep the highest-reward one; returns {"n", "reward" (mean kept reward),
     "kl_bound", "scores", "completions" (ids), "texts"}."""
     kl_bound(n)  # checks n before any sampling
-    completions, scores = sample_rounds(model, tokenizer, scorer, prompts, n, cfg, device, log)
+    completions, scores = sample_rounds(model, tokenizer, scorer, prompts, n, cfg, log)
     return pick_best(completions, scores, n, tokenizer)
 
 
 def best_of_n_sweep(model: torch.nn.Module, tokenizer, scorer, prompts: list, ns: list[int], cfg: EvalConfig,
-                    device: torch.device, log: Log = quiet) -> list[dict]:
+                    log: Log = quiet) -> list[dict]:
     """best_of_n for every n in ns from one set of max(ns) rounds (the same result as separate calls)."""
     if not ns:
         raise ValueError("best-of-n: no values of n given")
     for n in ns:
         kl_bound(n)
-    completions, scores = sample_rounds(model, tokenizer, scorer, prompts, max(ns), cfg, device, log)
+    completions, scores = sample_rounds(model, tokenizer, scorer, prompts, max(ns), cfg, log)
     return [pick_best(completions, scores, n, tokenizer) for n in ns]

@@ -18,7 +18,8 @@ Reference-free (reference log-probs None) sets the reference terms to 0.
 The reference is always passed in by the caller: the same model under `minidpo.model.lora.lora_disabled`
 (`reference_forward` does that) or log-probs cached before training. Log-probs come from `concatenated_forward`
 (each pair's chosen and rejected sequences) or `sequence_forward` (each distinct sequence once, pairs given by
-index); both score tokens with `minidpo.methods.logprobs.sequence_logps` ("naive") or a fused kernel ("fused").
+index); both score tokens with the one completion scorer, `minidpo.methods.scoring.completion_logps` ("naive":
+log_softmax + gather, or "fused" kernels).
 Loss names, defaults and metric names follow Hugging Face TRL's DPOTrainer so numbers compare one to one.
 """
 
@@ -32,8 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from minidpo.config import require
-from minidpo.methods.fused_logprobs import linear_token_logprobs
-from minidpo.methods.logprobs import LOGPROBS, sequence_logps
+from minidpo.methods.scoring import completion_logps
 from minidpo.model.lora import lora_disabled, lora_layers
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
@@ -149,34 +149,9 @@ def _check_shapes(batch: dict[str, Tensor], prefix: str, who: str) -> None:
     _check_right_padded(batch[f"{prefix}attention_mask"], f"{prefix}attention_mask")
 
 
-def score_sequences(model: nn.Module, ids: Tensor, keep: Tensor, logprobs: str = "fused") -> Tensor:
-    """Sum (N,) of log p(ids[:, t] | ids[:, :t]) over the t >= 1 where keep[:, t] (N, T) is nonzero.
-
-    The one place that picks how tokens are scored. ids must be right-padded: the forward then runs without an
-    attention mask (plain causal, SDPA's fastest kernels), every real token sits at its true position and attends
-    only to earlier real tokens, and the pad positions compute garbage that `keep` masks out.
-    """
-    if logprobs == "naive":  # full (N, T, V) logits, log_softmax, gather, mask, sum
-        return sequence_logps(model(ids), ids, keep)
-    if logprobs != "fused":
-        raise ValueError(f"logprobs must be one of {LOGPROBS}, got {logprobs!r}")
-    # Fused: only response positions go through the vocabulary projection, and linear_token_logprobs never holds
-    # their (M, V) logits (it recomputes each chunk in backward). On an accelerator nonzero() costs one host sync
-    # per call, much less than projecting every prompt and pad position through a 50257-wide head.
-    head = model.lm_head
-    if getattr(head, "bias", None) is not None:
-        raise ValueError("score_sequences: the head must be a bias-free linear map (GPT-2's tied lm_head)")
-    N, T = ids.shape
-    hidden = model.hidden_states(ids[:, :-1])                    # (N, T-1, C); the last token predicts nothing
-    rows = (keep[:, 1:] != 0).reshape(-1).nonzero().squeeze(1)  # (M,) flat positions of scored tokens
-    h = hidden.reshape(-1, hidden.size(-1))[rows]               # (M, C)
-    scored = linear_token_logprobs(h, head.weight, ids[:, 1:].reshape(-1)[rows])  # (M,)
-    return torch.zeros(N, dtype=scored.dtype, device=ids.device).index_add(0, rows // (T - 1), scored)
-
-
 def _scores(model: nn.Module, ids: Tensor, keep: Tensor, logprobs: str) -> tuple[Tensor, Tensor, Tensor]:
     """Sums, length means and token counts (N,) of the response log-probs."""
-    total = score_sequences(model, ids, keep, logprobs)  # (N,)
+    total = completion_logps(model, ids, keep, logprobs)  # (N,)
     num_tokens = (keep[:, 1:] != 0).sum(-1)              # (N,); a token at position 0 cannot be scored
     return total, total / num_tokens.clamp(min=1), num_tokens  # an empty response gives mean 0, not NaN
 

@@ -5,7 +5,7 @@ Reference: Rafailov et al. 2023, sec. 6.1 and Figure 2 (left): on held-out IMDb 
 completions sampled from the policy itself is plotted against the sequence-level KL(policy || reference).
 
 What is measured, exactly. Each side draws one completion per prompt by plain ancestral sampling: temperature 1, no
-top-k, no top-p (`sample_completions`). Lengths are the only constraint: at most max_new_tokens tokens, end-of-text
+top-k, no top-p (`sample_plain`). Lengths are the only constraint: at most max_new_tokens tokens, end-of-text
 forbidden while fewer than min_new_tokens have been generated, and a completion ends at its first end-of-text, which
 counts as one of its tokens. Write pi~ and ref~ for these two samplers: at generated step t < min_new_tokens the
 model's next-token distribution with end-of-text removed and the rest renormalized, the unmodified one after that.
@@ -27,8 +27,8 @@ mean over prompts (None with fewer than two prompts).
 
 The reference is the policy with its LoRA adapter disabled (`lora_disabled`), which is exactly the model training
 started from as long as the adapter was created at B = 0 (minidpo merges an SFT adapter before adding a new one).
-The same `evaluate` serves DPO and the RL baseline (RLOO), which has no implicit reward: pass heldout_pairs or beta
-as None and "reward_accuracy" is None.
+The same `evaluate` serves every method; those without an implicit reward (all but DPO) pass no heldout_pairs or
+beta, and "reward_accuracy" is None. The sampler is minidpo/model/completions.py's, shared with pairs and rollouts.
 """
 
 from contextlib import nullcontext
@@ -43,24 +43,28 @@ from minidpo.config import require
 from minidpo.stats import mean_and_se
 from minidpo.methods.dpo import concatenated_forward
 from minidpo.model.lora import lora_disabled, lora_layers
-from minidpo.model.generate import generate
+from minidpo.model.completions import eval_mode, response_text, sample_completions, sampler_logits
+from minidpo.model.generate import SamplingConfig
 from minidpo.model.gpt import GPT
-from minidpo.dataset.pairs import Pair, cut_at_eot, response_text
+from minidpo.dataset.pairs import Pair
 from minidpo.dataset.prompts import Prompt
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Completion lengths, batch size and generator seed of evaluation's sampler (temperature 1, no top-k/top-p)."""
-    max_new_tokens: int = 16
-    min_new_tokens: int = 4   # end-of-text is forbidden (in sampling and in the KL) before this many tokens
+    """Evaluation's sampler (plain: temperature 1, no top-k/top-p; lengths only), its batch size and generator
+    seed, and the sequence length of the held-out pairs whose implicit reward is checked."""
+    sampling: SamplingConfig = SamplingConfig(min_new_tokens=4, max_new_tokens=16)  # end-of-text is forbidden (in
+    # sampling and in the KL) before min_new_tokens
     batch_size: int = 32
     seed: int = 1234
+    max_length: int = 64      # prompt + completion tokens of a held-out pair (as training collates them)
 
     def __post_init__(self) -> None:
-        require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
-        require(0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens",
-                f"must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}")
+        s = self.sampling
+        require(s.temperature == 1.0 and not s.top_k and s.top_p in (None, 1.0), "temperature",
+                "evaluation samples plainly (temperature 1, no top-k or top-p): the KL between what was sampled "
+                "is then the models' own")
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
 
 
@@ -74,45 +78,22 @@ def reference_of(model: torch.nn.Module) -> ContextManager:
     return lora_disabled(model) if lora_layers(model) else nullcontext(model)
 
 
-@torch.no_grad()
-def sample_completions(model: GPT, tok, prompts: Sequence[Prompt], cfg: EvalConfig,
-                       device: torch.device) -> list[list[int]]:
-    """One plain sample per prompt (ids up to and including a first end-of-text), generator seeded with cfg.seed,
-    so the policy and the reference are sampled from the same random stream."""
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
+def sample_plain(model: GPT, tok, prompts: Sequence[Prompt], cfg: EvalConfig) -> list[list[int]]:
+    """One plain sample per prompt (ids up to and including a first end-of-text), cfg.batch_size prompts per call,
+    from one generator seeded with cfg.seed, so the policy and the reference are sampled from the same random
+    stream (common random numbers)."""
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     out = []
     for i in range(0, len(prompts), cfg.batch_size):
-        chunk = prompts[i:i + cfg.batch_size]
-        ids, mask = tok.pad([p.ids for p in chunk], padding_side="left")  # (B, T), padded with tok.eot_id
-        seqs = generate(model, ids.to(device), cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
-                              temperature=1.0, top_k=None, top_p=None, eos_id=tok.eot_id,
-                              attention_mask=mask.to(device), generator=g)
-        for row in seqs[:, ids.size(1):].tolist():
-            out.append(cut_at_eot(row, tok.eot_id))  # keeps the eot the policy chose: its KL term counts too
-    return out
+        out += sample_completions(model, tok, [p.ids for p in prompts[i:i + cfg.batch_size]], cfg.sampling, g)
+    return out  # each keeps the eot the policy chose: its KL term counts too
 
 
-def sample_reference(model: GPT, tok, prompts: Sequence[Prompt], cfg: EvalConfig,
-                     device: torch.device) -> list[list[int]]:
-    """The reference's completions, as `evaluate` draws them: a cache for `evaluate(reference_completions=...)`,
-    since they do not change while an adapter trains."""
-    was_training = model.training
-    model.eval()
-    try:
-        with reference_of(model):
-            return sample_completions(model, tok, prompts, cfg, device)
-    finally:
-        model.train(was_training)
-
-
-def sampler_logits(logits: Tensor, steps: Tensor, eot_id: int, min_new_tokens: int) -> Tensor:
-    """(B, T, V) float32 logits of the distribution generate() draws from: end-of-text at -inf where the generated
-    step (B, T) is < min_new_tokens. Naive: for every (b, t) with steps[b, t] < min_new_tokens,
-    logits[b, t, eot_id] = -inf (softmax then renormalizes the rest)."""
-    out = logits.float().clone()
-    if min_new_tokens > 0:
-        out[..., eot_id].masked_fill_(steps < min_new_tokens, -float("inf"))  # integer index: a view, in place
-    return out
+def sample_reference(model: GPT, tok, prompts: Sequence[Prompt], cfg: EvalConfig) -> list[list[int]]:
+    """The reference's completions, as `evaluate` draws them: a cache for `evaluate(reference=...)`, since they do
+    not change while an adapter trains."""
+    with reference_of(model):
+        return sample_plain(model, tok, prompts, cfg)
 
 
 def kl_terms(logp: Tensor, logq: Tensor) -> Tensor:
@@ -190,41 +171,39 @@ def rewards_of(scorer, tok, prompts: Sequence[Prompt], completions: Sequence[lis
     return scores.reshape(len(prompts)), texts
 
 
-def evaluate(model: GPT, tok, scorer, prompts: Sequence[Prompt], heldout_pairs: Sequence[Pair] | None,
-             cfg: EvalConfig, max_length: int, beta: float | None, device: torch.device,
-             with_reference: bool = True, reference_completions: Sequence[list[int]] | None = None) -> dict:
+def evaluate(model: GPT, tok, scorer, prompts: Sequence[Prompt], cfg: EvalConfig,
+             heldout_pairs: Sequence[Pair] | None = None, beta: float | None = None,
+             reference: bool | Sequence[list[int]] = True) -> dict:
     """{"policy": {reward, reward_se, kl_exact, kl_exact_se, kl_sampled, kl_sampled_se}, "reward_accuracy": float
-    or None (no pairs or no beta), and with_reference: "reference": {reward, reward_se}, "examples": three
-    side-by-side texts}. `reference_completions` (from `sample_reference`, same prompts and cfg) skips resampling
-    the reference. `tok` needs eot_id, pad and decode; the model must hold tok.eot_id in its vocabulary."""
+    or None (no pairs or no beta), and unless `reference` is False: "reference": {reward, reward_se}, "examples":
+    three side-by-side texts}. `reference` may be the reference's completions from `sample_reference` (same prompts
+    and cfg), which skips resampling them. `tok` needs eot_id, pad and decode; the model must hold tok.eot_id in its
+    vocabulary."""
     if not prompts:
         raise ValueError("evaluate: no prompts given")
-    if reference_completions is not None and len(reference_completions) != len(prompts):
-        raise ValueError(f"evaluate: {len(reference_completions)} cached reference completions for "
-                         f"{len(prompts)} prompts; they must come from sample_reference on the same prompts")
-    was_training = model.training
-    model.eval()
-    try:
-        policy = sample_completions(model, tok, prompts, cfg, device)
+    cached = None if isinstance(reference, bool) else reference
+    if cached is not None and len(cached) != len(prompts):
+        raise ValueError(f"evaluate: {len(cached)} cached reference completions for {len(prompts)} prompts; they "
+                         "must come from sample_reference on the same prompts")
+    device = next(model.parameters()).device
+    with eval_mode(model):
+        policy = sample_plain(model, tok, prompts, cfg)
         rewards, policy_text = rewards_of(scorer, tok, prompts, policy)
-        kl = sequence_kl(model, prompts, policy, device, tok.eot_id, cfg.min_new_tokens)
+        kl = sequence_kl(model, prompts, policy, device, cfg.sampling.eot_id, cfg.sampling.min_new_tokens)
         side = {}
         for name, values in (("reward", rewards), ("kl_exact", kl.exact), ("kl_sampled", kl.sampled)):
             side[name], side[f"{name}_se"] = mean_and_se(values)
         result = {"policy": side, "reward_accuracy": None}
         if heldout_pairs and beta is not None:
-            result["reward_accuracy"] = implicit_reward_accuracy(model, heldout_pairs, max_length, beta, device,
+            result["reward_accuracy"] = implicit_reward_accuracy(model, heldout_pairs, cfg.max_length, beta, device,
                                                                  pad_id=tok.eot_id)
-        if with_reference:
-            if reference_completions is None:
-                reference_completions = sample_reference(model, tok, prompts, cfg, device)
-            ref_rewards, reference_text = rewards_of(scorer, tok, prompts, reference_completions)
+        if reference is not False:
+            completions = cached if cached is not None else sample_reference(model, tok, prompts, cfg)
+            ref_rewards, reference_text = rewards_of(scorer, tok, prompts, completions)
             reward, reward_se = mean_and_se(ref_rewards)
             result["reference"] = {"reward": reward, "reward_se": reward_se}
             result["examples"] = [{"prompt": p.text, "reference": r, "policy": q}
                                   for p, r, q in list(zip(prompts, reference_text, policy_text))[:3]]
-    finally:
-        model.train(was_training)
     return result
 
 

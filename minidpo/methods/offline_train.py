@@ -1,30 +1,82 @@
 """
-Training on the offline preference pairs with any loss: the part that the paper's baselines (Preferred-FT and
-Unlikelihood, minidpo/methods/baselines.py) and the learned reward model (minidpo/methods/reward_model.py) share with DPO.
+The batches of the offline preference pairs, shared by every method that trains on them: DPO
+(minidpo/methods/dpo_train.py), the paper's baselines (Preferred-FT and Unlikelihood, minidpo/methods/baselines.py)
+and the learned reward model (minidpo/methods/reward_model.py).
 
 Reference: Rafailov et al. 2023, "Direct Preference Optimization" (arXiv:2305.18290), sec. 6.1 and Figure 2: every
-method sees the same preference pairs, so the batches here are DPO's own (`minidpo.dpo_train.make_batch_fn`: the
-same pairs, order and steps), and only the loss differs. The loop is minidpo.training.trainer's (AdamW, warmup + cosine,
-accumulation, clipping, logging, checkpoints, exact resume).
+method sees the same preference pairs, so the batches are DPO's own (`make_batch_fn`: the same pairs, order and
+steps), and only the loss differs. The loop is minidpo.training.trainer's (AdamW, warmup + cosine, accumulation,
+clipping, logging, checkpoints, exact resume).
 
 A batch comes in one of the two layouts of minidpo.dataset.batching: "pairs" (chosen_* and rejected_* rows) or "unique"
 (each distinct sequence once, with chosen_index / rejected_index per pair). `as_unique` turns the first into the
 second, so a loss is written once, against the unique layout.
 """
 
-import time
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from minidpo.config import require
+from minidpo.dataset.batching import PairData, collate_pairs, collate_unique, group_indices, pair_indices
 from minidpo.methods.dpo import BATCH_KEYS, UNIQUE_KEYS
-from minidpo.methods.dpo_train import BatchConfig, make_batch_fn
-from minidpo.progress import Log, quiet
-from minidpo.dataset.batching import PairData
-from minidpo.training.trainer import Checkpointer, LoopConfig, train_loop
+from minidpo.methods.logprobs import LOGPROBS
+from minidpo.model.tokenizer import EOT_ID
+from minidpo.training.runtime import Runtime
+
+BATCHING = ("unique", "pairs")
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    mode: str = "unique"    # unique | pairs
+    pairs: int = 8          # pairs per micro-batch per process (mode "pairs")
+    prompts: int = 2        # whole prompts per micro-batch per process (mode "unique")
+    grad_accum: int = 1
+    max_length: int = 64
+    pad_id: int = EOT_ID
+    logprobs: str = "fused"  # fused | naive (the plain log_softmax + gather path, for reading and checking)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.mode in BATCHING, "batching", f"must be one of {', '.join(BATCHING)}, got {self.mode!r}")
+        require(self.logprobs in LOGPROBS, "logprobs", f"must be one of {', '.join(LOGPROBS)}, got {self.logprobs!r}")
+        require(self.pairs >= 1, "batch_size", f"must be >= 1, got {self.pairs}")
+        require(self.prompts >= 1, "batch_prompts", f"must be >= 1, got {self.prompts}")
+        require(self.grad_accum >= 1, "grad_accum", f"must be >= 1, got {self.grad_accum}")
+
+    def draws_per_step(self, world: int) -> int:
+        """Items (pairs or prompt groups) one optimizer step takes over all processes."""
+        return (self.prompts if self.mode == "unique" else self.pairs) * self.grad_accum * world
+
+
+def make_batch_fn(data: PairData, cfg: BatchConfig, rt: Runtime) -> Callable[[int, int], tuple]:
+    """get_batch(step, micro) -> (group or pair indices, tensors on rt.device, real tokens, pairs) for rt.rank.
+
+    A pure function of its arguments (the seed is in cfg), so a resumed run's data position is just its step.
+    """
+    if not data.train:
+        raise ValueError("make_batch_fn: no training pairs")
+    rank, world, device = rt.rank, rt.world, rt.device
+
+    def get_batch(step: int, micro: int):
+        slot = (step * cfg.grad_accum + micro) * world + rank
+        if cfg.mode == "unique":
+            idx = group_indices(len(data.groups), slot * cfg.prompts, cfg.prompts, cfg.seed)
+            pairs = [data.train[i] for g in idx for i in data.groups[g]]
+            batch = collate_unique(pairs, cfg.max_length, pad_id=cfg.pad_id)
+            n_tokens = int(batch["attention_mask"].sum())
+        else:
+            idx = pair_indices(len(data.train), slot * cfg.pairs, cfg.pairs, cfg.seed)
+            pairs = [data.train[i] for i in idx]
+            batch = collate_pairs(pairs, cfg.max_length, pad_id=cfg.pad_id)
+            n_tokens = int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
+        # counted on the CPU before the copy, so logging tokens/s costs no device sync
+        return idx, {k: v.to(device, non_blocking=True) for k, v in batch.items()}, n_tokens, len(pairs)
+    return get_batch
 
 
 def as_unique(batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -47,24 +99,3 @@ def as_unique(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     index = torch.arange(B, device=batch["chosen_ids"].device)  # (B,)
     return {"ids": stack("ids"), "attention_mask": stack("attention_mask"), "response_mask": stack("response_mask"),
             "chosen_index": index, "rejected_index": index + B}
-
-
-def train_on_pairs(params: dict[str, Tensor], data: PairData, bcfg: BatchConfig, loop: LoopConfig,
-                   step_fn: Callable[[tuple], tuple], run_dir: Path, settings: dict, device: torch.device,
-                   rank: int = 0, world: int = 1, on_step_end: Callable[[int], None] | None = None,
-                   log: Log = quiet, resume: bool = True) -> dict:
-    """Train `params` with `step_fn` on DPO's batches of `data`; returns train_loop's summary plus "seconds".
-
-    step_fn(batch) -> (loss, metrics, n_tokens, n_pairs), batch being make_batch_fn's (indices, tensors on the
-    device, real tokens, pairs). Writes run_dir/log.jsonl and run_dir/checkpoint, which a rerun with the same
-    `settings` resumes from (other settings are refused, naming them).
-    """
-    if not data.train:
-        raise ValueError("train_on_pairs: no training pairs")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    get_batch = make_batch_fn(data, bcfg, rank, world, device)
-    t0 = time.perf_counter()
-    summary = train_loop(loop, params, get_batch, step_fn, Checkpointer(run_dir / "checkpoint", params, settings),
-                         run_dir / "log.jsonl", on_step_end, resume=resume, log=log)
-    return {**summary, "seconds": time.perf_counter() - t0}

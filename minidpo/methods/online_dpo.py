@@ -50,11 +50,9 @@ One step (per micro-batch, `prompts_per_step` prompts on each process):
 """
 
 import math
-import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
-from typing import Callable, ContextManager
+from typing import ContextManager
 
 import torch
 from torch import Tensor
@@ -62,10 +60,9 @@ from torch import Tensor
 from minidpo.config import require
 from minidpo.methods.dpo import DPOConfig, dpo_unique_loss
 from minidpo.dataset.pairs import PAIRINGS, preference_pairs
-from minidpo.progress import Log, quiet
-from minidpo.methods.rollout import Rollout, RolloutConfig, completion_logps, make_rollout_fn, trainable_adapter
-from minidpo.training.checkpoint import Checkpointer
-from minidpo.training.trainer import LoopConfig, train_loop
+from minidpo.methods.rollout import Rollout, RolloutConfig, make_rollout_fn, policy_logps
+from minidpo.training.runtime import Runtime
+from minidpo.training.trainer import Training, TrainRun, fit, trainable_adapter
 
 # (metric key, short label, format) for the progress line (LoopConfig.show)
 ONLINE_DPO_SHOW = (("reward", "reward", "{:.3f}"), ("kl/sampled", "kl", "{:.3f}"),
@@ -101,7 +98,7 @@ def online_dpo_loss(model: torch.nn.Module, rollout: Rollout, dpo: DPOConfig, cf
     """DPO's loss over a rollout's pairs, its metrics (DPO's, plus the classifier reward and the sampled KL) and the
     (P*K,) sampled log-ratios log pi(y|x) - log ref(y|x), whose mean estimates KL(policy || reference)."""
     with autocast or nullcontext():
-        policy = completion_logps(model, rollout.ids, rollout.response_mask, rollout.prompt_lens, cfg).float()  # (B,)
+        policy = policy_logps(model, rollout, cfg).float()  # (B,)
     n_tokens = rollout.response_mask.sum(-1).clamp(min=1)  # (B,)
     log_ratio = policy.detach() - rollout.reference_logps  # (B,)
     chosen, rejected = rollout_pairs(rollout.scores.view(-1, cfg.k), cfg.pairing)
@@ -121,31 +118,18 @@ def online_dpo_loss(model: torch.nn.Module, rollout: Rollout, dpo: DPOConfig, cf
     return loss * weight, {**metrics, **extra}, log_ratio
 
 
-def train_online_dpo(model: torch.nn.Module, tokenizer, scorer, prompts: list, dpo: DPOConfig,
-                     cfg: OnlineDPOConfig, loop: LoopConfig, run_dir: Path, device: torch.device, log: Log = quiet,
-                     autocast: ContextManager | None = None, rank: int = 0, world: int = 1,
-                     on_step_end: Callable[[int], None] | None = None, resume: bool = True,
-                     settings: dict | None = None) -> dict:
-    """Train the model's (fresh, B = 0) LoRA adapter with online DPO; returns the last logged metrics and the
-    training seconds. Writes run_dir/log.jsonl and the checkpoint run_dir/checkpoint (resumed from when `resume`
-    and it exists; `settings`, what the checkpoint records and a resume must match, default this function's
-    configs). The caller applies the adapter (`apply_lora`) and evaluates afterwards.
-    """
-    params = trainable_adapter(model, prompts, "train_online_dpo")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    get_batch = make_rollout_fn(model, tokenizer, scorer, prompts, cfg, loop.grad_accum, rank, world, device,
-                                autocast)
+def train_online_dpo(model: torch.nn.Module, tokenizer, scorer, prompts: list, dpo: DPOConfig, cfg: OnlineDPOConfig,
+                     run: TrainRun, rt: Runtime) -> dict:
+    """Train the model's fresh LoRA adapter (B = 0: the caller applies it) with online DPO; returns the last logged
+    metrics and the training seconds. The caller evaluates afterwards, as for every method."""
+    get_batch = make_rollout_fn(model, tokenizer, scorer, prompts, cfg, run.loop.grad_accum, rt)
+    params = trainable_adapter(model, "train_online_dpo")
 
     def step_fn(rollout: Rollout) -> tuple[Tensor, dict[str, Tensor], int, int]:
         model.train()  # LoRA dropout on in every training step (the rollout sampled in eval mode)
-        loss, metrics, log_ratio = online_dpo_loss(model, rollout, dpo, cfg, autocast)
+        loss, metrics, log_ratio = online_dpo_loss(model, rollout, dpo, cfg, rt.autocast)
         return loss, metrics, rollout.n_tokens, log_ratio.numel()
 
-    t0 = time.perf_counter()
-    if settings is None:
-        settings = {"dpo": asdict(dpo), "online": asdict(cfg), "steps": loop.steps, "lr": loop.lr}
-    loop = replace(loop, show=ONLINE_DPO_SHOW, item_name="completions", label=f"online-dpo beta={dpo.beta:g}")
-    summary = train_loop(loop, params, get_batch, step_fn, Checkpointer(run_dir / "checkpoint", params, settings),
-                         run_dir / "log.jsonl", on_step_end, resume=resume, log=log)
-    return {**summary, "seconds": time.perf_counter() - t0}
+    loop = replace(run.loop, show=ONLINE_DPO_SHOW, item_name="completions", label=f"online-dpo beta={dpo.beta:g}")
+    settings = {"dpo": asdict(dpo), "online": asdict(cfg), "steps": loop.steps, "lr": loop.lr}
+    return fit(Training(loop, params, get_batch, step_fn), run, rt, settings)

@@ -41,16 +41,16 @@ from torch import Tensor
 
 from minidpo.dataset.batching import collate_unique, unique_sequences
 from minidpo.training.distributed import barrier, is_main
-from minidpo.methods.dpo_train import BatchConfig
 from minidpo.model.lora import LoRAConfig, apply_lora, lora_config_of, lora_state_dict
 from minidpo.model.gpt import GPT
-from minidpo.methods.offline_train import as_unique, train_on_pairs
+from minidpo.methods.offline_train import BatchConfig, as_unique, make_batch_fn
 from minidpo.dataset.pairs import Pair
 from minidpo.progress import Log, quiet
 from minidpo.formats.safetensors import SafetensorsError, load_file, load_metadata, save_file
 from minidpo.dataset.batching import PairData
 from minidpo.model.tokenizer import EOT_ID
-from minidpo.training.trainer import LoopConfig
+from minidpo.training.runtime import Runtime
+from minidpo.training.trainer import Training, TrainRun, fit
 
 FORMAT = "minidpo-reward-model-v1"
 # (metric key, short label, format) for the progress line (LoopConfig.show); TRL's RewardTrainer names
@@ -187,32 +187,30 @@ def trainable_reward_parameters(rm: RewardModel) -> dict[str, Tensor]:
     return {k: p for k, p in rm.named_parameters() if p.requires_grad}
 
 
-def train_reward_model(reference: GPT, data: PairData, lora: LoRAConfig, bcfg: BatchConfig, loop: LoopConfig,
-                       run_dir: Path, device: torch.device, autocast: ContextManager | None = None, rank: int = 0,
-                       world: int = 1, log: Log = quiet) -> tuple[RewardModel, dict]:
+def train_reward_model(reference: GPT, data: PairData, lora: LoRAConfig, bcfg: BatchConfig, run: TrainRun,
+                       rt: Runtime) -> tuple[RewardModel, dict]:
     """Fit a reward model on data.train with the Bradley-Terry loss on DPO's batches, resumable from
-    run_dir/checkpoint; then fit its normalization on the training pairs and measure its held-out accuracy.
+    run.run_dir/checkpoint; then fit its normalization on the training pairs and measure its held-out accuracy.
 
     `reference` is not modified: the body is a copy. Returns (the reward model, {"heldout_accuracy": float or None
     without held-out pairs, "normalization": {"mean", "std"}, "train": the loop's summary}).
     """
     torch.manual_seed(bcfg.seed)
     body = apply_lora(copy.deepcopy(reference), lora)
-    rm = RewardModel(body).to(device)
+    rm = RewardModel(body).to(rt.device)
     params = trainable_reward_parameters(rm)
-    amp = autocast or nullcontext()
 
     def step_fn(batch):
-        with amp:
+        with rt.autocast:
             return reward_model_step(rm, batch)
 
-    settings = {"method": "reward-model", "lora": asdict(lora), "batch": asdict(bcfg), "steps": loop.steps,
-                "lr": loop.lr}
-    loop = replace(loop, label="reward-model", show=REWARD_MODEL_SHOW)
-    summary = train_on_pairs(params, data, bcfg, loop, step_fn, run_dir, settings, device, rank, world, None, log)
+    settings = {"method": "reward-model", "lora": asdict(lora), "batch": asdict(bcfg), "steps": run.loop.steps,
+                "lr": run.loop.lr}
+    loop = replace(run.loop, label="reward-model", show=REWARD_MODEL_SHOW)
+    summary = fit(Training(loop, params, make_batch_fn(data, bcfg, rt), step_fn), run, rt, settings)
     mean, std = fit_normalization(rm, data.train, bcfg.max_length, bcfg.pad_id)
     accuracy = heldout_accuracy(rm, data.heldout, bcfg.max_length, bcfg.pad_id) if data.heldout else None
-    log(f"[reward-model] held-out pair accuracy {accuracy if accuracy is None else f'{accuracy:.3f}'} on "
+    rt.log(f"[reward-model] held-out pair accuracy {accuracy if accuracy is None else f'{accuracy:.3f}'} on "
         f"{len(data.heldout)} pairs; reward normalized with mean {mean:+.3f}, std {std:.3f}")
     return rm, {"heldout_accuracy": accuracy, "normalization": {"mean": mean, "std": std}, "train": summary}
 

@@ -44,11 +44,9 @@ adaptive kl_coef is updated at the end of each optimizer step inside the step it
 """
 
 import math
-import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
-from typing import Callable, ContextManager
+from typing import ContextManager
 
 import torch
 import torch.distributed as dist
@@ -57,10 +55,9 @@ from torch import Tensor
 from minidpo.config import require
 from minidpo.methods.pg import (RLOO_SHOW, adaptive_kl_coef, kl_penalized_rewards, policy_gradient_loss,
                                 rloo_advantages)
-from minidpo.progress import Log, quiet
-from minidpo.methods.rollout import Rollout, RolloutConfig, completion_logps, make_rollout_fn, trainable_adapter
-from minidpo.training.checkpoint import Checkpointer
-from minidpo.training.trainer import LoopConfig, train_loop
+from minidpo.methods.rollout import Rollout, RolloutConfig, make_rollout_fn, policy_logps
+from minidpo.training.runtime import Runtime
+from minidpo.training.trainer import Training, TrainRun, fit, trainable_adapter
 
 
 @dataclass(frozen=True)
@@ -85,7 +82,7 @@ def rloo_loss(model: torch.nn.Module, rollout: Rollout, cfg: RLOOConfig, kl_coef
     """The RLOO surrogate loss of one rollout, its metrics (0-dim tensors) and the (P*K,) sampled log-ratios
     log pi(y|x) - log ref(y|x), whose mean estimates KL(policy || reference)."""
     with autocast or nullcontext():
-        policy = completion_logps(model, rollout.ids, rollout.response_mask, rollout.prompt_lens, cfg).float()  # (B,)
+        policy = policy_logps(model, rollout, cfg).float()  # (B,)
     kl = policy.detach() - rollout.reference_logps                                     # (B,) sampled log-ratio
     rewards = kl_penalized_rewards(rollout.scores, policy.detach(), rollout.reference_logps, kl_coef)
     advantages = rloo_advantages(rewards.view(-1, cfg.k))                              # (P, K)
@@ -126,33 +123,20 @@ class KLController:
         self.value = float(state.get("kl_coef", self.cfg.kl_coef))
 
 
-def train_rloo(model: torch.nn.Module, tokenizer, scorer, prompts: list, cfg: RLOOConfig, loop: LoopConfig,
-               run_dir: Path, device: torch.device, log: Log = quiet, autocast: ContextManager | None = None,
-               rank: int = 0, world: int = 1, on_step_end: Callable[[int], None] | None = None,
-               resume: bool = True, settings: dict | None = None) -> dict:
-    """Train the model's (fresh, B = 0) LoRA adapter with RLOO; returns the last logged metrics, the final kl_coef
-    and the training seconds. Writes run_dir/log.jsonl and the checkpoint run_dir/checkpoint (resumed from when
-    `resume` and it exists; `settings`, what the checkpoint records and a resume must match, default this
-    function's configs). The caller applies the adapter (`apply_lora`) and evaluates afterwards.
-    """
-    params = trainable_adapter(model, prompts, "train_rloo")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    kl = KLController(cfg, loop.grad_accum, world)
-    get_batch = make_rollout_fn(model, tokenizer, scorer, prompts, cfg, loop.grad_accum, rank, world, device,
-                                autocast)
+def train_rloo(model: torch.nn.Module, tokenizer, scorer, prompts: list, cfg: RLOOConfig, run: TrainRun,
+               rt: Runtime) -> dict:
+    """Train the model's fresh LoRA adapter (B = 0: the caller applies it) with RLOO; returns the last logged
+    metrics, the final kl_coef and the training seconds. The caller evaluates afterwards, as for every method."""
+    get_batch = make_rollout_fn(model, tokenizer, scorer, prompts, cfg, run.loop.grad_accum, rt)
+    params = trainable_adapter(model, "train_rloo")
+    kl = KLController(cfg, run.loop.grad_accum, rt.world)
 
     def step_fn(rollout: Rollout) -> tuple[Tensor, dict[str, Tensor], int, int]:
         model.train()  # LoRA dropout on in every training step (the rollout sampled in eval mode)
-        loss, metrics, log_ratio = rloo_loss(model, rollout, cfg, kl.value, autocast)
+        loss, metrics, log_ratio = rloo_loss(model, rollout, cfg, kl.value, rt.autocast)
         kl.observe(log_ratio, rollout.micro)  # after the loss: this step used the previous coefficient
         return loss, metrics, rollout.n_tokens, log_ratio.numel()
 
-    if settings is None:
-        settings = {"rloo": asdict(cfg), "steps": loop.steps, "lr": loop.lr}
-    t0 = time.perf_counter()
-    loop = replace(loop, show=RLOO_SHOW, item_name="completions", label=f"{loop.label} kl_coef={cfg.kl_coef:g}")
-    summary = train_loop(loop, params, get_batch, step_fn,
-                         Checkpointer(run_dir / "checkpoint", params, settings), run_dir / "log.jsonl", on_step_end,
-                         resume=resume, log=log, get_state=kl.state, set_state=kl.load)
-    return {**summary, "kl_coef": kl.value, "seconds": time.perf_counter() - t0}
+    loop = replace(run.loop, show=RLOO_SHOW, item_name="completions", label=f"{run.loop.label} kl_coef={cfg.kl_coef:g}")
+    settings = {"rloo": asdict(cfg), "steps": loop.steps, "lr": loop.lr}
+    return {**fit(Training(loop, params, get_batch, step_fn, state=kl), run, rt, settings), "kl_coef": kl.value}

@@ -12,19 +12,20 @@ a target (nanoGPT's `randint(len(data) - block_size)` draws the same range).
 """
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from minidpo.config import require
 from minidpo.dataset.batching import batch_seed
 from minidpo.methods.fused_logprobs import token_logprobs
 from minidpo.model.gpt import GPT
-from minidpo.progress import Log, quiet
 from minidpo.model.tokenizer import Tokenizer
 from minidpo.training.checkpoint import Checkpointer
-from minidpo.training.trainer import LoopConfig, train_loop, trainable_parameters
+from minidpo.training.runtime import Runtime
+from minidpo.training.trainer import LoopConfig, Training, train_loop, trainable_parameters
 
 
 def pack_texts(texts: list[str], tokenizer: Tokenizer) -> Tensor:
@@ -81,35 +82,47 @@ def eval_loss(model: GPT, stream: Tensor, block_size: int, batch_size: int = 8, 
     return total / count
 
 
-def run_sft(model: GPT, stream: Tensor, loop: LoopConfig, batch_size: int, block_size: int, seed: int,
-            device: str | torch.device, out_dir: Path | None = None, resume: bool = False,
-            rank: int = 0, log: Log = quiet, on_step_end: Callable[[int], None] | None = None,
-            autocast: AbstractContextManager | None = None) -> dict[str, float]:
-    """Train every parameter that requires grad (all of them, or only LoRA's) on random windows of `stream`.
+@dataclass(frozen=True)
+class SFTConfig:
+    batch_size: int = 8      # windows per step
+    block_size: int = 128    # window length
+    lora: bool = True        # train a LoRA adapter (merged afterwards) instead of every weight
+    seed: int = 0
 
-    `autocast` (e.g. torch.autocast("cpu", dtype=torch.bfloat16)) is entered anew for every step's forward. Not
+    def __post_init__(self) -> None:
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.block_size >= 2, "block_size", f"must be >= 2, got {self.block_size}")
+
+
+def run_sft(model: GPT, stream: Tensor, cfg: SFTConfig, loop: LoopConfig, rt: Runtime, out_dir: Path | None = None,
+            resume: bool = False, on_step_end: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Train every parameter that requires grad (all of them, or only LoRA's) on random windows of `stream`
+    (cfg.batch_size windows of cfg.block_size tokens a step); out_dir: log.jsonl and sft_checkpoint/ (None: none).
+
+    `rt.autocast` (e.g. torch.autocast("cpu", dtype=torch.bfloat16)) is entered anew for every step's forward. Not
     around the loop: autocast caches its bf16 copy of each weight until the outermost region exits, so a loop
     inside one region would train the fp32 weights while every forward kept using the step-0 copies (the loss
     stalls near its initial value). Called inside an autocast region, run_sft refuses for that reason.
     """
     if any(torch.is_autocast_enabled(t) for t in ("cpu", "cuda")):
         raise RuntimeError("run_sft: called inside a torch.autocast region, whose weight-cast cache would freeze "
-                           "the weights every forward sees; pass the context as run_sft(..., autocast=...) instead")
-    if len(stream) < block_size + 1:
-        raise ValueError(f"SFT needs at least block_size + 1 = {block_size + 1} tokens of text, got {len(stream)}")
+                           "the weights every forward sees; pass the context as run_sft(..., rt=Runtime(autocast=...))")
+    if len(stream) < cfg.block_size + 1:
+        raise ValueError(f"SFT needs at least block_size + 1 = {cfg.block_size + 1} tokens of text, got {len(stream)}")
     model.train()
     params = trainable_parameters(model)
 
     def get_batch(step: int, micro: int):
-        x, y = random_windows(stream, batch_size, block_size, batch_seed(seed, step, micro, rank))
-        return x.to(device), y.to(device)
+        x, y = random_windows(stream, cfg.batch_size, cfg.block_size, batch_seed(cfg.seed, step, micro, rt.rank))
+        return x.to(rt.device), y.to(rt.device)
 
     def step_fn(batch):
         x, y = batch
-        with autocast or nullcontext():
+        with rt.autocast:
             loss = lm_loss(model, x, y)
         return loss, {}, x.numel()
 
     ckpt = Checkpointer(out_dir / "sft_checkpoint", params) if out_dir is not None else None
     log_path = out_dir / "log.jsonl" if out_dir is not None else None
-    return train_loop(loop, params, get_batch, step_fn, ckpt, log_path, on_step_end, resume=resume, log=log)
+    return train_loop(Training(loop, params, get_batch, step_fn), ckpt, log_path, on_step_end, resume=resume,
+                      log=rt.log)

@@ -20,35 +20,35 @@ version, kept as the reference the tests compare against.
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from minidpo.config import require
+from minidpo.model.gpt import GPT
 from minidpo.model.tokenizer import EOT_ID
-
-if TYPE_CHECKING:  # model.py imports this module; a runtime import back would be circular
-    from minidpo.model.gpt import GPT
 
 BLOCK = 256  # tokens per block of the two-level search; about sqrt(50257), so both levels are short
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How to sample; `generate(model, idx, **dataclasses.asdict(cfg))` takes these fields by name."""
+    """How to sample completions: the one config of the sampler (minidpo.model.completions) that preference pairs,
+    rollouts, evaluation and sample.py use; each method's config embeds one and adds only its own rules."""
     temperature: float = 1.0        # 0 is greedy
     top_k: int | None = None        # keep the k most likely tokens; None or 0: off
     top_p: float | None = None      # nucleus: the smallest set whose mass reaches p; None or 1.0: off
     min_new_tokens: int = 0         # end-of-text is forbidden before this many new tokens
-    max_new_tokens: int = 40
+    max_new_tokens: int = 40        # longest completion
+    eot_id: int | None = EOT_ID     # end-of-text: a completion ends at its first (None: no end-of-text)
 
     def __post_init__(self) -> None:
         check_sampling(self.temperature, self.top_k, self.top_p)
         require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
-        require(0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens",
-                f"must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}")
+        require(self.min_new_tokens >= 0, "min_new_tokens", f"must be >= 0, got {self.min_new_tokens}")
+        require(self.max_new_tokens >= self.min_new_tokens, "max_new_tokens",
+                f"must be >= min_new_tokens ({self.min_new_tokens}), got {self.max_new_tokens}")
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -175,12 +175,12 @@ def sample_naive(logits: Tensor, temperature: float = 1.0, top_k: int | None = N
 
 # ---------------------------------------------------------------------------------------------------- decoding
 
-def prefill(model: "GPT", idx: Tensor, key_mask: Tensor | None) -> Tensor:
+def prefill(model: GPT, idx: Tensor, key_mask: Tensor | None) -> Tensor:
     """Run the whole prompt (B, T) through the model, filling its cache; logits of the last position (B, V)."""
     return model.lm_head(model.hidden_states(idx, cache_pos=0, key_mask=key_mask)[:, -1])
 
 
-def decode_one_token(model: "GPT", token: Tensor, pos: int, key_mask: Tensor | None) -> Tensor:
+def decode_one_token(model: GPT, token: Tensor, pos: int, key_mask: Tensor | None) -> Tensor:
     """Feed one token per row (B, 1) at cache position `pos`; logits of it (B, V)."""
     return model.lm_head(model.hidden_states(token, cache_pos=pos, key_mask=key_mask)[:, -1])
 
@@ -196,8 +196,8 @@ def key_mask_for(attention_mask: Tensor | None, total_len: int) -> Tensor | None
     return key_mask
 
 
-@torch.no_grad()
-def generate(model: "GPT", idx: Tensor, max_new_tokens: int, min_new_tokens: int = 0, temperature: float = 1.0,
+@torch.no_grad()  # params: the sampling keywords are sample()'s and Hugging Face generate()'s, one by one
+def generate(model: GPT, idx: Tensor, max_new_tokens: int, min_new_tokens: int = 0, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = EOT_ID,
              attention_mask: Tensor | None = None, generator: torch.Generator | None = None,
              use_cache: bool = True) -> Tensor:

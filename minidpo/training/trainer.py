@@ -7,7 +7,7 @@ accumulation), PyTorch's DistributedDataParallel for the gradient all-reduce (`m
 
 Exact resume. Batches are a pure function of (step, micro_step, rank): the caller's `get_batch` derives them from the
 seed, so the data position is just the step number. A checkpoint (`minidpo.training.checkpoint`) holds the trainable tensors,
-the optimizer and scheduler state, every RNG state, the step and the caller's own state (`get_state`, e.g. an
+the optimizer and scheduler state, every RNG state, the step and the caller's own state (`Training.state`, e.g. an
 adaptive KL coefficient); resuming restores all of it, so a run killed at any moment and resumed from its last
 checkpoint ends bit-identical to an uninterrupted run (on the same device and thread count).
 
@@ -22,7 +22,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor
@@ -30,7 +30,9 @@ from torch import Tensor
 from minidpo.training.checkpoint import Checkpointer
 from minidpo.config import require
 from minidpo.training.distributed import average_gradients, barrier, is_main, rank_and_world
+from minidpo.model.lora import adapters_are_zero, lora_layers
 from minidpo.progress import Log, quiet
+from minidpo.training.runtime import Runtime
 
 # (metric key, short label, format) for the log line; DPO's by default
 DPO_SHOW = (("rewards/accuracies", "acc", "{:.2f}"), ("rewards/margins", "margin", "{:+.3f}"),
@@ -154,26 +156,38 @@ def make_optimizer(cfg: LoopConfig, trainable: list[Tensor]):
     return optimizer, scheduler
 
 
-def train_loop(
-    cfg: LoopConfig,
-    params: dict[str, Tensor],
-    get_batch: Callable[[int, int], object],
-    step_fn: Callable[[object], tuple],
-    checkpointer: Checkpointer | None = None,
-    log_path: Path | None = None,
-    on_step_end: Callable[[int], None] | None = None,
-    resume: bool = False,
-    log: Log | None = None,
-    get_state: Callable[[], dict] | None = None,
-    set_state: Callable[[dict], None] | None = None,
-) -> dict[str, float]:
-    """Run the optimizer steps left until cfg.steps; returns the last logged metrics, plus whole-run throughput.
+class LoopState(Protocol):
+    """A method's own state beyond the weights (RLOO's adaptive kl_coef): saved with each checkpoint, given back on
+    resume."""
+
+    def state(self) -> dict: ...
+
+    def load(self, state: dict) -> None: ...
+
+
+@dataclass(frozen=True)
+class Training:
+    """One method's training as the loop runs it: the loop's settings, what it trains, its batches and its step.
 
     get_batch(step, micro) -> a micro-batch; step_fn(batch) -> (loss, metrics, n_tokens) or (loss, metrics,
-    n_tokens, n_items), metrics being 0-dim tensors. The loss is divided by grad_accum here, so step_fn returns the
-    plain mean loss of its micro-batch. `get_state()` (plain Python values) is saved with each checkpoint and given
-    back to `set_state` on resume. `log` gets the progress lines on rank 0 (default: print them).
+    n_tokens, n_items), metrics being 0-dim tensors (the plain mean loss of the micro-batch: the loop divides by
+    grad_accum)."""
+    loop: LoopConfig
+    params: dict[str, Tensor]
+    get_batch: Callable[[int, int], object]
+    step_fn: Callable[[object], tuple]
+    state: LoopState | None = None
+
+
+def train_loop(t: Training, checkpointer: Checkpointer | None = None, log_path: Path | None = None,
+               on_step_end: Callable[[int], None] | None = None, resume: bool = False,
+               log: Log | None = None) -> dict[str, float]:
+    """Run the optimizer steps left until t.loop.steps; returns the last logged metrics, plus whole-run throughput.
+
+    `t.state` is saved with each checkpoint and given back on resume. `log` gets the progress lines on rank 0
+    (default: print them).
     """
+    cfg, params, get_batch, step_fn = t.loop, t.params, t.get_batch, t.step_fn
     say = (log if log is not None else print_on_main) if is_main() else quiet
     _, world = rank_and_world()
     trainable = [p for p in params.values() if p.requires_grad]
@@ -185,8 +199,8 @@ def train_loop(
             raise ValueError(f"[{cfg.label}] checkpoint {checkpointer.dir} is at step {start}, past this run's "
                              f"{cfg.steps} steps; give at least {start} steps, or delete it to start again")
         totals, last = Totals(**extra.get("totals", {})), dict(extra.get("last", {}))
-        if set_state is not None and "loop_state" in extra:
-            set_state(extra["loop_state"])
+        if t.state is not None and "loop_state" in extra:
+            t.state.load(extra["loop_state"])
         say(f"[{cfg.label}] resumed from {checkpointer.dir} at step {start}/{cfg.steps}")
     window, clock = Totals(), StepClock()
     for step in range(start, cfg.steps):
@@ -200,8 +214,8 @@ def train_loop(
             raise NonFiniteLoss(f"[{cfg.label}] loss is {loss_value} at step {step + 1}/{cfg.steps}; stopping "
                                 f"before the optimizer step, {kept}")
         seconds = time.perf_counter() - t0
-        for t in (totals, window):
-            t.add(seconds, tokens, items)
+        for counts in (totals, window):
+            counts.add(seconds, tokens, items)
         clock.update(seconds)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
@@ -217,10 +231,47 @@ def train_loop(
         if checkpointer is not None and is_main() and (
                 (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps):
             checkpointer.save(done, optimizer, scheduler, extra={
-                "loop_state": get_state() if get_state is not None else {}, "totals": vars(totals), "last": last})
+                "loop_state": t.state.state() if t.state is not None else {}, "totals": vars(totals), "last": last})
     barrier()
     return {**last, "steps": cfg.steps, "steps_this_session": cfg.steps - start,
             "final_loss": last.get("loss", math.nan), "seconds": totals.seconds, **totals.rates(cfg.item_name)}
+
+
+def trainable_adapter(model: torch.nn.Module, who: str) -> dict[str, torch.nn.Parameter]:
+    """The parameters a method trains, after checking that it can start from a fresh LoRA adapter (B = 0), so that
+    the reference (the adapter disabled) is the starting policy."""
+    if not lora_layers(model):
+        raise ValueError(f"{who}: the model has no LoRA adapter; apply_lora first (the reference is the model with "
+                         "its adapter disabled)")
+    if not adapters_are_zero(model):
+        raise RuntimeError(f"{who}: a new LoRA adapter must start at B = 0, so that the reference is the starting "
+                           "policy")
+    return trainable_parameters(model)
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """Where and how long one training run goes: its loop settings and folder (log.jsonl, checkpoint/), a call
+    after each step (periodic evaluation), the settings its checkpoint records (a resume must match them; None: the
+    method's own configs) and whether to resume from that checkpoint."""
+    loop: LoopConfig
+    run_dir: Path
+    on_step_end: Callable[[int], None] | None = None
+    settings: dict | None = None
+    resume: bool = True
+
+
+def fit(t: Training, run: TrainRun, rt: Runtime, settings: dict) -> dict:
+    """Train t in run.run_dir (run_dir/log.jsonl, run_dir/checkpoint, resumed from when run.resume and it exists;
+    the checkpoint records run.settings, else `settings`, the method's own configs). Returns train_loop's summary
+    with "seconds", this session's wall time."""
+    run_dir = Path(run.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recorded = run.settings if run.settings is not None else settings
+    checkpointer = Checkpointer(run_dir / "checkpoint", t.params, recorded)
+    t0 = time.perf_counter()
+    summary = train_loop(t, checkpointer, run_dir / "log.jsonl", run.on_step_end, resume=run.resume, log=rt.log)
+    return {**summary, "seconds": time.perf_counter() - t0}
 
 
 def one_step(cfg: LoopConfig, step: int, trainable: list[Tensor], get_batch, step_fn, optimizer, scheduler,
