@@ -163,12 +163,15 @@ class Checkpointer:
         if not isinstance(envelope, dict) or "step" not in envelope:
             raise CheckpointCorrupt(path, "is not a minidpo checkpoint", self.dir)
         if "payload" not in envelope:  # format 1: everything inline, nothing checksummed
+            if "sha256" in envelope:  # a checksummed envelope whose payload key a damaged byte renamed
+                raise CheckpointCorrupt(path, "is inconsistent (damaged)", self.dir)
             return {**envelope, "files": {}, "settings": None}
         payload = envelope["payload"].numpy().tobytes() if isinstance(envelope["payload"], Tensor) else b""
         if hashlib.sha256(payload).hexdigest() != envelope.get("sha256"):
             raise CheckpointCorrupt(path, "fails its sha256 check (damaged)", self.dir)
         body = torch.load(io.BytesIO(payload), weights_only=True)
-        if body["step"] != envelope["step"] or body["trainable"] != envelope["trainable"]:
+        # .get: a damaged byte can rename a key of the envelope, which must read as damage, not a KeyError
+        if body["step"] != envelope["step"] or body.get("trainable") != envelope.get("trainable", object()):
             raise CheckpointCorrupt(path, "is inconsistent (damaged)", self.dir)
         return body
 
