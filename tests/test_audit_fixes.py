@@ -27,7 +27,7 @@ from minidpo.training.trainer import LoopConfig, Training, train_loop
     (["--preset", "tiny", "--kl-coef", "nan"], "--kl-coef "),
     (["--preset", "tiny", "--compare", "rloo,dpo", "--kl-coef", "inf"], "--kl-coef "),
     (["--preset", "tiny", "--eval-every", "500"], "--eval-every"),
-    (["--preset", "tiny", "--compile"], "--compile"),
+    (["--preset", "tiny", "--method", "online-dpo", "--compile"], "--compile"),
     (["--preset", "tiny", "--compare", "dpo,rloo", "--compile"], "--compile"),
 ])
 def test_duplicates_and_bad_values_are_refused_naming_the_flag(argv, flag):

@@ -17,7 +17,7 @@ from minidpo.formats.safetensors import load_file
 
 pytestmark = pytest.mark.slow  # train.py and sample.py end to end, in subprocesses
 ROOT = Path(__file__).resolve().parent.parent
-# the paper's offline DPO (the tiny preset's own method is online-dpo), 2 prompts a step
+# the paper's offline DPO (the tiny preset's own method), 2 prompts a step
 SMALL = ["--preset", "tiny", "--method", "dpo", "--batch-prompts", "2", "--num-prompts", "12", "--heldout-prompts", "4",
          "--eval-prompts", "4", "--steps", "8", "--batch-size", "4", "--log-every", "2", "--checkpoint-every", "2",
          "--seed", "3", "--dtype", "fp32"]  # fp32: these tests compare adapters to 1e-5 (bf16 has tests/test_bf16.py)
