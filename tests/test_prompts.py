@@ -53,3 +53,25 @@ def test_reviews_no_longer_than_their_prefix_are_skipped_and_n_none_takes_every_
         make_prompts(reviews, tok, n=3, min_len=2, max_len=2)
 
 
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_held_out_and_evaluation_prompts_never_repeat_a_training_prompt(tok, seed):
+    """Distinct reviews open alike ("This is", "I love"): the tiny preset's split (576 train, 24 held-out, 128
+    evaluation prompts on the shipped sample) once shared 0-5 prompts between train and test per seed."""
+    from minidpo.dataset.prompts import PromptConfig
+    from minidpo.experiment.context import Reviews
+    from minidpo.experiment.stages import make_prompt_sets
+    reviews = Reviews(IMDB_SAMPLE_PATH, load_imdb(IMDB_SAMPLE_PATH, "train", ("pos", "neg")),
+                      load_imdb(IMDB_SAMPLE_PATH, "test", ("pos", "neg")))
+    sets = make_prompt_sets(reviews, tok, PromptConfig(train=576, heldout=24, eval=128, seed=seed))
+    train_ids = {tuple(p.ids) for p in sets.train}
+    assert len(sets.heldout) == 24 and len(sets.eval) == 128
+    assert not [p.text for p in sets.heldout + sets.eval if tuple(p.ids) in train_ids]
+
+
+def test_excluded_prompts_are_skipped_and_the_next_review_takes_their_place(train, tok):
+    first = make_prompts(train, tok, n=30, seed=4)
+    again = make_prompts(train, tok, n=30, seed=4, exclude=first[:5])
+    assert not {tuple(p.ids) for p in first[:5]} & {tuple(p.ids) for p in again}
+    assert len(again) == 30 and [p for p in again if p in first[5:]] == [p for p in first[5:] if p in again]

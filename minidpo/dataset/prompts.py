@@ -6,8 +6,9 @@ Reference: Rafailov et al. 2023, "Direct Preference Optimization" (arXiv:2305.18
 (`input_size = LengthSampler(2, 8)`; ours includes the 8, see minidpo.dataset.length_sampler).
 
 Each prompt comes from a distinct review, visited in a seeded random order, and remembers where it was cut from
-(`Prompt.review`, "train/pos/123") and its split: prompts cut from test-split reviews are held out, so evaluation
-never scores a completion of a prompt that DPO trained on.
+(`Prompt.review`, "train/pos/123") and its split: prompts cut from test-split reviews are held out. Distinct
+reviews can still open alike ("This is", "I love"), so a test prompt whose token ids equal a training prompt's is
+skipped (`exclude`): evaluation never scores a completion of a prompt that a method trained on.
 """
 
 import random
@@ -32,28 +33,33 @@ def review_name(review: Any) -> str:
 
 
 def make_prompts(reviews: Sequence[Any], tokenizer: Any, n: int | None = None, min_len: int = PROMPT_MIN_TOKENS,
-                 max_len: int = PROMPT_MAX_TOKENS, seed: int = 0) -> list[Prompt]:
+                 max_len: int = PROMPT_MAX_TOKENS, seed: int = 0,
+                 exclude: Sequence[Prompt] = ()) -> list[Prompt]:
     """n prompts, each the first k tokens of a distinct review, k ~ LengthSampler(min_len, max_len, seed).
 
     Reviews are visited in a seeded random order; one with no token after its k-th is skipped (its prefix would be
-    the whole review, leaving nothing that a completion continues). n=None: one prompt per usable review.
-    Naive equivalent: [prefix(r, k) for r in shuffled(reviews) if len(tokens(r)) > k][:n], one k drawn per review.
+    the whole review, leaving nothing that a completion continues), and so is one whose prefix has the token ids
+    of a prompt in `exclude` (the training prompts, for held-out ones). n=None: one prompt per usable review.
+    Naive equivalent: [prefix(r, k) for r in shuffled(reviews) if len(tokens(r)) > k and prefix(r, k) not in
+    exclude][:n], one k drawn per review.
     """
     if n is not None and n < 0:
         raise ValueError(f"make_prompts: n must be >= 0, got {n}")
     order = list(range(len(reviews)))
     random.Random(f"prompts/{seed}").shuffle(order)  # a stream of its own, not the length sampler's
     lengths = LengthSampler(min_len, max_len, seed=seed)
+    seen = {tuple(p.ids) for p in exclude}
     prompts: list[Prompt] = []
     for i in order:
         if n is not None and len(prompts) == n:
             break
         k, ids = lengths(), tokenizer.encode(reviews[i].text)
-        if len(ids) > k:
+        if len(ids) > k and tuple(ids[:k]) not in seen:
             prompts.append(Prompt(ids[:k], tokenizer.decode(ids[:k]), reviews[i].split, review_name(reviews[i])))
     if n is not None and len(prompts) < n:
         raise ValueError(f"make_prompts: asked for n={n} prompts but only {len(prompts)} of the {len(reviews)} "
-                         f"reviews are longer than their {min_len}-{max_len} token prefix")
+                         f"reviews are longer than their {min_len}-{max_len} token prefix"
+                         + (" and differ from the excluded prompts" if seen else ""))
     return prompts
 
 

@@ -78,11 +78,12 @@ def load_reviews(source: Path) -> Reviews:
 
 
 def make_prompt_sets(reviews: Reviews, tok: Tokenizer, cfg: PromptConfig) -> PromptSets:
-    """Train prompts from train reviews; held-out and evaluation prompts from test reviews (one per review)."""
+    """Train prompts from train reviews; held-out and evaluation prompts from test reviews (one per review), none
+    with the token ids of a training prompt."""
     try:
         train = make_prompts(reviews.train, tok, cfg.train, cfg.min_tokens, cfg.max_tokens, seed=cfg.seed)
         test = make_prompts(reviews.test, tok, cfg.heldout + cfg.eval, cfg.min_tokens, cfg.max_tokens,
-                            seed=cfg.seed + 1)
+                            seed=cfg.seed + 1, exclude=train)
     except ValueError as e:  # one prompt per review: the shipped sample has 600 train and 300 test reviews
         raise ValueError(f"{e}; lower --num-prompts (train) or --heldout-prompts + --eval-prompts (test), or use "
                          "the full IMDB set (--data)") from None
