@@ -264,6 +264,23 @@ def test_implicit_reward_accuracy_is_zero_for_a_fresh_adapter(beta):
     assert implicit_reward_accuracy(model, pairs, 16, beta, CPU, pad_id=49) == 0.0
 
 
+def test_implicit_reward_accuracy_runs_in_fp32_under_a_bf16_autocast(monkeypatch):
+    """It is reported beside the reward model's held-out accuracy, which runs in fp32: the same precision for
+    both, whatever autocast the evaluation samples under."""
+    import minidpo.methods.evaluate as ev
+    model, seen, forward = tiny_lora_model(zero=False), [], ev.concatenated_forward
+
+    def spy(m, batch):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return forward(m, batch)
+    monkeypatch.setattr(ev, "concatenated_forward", spy)
+    pairs = [Pair("p", "a", "b", [1, 2], [3, 4], [5, 6, 7], 1.0, 0.0) for _ in range(3)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_context = implicit_reward_accuracy(model, pairs, 16, 0.1, CPU, pad_id=49)
+    assert seen and not any(seen)
+    assert bf16_context == implicit_reward_accuracy(model, pairs, 16, 0.1, CPU, pad_id=49)
+
+
 # ------------------------------------------------------------------------------------- training batch order
 
 @settings(max_examples=50, deadline=None)

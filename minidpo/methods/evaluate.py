@@ -149,18 +149,22 @@ def sequence_kl(model: GPT, prompts: Sequence[Prompt], completions: Sequence[lis
 @torch.no_grad()
 def implicit_reward_accuracy(model: GPT, pairs: Sequence[Pair], max_length: int, beta: float, device: torch.device,
                              *, pad_id: int, batch_size: int = 16) -> float:
-    """Share of held-out pairs where beta * log(pi/ref) ranks chosen above rejected (TRL's rewards/accuracies)."""
+    """Share of held-out pairs where beta * log(pi/ref) ranks chosen above rejected (TRL's rewards/accuracies).
+
+    Computed in fp32 whatever autocast the caller runs under, as the learned reward model's held-out accuracy is
+    (methods/reward_model.py): the two are reported side by side, and bf16 turns close margins into exact ties."""
     if not pairs:
         raise ValueError("implicit_reward_accuracy: no pairs given")
     correct = 0
-    for i in range(0, len(pairs), batch_size):
-        batch = collate_pairs(pairs[i:i + batch_size], max_length, pad_id=pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        pol = concatenated_forward(model, batch)
-        with reference_of(model):
-            ref = concatenated_forward(model, batch)
-        margin = (pol["chosen_logps"] - ref["chosen_logps"]) - (pol["rejected_logps"] - ref["rejected_logps"])
-        correct += int((beta * margin > 0).sum())
+    with torch.autocast(device.type, enabled=False):
+        for i in range(0, len(pairs), batch_size):
+            batch = collate_pairs(pairs[i:i + batch_size], max_length, pad_id=pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            pol = concatenated_forward(model, batch)
+            with reference_of(model):
+                ref = concatenated_forward(model, batch)
+            margin = (pol["chosen_logps"] - ref["chosen_logps"]) - (pol["rejected_logps"] - ref["rejected_logps"])
+            correct += int((beta * margin > 0).sum())
     return correct / len(pairs)
 
 
