@@ -51,7 +51,7 @@ from minidpo.training.runtime import Runtime
 
 @dataclass
 class TrainConfig:
-    preset: str | None = None       # tiny | gpt2 | gpt2-large: a set of defaults; flags you give still win
+    preset: str | None = None       # tiny | tiny-fig2 | gpt2 | gpt2-large: a set of defaults; flags you give still win
     out_dir: str = "out/run"        # outputs; a folder holding a run made with other settings is refused
     resume: str | None = None       # an out_dir to continue from its checkpoint (its config.json is used)
     overwrite: bool = False         # replace the outputs of an earlier run in --out-dir
@@ -85,6 +85,7 @@ class TrainConfig:
     prompt_max_tokens: int = 8      # longest prompt
     min_new_tokens: int = 4         # shortest completion (end-of-text is forbidden before it)
     max_new_tokens: int = 16        # longest completion
+    min_score_margin: float = 0.0   # drop training pairs whose classifier scores differ by less (near ties)
     gen_temperature: float = 1.0    # sampling temperature for pair generation (online-dpo: its training samples)
     gen_top_k: int | None = None    # top-k for pair generation (0 or none: full softmax); online-dpo too
     gen_batch_size: int = 64        # sequences per generate call
@@ -123,6 +124,7 @@ class TrainConfig:
     kl_coef: float = 0.1            # RLOO's KL penalty: reward - kl_coef * (log pi - log ref) per completion
     kl_coef_sweep: str | None = None  # RLOO kl_coefs for a sweep or --compare, e.g. 0.02,0.1,0.5
     target_kl: float | None = None  # adapt kl_coef toward this KL per completion (TRL's AdaptiveKLController)
+    target_kl_sweep: str | None = None  # RL target KLs for a sweep or --compare (adaptive, from --kl-coef), e.g. 3,6,9
     kl_horizon: int = 10000         # adaptive KL horizon, in sampled completions
     # 8. the learned reward model (--method rlhf) and the paper's baselines (preferred-ft, unlikelihood)
     rm_steps: int = 100             # reward-model optimizer steps (Bradley-Terry on DPO's pairs and batches; --lora-*)
@@ -142,15 +144,22 @@ class TrainConfig:
         return build_stages(self, COMPARE_SWEEPS)
 
 
+# bundled 6x256 model, shipped IMDB sample, the paper's offline DPO (+0.22..+0.26 over 3 seeds): minutes on 2 cores
+TINY = dict(model="bundled", data="sample", out_dir="out/tiny", method="dpo", num_prompts=576,
+            completions_per_prompt=8, gen_temperature=0.7, gen_top_k=None, heldout_prompts=24, eval_prompts=128,
+            steps=80, batch_prompts=8, batch_size=16, lr=5e-3, beta=0.1, warmup_steps=10, lora_rank=8,
+            log_every=25, checkpoint_every=50, min_new_tokens=8, max_new_tokens=16, max_length=32,
+            lora_targets="attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj", rloo_steps=80, rloo_lr=1e-2,
+            rloo_k=8, rloo_prompts=8, rloo_temperature=0.7, kl_coef=0.02, best_of_n="1,2,4,8,16",
+            rm_steps=80, rm_lr=5e-3)
 PRESETS = {
-    # bundled 6x256 model, shipped IMDB sample, the paper's offline DPO (+0.22..+0.26 over 3 seeds): minutes on 2 cores
-    "tiny": dict(model="bundled", data="sample", out_dir="out/tiny", method="dpo", num_prompts=576,
-                 completions_per_prompt=8, gen_temperature=0.7, gen_top_k=None, heldout_prompts=24, eval_prompts=128,
-                 steps=80, batch_prompts=8, batch_size=16, lr=5e-3, beta=0.1, warmup_steps=10, lora_rank=8,
-                 log_every=25, checkpoint_every=50, min_new_tokens=8, max_new_tokens=16, max_length=32,
-                 lora_targets="attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj", rloo_steps=80, rloo_lr=1e-2,
-                 rloo_k=8, rloo_prompts=8, rloo_temperature=0.7, kl_coef=0.02, best_of_n="1,2,4,8,16",
-                 rm_steps=80, rm_lr=5e-3),
+    "tiny": TINY,
+    # the paper's Figure 2 protocol on the tiny preset: its methods and sweeps (DPO beta 0.05-5, Unlikelihood alpha
+    # 0.05-1, RL at target KL 3-12 through the adaptive controller), every run evaluated every 20 of its 80 steps on
+    # 256 held-out prompts; each method's frontier is the envelope of all its checkpoints (equal_kl.csv)
+    "tiny-fig2": dict(TINY, out_dir="out/tiny-fig2", compare="dpo,rlhf,rloo,preferred-ft,unlikelihood,best-of-n",
+                      beta_sweep="0.05,0.1,1,5", unlikelihood_alpha_sweep="0.05,0.1,0.5,1",
+                      target_kl_sweep="3,6,9,12", kl_coef=0.05, kl_horizon=1000, eval_every=20, eval_prompts=256),
     # GPT-2 124M on the full set: about a quarter of an hour on one modern GPU
     "gpt2": dict(model="gpt2", data="auto", out_dir="out/gpt2", sft_steps=200, sft_batch_size=16, num_prompts=2048,
                  steps=400, batch_prompts=4, batch_size=16, lr=5e-4, max_new_tokens=32, max_length=48,

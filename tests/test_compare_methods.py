@@ -46,6 +46,10 @@ def test_compare_takes_all_seven_methods_each_with_its_own_folders(tmp_path):
     (["--rm-steps", "0"], "--rm-steps must be"),
     (["--compile", "true", "--method", "preferred-ft"], "--compile compiles offline DPO's step only"),
     (["--precompute-ref", "true", "--method", "rlhf"], "--precompute-ref caches the reference's log-probs"),
+    (["--target-kl-sweep", "3,6", "--kl-coef-sweep", "0.1,0.2"], "--target-kl-sweep sweeps the adaptive"),
+    (["--target-kl-sweep", "3,3"], "--target-kl-sweep lists a value twice"),
+    (["--target-kl-sweep", "3,-1", "--method", "rloo"], "--target-kl-sweep must be none or a finite number > 0"),
+    (["--min-score-margin", "1.5"], "--min-score-margin must be in"),
 ])
 def test_bad_values_of_the_new_flags_are_refused_naming_the_flag(argv, message):
     with pytest.raises(ConfigError, match=message):
@@ -178,3 +182,34 @@ def test_seeds_repeat_the_run_and_write_the_mean_with_error_bars(env, tmp_path):
     assert len(last) == 1 and last[0]["seeds"] == "2" and last[0]["reward_se"] != ""
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seeds"] == [0, 1] and summary["finished"] is True and summary["mean"][0]["seeds"] == 2
+
+
+def test_the_paper_protocol_preset_runs_the_papers_sweeps_with_rl_at_target_kls(tmp_path):
+    stages = load_config(["--preset", "tiny-fig2"])[0].stages
+    names = [d.name for _, _, d in method_runs(stages, tmp_path)]
+    assert [n for n in names if n.startswith("dpo_")] == ["dpo_beta_0.05", "dpo_beta_0.1", "dpo_beta_1", "dpo_beta_5"]
+    assert [n for n in names if n.startswith("rloo_")] == [f"rloo_target_kl_{t}" for t in (3, 6, 9, 12)]
+    assert [n for n in names if n.startswith("unlikelihood_")] == [
+        f"unlikelihood_alpha_{a}" for a in ("0.05", "0.1", "0.5", "1")]
+    assert {(c.target_kl, c.kl_coef) for c in stages.rloo} == {(t, 0.05) for t in (3.0, 6.0, 9.0, 12.0)}
+    assert stages.eval_every == 20 and stages.prompts.eval == 256
+
+
+def test_min_score_margin_drops_near_tie_training_pairs_and_keeps_every_held_out_pair(monkeypatch):
+    """A near tie is mostly the classifier's noise; held-out pairs stay whole so accuracy means the same."""
+    import minidpo.dataset.pairs as P
+    from minidpo.dataset.prompts import Prompt
+    from minidpo.model.generate import SamplingConfig
+    scores = iter([0.9, 0.85, 0.2, 0.9, 0.85, 0.2])  # gaps 0.05, 0.7, 0.65 in each prompt
+
+    class Tok:
+        def decode(self, ids):
+            return "x" * len(ids)
+    monkeypatch.setattr(P, "generate_completions", lambda *a, **k: [[[1], [2], [3]], [[1], [2], [3]]])
+    monkeypatch.setattr(P, "score_all", lambda scorer, texts, *a: [next(scores) for _ in texts])
+    monkeypatch.setattr(P, "response_text", lambda c, tok: str(c))
+    cfg = P.PairsConfig(sampling=SamplingConfig(min_new_tokens=1, max_new_tokens=2), n_completions=3, min_margin=0.1)
+    prompts = [Prompt([5], "a", "train"), Prompt([6], "b", "test")]
+    pairs = P.generated_pairs(cfg, prompts, Tok(), None, None)
+    assert sorted(round(p.chosen_score - p.rejected_score, 2) for p in pairs if p.split == "train") == [0.65, 0.7]
+    assert len([p for p in pairs if p.split == "test"]) == 3

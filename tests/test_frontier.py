@@ -57,3 +57,70 @@ def test_points_file_is_strict_json(tmp_path):
                             "kl_sampled": None})
     line = (tmp_path / "points.jsonl").read_text().strip()
     assert json.loads(line)["kl_sampled"] is None and "NaN" not in line
+
+
+# ------------------------------------------------------------------------------------- the envelope, equal KL
+
+from minidpo.training.frontier import envelope, envelope_reward, equal_kl_table  # noqa: E402
+
+point_lists = st.lists(st.tuples(st.floats(0, 30), st.floats(0, 1)), min_size=1, max_size=25)
+
+
+def as_points(pairs, method="dpo", seed=0):
+    return [{"method": method, "seed": seed, "setting": "s", "step": i, "kl": kl, "reward": r}
+            for i, (kl, r) in enumerate(pairs)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(point_lists, st.floats(0, 35))
+def test_the_envelope_is_the_best_reward_at_or_below_each_kl_and_never_extrapolated(pairs, kl):
+    vertices, reached = envelope(as_points(pairs))
+    kls, rewards = [v["kl"] for v in vertices], [v["reward"] for v in vertices]
+    assert kls == sorted(kls) and all(a < b for a, b in zip(rewards, rewards[1:]))  # a staircase of records
+    for v in vertices:  # each vertex is the best reward at or below its KL
+        assert v["reward"] == max(r for k, r in pairs if k <= v["kl"])
+    value = envelope_reward(vertices, reached, kl)
+    if kl > max(k for k, _ in pairs) or kl < min(k for k, _ in pairs):
+        assert value is None
+    else:  # between the staircase (what was reached) and the next record (not reached until its KL)
+        best = max(r for k, r in pairs if k <= kl)
+        later = sorted(((k, -r) for k, r in pairs if k > kl and r > best))  # the next record, by KL
+        nxt = -later[0][1] if later else best
+        assert best - 1e-12 <= value <= nxt + 1e-12
+
+
+@settings(max_examples=100, deadline=None)
+@given(point_lists, st.floats(0, 30), st.floats(0, 30))
+def test_the_envelope_reading_never_falls_as_kl_grows(pairs, a, b):
+    vertices, reached = envelope(as_points(pairs))
+    lo, hi = sorted((a, b))
+    r_lo, r_hi = envelope_reward(vertices, reached, lo), envelope_reward(vertices, reached, hi)
+    if r_lo is not None and r_hi is not None:
+        assert r_lo <= r_hi + 1e-12
+
+
+def test_equal_kl_pairs_differences_by_seed_and_calls_a_gap_beyond_two_standard_errors():
+    points = []
+    for seed, (a, b) in enumerate([(0.8, 0.5), (0.82, 0.55), (0.78, 0.52)]):
+        points += as_points([(0.0, 0.4), (10.0, a)], "rloo", seed) + as_points([(0.0, 0.4), (10.0, b)], "dpo", seed)
+    rows = {(r["method"], r["other"], r["kl"]): r for r in equal_kl_table(points, kls=(5.0, 12.0))}
+    rloo = rows[("rloo", "", 5.0)]
+    assert rloo["seeds"] == 3 and math.isclose(rloo["reward"], 0.4 + (0.8 + 0.82 + 0.78) / 3 * 0.5 - 0.2)
+    gap = rows[("rloo", "dpo", 5.0)]
+    assert gap["verdict"] == "beats" and math.isclose(gap["reward"], (0.15 + 0.135 + 0.13) / 3)
+    assert rows[("dpo", "rloo", 5.0)]["verdict"] == "loses to"
+    assert rows[("rloo", "", 12.0)]["seeds"] == 0 and rows[("rloo", "", 12.0)]["reward"] is None  # not reached
+
+
+def test_frontier_files_include_the_envelope_and_the_equal_kl_table(tmp_path):
+    points = as_points([(0.0, 0.4), (3.0, 0.6), (6.0, 0.55), (12.0, 0.7)]) + [
+        {"method": "best-of-n", "seed": 0, "setting": "N=4", "step": 0, "kl": None, "kl_bound": 0.636,
+         "reward": 0.5}]
+    write_frontier(tmp_path, points)
+    with open(tmp_path / "envelope.csv", newline="") as f:
+        env = list(csv.DictReader(f))
+    assert [(r["method"], float(r["kl"])) for r in env] == [("dpo", 0.0), ("dpo", 3.0), ("dpo", 12.0),
+                                                           ("best-of-n", 0.636)]
+    with open(tmp_path / "equal_kl.csv", newline="") as f:
+        table = {(r["method"], r["other"], r["kl"]): r for r in csv.DictReader(f)}
+    assert math.isclose(float(table[("dpo", "", "5.0")]["reward"]), 0.6 + 0.1 * 2 / 9)

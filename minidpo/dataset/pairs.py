@@ -65,6 +65,7 @@ class PairsConfig:
     mode: str = "generated"
     n_completions: int = 4           # per prompt (generated mode)
     pairing: str = "all"             # "all": every distinct-score pair; "best_vs_worst": one per prompt
+    min_margin: float = 0.0          # drop training pairs whose two scores differ by less (near ties)
     length_per_batch: bool = True    # draw each generate call's budget from [min, max]; False: always max
     batch_size: int = 64             # sequences per generate / scoring call; results depend on it (RNG order)
     seed: int = 0
@@ -76,6 +77,8 @@ class PairsConfig:
         require(self.sampling.min_new_tokens >= 1, "min_new_tokens",
                 f"must be >= 1, got {self.sampling.min_new_tokens}")
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(0.0 <= self.min_margin < 1.0, "min_margin",
+                f"must be in [0, 1) (scores are P(positive)), got {self.min_margin}")
 
 
 # -----------------------------------------------------------------------------
@@ -172,7 +175,9 @@ def build_pairs(cfg: PairsConfig, prompts: Sequence[Prompt], tokenizer: Any, mod
 
 def generated_pairs(cfg: PairsConfig, prompts: Sequence[Prompt], tokenizer: Any, model: nn.Module,
                     scorer: Scorer | Any, log: Log = quiet) -> list[Pair]:
-    """Sample cfg.n_completions per prompt, score prompt + completion, pair them by cfg.pairing."""
+    """Sample cfg.n_completions per prompt, score prompt + completion, pair them by cfg.pairing. A training pair
+    whose scores differ by less than cfg.min_margin is dropped (a near tie is mostly the classifier's noise);
+    held-out pairs are all kept, so that the implicit reward's accuracy means the same whatever the margin."""
     completions = generate_completions(model, tokenizer, prompts, cfg, log)
     texts = [[response_text(c, tokenizer) for c in comps] for comps in completions]
     flat = [p.text + t for p, ts in zip(prompts, texts) for t in ts]  # the classifier sees the whole review
@@ -181,6 +186,8 @@ def generated_pairs(cfg: PairsConfig, prompts: Sequence[Prompt], tokenizer: Any,
     for q, (p, comps, ts) in enumerate(zip(prompts, completions, texts)):
         s = scores[q * n:(q + 1) * n]
         for i, j in preference_pairs(s, cfg.pairing):
+            if p.split == "train" and s[i] - s[j] < cfg.min_margin:
+                continue
             pairs.append(Pair(p.text, ts[i], ts[j], p.ids, comps[i], comps[j], s[i], s[j], p.split))
     return pairs
 

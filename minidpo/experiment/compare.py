@@ -32,6 +32,7 @@ from minidpo.methods.online_dpo import train_online_dpo
 from minidpo.methods.rloo import train_rloo
 from minidpo.model.export import export_peft
 from minidpo.model.lora import apply_lora, remove_lora, save_lora
+from minidpo.stats import mean_and_se
 from minidpo.training.checkpoint import Checkpointer, check_settings
 from minidpo.training.curves import plot_curves
 from minidpo.training.distributed import barrier, is_main
@@ -84,7 +85,7 @@ def setting_name(method: str, setting) -> str:
     if method in ("dpo", "online-dpo"):
         return f"beta={setting.beta:g}"
     if method in RL_METHODS:
-        return f"kl_coef={setting.kl_coef:g}"
+        return f"kl_coef={setting.kl_coef:g}" if setting.target_kl is None else f"target_kl={setting.target_kl:g}"
     if method == "preferred-ft":
         return "sft"
     if method == "unlikelihood":
@@ -185,7 +186,7 @@ def evaluate_trained(ctx: RunContext, method: str, name: str, run_dir: Path, ste
         return RunResult(method, name, {}, {}, {}, [], [])
     r = evaluate_now(ctx, steps, True, beta)
     append_point(run_dir, {"method": method, "setting": name, "step": 0, "reward": r["reference"]["reward"],
-                           "kl": 0.0, "kl_sampled": 0.0})
+                           "kl": 0.0, "kl_sampled": 0.0, "reward_se": r["reference"]["reward_se"], "kl_se": 0.0})
     point(run_dir, method, name, steps, r)
     summary = {**summary, "reward_accuracy": r.get("reward_accuracy")} if beta else summary
     return RunResult(method, name, r["reference"], r["policy"], summary, r["examples"], read_points(run_dir))
@@ -193,7 +194,8 @@ def evaluate_trained(ctx: RunContext, method: str, name: str, run_dir: Path, ste
 
 def point(run_dir: Path, method: str, setting: str, step: int, r: dict) -> None:
     append_point(run_dir, {"method": method, "setting": setting, "step": step, "reward": r["policy"]["reward"],
-                           "kl": r["policy"]["kl_exact"], "kl_sampled": r["policy"]["kl_sampled"]})
+                           "kl": r["policy"]["kl_exact"], "kl_sampled": r["policy"]["kl_sampled"],
+                           "reward_se": r["policy"]["reward_se"], "kl_se": r["policy"]["kl_exact_se"]})
 
 
 def run_best_of_n(ctx: RunContext, ns: list[int], run_dir: Path) -> RunResult:
@@ -211,7 +213,8 @@ def run_best_of_n(ctx: RunContext, ns: list[int], run_dir: Path) -> RunResult:
             r = by_n[n]
             ctx.rt.log(f"[best-of-n] N={n}: reward {r['reward']:.3f}, KL bound {r['kl_bound']:.3f}")
             points.append({"method": "best-of-n", "setting": f"N={n}", "step": 0, "reward": r["reward"],
-                           "kl": None, "kl_bound": r["kl_bound"], "kl_sampled": None})
+                           "kl": None, "kl_bound": r["kl_bound"], "kl_sampled": None,
+                           "reward_se": mean_and_se(r["scores"])[1]})
         atomic_write_json(run_dir / "result.json", {"points": points})
     policy = {"reward": points[-1]["reward"], "kl_bound": points[-1]["kl_bound"]} if points else {}
     return RunResult("best-of-n", setting_name("best-of-n", ns), ref, policy, {}, [], points)

@@ -61,7 +61,11 @@ def build_stages(cfg, sweeps: dict[str, str]) -> Stages:
                   prompts_per_step=cfg.batch_prompts, logprobs=cfg.logprobs, seed=cfg.seed, pairing=cfg.pairing)
     sweeps = sweeps if compare else {}
     betas = C.parse_list("beta_sweep", cfg.beta_sweep or sweeps.get("beta_sweep"), float) or [cfg.beta]
-    kl_coefs = C.parse_list("kl_coef_sweep", cfg.kl_coef_sweep or sweeps.get("kl_coef_sweep"), float) or [cfg.kl_coef]
+    targets = C.parse_list("target_kl_sweep", cfg.target_kl_sweep, float)
+    need(not (targets and (cfg.kl_coef_sweep or cfg.target_kl is not None)), "target_kl_sweep",
+         "sweeps the adaptive controller's target from --kl-coef: drop --kl-coef-sweep and --target-kl")
+    kl_coefs = [] if targets else (C.parse_list("kl_coef_sweep", cfg.kl_coef_sweep or sweeps.get("kl_coef_sweep"),
+                                                float) or [cfg.kl_coef])
     alphas = C.parse_list("unlikelihood_alpha_sweep",
                           cfg.unlikelihood_alpha_sweep or sweeps.get("unlikelihood_alpha_sweep"),
                           float) or [cfg.unlikelihood_alpha]
@@ -70,6 +74,7 @@ def build_stages(cfg, sweeps: dict[str, str]) -> Stages:
     ns = C.parse_list("best_of_n", cfg.best_of_n, int)
     need(all(n >= 1 for n in ns), "best_of_n", f"values must be >= 1, got {cfg.best_of_n}")
     for field, raw, values in (("beta_sweep", cfg.beta_sweep, betas), ("kl_coef_sweep", cfg.kl_coef_sweep, kl_coefs),
+                               ("target_kl_sweep", cfg.target_kl_sweep, targets),
                                ("best_of_n", cfg.best_of_n, ns),
                                ("unlikelihood_alpha_sweep", cfg.unlikelihood_alpha_sweep, alphas),
                                ("seeds", cfg.seeds, seeds)):
@@ -84,8 +89,10 @@ def build_stages(cfg, sweeps: dict[str, str]) -> Stages:
         prompts=make(PromptConfig, None, train=cfg.num_prompts, heldout=cfg.heldout_prompts, eval=cfg.eval_prompts,
                      min_tokens=cfg.prompt_min_tokens, max_tokens=cfg.prompt_max_tokens, seed=cfg.seed),
         pairs=make(PairsConfig, {"n_completions": "completions_per_prompt", "mode": "pairs_mode",
-                                 "batch_size": "gen_batch_size"},
+                                 "batch_size": "gen_batch_size",
+                                 "min_margin": "min_score_margin"},
                    sampling=gen, mode=cfg.pairs_mode, n_completions=cfg.completions_per_prompt, pairing=cfg.pairing,
+                   min_margin=cfg.min_score_margin,
                    batch_size=cfg.gen_batch_size, seed=cfg.seed),
         dpo=tuple(make(DPOConfig, {"beta": "beta_sweep" if cfg.beta_sweep else "beta"}, beta=b,
                        loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing) for b in betas),
@@ -104,8 +111,10 @@ def build_stages(cfg, sweeps: dict[str, str]) -> Stages:
         random_model=make(GPTConfig, None, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                           n_embd=cfg.n_embd) if cfg.model == "random" else None,
         online_dpo=online,
-        rloo=tuple(make(RLOOConfig, {**RLOO_FLAGS, "kl_coef": "kl_coef_sweep" if cfg.kl_coef_sweep else "kl_coef"},
-                        **rloo_values(cfg, kl)) for kl in kl_coefs),
+        rloo=tuple(make(RLOOConfig, {**RLOO_FLAGS, "kl_coef": "kl_coef_sweep" if cfg.kl_coef_sweep else "kl_coef",
+                                     "target_kl": "target_kl_sweep" if targets else "target_kl"},
+                        **rloo_values(cfg, kl, target)) for kl, target in
+                   ([(cfg.kl_coef, t) for t in targets] or [(kl, cfg.target_kl) for kl in kl_coefs])),
         rloo_loop=make(LoopConfig, {"steps": "rloo_steps", "lr": "rloo_lr"}, steps=cfg.rloo_steps, lr=cfg.rloo_lr,
                        label="rloo", **loop),
         best_of_n=tuple(ns),
@@ -129,9 +138,9 @@ RLOO_FLAGS = {"k": "rloo_k", "prompts_per_step": "rloo_prompts", "kl_coef": "kl_
               "horizon": "kl_horizon", "temperature": "rloo_temperature"}
 
 
-def rloo_values(cfg, kl_coef: float) -> dict:
+def rloo_values(cfg, kl_coef: float, target_kl: float | None) -> dict:
     sampling = C.build_component(SamplingConfig, {"temperature": "rloo_temperature", "top_k": "rloo_top_k"},
                                  temperature=cfg.rloo_temperature, top_k=cfg.rloo_top_k or None,
                                  min_new_tokens=cfg.min_new_tokens, max_new_tokens=cfg.max_new_tokens, eot_id=EOT_ID)
     return dict(sampling=sampling, k=cfg.rloo_k, prompts_per_step=cfg.rloo_prompts, kl_coef=kl_coef,
-                target_kl=cfg.target_kl, horizon=cfg.kl_horizon, logprobs=cfg.logprobs, seed=cfg.seed)
+                target_kl=target_kl, horizon=cfg.kl_horizon, logprobs=cfg.logprobs, seed=cfg.seed)

@@ -137,6 +137,7 @@ def train_rloo(model: torch.nn.Module, tokenizer, scorer, prompts: list, cfg: RL
         kl.observe(log_ratio, rollout.micro)  # after the loss: this step used the previous coefficient
         return loss, metrics, rollout.n_tokens, log_ratio.numel()
 
-    loop = replace(run.loop, show=RLOO_SHOW, item_name="completions", label=f"{run.loop.label} kl_coef={cfg.kl_coef:g}")
+    loop = replace(run.loop, show=RLOO_SHOW, item_name="completions", label=f"{run.loop.label} "
+                   + (f"kl_coef={cfg.kl_coef:g}" if cfg.target_kl is None else f"target_kl={cfg.target_kl:g}"))
     settings = {"rloo": asdict(cfg), "steps": loop.steps, "lr": loop.lr}
     return {**fit(Training(loop, params, get_batch, step_fn, state=kl), run, rt, settings), "kl_coef": kl.value}

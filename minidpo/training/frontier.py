@@ -13,6 +13,16 @@ gives, for each (method, setting, step), the mean of reward and KL over seeds an
 std(ddof=1) / sqrt(n); the plot draws those means with error bars in both directions, and frontier_mean.csv holds
 them, so a gap between two methods can be read against the noise of the runs themselves.
 
+The paper's reading (sec. 6.1: every policy evaluated "after each 100 training steps", every checkpoint of every
+run a point). A method's frontier is its upper envelope: over all its settings and evaluated checkpoints (the
+reference, KL 0, included: it is every run's step 0), the best reward reached at or below each KL. `envelope`
+gives its vertices for one seed; `envelope_reward` reads it at a KL, linear between vertices, flat after the last
+vertex up to the largest KL the method reached, and undefined beyond that (never extrapolated). Each seed's
+envelope is read on its own and the readings averaged over seeds (mean +- standard error), since the envelope of
+noisy points is biased upward alike for every method: `envelope.csv` holds the vertices (with each point's own
+standard error over prompts), `equal_kl.csv` each method's reading at EQUAL_KLS and, for every pair of methods,
+the difference paired by seed with its standard error and whether it exceeds two of them.
+
 Best-of-N is not an autoregressive policy, so its KL is not measured but bounded: KL(best-of-N || reference) <=
 log N - (N - 1) / N (Stiennon et al. 2020; Beirami et al. 2024): its points hold that bound as `kl_bound` (their `kl`
 is empty), and the plot places them at it, labelled "KL bound".
@@ -27,7 +37,7 @@ from minidpo.stats import mean_and_se
 from minidpo.fileio import atomic_path
 from minidpo.progress import Log, quiet
 
-COLUMNS = ["method", "setting", "step", "kl", "kl_bound", "kl_sampled", "reward", "seed"]
+COLUMNS = ["method", "setting", "step", "kl", "kl_bound", "kl_sampled", "reward", "seed", "reward_se", "kl_se"]
 MEAN_COLUMNS = ["method", "setting", "step", "seeds", "reward", "reward_se", "kl", "kl_se", "kl_sampled",
                 "kl_sampled_se"]
 # the order of the legend and the colours (the paper's Figure 2 methods and ours)
@@ -77,6 +87,7 @@ def write_frontier(out: Path, points: list[dict], log: Log = quiet) -> Path:
     means = aggregate_points(points)
     if any(m["seeds"] > 1 for m in means):
         write_csv(out / "frontier_mean.csv", means, MEAN_COLUMNS)
+    write_envelopes(out, points)
     plot_frontier(out, log)
     return out / "frontier.csv"
 
@@ -101,7 +112,7 @@ def reward_range(rewards: list[float]) -> tuple[float, float]:
 
 
 def _number(v) -> float:
-    return math.nan if v is None or v == "" else float(v)
+    return math.nan if v is None or v in ("", "None") else float(v)
 
 
 def aggregate_points(points: list[dict]) -> list[dict]:
@@ -146,7 +157,8 @@ def plot_frontier(out: str | Path, log: Log = quiet) -> Path | None:
                       f"f.plot_frontier('{out}')\")")
     if plt is None:
         return None
-    rows = [r for r in aggregate_points(read_frontier(out)) if r["reward"] is not None and r["kl"] is not None]
+    points = read_frontier(out)
+    rows = [r for r in aggregate_points(points) if r["reward"] is not None and r["kl"] is not None]
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     colours = plt.get_cmap("tab10")
     order = list(METHOD_LABELS) + sorted({r["method"] for r in rows} - set(METHOD_LABELS))
@@ -171,12 +183,14 @@ def plot_frontier(out: str | Path, log: Log = quiet) -> Path | None:
                     xerr=[r["kl_se"] or 0.0 for r in shown] if errors else None,
                     fmt=marker, color=colour, markersize=5, capsize=2, elinewidth=0.8,
                     label=METHOD_LABELS.get(method, method))
+        xs, ys = mean_envelope([p for p in points if p["method"] == method])
+        ax.plot(xs, ys, "-", color=colour, lw=1.8, alpha=0.9)
     if rows:
         ax.set_ylim(*reward_range([r["reward"] for r in rows]))
     seeds = max((r["seeds"] for r in rows), default=1)
     ax.set_xlabel("KL(policy || reference), nats per completion")
     ax.set_ylabel("mean reward: P(positive) of held-out completions")
-    ax.set_title("IMDb controlled sentiment: reward vs KL"
+    ax.set_title("IMDb controlled sentiment: reward vs KL, each method's envelope"
                  + (f" (mean of {seeds} seeds, standard-error bars)" if seeds > 1 else ""))
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -184,3 +198,110 @@ def plot_frontier(out: str | Path, log: Log = quiet) -> Path | None:
     plt.close(fig)
     log(f"wrote {out / 'frontier.csv'} and {out / 'frontier.png'}")
     return out / "frontier.png"
+
+
+# -----------------------------------------------------------------------------
+# the upper envelope of each method, read at equal KL
+
+EQUAL_KLS = (2.5, 5.0, 10.0)
+ENVELOPE_COLUMNS = ["method", "seed", "kl", "reward", "reward_se", "kl_se", "setting", "step"]
+EQUAL_KL_COLUMNS = ["method", "other", "kl", "reward", "reward_se", "seeds", "verdict"]
+
+
+def point_kl(p: dict) -> float:
+    """The x of a point: its measured KL, or best-of-N's KL bound."""
+    kl = _number(p.get("kl"))
+    return kl if math.isfinite(kl) else _number(p.get("kl_bound"))
+
+
+def envelope(points: list[dict]) -> tuple[list[dict], float]:
+    """(the vertices of the best reward reached at or below each KL, by KL; the largest KL reached) of one method's
+    points at one seed. A vertex is a point no other point beats at lower or equal KL.
+
+    Naive equivalent: [p for p in points if not any(q.kl <= p.kl and q.reward >= p.reward and q is not p
+    and (q.kl, -q.reward) < (p.kl, -p.reward) for q in points)], sorted by kl.
+    """
+    usable = [p for p in points if math.isfinite(point_kl(p)) and math.isfinite(_number(p.get("reward")))]
+    vertices, best = [], -math.inf
+    for p in sorted(usable, key=lambda p: (point_kl(p), -_number(p["reward"]))):
+        if _number(p["reward"]) > best:
+            vertices.append(p)
+            best = _number(p["reward"])
+    return vertices, max((point_kl(p) for p in usable), default=-math.inf)
+
+
+def envelope_reward(vertices: list[dict], reached: float, kl: float) -> float | None:
+    """The envelope at `kl`: linear between the vertices around it, the last vertex's reward from there up to
+    `reached` (a point there has KL >= kl and less reward), None below the first vertex or above `reached`."""
+    if not vertices or kl < point_kl(vertices[0]) or kl > reached:
+        return None
+    for a, b in zip(vertices, vertices[1:]):
+        ka, kb = point_kl(a), point_kl(b)
+        if ka <= kl <= kb:
+            ra, rb = _number(a["reward"]), _number(b["reward"])
+            return ra if kb == ka else ra + (rb - ra) * (kl - ka) / (kb - ka)
+    return _number(vertices[-1]["reward"])
+
+
+def equal_kl_table(points: list[dict], kls: tuple[float, ...] = EQUAL_KLS) -> list[dict]:
+    """Each method's envelope read at each KL (mean +- standard error over the seeds whose envelope reaches it),
+    then for every ordered pair of methods the difference, paired by seed (a seed shares its prompts, pairs and
+    reference across methods), with "beats"/"loses" when it exceeds two standard errors, else "ties"."""
+    readings: dict[str, dict[float, dict]] = {}  # method -> kl -> seed -> reward
+    for (method, seed), mine in group_by(points, ("method", "seed")).items():
+        vertices, reached = envelope(mine)
+        for kl in kls:
+            r = envelope_reward(vertices, reached, kl)
+            if r is not None:
+                readings.setdefault(method, {}).setdefault(kl, {})[seed] = r
+    methods = list(dict.fromkeys(p["method"] for p in points))
+    rows = []
+    for kl in kls:
+        for a in methods:
+            mine = readings.get(a, {}).get(kl, {})
+            rows.append(summary_row(a, "", kl, list(mine.values())))
+        for a in methods:
+            for b in methods:
+                ra, rb = readings.get(a, {}).get(kl, {}), readings.get(b, {}).get(kl, {})
+                if a != b:
+                    rows.append(summary_row(a, b, kl, [ra[s] - rb[s] for s in ra if s in rb]))
+    return rows
+
+
+def summary_row(method: str, other: str, kl: float, values: list[float]) -> dict:
+    """One row of equal_kl.csv: the mean and standard error of `values`, and (for a difference) the verdict."""
+    mean, se = mean_and_se(values) if values else (None, None)
+    verdict = ""
+    if other and se is not None:
+        verdict = "beats" if mean > 2 * se else "loses to" if mean < -2 * se else "ties"
+    return {"method": method, "other": other, "kl": kl, "reward": mean, "reward_se": se, "seeds": len(values),
+            "verdict": verdict}
+
+
+def group_by(points: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for p in points:
+        groups.setdefault(tuple(p.get(k) for k in keys), []).append(p)
+    return groups
+
+
+def write_envelopes(out: Path, points: list[dict]) -> None:
+    """envelope.csv (each method's envelope vertices per seed) and equal_kl.csv (readings at EQUAL_KLS)."""
+    rows = []
+    for (method, seed), mine in group_by(points, ("method", "seed")).items():
+        rows += [{**p, "kl": point_kl(p)} for p in envelope(mine)[0]]
+    write_csv(out / "envelope.csv", rows, ENVELOPE_COLUMNS)
+    write_csv(out / "equal_kl.csv", equal_kl_table(points), EQUAL_KL_COLUMNS)
+
+
+def mean_envelope(points: list[dict], n: int = 60) -> tuple[list[float], list[float]]:
+    """The envelope line of one method as plotted: on a grid of KLs up to the largest KL that every seed's
+    envelope reaches, the mean over seeds of each seed's envelope."""
+    per_seed = [envelope(mine) for mine in group_by(points, ("seed",)).values()]
+    top = min((reached for _, reached in per_seed), default=-math.inf)
+    start = max((point_kl(v[0]) for v, _ in per_seed if v), default=math.inf)
+    if not per_seed or not all(v for v, _ in per_seed) or top < start:
+        return [], []
+    xs = [min(top, start + (top - start) * i / (n - 1)) for i in range(n)]
+    ys = [sum(envelope_reward(v, reached, x) for v, reached in per_seed) / len(per_seed) for x in xs]
+    return xs, ys
