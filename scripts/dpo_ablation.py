@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from minidpo.stats import mean_and_se  # noqa: E402
-from minidpo.training.frontier import envelope, envelope_reward, group_by  # noqa: E402
+from minidpo.training.frontier import envelope, envelope_reward, group_by, write_frontier  # noqa: E402
 
 FULL_IMDB = ROOT.parent / "shared" / "data" / "aclImdb_v1.tar.gz"
 BASE = ["--preset", "tiny", "--method", "dpo", "--eval-every", "10", "--eval-prompts", "256"]
@@ -43,22 +43,56 @@ ARMS = [
     ("cdpo", "cDPO: label smoothing 0.1", ["--label-smoothing", "0.1"]),
     ("ipo", "IPO's loss instead of the sigmoid", ["--loss-type", "ipo"]),
     ("epochs", "240 steps (about 3.3 epochs) over the same pairs", ["--steps", "240"]),
+    ("sft", "Preferred-FT first (80 steps on the chosen completions, merged): DPO's reference, pairs and KL are "
+            "then the SFT model's, as in the paper", []),
     ("k16", "16 completions per prefix (120 pairs each)", ["--completions-per-prompt", "16"]),
     ("prefixes", "4,608 prefixes of the full IMDB train split (8x; the classifier is then trained on the full "
                  "split too)", ["--data", str(FULL_IMDB), "--num-prompts", "4608"]),
 ]
-SEEDS = "0,1,2"
+RUN = {"seeds": "0,1,2", "extra": []}  # --seeds, and --extra: flags added to every train.py call (a smoke run)
 KLS = (5.0, 10.0)
 
 
 def run_arm(name: str, flags: list[str], out: Path) -> int:
     """train.py for one arm over the seeds; a folder with a config.json is resumed (a finished one is left)."""
     folder = out / name
-    cmd = [sys.executable, str(ROOT / "train.py"), *BASE, *flags, "--seeds", SEEDS, "--out-dir", str(folder)]
+    cmd = [sys.executable, str(ROOT / "train.py"), *BASE, *flags, *RUN["extra"], "--seeds", RUN["seeds"], "--out-dir",
+           str(folder)]
     if (folder / "config.json").is_file():
         cmd += ["--resume", str(folder)]
     print(f"[ablation] {name}: {' '.join(cmd[1:])}", flush=True)
     return subprocess.call(cmd, cwd=ROOT)
+
+
+def run_sft_arm(out: Path) -> int:
+    """Per seed: Preferred-FT on the tiny preset's pairs, merged into the weights (--export-merged), then the base
+    arm's DPO with that model as --model (its own pairs, reference and evaluation reference); then one folder with
+    every seed's points, as train.py --seeds writes it, and the SFT models' own reward and KL from the original."""
+    folder = out / "sft"
+    points, accuracy, sft_final = [], [], []
+    for seed in RUN["seeds"].split(","):
+        sft, dpo = folder / f"preferred_ft_seed_{seed}", folder / f"seed_{seed}"
+        for flags, where in (
+                (["--preset", "tiny", "--method", "preferred-ft", "--seed", seed, "--export-merged",
+                  str(sft / "merged")], sft),
+                ([*BASE, "--model", str(sft / "merged"), "--seed", seed], dpo)):
+            argv = [sys.executable, str(ROOT / "train.py"), *flags, *RUN["extra"], "--out-dir", str(where)]
+            if (where / "config.json").is_file():
+                argv += ["--resume", str(where)]
+            print(f"[ablation] sft: {' '.join(argv[1:])}", flush=True)
+            if subprocess.call(argv, cwd=ROOT) != 0:
+                return 1
+        points += [{**row, "seed": seed} for row in read_rows(dpo / "frontier.csv")]
+        summary = json.loads((dpo / "summary.json").read_text())
+        accuracy += list(summary["implicit_reward_accuracy"].get("dpo", {}).values())
+        sft_final.append(json.loads((sft / "result.json").read_text())["policy"])
+    write_frontier(folder, points)
+    stat = lambda v: dict(zip(("mean", "se"), mean_and_se(v)), seeds=len(v))  # noqa: E731
+    (folder / "summary.json").write_text(json.dumps({
+        "finished": True, "seeds": RUN["seeds"], "implicit_reward_accuracy": {"dpo": {"beta=0.1": stat(accuracy)}},
+        "sft_model": {"reward": stat([p["reward"] for p in sft_final]),
+                      "kl_from_original": stat([p["kl_exact"] for p in sft_final])}}, indent=1))
+    return 0
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -83,11 +117,11 @@ def stat(values: list[float]) -> tuple[float | None, float | None, int]:
     return (*mean_and_se(values), len(values)) if values else (None, None, 0)
 
 
-def fmt(mean: float | None, se: float | None, n: int, seeds: int = 3) -> str:
+def fmt(mean: float | None, se: float | None, seeds: int, expected: int = 3) -> str:
     if mean is None:
         return "-"
     text = f"{mean:+.3f}" if mean < 0 else f"{mean:.3f}"
-    return text + (f" +- {se:.3f}" if se is not None else "") + (f" ({n} seeds)" if n != seeds else "")
+    return text + (f" +- {se:.3f}" if se is not None else "") + (f" ({seeds} seeds)" if seeds != expected else "")
 
 
 def peak_step(folder: Path) -> str:
@@ -114,6 +148,10 @@ def table(out: Path, protocol: Path | None) -> list[dict]:
         summary = json.loads((folder / "summary.json").read_text())
         mine = readings(read_rows(folder / "frontier.csv"), "dpo")
         row = {"arm": name, "change": what}
+        if "sft_model" in summary:
+            sft = summary["sft_model"]
+            row["change"] += (f" (the SFT model itself: reward {fmt(**sft['reward'])} at KL "
+                              f"{fmt(**sft['kl_from_original'])} from the original)")
         for kl in KLS:
             row[f"reward@{kl:g}"] = fmt(*stat(list(mine[kl].values())))
             paired = [mine[kl][s] - base[kl][s] for s in mine[kl] if s in base[kl]]
@@ -158,7 +196,10 @@ def main() -> int:
     p.add_argument("--out", default="out/ablation", help="where each arm's run folder and the table go")
     p.add_argument("--protocol", default=None, help="a --preset tiny-fig2 run folder to compare against")
     p.add_argument("--table-only", action="store_true", help="only (re)write the table")
+    p.add_argument("--seeds", default=RUN["seeds"], help="seeds of every arm")
+    p.add_argument("--extra", default="", help="flags added to every train.py call, e.g. '--steps 2' (a smoke run)")
     args = p.parse_args()
+    RUN.update(seeds=args.seeds, extra=args.extra.split())
     names = [a.strip() for a in args.arms.split(",")]
     unknown = [n for n in names if n not in {a[0] for a in ARMS}]
     if unknown:
@@ -173,7 +214,7 @@ def main() -> int:
                 if name == "prefixes" and not FULL_IMDB.is_file():
                     print(f"[ablation] prefixes: skipped, {FULL_IMDB} not found")
                     continue
-                if run_arm(name, flags, out) != 0:
+                if (run_sft_arm(out) if name == "sft" else run_arm(name, flags, out)) != 0:
                     failed.append(name)
                 write_table(out, table(out, protocol))  # after every arm: a stop loses no finished arm
     write_table(out, table(out, protocol))
