@@ -126,3 +126,27 @@ def test_train_py_rejects_a_misspelt_flag_before_doing_any_work():
 def test_resume_needs_a_train_output_directory(tmp_path):
     with pytest.raises(ConfigError, match="no config.json"):
         load_config(["--resume", str(tmp_path)])
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--seed", str(2**64)], "--seed"), (["--seed", str(2**64 - 1)], "--seed"), (["--seed", "-1"], "--seed"),
+    (["--seeds", f"0,{2**64}"], "--seeds"), (["--seeds", f"{2**64 - 1}"], "--seeds"),
+    (["--method", "best-of-n", "--best-of-n", "1,16", "--seed", str(2**64 - 16)], "--seed"),
+])
+def test_seeds_whose_derived_seeds_overflow_torchs_generators_are_refused_with_the_valid_range(argv, flag):
+    with pytest.raises(ConfigError) as e:
+        load_config(["--preset", "tiny", *argv])
+    assert str(e.value).startswith(f"{flag} must be in 0..") and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("method", ["dpo", "best-of-n"])
+def test_the_largest_accepted_seed_reaches_evaluation_and_every_best_of_n_round(method):
+    import torch
+    from minidpo.experiment.options import SEED_MAX
+    top = SEED_MAX - (16 if method == "best-of-n" else 1)  # the tiny preset's best-of-n goes up to N=16
+    cfg, _ = load_config(["--preset", "tiny", "--method", method, "--seed", str(top)])
+    rounds = max(cfg.stages.best_of_n) if method == "best-of-n" else 1
+    for j in range(rounds):  # best-of-N's round j samples with the evaluation seed + j
+        torch.Generator().manual_seed(cfg.stages.eval.seed + j)
+    with pytest.raises(ConfigError, match=f"--seed must be in 0..{top} "):
+        load_config(["--preset", "tiny", "--method", method, "--seed", str(top + 1)])
