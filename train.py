@@ -342,8 +342,10 @@ def run_seeds(cfg: TrainConfig, given: set[str], rt: Runtime, precision: str) ->
                 per_seed[s] = json.loads((out / f"seed_{s}" / "summary.json").read_text())
             write_frontier(out, points, rt.log)
             atomic_write_json(out / "summary.json", seeds_summary(per_seed, points))
-            rt.log(f"wrote {out / 'summary.json'} and {out / 'frontier_mean.csv'} (mean and standard error over "
-                   f"seeds {cfg.seeds})")
+            means = out / "frontier_mean.csv"  # write_frontier makes it only from points measured over several seeds
+            rt.log(f"wrote {out / 'summary.json'} and {means} (mean and standard error over seeds {cfg.seeds})"
+                   if len(seeds) > 1 else f"wrote {out / 'summary.json'} (one seed, {cfg.seeds}: no mean or "
+                   f"standard error to take, so no {means.name})")
 
 
 if __name__ == "__main__":

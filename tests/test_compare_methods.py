@@ -178,3 +178,24 @@ def test_seeds_repeat_the_run_and_write_the_mean_with_error_bars(env, tmp_path):
     assert len(last) == 1 and last[0]["seeds"] == "2" and last[0]["reward_se"] != ""
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seeds"] == [0, 1] and summary["finished"] is True and summary["mean"][0]["seeds"] == 2
+
+
+@pytest.mark.parametrize("seeds", ["5", "0,1"])
+def test_the_last_line_of_seeds_names_frontier_mean_csv_only_when_it_was_written(seeds, tmp_path, monkeypatch):
+    import train
+    from minidpo.training.frontier import write_frontier
+    from minidpo.training.runtime import Runtime
+
+    def fake_run(cfg, given, rt, precision):  # one seed's outputs, without training
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True)
+        write_frontier(out, [{"method": "dpo", "setting": "beta=0.1", "step": 2, "reward": 0.5 + cfg.seed / 10,
+                              "kl": 1.0, "seed": cfg.seed}])
+        (out / "summary.json").write_text(json.dumps({"finished": True}))
+    monkeypatch.setattr(train, "run", fake_run)
+    cfg, given = load_config(["--preset", "tiny", "--seeds", seeds, "--out-dir", str(tmp_path / "s")])
+    logs = []
+    train.run_seeds(cfg, given, Runtime(log=logs.append), "fp32")
+    wrote_means = (tmp_path / "s" / "frontier_mean.csv").is_file()
+    assert wrote_means == ("," in seeds)
+    assert ("frontier_mean.csv (mean" in logs[-1]) == wrote_means and logs[-1].startswith("wrote "), logs[-1]
