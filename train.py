@@ -36,7 +36,8 @@ from minidpo.experiment.compare import check_checkpoints, method_runs, run_one
 from minidpo.experiment.context import RunContext, Stages
 from minidpo.experiment.options import build_stages
 from minidpo.experiment.report import export_merged, result_lines, sample_hint, seeds_summary, summarize
-from minidpo.experiment.resolve import autocast, check_model_name, check_writable, choose_dtype, imdb_source, pick_device
+from minidpo.experiment.resolve import (autocast, check_model_name, check_writable, choose_dtype, imdb_source,
+                                       pick_device, slow_dtype_warning)
 from minidpo.experiment.stages import (check_model_fits, fit_classifier, load_model_stage, load_reviews,
                                        make_prompt_sets, sft_stage)
 from minidpo.fileio import atomic_write_json
@@ -210,6 +211,8 @@ def make_runtime(cfg: TrainConfig, rank: int, world: int, device_override: str |
     device = pick_device(device_override or cfg.device)
     dtype, why = choose_dtype(device, cfg.dtype)
     say = (lambda msg: print(msg, flush=True)) if is_main() else (lambda msg: None)
+    if is_main() and (warning := slow_dtype_warning(device, dtype)):
+        print(warning, file=sys.stderr, flush=True)
     return Runtime(device, autocast(device, dtype), rank, world, say), f"{'bf16 autocast' if dtype else 'fp32'} ({why})"
 
 
