@@ -171,6 +171,9 @@ def load_config(argv: list[str]) -> tuple[TrainConfig, set[str]]:
     types = C.field_types(TrainConfig)
     given = C.parse_overrides(argv, types)
     cfg = C.build_config(TrainConfig, argv, PRESETS)
+    if {"method", "compare"} <= set(given):
+        raise C.ConfigError(f"--method {cfg.method} and --compare {cfg.compare} were both given: --compare runs every "
+                            "method it lists, so drop --method (or list that method in --compare)", "method")
     if cfg.resume is not None:
         cfg = resumed_config(cfg, given)
     cfg.stages  # noqa: B018 (built here, so a bad option fails before any work)

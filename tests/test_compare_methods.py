@@ -145,7 +145,8 @@ def env(tmp_path_factory) -> dict:
 
 
 def train(args: list[str], env: dict) -> None:
-    out = subprocess.run([sys.executable, "train.py", *SMALL, *args], cwd=ROOT, env=env, capture_output=True,
+    small = [a for a in SMALL if a not in ("--method", "dpo")] if "--compare" in args else SMALL  # not both
+    out = subprocess.run([sys.executable, "train.py", *small, *args], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=1800)
     assert out.returncode == 0, f"{args} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
 
@@ -199,3 +200,15 @@ def test_the_last_line_of_seeds_names_frontier_mean_csv_only_when_it_was_written
     wrote_means = (tmp_path / "s" / "frontier_mean.csv").is_file()
     assert wrote_means == ("," in seeds)
     assert ("frontier_mean.csv (mean" in logs[-1]) == wrote_means and logs[-1].startswith("wrote "), logs[-1]
+
+
+def test_compare_refuses_an_empty_item_accepts_spaces_after_commas_and_refuses_method_beside_it():
+    with pytest.raises(ConfigError, match=r"^--compare has an empty item: 'dpo,,rloo'"):
+        load_config(["--preset", "tiny", "--compare", "dpo,,rloo"])
+    with pytest.raises(ConfigError, match=r"^--compare has an empty item"):
+        load_config(["--preset", "tiny", "--compare", "dpo, "])
+    cfg, _ = load_config(["--preset", "tiny", "--compare", "dpo, rloo"])
+    assert cfg.stages.compare == ("dpo", "rloo")
+    with pytest.raises(ConfigError) as e:
+        load_config(["--preset", "tiny", "--method", "rloo", "--compare", "dpo,rloo"])
+    assert str(e.value).startswith("--method rloo and --compare dpo,rloo were both given") and "\n" not in str(e.value)

@@ -36,7 +36,7 @@ def build_stages(cfg, sweeps: dict[str, str]) -> Stages:
     its own sweeps runs each method at (train.py's COMPARE_SWEEPS)."""
     make = C.build_component
     need(cfg.method in NAMES, "method", f"must be one of {', '.join(NAMES)}, got {cfg.method!r}")
-    compare = C.parse_list("compare", cfg.compare, str)
+    compare = [m.strip() for m in C.parse_list("compare", cfg.compare, str)]  # "dpo, rloo" as typed in a shell
     for m in compare:
         need(m in NAMES, "compare", f"items must be among {', '.join(NAMES)}, got {m!r}")
     need(cfg.prompt_max_tokens < cfg.max_length, "prompt_max_tokens",
@@ -77,7 +77,7 @@ def build_stages(cfg, sweeps: dict[str, str]) -> Stages:
     for field, raw, values in (("beta_sweep", cfg.beta_sweep, betas), ("kl_coef_sweep", cfg.kl_coef_sweep, kl_coefs),
                                ("best_of_n", cfg.best_of_n, ns),
                                ("unlikelihood_alpha_sweep", cfg.unlikelihood_alpha_sweep, alphas),
-                               ("seeds", cfg.seeds, seeds)):
+                               ("seeds", cfg.seeds, seeds), ("compare", cfg.compare, compare)):
         need(len(set(values)) == len(values), field, f"lists a value twice: {raw} (each value is one run)")
         need("" not in [x.strip() for x in (raw or "x").split(",")], field, f"has an empty item: {raw!r}")
     need(not cfg.compile or set(compare or [cfg.method]) <= {"dpo"}, "compile",
