@@ -181,18 +181,20 @@ def test_seeds_repeat_the_run_and_write_the_mean_with_error_bars(env, tmp_path):
     assert summary["seeds"] == [0, 1] and summary["finished"] is True and summary["mean"][0]["seeds"] == 2
 
 
+def fake_run(cfg, given, rt, precision) -> None:
+    """train.run's outputs for one seed, without training."""
+    from minidpo.training.frontier import write_frontier
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_frontier(out, [{"method": "dpo", "setting": "beta=0.1", "step": 2, "reward": 0.5 + cfg.seed / 10, "kl": 1.0,
+                          "seed": cfg.seed}])
+    (out / "summary.json").write_text(json.dumps({"finished": True}))
+
+
 @pytest.mark.parametrize("seeds", ["5", "0,1"])
 def test_the_last_line_of_seeds_names_frontier_mean_csv_only_when_it_was_written(seeds, tmp_path, monkeypatch):
     import train
-    from minidpo.training.frontier import write_frontier
     from minidpo.training.runtime import Runtime
-
-    def fake_run(cfg, given, rt, precision):  # one seed's outputs, without training
-        out = Path(cfg.out_dir)
-        out.mkdir(parents=True)
-        write_frontier(out, [{"method": "dpo", "setting": "beta=0.1", "step": 2, "reward": 0.5 + cfg.seed / 10,
-                              "kl": 1.0, "seed": cfg.seed}])
-        (out / "summary.json").write_text(json.dumps({"finished": True}))
     monkeypatch.setattr(train, "run", fake_run)
     cfg, given = load_config(["--preset", "tiny", "--seeds", seeds, "--out-dir", str(tmp_path / "s")])
     logs = []
@@ -212,3 +214,15 @@ def test_compare_refuses_an_empty_item_accepts_spaces_after_commas_and_refuses_m
     with pytest.raises(ConfigError) as e:
         load_config(["--preset", "tiny", "--method", "rloo", "--compare", "dpo,rloo"])
     assert str(e.value).startswith("--method rloo and --compare dpo,rloo were both given") and "\n" not in str(e.value)
+
+
+def test_seed_beside_seeds_does_not_refuse_a_run_into_its_own_folder(tmp_path, monkeypatch, capsys):
+    import train
+    from minidpo.training.runtime import Runtime
+    monkeypatch.setattr(train, "run", fake_run)
+    out = ["--preset", "tiny", "--seeds", "0,1", "--out-dir", str(tmp_path / "s")]
+    for more in ([], ["--seed", "5"]):  # each seed's folder records its own seed: the top's --seed is unused
+        cfg, given = load_config([*out, *more])
+        train.run_seeds(cfg, given, Runtime(), "fp32")
+    assert "[resume] ignoring --seed: " in capsys.readouterr().err
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["seed"] == 0

@@ -150,3 +150,32 @@ def test_the_largest_accepted_seed_reaches_evaluation_and_every_best_of_n_round(
         torch.Generator().manual_seed(cfg.stages.eval.seed + j)
     with pytest.raises(ConfigError, match=f"--seed must be in 0..{top} "):
         load_config(["--preset", "tiny", "--method", method, "--seed", str(top + 1)])
+
+
+@pytest.mark.parametrize("first,again,unused,ignored", [
+    (["--method", "dpo"], ["--method", "dpo", "--rm-steps", "9", "--rm-lr", "1e-3"], (), ["rm_lr", "rm_steps"]),
+    (["--dtype", "auto"], ["--dtype", "fp32"], (), ["dtype"]),  # auto is fp32 on a CPU without bf16 units
+    (["--seeds", "0,1"], ["--seeds", "0,1", "--seed", "5"], ("seed",), ["seed"]),
+    (["--method", "rlhf"], ["--method", "rlhf", "--rm-steps", "9"], (), None),  # these do change results
+    (["--dtype", "auto"], ["--dtype", "bf16"], (), None),
+    (["--seed", "0"], ["--seed", "5"], (), None),
+])
+def test_an_option_that_cannot_change_results_does_not_refuse_a_run_into_its_own_folder(first, again, unused, ignored,
+                                                                                         tmp_path, monkeypatch, capsys):
+    import torch
+    import train
+    from minidpo.config import flag_name, save_config
+    from minidpo.experiment import resolve
+    from minidpo.training.runs import RunConflict, check_out_dir
+    monkeypatch.setattr(resolve, "cpu_flags", lambda *a: {"avx2"})
+    out = ["--preset", "tiny", "--out-dir", str(tmp_path)]
+    save_config(load_config([*first, *out])[0], tmp_path / "config.json")
+    cfg = train.keep_recorded(load_config([*again, *out])[0], torch.device("cpu"), frozenset(unused))
+    if ignored is None:
+        with pytest.raises(RunConflict):
+            check_out_dir(tmp_path, train.run_settings(cfg))
+        assert capsys.readouterr().err == ""
+    else:
+        check_out_dir(tmp_path, train.run_settings(cfg))  # the same run: it goes on there
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"[resume] ignoring {', '.join(flag_name(k) for k in ignored)}: "), line
