@@ -172,3 +172,13 @@ def test_curves_png_labels_each_axis_with_its_quantity_and_marks_series_of_few_p
     assert sorted(labels) == sorted(curve_series(tmp_path)) and len(set(labels)) == len(labels)
     assert all(line.get_marker() not in ("", "None", None) for ax in axes for line in ax.lines)
     plt.close("all")
+
+
+def test_matplotlib_is_a_listed_test_requirement_so_the_figure_tests_run_and_runtime_stays_without_it():
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    runtime, tests = (root / "requirements.txt").read_text().split("# Tests")
+    assert "matplotlib" not in runtime
+    assert any(line.split("#")[0].strip().startswith("matplotlib") for line in tests.splitlines())
+    readme = " ".join((root / "README.md").read_text().split())
+    assert "skipped too where matplotlib is missing (`pip install -r requirements.txt` brings it)" in readme
