@@ -381,4 +381,4 @@ def run_seeds(cfg: TrainConfig, given: set[str], rt: Runtime, precision: str) ->
 
 
 if __name__ == "__main__":
-    sys.exit(C.run_program(main, sys.argv[1:], __doc__, TrainConfig))
+    sys.exit(C.run_program(main, sys.argv[1:], __doc__, TrainConfig, PRESETS))

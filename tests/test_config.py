@@ -179,3 +179,23 @@ def test_an_option_that_cannot_change_results_does_not_refuse_a_run_into_its_own
         check_out_dir(tmp_path, train.run_settings(cfg))  # the same run: it goes on there
         (line,) = capsys.readouterr().err.splitlines()
         assert line.startswith(f"[resume] ignoring {', '.join(flag_name(k) for k in ignored)}: "), line
+
+
+@pytest.mark.parametrize("argv", [["--preset", "tiny", "--help"], ["-h", "--preset=tiny"]])
+def test_help_under_a_preset_shows_the_presets_values_marked(argv, capsys):
+    import train
+    from minidpo.config import run_program
+    assert run_program(train.main, argv, train.__doc__, TrainConfig, PRESETS) == 0
+    text = capsys.readouterr().out
+    assert "* --preset tiny's value" in text and "--preset [tiny]*" in text
+    assert f"--steps [{PRESETS['tiny']['steps']}]*" in text and "--steps [200]" not in text
+    assert f"--lr [{PRESETS['tiny']['lr']}]*" in text and "--device [auto] " in text  # not in the preset: its default
+    assert run_program(train.main, ["--help"], train.__doc__, TrainConfig, PRESETS) == 0
+    assert "--steps [200] " in capsys.readouterr().out
+
+
+@pytest.mark.slow  # a subprocess
+def test_train_py_help_under_a_preset_shows_its_values():
+    out = subprocess.run([sys.executable, "train.py", "--preset", "tiny", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and f"--steps [{PRESETS['tiny']['steps']}]*" in out.stdout
