@@ -18,7 +18,8 @@ import torch
 
 from minidpo.config import ConfigError, build_component, build_config, run_program
 from minidpo.model.generate import SamplingConfig, generate
-from minidpo.model.lora import load_lora, merge_lora
+from minidpo.model.export import PEFT_ADAPTER_FILE
+from minidpo.model.lora import load_lora, merge_lora, read_lora_config
 from minidpo.model.gpt import ALIASES, PRESETS
 from minidpo.experiment.resolve import check_model_name, load_model, pick_device
 from minidpo.model.tokenizer import Tokenizer
@@ -89,8 +90,19 @@ def adapter_paths(path: Path) -> tuple[Path, str | None]:
     if run.is_file():
         info = read_run_json(run)
         return path / info["adapter"], resolve_base(info["policy_base"], path)
+    if (path / PEFT_ADAPTER_FILE).is_file():  # export_peft's copy of a run's adapter, for Hugging Face's peft
+        same = f"--adapter {path.parent}" if (path.parent / "run.json").is_file() else "its adapter/ folder"
+        raise ValueError(f"--adapter {path}: an adapter in PEFT's layout (for Hugging Face's peft library); "
+                         f"sample.py reads minidpo's layout of the same run: {same}")
     if (path / "adapter_config.json").is_file():
+        read_lora_config(path)  # a foreign or damaged adapter fails here, before any model is loaded or downloaded
         return path, None
+    held = sorted({p.parent for p in (*path.glob("*/run.json"), *path.glob("*/*/run.json"))})
+    if held:  # the top folder of --compare, a sweep or --seeds: each sub-run holds its own adapter
+        names = [p.relative_to(path).as_posix() for p in held]
+        more = f", ... ({len(names)} in all)" if len(names) > 6 else ""
+        raise ValueError(f"--adapter {path}: a folder of several runs; pass one of its sub-runs that hold an "
+                         f"adapter: {', '.join(names[:6])}{more} (e.g. --adapter {held[-1]})")
     raise FileNotFoundError(f"--adapter {path}: expected a train.py output directory (with run.json) or an adapter "
                             "directory (with adapter_config.json)")
 

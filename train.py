@@ -36,7 +36,8 @@ from minidpo.experiment.compare import check_checkpoints, method_runs, run_one
 from minidpo.experiment.context import RunContext, Stages
 from minidpo.experiment.options import build_stages
 from minidpo.experiment.report import export_merged, result_lines, sample_hint, seeds_summary, summarize
-from minidpo.experiment.resolve import autocast, check_model_name, check_writable, choose_dtype, imdb_source, pick_device
+from minidpo.experiment.resolve import (autocast, check_model_name, check_writable, choose_dtype, imdb_source,
+                                       DTYPES, pick_device, slow_dtype_warning)
 from minidpo.experiment.stages import (check_model_fits, fit_classifier, load_model_stage, load_reviews,
                                        make_prompt_sets, sft_stage)
 from minidpo.fileio import atomic_write_json
@@ -45,7 +46,7 @@ from minidpo.model.tokenizer import Tokenizer
 from minidpo.training.distributed import is_main, setup_distributed, teardown
 from minidpo.training.frontier import write_frontier
 from minidpo.training.run_folder import run_folder
-from minidpo.training.runs import NOT_SETTINGS, resume_overrides
+from minidpo.training.runs import NOT_SETTINGS, RunConflict, read_settings, resume_overrides
 from minidpo.training.runtime import Runtime
 
 
@@ -179,6 +180,9 @@ def load_config(argv: list[str]) -> tuple[TrainConfig, set[str]]:
     types = C.field_types(TrainConfig)
     given = C.parse_overrides(argv, types)
     cfg = C.build_config(TrainConfig, argv, PRESETS)
+    if {"method", "compare"} <= set(given):
+        raise C.ConfigError(f"--method {cfg.method} and --compare {cfg.compare} were both given: --compare runs every "
+                            "method it lists, so drop --method (or list that method in --compare)", "method")
     if cfg.resume is not None:
         cfg = resumed_config(cfg, given)
     cfg.stages  # noqa: B018 (built here, so a bad option fails before any work)
@@ -209,6 +213,30 @@ def with_tiny_defaults(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     return replace(cfg, **{k: v for k, v in PRESETS["tiny"].items() if k not in given | {"out_dir", "model"}})
 
 
+def keep_recorded(cfg: TrainConfig, device: torch.device, unused: frozenset[str] = frozenset()) -> TrainConfig:
+    """cfg with the values recorded in its --out-dir for the options that cannot change this run's results, so a
+    run into its own folder with another value of one of them continues there instead of being refused as other
+    settings: `unused` (the caller's: --seed beside --seeds), the reward model's options when no method trains one,
+    and a --dtype that means the same precision here as the recorded one (fp32, and auto where it resolves to fp32).
+    Options that change results are left to the folder's check."""
+    try:
+        raw = None if cfg.resume is not None or cfg.overwrite else read_settings(cfg.out_dir)
+        stored = C.config_from_dict(TrainConfig, raw, "config.json") if raw is not None else None
+    except (C.ConfigError, RunConflict):
+        stored = None  # the folder's check says what is wrong with it
+    if stored is None:
+        return cfg
+    unused = set(unused) | ({"rm_steps", "rm_lr"} if "rlhf" not in cfg.stages.compare else set())
+    autocast_of = lambda name: choose_dtype(device, name)[0]  # noqa: E731
+    if stored.dtype in ("auto", *DTYPES) and autocast_of(stored.dtype) == autocast_of(cfg.dtype):
+        unused.add("dtype")
+    ignored = sorted(k for k in unused if getattr(stored, k) != getattr(cfg, k))
+    if ignored and is_main():
+        print(f"[resume] ignoring {', '.join(C.flag_name(k) for k in ignored)}: cannot change this run's results, so "
+              f"{cfg.out_dir} goes on with the values it was made with", file=sys.stderr)
+    return replace(cfg, **{k: getattr(stored, k) for k in ignored})
+
+
 def run_settings(cfg: TrainConfig) -> dict:
     """The options that change results: what config.json's check compares (runs.NOT_SETTINGS are left out)."""
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_SETTINGS}
@@ -219,6 +247,8 @@ def make_runtime(cfg: TrainConfig, rank: int, world: int, device_override: str |
     device = pick_device(device_override or cfg.device)
     dtype, why = choose_dtype(device, cfg.dtype)
     say = (lambda msg: print(msg, flush=True)) if is_main() else (lambda msg: None)
+    if is_main() and (warning := slow_dtype_warning(device, dtype)):
+        print(warning, file=sys.stderr, flush=True)
     return Runtime(device, autocast(device, dtype), rank, world, say), f"{'bf16 autocast' if dtype else 'fp32'} ({why})"
 
 
@@ -245,6 +275,7 @@ def run(cfg: TrainConfig, given: set[str], rt: Runtime, precision: str) -> None:
     model, model_desc, notes = load_model_stage(cfg.model, rt.device, cfg.stages.random_model, cfg.seed)
     if notes and cfg.preset is None and cfg.resume is None:
         cfg = with_tiny_defaults(cfg, given)
+    cfg = keep_recorded(cfg, rt.device)
     for line in notes:
         rt.log(line)
     stages, out, tok = cfg.stages, Path(cfg.out_dir), Tokenizer()  # tok: read and sha256-checked once
@@ -327,6 +358,7 @@ def run_seeds(cfg: TrainConfig, given: set[str], rt: Runtime, precision: str) ->
     """--seeds: the whole run once per seed into out_dir/seed_<s>/ (each with its own prompts, pairs, reward model
     and adapters), then frontier.csv (a `seed` column), frontier_mean.csv and frontier.png (means with standard-error
     bars) and a summary.json of every seed with the mean and standard error per method and setting."""
+    cfg = keep_recorded(cfg, rt.device, frozenset({"seed"}))  # each seed's folder records its own seed
     out, seeds = Path(cfg.out_dir), cfg.stages.seeds
     if is_main():
         check_writable(out, "--out-dir")
@@ -351,9 +383,11 @@ def run_seeds(cfg: TrainConfig, given: set[str], rt: Runtime, precision: str) ->
                 per_seed[s] = json.loads((out / f"seed_{s}" / "summary.json").read_text())
             write_frontier(out, points, rt.log)
             atomic_write_json(out / "summary.json", seeds_summary(per_seed, points))
-            rt.log(f"wrote {out / 'summary.json'} and {out / 'frontier_mean.csv'} (mean and standard error over "
-                   f"seeds {cfg.seeds})")
+            means = out / "frontier_mean.csv"  # write_frontier makes it only from points measured over several seeds
+            rt.log(f"wrote {out / 'summary.json'} and {means} (mean and standard error over seeds {cfg.seeds})"
+                   if len(seeds) > 1 else f"wrote {out / 'summary.json'} (one seed, {cfg.seeds}: no mean or "
+                   f"standard error to take, so no {means.name})")
 
 
 if __name__ == "__main__":
-    sys.exit(C.run_program(main, sys.argv[1:], __doc__, TrainConfig))
+    sys.exit(C.run_program(main, sys.argv[1:], __doc__, TrainConfig, PRESETS))

@@ -163,12 +163,17 @@ def field_comments(cls: type) -> dict[str, str]:
     return out
 
 
-def help_text(cls: type, doc: str = "") -> str:
-    lines = [doc.strip(), "", "options (default in brackets):"] if doc else ["options (default in brackets):"]
+def help_text(cls: type, doc: str = "", preset: tuple[str, dict[str, Any]] | None = None) -> str:
+    """The options with their defaults and comments; under `preset` (its name and values) a value the preset sets
+    is shown in place of the default, marked *, since that is what a run with it gets."""
+    name, values = preset or ("", {})
+    head = f"options (default in brackets; * --preset {name}'s value):" if preset else "options (default in brackets):"
+    lines = [doc.strip(), "", head] if doc else [head]
     comments = field_comments(cls)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else "required"
-        flag = f"--{f.name.replace('_', '-')} [{default}]"
+        flag = f"--{f.name.replace('_', '-')} [{values[f.name]}]*" if f.name in values else \
+            f"--{f.name.replace('_', '-')} [{default}]"
         note = comments.get(f.name, "")
         lines.append(f"  {flag:<34} {note}".rstrip() if len(flag) < 34 else f"  {flag}\n  {'':<34} {note}".rstrip())
     return "\n".join(lines)
@@ -245,14 +250,27 @@ def parse_list(field: str, raw: str | None, typ: type) -> list:
     return items
 
 
-def run_program(main: Callable[[list[str]], None], argv: list[str], doc: str, cls: type) -> int:
-    """Run a program's main: --help prints the options; an expected error (bad option, bad file, no network, a
-    refused out-dir...) is ONE line `error: ...` on stderr and exit code 1, with no traceback (set MINIDPO_DEBUG=1
-    to see it). Only the programs exit; library code raises."""
+def preset_named(argv: list[str], presets: dict[str, dict[str, Any]] | None,
+                 preset_flag: str = "preset") -> tuple[str, dict[str, Any]] | None:
+    """(name, its values and the preset flag's own) of the preset `--preset NAME` (or `--preset=NAME`) in argv
+    names, if it names one."""
+    for i, arg in enumerate(argv):
+        name = argv[i + 1] if arg == f"--{preset_flag}" and i + 1 < len(argv) else \
+            arg.partition("=")[2] if arg.startswith(f"--{preset_flag}=") else None
+        if presets and name in presets:
+            return name, {preset_flag: name, **presets[name]}
+    return None
+
+
+def run_program(main: Callable[[list[str]], None], argv: list[str], doc: str, cls: type,
+                presets: dict[str, dict[str, Any]] | None = None) -> int:
+    """Run a program's main: --help prints the options (with the values of a --preset given beside it); an
+    expected error (bad option, bad file, no network, a refused out-dir...) is ONE line `error: ...` on stderr and
+    exit code 1, with no traceback (set MINIDPO_DEBUG=1 to see it). Only the programs exit; library code raises."""
     import os
     import sys
     if "-h" in argv or "--help" in argv:
-        print(help_text(cls, doc))
+        print(help_text(cls, doc, preset_named(argv, presets)))
         return 0
     try:
         main(argv)

@@ -149,7 +149,8 @@ def env(tmp_path_factory) -> dict:
 
 
 def train(args: list[str], env: dict) -> None:
-    out = subprocess.run([sys.executable, "train.py", *SMALL, *args], cwd=ROOT, env=env, capture_output=True,
+    small = [a for a in SMALL if a not in ("--method", "dpo")] if "--compare" in args else SMALL  # not both
+    out = subprocess.run([sys.executable, "train.py", *small, *args], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=1800)
     assert out.returncode == 0, f"{args} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
 
@@ -213,3 +214,50 @@ def test_min_score_margin_drops_near_tie_training_pairs_and_keeps_every_held_out
     pairs = P.generated_pairs(cfg, prompts, Tok(), None, None)
     assert sorted(round(p.chosen_score - p.rejected_score, 2) for p in pairs if p.split == "train") == [0.65, 0.7]
     assert len([p for p in pairs if p.split == "test"]) == 3
+
+
+def fake_run(cfg, given, rt, precision) -> None:
+    """train.run's outputs for one seed, without training."""
+    from minidpo.training.frontier import write_frontier
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_frontier(out, [{"method": "dpo", "setting": "beta=0.1", "step": 2, "reward": 0.5 + cfg.seed / 10, "kl": 1.0,
+                          "seed": cfg.seed}])
+    (out / "summary.json").write_text(json.dumps({"finished": True}))
+
+
+@pytest.mark.parametrize("seeds", ["5", "0,1"])
+def test_the_last_line_of_seeds_names_frontier_mean_csv_only_when_it_was_written(seeds, tmp_path, monkeypatch):
+    import train
+    from minidpo.training.runtime import Runtime
+    monkeypatch.setattr(train, "run", fake_run)
+    cfg, given = load_config(["--preset", "tiny", "--seeds", seeds, "--out-dir", str(tmp_path / "s")])
+    logs = []
+    train.run_seeds(cfg, given, Runtime(log=logs.append), "fp32")
+    wrote_means = (tmp_path / "s" / "frontier_mean.csv").is_file()
+    assert wrote_means == ("," in seeds)
+    assert ("frontier_mean.csv (mean" in logs[-1]) == wrote_means and logs[-1].startswith("wrote "), logs[-1]
+
+
+def test_compare_refuses_an_empty_item_accepts_spaces_after_commas_and_refuses_method_beside_it():
+    with pytest.raises(ConfigError, match=r"^--compare has an empty item: 'dpo,,rloo'"):
+        load_config(["--preset", "tiny", "--compare", "dpo,,rloo"])
+    with pytest.raises(ConfigError, match=r"^--compare has an empty item"):
+        load_config(["--preset", "tiny", "--compare", "dpo, "])
+    cfg, _ = load_config(["--preset", "tiny", "--compare", "dpo, rloo"])
+    assert cfg.stages.compare == ("dpo", "rloo")
+    with pytest.raises(ConfigError) as e:
+        load_config(["--preset", "tiny", "--method", "rloo", "--compare", "dpo,rloo"])
+    assert str(e.value).startswith("--method rloo and --compare dpo,rloo were both given") and "\n" not in str(e.value)
+
+
+def test_seed_beside_seeds_does_not_refuse_a_run_into_its_own_folder(tmp_path, monkeypatch, capsys):
+    import train
+    from minidpo.training.runtime import Runtime
+    monkeypatch.setattr(train, "run", fake_run)
+    out = ["--preset", "tiny", "--seeds", "0,1", "--out-dir", str(tmp_path / "s")]
+    for more in ([], ["--seed", "5"]):  # each seed's folder records its own seed: the top's --seed is unused
+        cfg, given = load_config([*out, *more])
+        train.run_seeds(cfg, given, Runtime(), "fp32")
+    assert "[resume] ignoring --seed: " in capsys.readouterr().err
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["seed"] == 0

@@ -63,7 +63,7 @@ def test_numbers_round_trip_through_the_command_line(n, x):
     (["--loss-type", "dpo"], "--loss-type must be one of"),
     (["--loss-type", "ipo", "--label-smoothing", "0.1"], "--label-smoothing"),
     (["--label-smoothing", "0.9"], "--label-smoothing"),
-    (["--preset", "huge"], "--preset must be one of tiny, gpt2, gpt2-large"),
+    (["--preset", "huge"], "--preset must be one of tiny, tiny-fig2, gpt2, gpt2-large"),
 ])
 def test_impossible_training_values_are_rejected(argv, message):
     with pytest.raises(ConfigError, match=message):
@@ -126,3 +126,76 @@ def test_train_py_rejects_a_misspelt_flag_before_doing_any_work():
 def test_resume_needs_a_train_output_directory(tmp_path):
     with pytest.raises(ConfigError, match="no config.json"):
         load_config(["--resume", str(tmp_path)])
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--seed", str(2**64)], "--seed"), (["--seed", str(2**64 - 1)], "--seed"), (["--seed", "-1"], "--seed"),
+    (["--seeds", f"0,{2**64}"], "--seeds"), (["--seeds", f"{2**64 - 1}"], "--seeds"),
+    (["--method", "best-of-n", "--best-of-n", "1,16", "--seed", str(2**64 - 16)], "--seed"),
+])
+def test_seeds_whose_derived_seeds_overflow_torchs_generators_are_refused_with_the_valid_range(argv, flag):
+    with pytest.raises(ConfigError) as e:
+        load_config(["--preset", "tiny", *argv])
+    assert str(e.value).startswith(f"{flag} must be in 0..") and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("method", ["dpo", "best-of-n"])
+def test_the_largest_accepted_seed_reaches_evaluation_and_every_best_of_n_round(method):
+    import torch
+    from minidpo.experiment.options import SEED_MAX
+    top = SEED_MAX - (16 if method == "best-of-n" else 1)  # the tiny preset's best-of-n goes up to N=16
+    cfg, _ = load_config(["--preset", "tiny", "--method", method, "--seed", str(top)])
+    rounds = max(cfg.stages.best_of_n) if method == "best-of-n" else 1
+    for j in range(rounds):  # best-of-N's round j samples with the evaluation seed + j
+        torch.Generator().manual_seed(cfg.stages.eval.seed + j)
+    with pytest.raises(ConfigError, match=f"--seed must be in 0..{top} "):
+        load_config(["--preset", "tiny", "--method", method, "--seed", str(top + 1)])
+
+
+@pytest.mark.parametrize("first,again,unused,ignored", [
+    (["--method", "dpo"], ["--method", "dpo", "--rm-steps", "9", "--rm-lr", "1e-3"], (), ["rm_lr", "rm_steps"]),
+    (["--dtype", "auto"], ["--dtype", "fp32"], (), ["dtype"]),  # auto is fp32 on a CPU without bf16 units
+    (["--seeds", "0,1"], ["--seeds", "0,1", "--seed", "5"], ("seed",), ["seed"]),
+    (["--method", "rlhf"], ["--method", "rlhf", "--rm-steps", "9"], (), None),  # these do change results
+    (["--dtype", "auto"], ["--dtype", "bf16"], (), None),
+    (["--seed", "0"], ["--seed", "5"], (), None),
+])
+def test_an_option_that_cannot_change_results_does_not_refuse_a_run_into_its_own_folder(first, again, unused, ignored,
+                                                                                         tmp_path, monkeypatch, capsys):
+    import torch
+    import train
+    from minidpo.config import flag_name, save_config
+    from minidpo.experiment import resolve
+    from minidpo.training.runs import RunConflict, check_out_dir
+    monkeypatch.setattr(resolve, "cpu_flags", lambda *a: {"avx2"})
+    out = ["--preset", "tiny", "--out-dir", str(tmp_path)]
+    save_config(load_config([*first, *out])[0], tmp_path / "config.json")
+    cfg = train.keep_recorded(load_config([*again, *out])[0], torch.device("cpu"), frozenset(unused))
+    if ignored is None:
+        with pytest.raises(RunConflict):
+            check_out_dir(tmp_path, train.run_settings(cfg))
+        assert capsys.readouterr().err == ""
+    else:
+        check_out_dir(tmp_path, train.run_settings(cfg))  # the same run: it goes on there
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"[resume] ignoring {', '.join(flag_name(k) for k in ignored)}: "), line
+
+
+@pytest.mark.parametrize("argv", [["--preset", "tiny", "--help"], ["-h", "--preset=tiny"]])
+def test_help_under_a_preset_shows_the_presets_values_marked(argv, capsys):
+    import train
+    from minidpo.config import run_program
+    assert run_program(train.main, argv, train.__doc__, TrainConfig, PRESETS) == 0
+    text = capsys.readouterr().out
+    assert "* --preset tiny's value" in text and "--preset [tiny]*" in text
+    assert f"--steps [{PRESETS['tiny']['steps']}]*" in text and "--steps [200]" not in text
+    assert f"--lr [{PRESETS['tiny']['lr']}]*" in text and "--device [auto] " in text  # not in the preset: its default
+    assert run_program(train.main, ["--help"], train.__doc__, TrainConfig, PRESETS) == 0
+    assert "--steps [200] " in capsys.readouterr().out
+
+
+@pytest.mark.slow  # a subprocess
+def test_train_py_help_under_a_preset_shows_its_values():
+    out = subprocess.run([sys.executable, "train.py", "--preset", "tiny", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and f"--steps [{PRESETS['tiny']['steps']}]*" in out.stdout

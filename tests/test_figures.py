@@ -111,9 +111,9 @@ def test_curves_read_the_last_record_of_each_step_and_every_available_series(tmp
     (stage,) = read_log(tmp_path / "log.jsonl").values()
     assert [r["step"] for r in stage] == [1, 2, 3] and stage[-1]["loss"] == 0.25
     panels = curve_series(tmp_path)
-    assert set(panels) == {"loss", "reward", "KL"}
-    assert [label for label, _, _ in panels["reward"]] == ["training samples", "evaluation (held-out)"]
-    assert panels["KL"][-1][1:] == ([0, 3], [0.0, 0.3])
+    assert set(panels) == {"loss", PROB, KL}
+    assert [label for label, _, _ in panels[PROB]] == ["training samples", "evaluation (held-out)"]
+    assert panels[KL][-1][1:] == ([0, 3], [0.0, 0.3])
     assert panels["loss"][0][2] == [1.0, 0.5, 0.25]
 
 
@@ -127,3 +127,58 @@ def test_with_matplotlib_curves_png_is_written(tmp_path):
     write_log(tmp_path)
     assert plot_curves(tmp_path) == tmp_path / "curves.png"
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+PROB, KL = "P(positive), sentiment classifier", "KL(policy || reference), nats"
+
+
+def write_run_log(run_dir, stage: str, steps: tuple[int, ...]) -> None:
+    """A method's log.jsonl (RLHF's or DPO's keys) and its evaluation points at step 0 and the last step."""
+    keys = {"rlhf": ("loss", "reward", "rlhf_reward", "kl/sampled"),
+            "dpo": ("loss", "rewards/margins", "logratio/ref_minus_policy")}[stage.split()[0]]
+    (run_dir / "log.jsonl").write_text("".join(json.dumps({"stage": stage, "step": s, **{k: 0.1 * s for k in keys}})
+                                               + "\n" for s in steps))
+    for step in (0, steps[-1]):
+        append_point(run_dir, {"method": stage.split()[0], "setting": "x", "step": step, "reward": 0.4, "kl": 0.1})
+
+
+@pytest.mark.parametrize("stage", ["rlhf kl_coef=0.05", "dpo beta=0.1"])
+def test_curves_put_one_quantity_on_each_axis(tmp_path, stage):
+    write_run_log(tmp_path, stage, (2, 4, 6, 8))
+    panels = curve_series(tmp_path)
+    # the classifier's P(positive) of held-out samples stands alone: not beside the learned reward model's
+    # normalized score (RLHF's training reward) nor DPO's implicit margin in nats
+    assert [label for label, _, _ in panels[PROB]] == ["evaluation (held-out)"]
+    if stage.startswith("rlhf"):
+        assert [label for label, _, _ in panels["learned reward model's score (normalized)"]] == ["training samples"]
+        assert "KL-penalized reward (reward - kl_coef * KL)" in panels
+    else:
+        assert [label for label, _, _ in panels["implicit reward margin, nats"]] == ["chosen - rejected, training pairs"]
+        assert "log ref - log pi on DPO's pairs, nats" in panels and len(panels[KL]) == 1
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="needs matplotlib (pip install matplotlib)")
+@pytest.mark.parametrize("steps", [(5,), (2, 4, 6, 8)])
+def test_curves_png_labels_each_axis_with_its_quantity_and_marks_series_of_few_points(tmp_path, monkeypatch, steps):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure plot_curves draws, to read it back
+    write_run_log(tmp_path, "rlhf kl_coef=0.05", steps)
+    assert plot_curves(tmp_path) == tmp_path / "curves.png"
+    axes = [ax for ax in figures[0].axes if ax.get_visible() and ax.lines]
+    labels = [ax.get_ylabel() for ax in axes]
+    assert sorted(labels) == sorted(curve_series(tmp_path)) and len(set(labels)) == len(labels)
+    assert all(line.get_marker() not in ("", "None", None) for ax in axes for line in ax.lines)
+    plt.close("all")
+
+
+def test_matplotlib_is_a_listed_test_requirement_so_the_figure_tests_run_and_runtime_stays_without_it():
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    runtime, tests = (root / "requirements.txt").read_text().split("# Tests")
+    assert "matplotlib" not in runtime
+    assert any(line.split("#")[0].strip().startswith("matplotlib") for line in tests.splitlines())
+    readme = " ".join((root / "README.md").read_text().split())
+    assert "skipped too where matplotlib is missing (`pip install -r requirements.txt` brings it)" in readme

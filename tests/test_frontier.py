@@ -124,3 +124,26 @@ def test_frontier_files_include_the_envelope_and_the_equal_kl_table(tmp_path):
     with open(tmp_path / "equal_kl.csv", newline="") as f:
         table = {(r["method"], r["other"], r["kl"]): r for r in csv.DictReader(f)}
     assert math.isclose(float(table[("dpo", "", "5.0")]["reward"]), 0.6 + 0.1 * 2 / 9)
+
+
+def test_a_line_of_points_jsonl_that_is_not_a_point_is_skipped_like_a_cut_line(tmp_path):
+    append_point(tmp_path, {"method": "dpo", "setting": "beta=0.5", "step": 0, "reward": 0.4, "kl": 0.0})
+    with open(tmp_path / "points.jsonl", "a") as f:
+        f.write('[1, 2]\n3\n"text"\nnull\n{"method": "dpo"}\n{"step": [5]}\n{"step": true}\n')
+    append_point(tmp_path, {"method": "dpo", "setting": "beta=0.5", "step": 50, "reward": 0.5, "kl": 1.0})
+    assert [p["step"] for p in read_points(tmp_path)] == [0, 50]
+
+
+def test_best_of_n_kl_bound_is_in_frontier_mean_csv_and_the_seeds_summary_means(tmp_path):
+    from minidpo.experiment.report import seeds_summary
+    bound = math.log(4) - 0.75
+    pts = [{"method": m, "setting": s, "step": 0, "reward": 0.5 + seed / 10, "kl": kl, "kl_bound": b,
+            "kl_sampled": None, "seed": seed}
+           for seed in (0, 1) for m, s, kl, b in (("dpo", "beta=0.1", 0.0, None), ("best-of-n", "N=4", None, bound))]
+    write_frontier(tmp_path, pts)
+    with open(tmp_path / "frontier_mean.csv", newline="") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert float(rows["best-of-n"]["kl_bound"]) == bound and rows["best-of-n"]["kl"] == ""
+    assert rows["dpo"]["kl_bound"] == ""
+    means = {m["method"]: m for m in seeds_summary({0: {}, 1: {}}, pts)["mean"]}
+    assert means["best-of-n"]["kl_bound"] == bound and means["dpo"]["kl_bound"] is None

@@ -125,3 +125,17 @@ def test_device_auto_is_cpu_without_accelerators():
         "mps" if torch.backends.mps.is_available() else "cpu")
     assert pick_device("auto").type == expected
     assert pick_device("cpu").type == "cpu"
+
+
+@pytest.mark.parametrize("dtype, flags, warned", [
+    ("bf16", {"avx2", "avx512f"}, True), ("bf16", set(), True), ("bf16", {"avx2", "avx512_bf16"}, False),
+    ("bf16", {"amx_bf16"}, False), ("fp32", set(), False), ("auto", set(), False),
+])
+def test_dtype_bf16_on_a_cpu_without_bf16_units_prints_one_warning_line(dtype, flags, warned, monkeypatch, capsys):
+    import train
+    from minidpo.experiment import resolve
+    monkeypatch.setattr(resolve, "cpu_flags", lambda *a: flags)
+    train.make_runtime(train.TrainConfig(device="cpu", dtype=dtype), 0, 1, None)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == (1 if warned else 0), err
+    assert not warned or ("--dtype bf16" in err[0] and "slower than fp32" in err[0])

@@ -124,3 +124,39 @@ def test_top_k_zero_means_off(capsys):
 
 def test_help_example_uses_the_bundled_model_not_a_download():
     assert "--model gpt2" not in sample_py.__doc__ and "--model bundled" in sample_py.__doc__
+
+
+@pytest.mark.parametrize("layout", ["compare", "seeds"])
+def test_a_folder_of_several_runs_names_the_sub_runs_that_hold_adapters(layout, run_folder, tmp_path, capsys):
+    top = tmp_path / "top"
+    subs = {"compare": ["dpo_beta_0.1", "rloo_kl_coef_0.02"],
+            "seeds": ["seed_0/dpo_beta_0.1", "seed_1/dpo_beta_0.1"]}[layout]
+    for sub in subs:
+        shutil.copytree(run_folder / "adapter", top / sub / "adapter")
+        (top / sub / "run.json").write_text(json.dumps({"adapter": "adapter", "policy_base": "bundled"}))
+    (top / "best-of-n_N_4").mkdir()  # a sub-run that trained nothing
+    code, out, err = run_in_process(["--adapter", str(top), *QUICK], capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and all(sub in lines[0] for sub in subs), err
+    assert "best-of-n" not in lines[0] and "not a train.py output" not in lines[0] and out == ""
+
+
+def test_a_peft_adapter_folder_is_refused_naming_the_run_before_any_model_is_loaded(run_folder, tmp_path, capsys,
+                                                                                  monkeypatch):
+    from minidpo.model.export import export_peft
+    run = tmp_path / "run"
+    shutil.copytree(run_folder, run)
+    model = load_gpt2(run / "base_model")
+    apply_lora(model, rank=2, alpha=4.0)
+    export_peft(model, run / "adapter_peft", base_model_name_or_path="gpt2")
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded (or downloaded) before the adapter was checked")
+    monkeypatch.setattr(sample_py, "load_model", no_load)
+    code, out, err = run_in_process(["--adapter", str(run / "adapter_peft"), *QUICK], capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "PEFT" in lines[0] and f"--adapter {run}" in lines[0], err
+    assert "format is" not in lines[0]
+    (run / "adapter_peft" / "adapter_model.safetensors").unlink()  # any other foreign adapter_config.json
+    code, _, err = run_in_process(["--adapter", str(run / "adapter_peft"), *QUICK], capsys)
+    assert code == 1 and "adapter_config.json" in err

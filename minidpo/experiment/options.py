@@ -36,7 +36,7 @@ def build_stages(cfg, sweeps: dict[str, str]) -> Stages:
     its own sweeps runs each method at (train.py's COMPARE_SWEEPS)."""
     make = C.build_component
     need(cfg.method in NAMES, "method", f"must be one of {', '.join(NAMES)}, got {cfg.method!r}")
-    compare = C.parse_list("compare", cfg.compare, str)
+    compare = [m.strip() for m in C.parse_list("compare", cfg.compare, str)]  # "dpo, rloo" as typed in a shell
     for m in compare:
         need(m in NAMES, "compare", f"items must be among {', '.join(NAMES)}, got {m!r}")
     need(cfg.prompt_max_tokens < cfg.max_length, "prompt_max_tokens",
@@ -73,11 +73,16 @@ def build_stages(cfg, sweeps: dict[str, str]) -> Stages:
     need(all(s >= 0 for s in seeds), "seeds", f"values must be >= 0, got {cfg.seeds}")
     ns = C.parse_list("best_of_n", cfg.best_of_n, int)
     need(all(n >= 1 for n in ns), "best_of_n", f"values must be >= 1, got {cfg.best_of_n}")
+    top = seed_limit(compare or [cfg.method], ns)
+    for field, values in (("seed", [cfg.seed]), ("seeds", seeds)):
+        bad = [s for s in values if not 0 <= s <= top]
+        need(not bad, field, f"must be in 0..{top} (torch's generators take 64-bit seeds and this run also uses "
+                             f"seed + {SEED_MAX - top}), got {bad[0] if bad else ''}")
     for field, raw, values in (("beta_sweep", cfg.beta_sweep, betas), ("kl_coef_sweep", cfg.kl_coef_sweep, kl_coefs),
                                ("target_kl_sweep", cfg.target_kl_sweep, targets),
                                ("best_of_n", cfg.best_of_n, ns),
                                ("unlikelihood_alpha_sweep", cfg.unlikelihood_alpha_sweep, alphas),
-                               ("seeds", cfg.seeds, seeds)):
+                               ("seeds", cfg.seeds, seeds), ("compare", cfg.compare, compare)):
         need(len(set(values)) == len(values), field, f"lists a value twice: {raw} (each value is one run)")
         need("" not in [x.strip() for x in (raw or "x").split(",")], field, f"has an empty item: {raw!r}")
     need(not cfg.compile or set(compare or [cfg.method]) <= {"dpo"}, "compile",
@@ -130,6 +135,15 @@ def build_stages(cfg, sweeps: dict[str, str]) -> Stages:
         eval_every=cfg.eval_every, max_length=cfg.max_length, precompute_ref=cfg.precompute_ref, compile=cfg.compile,
         export_merged=cfg.export_merged, seed=cfg.seed,
     )
+
+
+SEED_MAX = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
+
+
+def seed_limit(methods: list[str], ns: list[int]) -> int:
+    """The largest seed whose derived seeds still fit SEED_MAX: evaluation samples with seed + 1, and best-of-N's
+    round j with seed + 1 + j (j < max N), so a seed near the top would train and then fail at evaluation."""
+    return SEED_MAX - (max(ns) if "best-of-n" in methods else 1)
 
 
 ONLINE_DPO_FLAGS = {"k": "completions_per_prompt", "prompts_per_step": "batch_prompts",

@@ -74,6 +74,17 @@ def choose_dtype(device: torch.device, name: str = "auto",
     return None, f"auto: fp32 on {device.type}"
 
 
+def slow_dtype_warning(device: torch.device, dtype: torch.dtype | None, flags: set[str] | None = None) -> str | None:
+    """One line for a --dtype bf16 the CPU has no bf16 units for (`flags` defaults to this machine's): autocast
+    then emulates bf16 and runs several times slower than fp32, which --dtype auto would have chosen."""
+    if device.type != "cpu" or dtype is not torch.bfloat16:
+        return None
+    if set(BF16_CPU_FLAGS) & (cpu_flags() if flags is None else flags):
+        return None
+    return ("warning: --dtype bf16 on a CPU with neither amx_bf16 nor avx512_bf16 runs several times slower than "
+            "fp32 (--dtype auto or fp32 is faster here)")
+
+
 def autocast_dtype(device: torch.device, name: str = "auto") -> torch.dtype | None:
     """The autocast dtype for --dtype (None: fp32); see `choose_dtype` for the reason behind it."""
     return choose_dtype(device, name)[0]

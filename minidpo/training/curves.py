@@ -1,16 +1,22 @@
 """
 Training curves of one run: curves.png from the run's log.jsonl (and its evaluation points, points.jsonl).
 
-Three panels, each drawn from whatever the run logged (minidpo.training.trainer writes one JSON line per logging window,
-with TRL's metric names, so each method has its own keys):
+One quantity per panel, its y axis labelled with what it is, each drawn from whatever the run logged
+(minidpo.training.trainer writes one JSON line per logging window, with TRL's metric names, so each method has its
+own keys); a panel nothing was logged for is left out:
 - loss: "loss" (every method);
-- reward: the reward of the training samples ("reward", RLOO and online DPO; "rlhf_reward", RLOO's KL-penalized
-  one), DPO's implicit reward margin ("rewards/margins"), the reward model's "margin"; plus the evaluation's reward
-  of held-out samples at each evaluation step (points.jsonl);
-- KL: the sampled KL of the training samples ("kl/sampled"), DPO's "logratio/ref_minus_policy" (which estimates
-  KL(reference || policy) on the pairs), and the evaluation's exact KL(policy || reference) (points.jsonl).
-A run resumed after a kill logs some steps twice; the last line of each step wins. matplotlib is optional: without
-it the figure is skipped with a one-line how-to.
+- P(positive): the classifier's reward of the training samples ("reward", RLOO and online DPO) and of held-out
+  samples at each evaluation step (points.jsonl);
+- the learned reward model's normalized score of RLHF's training samples (its "reward": not a probability);
+- the KL-penalized reward RLOO maximizes ("rlhf_reward": reward - kl_coef * KL, in the units of its reward);
+- DPO's implicit reward margin in nats ("rewards/margins": beta * the log-ratio margin of chosen over rejected);
+- the reward model's margin on its training pairs ("margin", score of chosen - rejected);
+- KL(policy || reference): sampled on the training samples ("kl/sampled") and exact at each evaluation
+  (points.jsonl);
+- log ref - log pi on DPO's pairs ("logratio/ref_minus_policy", which estimates KL(reference || policy)).
+A series of a few points is drawn with markers, so a run that logged once or four times still shows them. A run
+resumed after a kill logs some steps twice; the last line of each step wins. matplotlib is optional: without it the
+figure is skipped with a one-line how-to.
 """
 
 import json
@@ -19,13 +25,22 @@ from pathlib import Path
 from minidpo.training.frontier import pyplot, read_points
 from minidpo.progress import Log, quiet
 
+# (panel: the y axis label, the one quantity it shows), each with the logged keys drawn there: (key, legend label)
 PANELS = (
     ("loss", (("loss", "loss"),)),
-    ("reward", (("reward", "training samples"), ("rlhf_reward", "KL-penalized"),
-                ("rewards/margins", "implicit reward margin"), ("margin", "reward-model margin"))),
-    ("KL", (("kl/sampled", "training samples, sampled"), ("logratio/ref_minus_policy", "log ref - log pi on pairs"))),
+    ("P(positive), sentiment classifier", (("reward", "training samples"),)),
+    ("learned reward model's score (normalized)", (("reward", "training samples"),)),  # RLHF's "reward"
+    ("KL-penalized reward (reward - kl_coef * KL)", (("rlhf_reward", "training samples"),)),
+    ("implicit reward margin, nats", (("rewards/margins", "chosen - rejected, training pairs"),)),
+    ("reward-model margin (chosen - rejected score)", (("margin", "training pairs"),)),
+    ("KL(policy || reference), nats", (("kl/sampled", "training samples, sampled"),)),
+    ("log ref - log pi on DPO's pairs, nats", (("logratio/ref_minus_policy", "training pairs"),)),
 )
-EVAL_KEYS = {"reward": ("reward", "evaluation (held-out)"), "KL": ("kl", "evaluation, exact")}
+LEARNED_REWARD_STAGE = "rlhf"  # the stage whose "reward" is the learned reward model's score, not P(positive)
+LEARNED_REWARD_PANEL = PANELS[2][0]
+EVAL_KEYS = {"P(positive), sentiment classifier": ("reward", "evaluation (held-out)"),
+             "KL(policy || reference), nats": ("kl", "evaluation, exact")}
+FEW_POINTS = 12  # a series with at most this many points is drawn with markers
 
 
 def read_log(path: Path) -> dict[str, list[dict]]:
@@ -50,7 +65,10 @@ def curve_series(run_dir: Path) -> dict[str, list[tuple[str, list[float], list[f
     panels: dict[str, list] = {}
     for panel, keys in PANELS:
         for stage, records in stages.items():
+            learned = stage.split()[0] == LEARNED_REWARD_STAGE
             for key, label in keys:
+                if key == "reward" and learned != (panel == LEARNED_REWARD_PANEL):
+                    continue  # RLHF's "reward" is the learned reward model's score; every other stage's, P(positive)
                 pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
                 if pts:
                     name = label if len(stages) == 1 else f"{stage}: {label}"
@@ -64,7 +82,8 @@ def curve_series(run_dir: Path) -> dict[str, list[tuple[str, list[float], list[f
 
 
 def plot_curves(run_dir: str | Path, log: Log = quiet) -> Path | None:
-    """run_dir/curves.png: loss, reward and KL per step, as available; None when skipped (no matplotlib, no log)."""
+    """run_dir/curves.png: a panel per logged quantity (loss, rewards, margins, KL) against the step; None when
+    skipped (no matplotlib, no log)."""
     run_dir = Path(run_dir)
     panels = curve_series(run_dir)
     if not panels:
@@ -75,12 +94,17 @@ def plot_curves(run_dir: str | Path, log: Log = quiet) -> Path | None:
     if plt is None:
         return None
     names = [p for p, _ in PANELS if p in panels]
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
-    for ax, panel in zip(axes[0], names):
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.set_axis_off()
+    for ax, panel in zip(axes.flat, names):
         for label, steps, values in panels[panel]:
-            evaluation = label.startswith("evaluation")
-            ax.plot(steps, values, "o--" if evaluation else "-", markersize=4, lw=1.2, label=label)
-        ax.set_title(panel)
+            line = "--" if label.startswith("evaluation") else "-"
+            marker = "o" if len(steps) <= FEW_POINTS else ""
+            ax.plot(steps, values, marker + line, markersize=4, lw=1.2, label=label)
+        ax.set_ylabel(panel, fontsize=8)
         ax.set_xlabel("step")
         ax.legend(fontsize=6)
     fig.suptitle(run_dir.name, fontsize=9)

@@ -39,7 +39,7 @@ from minidpo.progress import Log, quiet
 
 COLUMNS = ["method", "setting", "step", "kl", "kl_bound", "kl_sampled", "reward", "seed", "reward_se", "kl_se"]
 MEAN_COLUMNS = ["method", "setting", "step", "seeds", "reward", "reward_se", "kl", "kl_se", "kl_sampled",
-                "kl_sampled_se"]
+                "kl_sampled_se", "kl_bound"]
 # the order of the legend and the colours (the paper's Figure 2 methods and ours)
 METHOD_LABELS = {"dpo": "DPO", "online-dpo": "online DPO", "rlhf": "RLHF (RLOO on the learned reward)",
                  "rloo": "RLOO on the true reward (PPO-GT)", "preferred-ft": "Preferred-FT",
@@ -68,6 +68,8 @@ def read_points(run_dir: Path) -> list[dict]:
             p = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a kill mid-write
+        if not isinstance(p, dict) or isinstance(p.get("step"), bool) or not isinstance(p.get("step"), (int, float)):
+            continue  # valid JSON but not a point (`[1, 2]`, `3`, a damaged line): skipped like a cut one
         by_step[p["step"]] = p
     return [by_step[s] for s in sorted(by_step)]
 
@@ -117,8 +119,9 @@ def _number(v) -> float:
 
 def aggregate_points(points: list[dict]) -> list[dict]:
     """One row per (method, setting, step), in order of first appearance: "seeds" (how many points), the mean of
-    reward, kl and kl_sampled over them and each mean's standard error ("_se": std(ddof=1) / sqrt(n), None for
-    one seed). A missing or NaN value (best-of-N has no kl_sampled) is left out of its mean (None if none is left).
+    reward, kl, kl_sampled and kl_bound over them and each mean's standard error ("_se": std(ddof=1) / sqrt(n), None
+    for one seed). A missing or NaN value (best-of-N has no kl_sampled and no kl, the others no kl_bound) is left out
+    of its mean (None if none is left).
 
     Naive equivalent per group and key: statistics.mean(v) and statistics.stdev(v) / sqrt(len(v)).
     """
@@ -129,7 +132,7 @@ def aggregate_points(points: list[dict]) -> list[dict]:
     for (method, setting, step), mine in groups.items():
         row = {"method": method, "setting": setting, "step": int(step) if math.isfinite(step) else None,
                "seeds": len(mine)}
-        for key in ("reward", "kl", "kl_sampled"):
+        for key in ("reward", "kl", "kl_sampled", "kl_bound"):
             values = [v for v in (_number(p.get(key)) for p in mine) if math.isfinite(v)]
             row[key], row[f"{key}_se"] = mean_and_se(values) if values else (None, None)
         rows.append(row)
