@@ -115,8 +115,7 @@ def greedy_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     for B in [int(b) for b in args.batch_sizes.split(",")]:
         idx = torch.randint(0, 50257, (B, args.prompt_tokens), device=device)
         with torch.inference_mode():
-            with amp:
-                ours = timed(lambda: generate(model, idx, n, temperature=0, eos_id=None), device, args.repeats)
+            ours = timed(lambda: generate(model, idx, n, temperature=0, eos_id=None), device, args.repeats)
             plain = float("nan") if args.no_uncached else timed(
                 lambda: generate(model, idx, n, temperature=0, eos_id=None, use_cache=False), device, args.repeats)
             theirs = float("nan")
