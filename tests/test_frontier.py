@@ -124,6 +124,8 @@ def test_frontier_files_include_the_envelope_and_the_equal_kl_table(tmp_path):
     with open(tmp_path / "equal_kl.csv", newline="") as f:
         table = {(r["method"], r["other"], r["kl"]): r for r in csv.DictReader(f)}
     assert math.isclose(float(table[("dpo", "", "5.0")]["reward"]), 0.6 + 0.1 * 2 / 9)
+    markdown = (tmp_path / "equal_kl.md").read_text()
+    assert "| dpo | 0.567 | 0.622 | 0.678 |" in markdown and "| best-of-n | not reached |" in markdown
 
 
 def test_a_line_of_points_jsonl_that_is_not_a_point_is_skipped_like_a_cut_line(tmp_path):

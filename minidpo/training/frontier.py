@@ -294,7 +294,33 @@ def write_envelopes(out: Path, points: list[dict]) -> None:
     for (method, seed), mine in group_by(points, ("method", "seed")).items():
         rows += [{**p, "kl": point_kl(p)} for p in envelope(mine)[0]]
     write_csv(out / "envelope.csv", rows, ENVELOPE_COLUMNS)
-    write_csv(out / "equal_kl.csv", equal_kl_table(points), EQUAL_KL_COLUMNS)
+    table = equal_kl_table(points)
+    write_csv(out / "equal_kl.csv", table, EQUAL_KL_COLUMNS)
+    (out / "equal_kl.md").write_text(equal_kl_markdown(table))
+
+
+def equal_kl_markdown(table: list[dict]) -> str:
+    """equal_kl.csv as two markdown tables: each method's envelope reward at each KL, and for every pair of methods
+    the row method's difference from the column method's, with its verdict at two standard errors."""
+    kls = list(dict.fromkeys(r["kl"] for r in table))
+    methods = list(dict.fromkeys(r["method"] for r in table))
+    cell = {(r["method"], r["other"], r["kl"]): r for r in table}
+
+    def show(r: dict) -> str:
+        if r["reward"] is None:
+            return "not reached"
+        text = f"{r['reward']:+.3f}" if r["other"] else f"{r['reward']:.3f}"
+        return text + (f" +- {r['reward_se']:.3f}" if r["reward_se"] is not None else "") + (
+            f" {r['verdict']}" if r["verdict"] else "") + (f" ({r['seeds']} seeds)" if r["seeds"] < max(
+                (c["seeds"] for c in table), default=0) else "")
+    lines = ["| method | " + " | ".join(f"reward at KL {kl:g}" for kl in kls) + " |", "|---" * (len(kls) + 1) + "|"]
+    lines += [f"| {m} | " + " | ".join(show(cell[(m, "", kl)]) for kl in kls) + " |" for m in methods]
+    for kl in kls:
+        lines += ["", f"At KL {kl:g}, row minus column (mean +- se over seeds, paired by seed):", "",
+                  "| | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+        lines += [f"| {a} | " + " | ".join("" if a == b else show(cell[(a, b, kl)]) for b in methods) + " |"
+                  for a in methods]
+    return "\n".join(lines) + "\n"
 
 
 def mean_envelope(points: list[dict], n: int = 60) -> tuple[list[float], list[float]]:
