@@ -90,9 +90,9 @@ def test_seeds_summary_gives_the_mean_and_standard_error_of_the_last_evaluation(
     assert out["implicit_reward_accuracy"]["dpo"]["beta=0.1"]["seeds"] == n
 
 
-def test_the_reward_model_stage_is_trained_once_then_reused_from_its_file(tmp_path):
-    """ensure_reward_model trains on the pairs before any adapter, saves it, and a new context reuses the file:
-    the same scores, nothing trained again (its info, the held-out accuracy, read back)."""
+def reward_model_contexts(tmp_path: Path, lines: list[str]):
+    """A factory of run contexts over one tiny model, tokenizer and six pairs, all writing into tmp_path: what
+    ensure_reward_model needs, twice (a fresh run, then a resumed one that finds the file)."""
     import torch
     from minidpo.dataset.batching import prompt_groups
     from minidpo.dataset.pairs import Pair
@@ -117,19 +117,45 @@ def test_the_reward_model_stage_is_trained_once_then_reused_from_its_file(tmp_pa
     stages = replace(load_config(["--max-length", "32"])[0].stages, lora=LoRAConfig(rank=2, alpha=4.0),
                      batch=BatchConfig(mode="unique", prompts=2, max_length=32, pad_id=EOT_ID),
                      rm_loop=LoopConfig(steps=2, lr=1e-2, log_every=1, label="reward-model"))
-    lines = []
 
     def context():
         return RunContext(model, tok, None, None, None, stages, "bundled", tmp_path,
                           Runtime(autocast=autocast(torch.device("cpu"), None), log=lines.append), pairs=data)
+    return context
+
+
+def test_the_reward_model_stage_is_trained_once_then_reused_from_its_file(tmp_path):
+    """ensure_reward_model trains on the pairs before any adapter, saves it, and a new context reuses the file:
+    the same scores, nothing trained again (its info, the held-out accuracy, read back)."""
+    import torch
+
+    lines = []
+    context = reward_model_contexts(tmp_path, lines)
     first = context()
     scores = ensure_reward_model(first).score(["movie 1 great fun", "movie 1 awful"])
     assert (tmp_path / "reward_model.safetensors").is_file() and first.reward_model_info["heldout_pairs"] == 2
-    assert not any(n.startswith("lora") or "lora_" in n for n, _ in model.named_modules() if n)  # reference as it was
+    reference = first.model.named_modules()
+    assert not any(n.startswith("lora") or "lora_" in n for n, _ in reference if n)  # the reference as it was
     again = context()
     assert torch.equal(ensure_reward_model(again).score(["movie 1 great fun", "movie 1 awful"]), scores)
     assert any("reusing" in line for line in lines)
     assert again.reward_model_info["heldout_accuracy"] == first.reward_model_info["heldout_accuracy"]
+
+
+def test_the_reward_model_block_is_the_same_when_the_cached_model_is_reused(tmp_path):
+    """summary.json's reward_model block, fresh and on a resume that reuses reward_model.safetensors: the training
+    record (loss, accuracy, margin, step, grad_norm) is kept with the cached model, and `lr` is the configured
+    --rm-lr, not the schedule's last value."""
+    lines = []
+    context = reward_model_contexts(tmp_path, lines)
+    first, again = context(), context()
+    ensure_reward_model(first)
+    ensure_reward_model(again)
+    assert any("reusing" in line for line in lines)
+    train = first.reward_model_info["train"]
+    assert train["lr"] == 1e-2 and train["steps"] == 2
+    assert {"loss", "accuracy", "margin", "step", "grad_norm"} <= set(train)
+    assert again.reward_model_info == first.reward_model_info
 
 
 # ----------------------------------------------------------------------------- end to end (slow)
