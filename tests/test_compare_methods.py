@@ -37,6 +37,19 @@ def test_compare_takes_all_seven_methods_each_with_its_own_folders(tmp_path):
     assert len(names) == len(set(names))
 
 
+@pytest.mark.parametrize("method,flag,folders", [
+    ("dpo", "--beta-sweep", ["dpo_beta_0.1000001", "dpo_beta_0.1000002", "dpo_beta_0.1"]),
+    ("rloo", "--kl-coef-sweep", ["rloo_kl_coef_0.1000001", "rloo_kl_coef_0.1000002", "rloo_kl_coef_0.1"]),
+    ("unlikelihood", "--unlikelihood-alpha-sweep",
+     ["unlikelihood_alpha_0.1000001", "unlikelihood_alpha_0.1000002", "unlikelihood_alpha_0.1"]),
+])
+def test_sweep_values_equal_to_six_digits_get_folders_of_their_own(tmp_path, method, flag, folders):
+    """Two values of a sweep never share a sub-run folder (the second run would meet the first one's checkpoint):
+    a value that 6 significant digits do not show exactly is named in full; others keep their short name."""
+    cfg, _ = load_config(["--method", method, flag, "0.1000001,0.1000002,0.1"])
+    assert [d.name for _, _, d in method_runs(cfg.stages, tmp_path)] == folders
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--unlikelihood-alpha-sweep", "0.1,0.1"], "--unlikelihood-alpha-sweep lists a value twice"),
     (["--unlikelihood-alpha-sweep", "0.1,-1"], "--unlikelihood-alpha-sweep must be a finite number >= 0"),
