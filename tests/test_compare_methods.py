@@ -103,6 +103,25 @@ def test_seeds_summary_gives_the_mean_and_standard_error_of_the_last_evaluation(
     assert out["implicit_reward_accuracy"]["dpo"]["beta=0.1"]["seeds"] == n
 
 
+def test_a_seeds_summary_in_a_seed_folder_is_refused_and_only_a_seeds_own_rows_count(tmp_path):
+    """A --seeds run once started inside a seed's folder left a summary over seeds there (and other seeds' rows
+    in its frontier.csv): the top's means must never count them, nor fail on them with a TypeError."""
+    from minidpo.training.runs import RunConflict
+    from train import gather_seeds
+    header = "method,setting,step,reward,kl,kl_bound,kl_sampled,seed\n"
+    for s in (0, 1):
+        (tmp_path / f"seed_{s}").mkdir()
+        (tmp_path / f"seed_{s}" / "summary.json").write_text(json.dumps({"runs": [], "finished": True}))
+        (tmp_path / f"seed_{s}" / "frontier.csv").write_text(
+            header + f"dpo,beta=0.1,2,0.{5 + s},1.0,,1.0,{s}\n" + ("dpo,beta=0.1,2,0.9,1.0,,1.0,0\n" if s else ""))
+    points, per_seed = gather_seeds(tmp_path, (0, 1))
+    assert [(p["seed"], p["reward"]) for p in points] == [(0, "0.5"), (1, "0.6")] and set(per_seed) == {0, 1}
+    nested = {"seeds": [0, 1], "per_seed": {}, "reward_model": {"heldout_accuracy": {"mean": 0.6}}, "finished": True}
+    (tmp_path / "seed_1" / "summary.json").write_text(json.dumps(nested))
+    with pytest.raises(RunConflict, match=f"{tmp_path / 'seed_1'}/summary.json sums up seeds"):
+        gather_seeds(tmp_path, (0, 1))
+
+
 def reward_model_contexts(tmp_path: Path, lines: list[str]):
     """A factory of run contexts over one tiny model, tokenizer and six pairs, all writing into tmp_path: what
     ensure_reward_model needs, twice (a fresh run, then a resumed one that finds the file)."""
