@@ -174,7 +174,24 @@ def load_config(argv: list[str]) -> tuple[TrainConfig, set[str]]:
     if cfg.resume is not None:
         cfg = resumed_config(cfg, given)
     cfg.stages  # noqa: B018 (built here, so a bad option fails before any work)
+    check_export_merged(cfg)
     return cfg, set(given)
+
+
+def check_export_merged(cfg: TrainConfig) -> None:
+    """--export-merged writes one merged model to one path, so it takes a run of one method at one setting with one
+    seed: with several, the models would overwrite each other (or a --compare would fail after all its work)."""
+    if cfg.export_merged is None:
+        return
+    runs = method_runs(cfg.stages, Path(cfg.out_dir))
+    if len(runs) > 1:
+        raise C.ConfigError(f"--export-merged writes one model, and this run trains {len(runs)} (--compare or a "
+                            "sweep): run the one method and setting to export on its own with --export-merged, or "
+                            "merge a sub-run's adapter_peft/ with PEFT", "export_merged")
+    if cfg.stages.seeds and resumes_one_seed(cfg) is None:
+        raise C.ConfigError(f"--export-merged writes one model, and --seeds {cfg.seeds} trains one per seed: run "
+                            f"without it, then export one seed with --resume {Path(cfg.out_dir) / 'seed_<s>'} "
+                            "--export-merged PATH", "export_merged")
 
 
 def resumes_one_seed(cfg: TrainConfig) -> Path | None:

@@ -65,6 +65,19 @@ def test_bad_values_of_the_new_flags_are_refused_naming_the_flag(argv, message):
         load_config(["--preset", "tiny", *argv])
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--compare", "dpo,rloo"], "this run trains 5 [(]--compare or a sweep[)]: run the one method and setting"),
+    (["--method", "rloo", "--kl-coef-sweep", "0.02,0.05"], "this run trains 2"),
+    (["--seeds", "0,1"], "--seeds 0,1 trains one per seed: run without it, then export one seed with --resume "),
+])
+def test_export_merged_of_several_runs_or_seeds_is_refused_before_any_work(tmp_path, argv, message):
+    """One merged model per path: a --compare, a sweep or --seeds would overwrite it (or fail after every run)."""
+    with pytest.raises(ConfigError, match="^--export-merged writes one model, and " + message):
+        load_config(["--preset", "tiny", *argv, "--out-dir", str(tmp_path / "out"),
+                     "--export-merged", str(tmp_path / "merged")])
+    assert not (tmp_path / "out").exists()
+
+
 def run_result(method, setting, accuracy=None):
     return RunResult(method, setting, {"reward": 0.4}, {"reward": 0.6, "kl_exact": 1.0},
                      {"reward_accuracy": accuracy} if accuracy is not None else {}, [], [])

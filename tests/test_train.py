@@ -378,3 +378,14 @@ def test_a_finished_seeds_run_remakes_its_deleted_top_files_without_training(see
     assert {name: (out / name).read_text() for name in before} == before
     assert json.loads((out / "summary.json").read_text())["mean"] == summary["mean"]
 
+
+def test_one_seeds_policy_is_exported_by_resuming_its_folder_with_export_merged(seeds_run, tmp_path):
+    """What the refusal of --seeds with --export-merged advises works: one seed's merged model."""
+    import train
+    out = tmp_path / "run"
+    shutil.copytree(seeds_run[0], out)
+    with pytest.MonkeyPatch.context() as mp:
+        offline(mp, seeds_run[1])
+        train.main(["--resume", str(out / "seed_0"), "--export-merged", str(tmp_path / "merged")])
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    assert not list((out / "seed_0").glob("seed_*"))
