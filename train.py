@@ -46,7 +46,8 @@ from minidpo.model.tokenizer import Tokenizer
 from minidpo.training.distributed import is_main, setup_distributed, teardown
 from minidpo.training.frontier import write_frontier
 from minidpo.training.run_folder import run_folder
-from minidpo.training.runs import NOT_SETTINGS, RunConflict, read_settings, resume_overrides
+from minidpo.training.runs import (NOT_SETTINGS, RESUME_SAFE, RunConflict, describe, differing, read_settings,
+                                   resume_overrides)
 from minidpo.training.runtime import Runtime
 
 
@@ -186,7 +187,38 @@ def load_config(argv: list[str]) -> tuple[TrainConfig, set[str]]:
     if cfg.resume is not None:
         cfg = resumed_config(cfg, given)
     cfg.stages  # noqa: B018 (built here, so a bad option fails before any work)
+    check_export_merged(cfg)
     return cfg, set(given)
+
+
+def check_export_merged(cfg: TrainConfig) -> None:
+    """--export-merged writes one merged model to one path, so it takes a run of one method at one setting with one
+    seed: with several, the models would overwrite each other (or a --compare would fail after all its work)."""
+    if cfg.export_merged is None:
+        return
+    runs = method_runs(cfg.stages, Path(cfg.out_dir))
+    if len(runs) > 1:
+        raise C.ConfigError(f"--export-merged writes one model, and this run trains {len(runs)} (--compare or a "
+                            "sweep): run the one method and setting to export on its own with --export-merged, or "
+                            "merge a sub-run's adapter_peft/ with PEFT", "export_merged")
+    if cfg.stages.seeds and resumes_one_seed(cfg) is None:
+        raise C.ConfigError(f"--export-merged writes one model, and --seeds {cfg.seeds} trains one per seed: run "
+                            f"without it, then export one seed with --resume {Path(cfg.out_dir) / 'seed_<s>'} "
+                            "--export-merged PATH", "export_merged")
+
+
+def resumes_one_seed(cfg: TrainConfig) -> Path | None:
+    """The folder of the --seeds run when cfg resumes one of its seeds' folders (seed_<s>, inside a folder whose
+    config.json records the same --seeds), else None. A seed's folder records --seeds too, yet holds one run with one
+    seed: it resumes as that run, never as a new --seeds run inside it."""
+    if cfg.resume is None or not cfg.seeds or Path(cfg.resume).name != f"seed_{cfg.seed}":
+        return None
+    top = Path(cfg.resume).resolve().parent
+    try:
+        stored = read_settings(top)
+    except RunConflict:
+        return None
+    return top if stored is not None and stored.get("seeds") == cfg.seeds else None
 
 
 def resumed_config(cfg: TrainConfig, given: dict) -> TrainConfig:
@@ -259,7 +291,11 @@ def main(argv: list[str]) -> None:
     rank, world, device_override = setup_distributed()
     try:
         rt, precision = make_runtime(cfg, rank, world, device_override)
-        if cfg.stages.seeds:
+        top = resumes_one_seed(cfg)
+        if top is not None:
+            rt.log(f"[seeds] {cfg.resume} is seed {cfg.seed} of the --seeds {cfg.seeds} run in {top}: resuming that "
+                   f"seed alone (--resume {top} resumes every seed and writes their means)")
+        if cfg.stages.seeds and top is None:
             run_seeds(cfg, given, rt, precision)
         else:
             run(cfg, given, rt, precision)
@@ -362,31 +398,78 @@ def run_seeds(cfg: TrainConfig, given: set[str], rt: Runtime, precision: str) ->
     out, seeds = Path(cfg.out_dir), cfg.stages.seeds
     if is_main():
         check_writable(out, "--out-dir")
-    with run_folder(out, run_settings(cfg), resume=cfg.resume is not None, overwrite=cfg.overwrite,
-                    record=lambda o: C.save_config(cfg, o / "config.json"),
-                    missing=lambda o: [s for s in seeds if not (o / f"seed_{s}" / "summary.json").is_file()]) as folder:
+    if cfg.model == "auto" and cfg.preset is None and cfg.resume is None:
+        # the bundled model's tiny defaults, decided once: the top config.json and every seed's record the same
+        _, _, notes = load_model_stage(cfg.model, rt.device, cfg.stages.random_model, cfg.seed)
+        if notes:
+            cfg = with_tiny_defaults(cfg, given)
+
+    def record(o: Path) -> None:
+        check_seed_folders(cfg, o)
+        C.save_config(cfg, o / "config.json")
+    with run_folder(out, run_settings(cfg), resume=cfg.resume is not None, overwrite=cfg.overwrite, record=record,
+                    missing=lambda o: missing_seed_outputs(cfg, o)) as folder:
         if folder.finished:
             rt.log(f"{out} already holds this run over seeds {cfg.seeds}, finished; its outputs stay as they are "
                    "(--overwrite to run it again)")
             return
+        if folder.repairing:  # every seed is finished: nothing is trained again
+            rt.log(f"{out} holds this run over seeds {cfg.seeds}, finished, without "
+                   f"{', '.join(missing_seed_outputs(cfg, out))}: making them")
+        settled = set(C.field_types(TrainConfig))  # every option is decided above, for every seed alike
         for s in seeds:
             sub_out = out / f"seed_{s}"
             resume = str(sub_out) if cfg.resume and (sub_out / "config.json").is_file() else None
             rt.log(f"[seeds] seed {s} of {cfg.seeds} -> {sub_out}")
-            run(replace(cfg, seed=s, out_dir=str(sub_out), resume=resume, overwrite=False), given | {"seed"}, rt,
-                precision)
+            run(replace(cfg, seed=s, out_dir=str(sub_out), resume=resume, overwrite=False), settled, rt, precision)
         if is_main():
-            points, per_seed = [], {}
-            for s in seeds:
-                with open(out / f"seed_{s}" / "frontier.csv", newline="") as f:
-                    points += [{**row, "seed": s} for row in csv.DictReader(f)]
-                per_seed[s] = json.loads((out / f"seed_{s}" / "summary.json").read_text())
+            points, per_seed = gather_seeds(out, seeds)
             write_frontier(out, points, rt.log)
             atomic_write_json(out / "summary.json", seeds_summary(per_seed, points))
             means = out / "frontier_mean.csv"  # write_frontier makes it only from points measured over several seeds
             rt.log(f"wrote {out / 'summary.json'} and {means} (mean and standard error over seeds {cfg.seeds})"
                    if len(seeds) > 1 else f"wrote {out / 'summary.json'} (one seed, {cfg.seeds}: no mean or "
                    f"standard error to take, so no {means.name})")
+
+
+def check_seed_folders(cfg: TrainConfig, out: Path) -> None:
+    """Before any work: each seed folder already in `out` must hold that seed made with this run's settings, else
+    one RunConflict whose ways on are the whole --seeds run's (a seed's own --resume would not mend the mix)."""
+    safe = RESUME_SAFE if cfg.resume is not None else frozenset()
+    for s in cfg.stages.seeds:
+        sub = out / f"seed_{s}"
+        stored, settings = read_settings(sub), run_settings(replace(cfg, seed=s))
+        diff = differing(stored, settings, NOT_SETTINGS | safe) if stored is not None else []
+        if diff:
+            raise RunConflict(f"{sub} holds seed {s} made with {describe(diff, stored)} (now "
+                              f"{describe(diff, settings)}); choose a new --out-dir, or pass --overwrite to run every "
+                              "seed again")
+
+
+def missing_seed_outputs(cfg: TrainConfig, out: Path) -> list[str]:
+    """What a finished --seeds run in `out` lacks (deleted since, or a kill before the last write): a seed's
+    summary.json, or the top frontier.csv and frontier_mean.csv that gather the seeds."""
+    files = [out / f"seed_{s}" / "summary.json" for s in cfg.stages.seeds] + [out / "frontier.csv"]
+    files += [out / "frontier_mean.csv"] if len(cfg.stages.seeds) > 1 else []
+    return [str(f) for f in files if not f.is_file()]
+
+
+def gather_seeds(out: Path, seeds: tuple[int, ...]) -> tuple[list[dict], dict[int, dict]]:
+    """(every seed's frontier points, each tagged with its seed; {seed: its summary.json}). Only a seed's own rows
+    count, and a summary over seeds found in a seed's folder (a --seeds run started inside it) is refused: the
+    means are over the seeds asked for, each once."""
+    points, per_seed = [], {}
+    for s in seeds:
+        sub = out / f"seed_{s}"
+        summary = json.loads((sub / "summary.json").read_text())
+        if "per_seed" in summary:
+            raise RunConflict(f"{sub}/summary.json sums up seeds {summary.get('seeds')}, not seed {s}'s run (a "
+                              f"--seeds run was started inside its folder): remove {sub}/summary.json and the seed_* "
+                              f"folders in {sub}, then --resume {out}")
+        with open(sub / "frontier.csv", newline="") as f:
+            points += [{**row, "seed": s} for row in csv.DictReader(f) if row.get("seed") in (None, "", str(s))]
+        per_seed[s] = summary
+    return points, per_seed
 
 
 if __name__ == "__main__":

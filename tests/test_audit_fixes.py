@@ -182,7 +182,8 @@ def test_best_of_n_stores_its_bound_as_kl_bound_and_sets_the_reference_reward_wi
 
     def sweep(model, tok, scorer, prompts, ns, cfg):
         asked.append(list(ns))
-        return [{"n": n, "reward": 0.4 + 0.01 * n, "kl_bound": kl_bound(n)} for n in ns]
+        return [{"n": n, "reward": 0.4 + 0.01 * n, "kl_bound": kl_bound(n),
+                 "scores": [0.3 + 0.01 * n, 0.5 + 0.01 * n]} for n in ns]
     monkeypatch.setattr(compare, "best_of_n_sweep", sweep)
     ctx = SimpleNamespace(model=None, tok=None, scorer=None, prompts=SimpleNamespace(eval=[]),
                           stages=SimpleNamespace(eval=None), rt=Runtime())

@@ -37,6 +37,19 @@ def test_compare_takes_all_seven_methods_each_with_its_own_folders(tmp_path):
     assert len(names) == len(set(names))
 
 
+@pytest.mark.parametrize("method,flag,folders", [
+    ("dpo", "--beta-sweep", ["dpo_beta_0.1000001", "dpo_beta_0.1000002", "dpo_beta_0.1"]),
+    ("rloo", "--kl-coef-sweep", ["rloo_kl_coef_0.1000001", "rloo_kl_coef_0.1000002", "rloo_kl_coef_0.1"]),
+    ("unlikelihood", "--unlikelihood-alpha-sweep",
+     ["unlikelihood_alpha_0.1000001", "unlikelihood_alpha_0.1000002", "unlikelihood_alpha_0.1"]),
+])
+def test_sweep_values_equal_to_six_digits_get_folders_of_their_own(tmp_path, method, flag, folders):
+    """Two values of a sweep never share a sub-run folder (the second run would meet the first one's checkpoint):
+    a value that 6 significant digits do not show exactly is named in full; others keep their short name."""
+    cfg, _ = load_config(["--method", method, flag, "0.1000001,0.1000002,0.1"])
+    assert [d.name for _, _, d in method_runs(cfg.stages, tmp_path)] == folders
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--unlikelihood-alpha-sweep", "0.1,0.1"], "--unlikelihood-alpha-sweep lists a value twice"),
     (["--unlikelihood-alpha-sweep", "0.1,-1"], "--unlikelihood-alpha-sweep must be a finite number >= 0"),
@@ -54,6 +67,19 @@ def test_compare_takes_all_seven_methods_each_with_its_own_folders(tmp_path):
 def test_bad_values_of_the_new_flags_are_refused_naming_the_flag(argv, message):
     with pytest.raises(ConfigError, match=message):
         load_config(["--preset", "tiny", *argv])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--compare", "dpo,rloo"], "this run trains 5 [(]--compare or a sweep[)]: run the one method and setting"),
+    (["--method", "rloo", "--kl-coef-sweep", "0.02,0.05"], "this run trains 2"),
+    (["--seeds", "0,1"], "--seeds 0,1 trains one per seed: run without it, then export one seed with --resume "),
+])
+def test_export_merged_of_several_runs_or_seeds_is_refused_before_any_work(tmp_path, argv, message):
+    """One merged model per path: a --compare, a sweep or --seeds would overwrite it (or fail after every run)."""
+    with pytest.raises(ConfigError, match="^--export-merged writes one model, and " + message):
+        load_config(["--preset", "tiny", *argv, "--out-dir", str(tmp_path / "out"),
+                     "--export-merged", str(tmp_path / "merged")])
+    assert not (tmp_path / "out").exists()
 
 
 def run_result(method, setting, accuracy=None):
@@ -94,9 +120,28 @@ def test_seeds_summary_gives_the_mean_and_standard_error_of_the_last_evaluation(
     assert out["implicit_reward_accuracy"]["dpo"]["beta=0.1"]["seeds"] == n
 
 
-def test_the_reward_model_stage_is_trained_once_then_reused_from_its_file(tmp_path):
-    """ensure_reward_model trains on the pairs before any adapter, saves it, and a new context reuses the file:
-    the same scores, nothing trained again (its info, the held-out accuracy, read back)."""
+def test_a_seeds_summary_in_a_seed_folder_is_refused_and_only_a_seeds_own_rows_count(tmp_path):
+    """A --seeds run once started inside a seed's folder left a summary over seeds there (and other seeds' rows
+    in its frontier.csv): the top's means must never count them, nor fail on them with a TypeError."""
+    from minidpo.training.runs import RunConflict
+    from train import gather_seeds
+    header = "method,setting,step,reward,kl,kl_bound,kl_sampled,seed\n"
+    for s in (0, 1):
+        (tmp_path / f"seed_{s}").mkdir()
+        (tmp_path / f"seed_{s}" / "summary.json").write_text(json.dumps({"runs": [], "finished": True}))
+        (tmp_path / f"seed_{s}" / "frontier.csv").write_text(
+            header + f"dpo,beta=0.1,2,0.{5 + s},1.0,,1.0,{s}\n" + ("dpo,beta=0.1,2,0.9,1.0,,1.0,0\n" if s else ""))
+    points, per_seed = gather_seeds(tmp_path, (0, 1))
+    assert [(p["seed"], p["reward"]) for p in points] == [(0, "0.5"), (1, "0.6")] and set(per_seed) == {0, 1}
+    nested = {"seeds": [0, 1], "per_seed": {}, "reward_model": {"heldout_accuracy": {"mean": 0.6}}, "finished": True}
+    (tmp_path / "seed_1" / "summary.json").write_text(json.dumps(nested))
+    with pytest.raises(RunConflict, match=f"{tmp_path / 'seed_1'}/summary.json sums up seeds"):
+        gather_seeds(tmp_path, (0, 1))
+
+
+def reward_model_contexts(tmp_path: Path, lines: list[str]):
+    """A factory of run contexts over one tiny model, tokenizer and six pairs, all writing into tmp_path: what
+    ensure_reward_model needs, twice (a fresh run, then a resumed one that finds the file)."""
     import torch
     from minidpo.dataset.batching import prompt_groups
     from minidpo.dataset.pairs import Pair
@@ -121,19 +166,45 @@ def test_the_reward_model_stage_is_trained_once_then_reused_from_its_file(tmp_pa
     stages = replace(load_config(["--max-length", "32"])[0].stages, lora=LoRAConfig(rank=2, alpha=4.0),
                      batch=BatchConfig(mode="unique", prompts=2, max_length=32, pad_id=EOT_ID),
                      rm_loop=LoopConfig(steps=2, lr=1e-2, log_every=1, label="reward-model"))
-    lines = []
 
     def context():
         return RunContext(model, tok, None, None, None, stages, "bundled", tmp_path,
                           Runtime(autocast=autocast(torch.device("cpu"), None), log=lines.append), pairs=data)
+    return context
+
+
+def test_the_reward_model_stage_is_trained_once_then_reused_from_its_file(tmp_path):
+    """ensure_reward_model trains on the pairs before any adapter, saves it, and a new context reuses the file:
+    the same scores, nothing trained again (its info, the held-out accuracy, read back)."""
+    import torch
+
+    lines = []
+    context = reward_model_contexts(tmp_path, lines)
     first = context()
     scores = ensure_reward_model(first).score(["movie 1 great fun", "movie 1 awful"])
     assert (tmp_path / "reward_model.safetensors").is_file() and first.reward_model_info["heldout_pairs"] == 2
-    assert not any(n.startswith("lora") or "lora_" in n for n, _ in model.named_modules() if n)  # reference as it was
+    reference = first.model.named_modules()
+    assert not any(n.startswith("lora") or "lora_" in n for n, _ in reference if n)  # the reference as it was
     again = context()
     assert torch.equal(ensure_reward_model(again).score(["movie 1 great fun", "movie 1 awful"]), scores)
     assert any("reusing" in line for line in lines)
     assert again.reward_model_info["heldout_accuracy"] == first.reward_model_info["heldout_accuracy"]
+
+
+def test_the_reward_model_block_is_the_same_when_the_cached_model_is_reused(tmp_path):
+    """summary.json's reward_model block, fresh and on a resume that reuses reward_model.safetensors: the training
+    record (loss, accuracy, margin, step, grad_norm) is kept with the cached model, and `lr` is the configured
+    --rm-lr, not the schedule's last value."""
+    lines = []
+    context = reward_model_contexts(tmp_path, lines)
+    first, again = context(), context()
+    ensure_reward_model(first)
+    ensure_reward_model(again)
+    assert any("reusing" in line for line in lines)
+    train = first.reward_model_info["train"]
+    assert train["lr"] == 1e-2 and train["steps"] == 2
+    assert {"loss", "accuracy", "margin", "step", "grad_norm"} <= set(train)
+    assert again.reward_model_info == first.reward_model_info
 
 
 # ----------------------------------------------------------------------------- end to end (slow)

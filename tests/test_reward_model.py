@@ -206,7 +206,8 @@ def test_the_stage_cache_reuses_a_model_with_the_same_fingerprint_and_rebuilds_o
     path, logs = tmp_path / "reward_model.safetensors", []
     first, info = cached_reward_model(path, "fp1", tiny_gpt(), build, logs.append)
     second, info2 = cached_reward_model(path, "fp1", tiny_gpt(), build, logs.append)
-    assert len(built) == 1 and info2 == info == {"heldout_accuracy": 0.75, "normalization": {"mean": 0.0, "std": 1.0}}
+    assert len(built) == 1 and info2 == info == {"heldout_accuracy": 0.75, "normalization": {"mean": 0.0, "std": 1.0},
+                                                 "train": {"x": 1}}  # the training record is kept with the model
     assert torch.equal(second.head.weight, first.head.weight) and any("reusing" in m for m in logs)
     cached_reward_model(path, "fp2", tiny_gpt(), build, logs.append)
     assert len(built) == 2

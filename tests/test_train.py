@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -270,3 +271,122 @@ def test_plain_train_py_offline_uses_the_tiny_settings_for_the_bundled_model():
     assert cfg.steps == 7  # what the user gave wins
     assert cfg.lr == PRESETS["tiny"]["lr"] and cfg.beta == PRESETS["tiny"]["beta"]
     assert cfg.out_dir == TrainConfig().out_dir and cfg.model == "auto"
+
+
+# ----------------------------------------------------------------------------- --seeds, in process
+
+# no --preset and no GPT-2 to be had (an unreachable release URL): --model auto falls back to the bundled model and
+# its tiny defaults, as a plain `python train.py --seeds 0,1` does offline
+SEEDS = ["--seeds", "0,1", "--method", "dpo", "--num-prompts", "12", "--heldout-prompts", "4", "--eval-prompts", "4",
+         "--steps", "2", "--batch-prompts", "2", "--completions-per-prompt", "4", "--dtype", "fp32"]
+
+
+def offline(mp: pytest.MonkeyPatch, cache: Path) -> None:
+    mp.setenv("MINIDPO_CACHE", str(cache))
+    mp.setenv("MINIDPO_GPT2_URL", "http://127.0.0.1:9")  # nothing listens there: the download fails at once
+
+
+@pytest.fixture(scope="module")
+def seeds_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(a `--seeds 0,1` run killed during seed 1 then resumed to its end, the cache it used). The kill is an injected
+    stop: seed 1's training raises."""
+    import train
+    cache, out = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("seeds") / "run"
+    run_one = train.run_one
+
+    def killed_in_seed_1(ctx, method, setting, run_dir):
+        if "seed_1" in run_dir.parts:
+            raise KeyboardInterrupt
+        return run_one(ctx, method, setting, run_dir)
+    with pytest.MonkeyPatch.context() as mp:
+        offline(mp, cache)
+        mp.setattr(train, "run_one", killed_in_seed_1)
+        with pytest.raises(KeyboardInterrupt):
+            train.main([*SEEDS, "--out-dir", str(out)])
+        assert (out / "seed_0" / "summary.json").is_file() and not (out / "seed_1" / "summary.json").exists()
+        mp.setattr(train, "run_one", run_one)
+        train.main(["--resume", str(out)])
+    return out, cache
+
+
+def settings_of(folder: Path) -> dict:
+    from train import run_settings, TrainConfig
+    from minidpo.config import config_from_dict
+    stored = config_from_dict(TrainConfig, json.loads((folder / "config.json").read_text()), str(folder))
+    return {k: v for k, v in run_settings(stored).items() if k != "seed"}
+
+
+def test_a_plain_seeds_run_offline_killed_in_seed_1_resumes_with_the_settings_every_seed_used(seeds_run):
+    out, _ = seeds_run
+    assert json.loads((out / "summary.json").read_text())["finished"] is True
+    top = settings_of(out)
+    assert top["lr"] == 5e-3 and top["data"] == "sample"  # the bundled model's tiny defaults, recorded once
+    assert settings_of(out / "seed_0") == top == settings_of(out / "seed_1")
+
+
+def test_a_seed_folder_made_with_other_settings_is_refused_with_the_whole_runs_ways_on(seeds_run, tmp_path):
+    import train
+    from minidpo.training.runs import RunConflict
+    out = tmp_path / "run"
+    shutil.copytree(seeds_run[0], out)
+    config = json.loads((out / "seed_1" / "config.json").read_text())
+    (out / "seed_1" / "config.json").write_text(json.dumps({**config, "beta": 0.3}))
+    (out / "summary.json").unlink()
+    with pytest.MonkeyPatch.context() as mp:
+        offline(mp, seeds_run[1])
+        with pytest.raises(RunConflict) as e:
+            train.main(["--resume", str(out)])
+    assert f"{out / 'seed_1'} holds seed 1 made with --beta 0.3" in str(e.value)
+    assert "--overwrite" in str(e.value) and "--resume" not in str(e.value)
+
+
+def test_resuming_a_seed_folder_resumes_that_seed_and_the_top_then_means_the_two_seeds(seeds_run, tmp_path):
+    import train
+    out = tmp_path / "run"
+    shutil.copytree(seeds_run[0], out)
+    mean_before = (out / "frontier_mean.csv").read_text()
+    (out / "seed_1" / "summary.json").unlink()
+    (out / "summary.json").unlink()
+    with pytest.MonkeyPatch.context() as mp:
+        offline(mp, seeds_run[1])
+        train.main(["--resume", str(out / "seed_1")])
+        assert not list((out / "seed_1").glob("seed_*"))  # no --seeds run nested inside the seed's folder
+        seed_1 = json.loads((out / "seed_1" / "summary.json").read_text())
+        assert seed_1["finished"] is True and "per_seed" not in seed_1 and seed_1["method"] == "dpo"
+        train.main(["--resume", str(out)])
+    assert (out / "frontier_mean.csv").read_text() == mean_before  # over seeds 0 and 1, each once
+    assert json.loads((out / "summary.json").read_text())["seeds"] == [0, 1]
+
+
+def test_a_finished_seeds_run_remakes_its_deleted_top_files_without_training(seeds_run, tmp_path):
+    import train
+    out = tmp_path / "run"
+    shutil.copytree(seeds_run[0], out)
+    before = {name: (out / name).read_text() for name in ("frontier.csv", "frontier_mean.csv")}
+    summary = json.loads((out / "summary.json").read_text())
+    for name in before:
+        (out / name).unlink()
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished seed was trained again")
+    with pytest.MonkeyPatch.context() as mp:
+        offline(mp, seeds_run[1])
+        mp.setattr(train, "run_one", no_training)
+        train.main(["--resume", str(out)])
+        assert {name: (out / name).read_text() for name in before} == before
+        (out / "frontier.csv").unlink()
+        train.main([*SEEDS, "--out-dir", str(out)])  # the same command again repairs too
+    assert {name: (out / name).read_text() for name in before} == before
+    assert json.loads((out / "summary.json").read_text())["mean"] == summary["mean"]
+
+
+def test_one_seeds_policy_is_exported_by_resuming_its_folder_with_export_merged(seeds_run, tmp_path):
+    """What the refusal of --seeds with --export-merged advises works: one seed's merged model."""
+    import train
+    out = tmp_path / "run"
+    shutil.copytree(seeds_run[0], out)
+    with pytest.MonkeyPatch.context() as mp:
+        offline(mp, seeds_run[1])
+        train.main(["--resume", str(out / "seed_0"), "--export-merged", str(tmp_path / "merged")])
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    assert not list((out / "seed_0").glob("seed_*"))

@@ -236,3 +236,15 @@ def test_caller_state_is_saved_with_the_checkpoint_and_restored_on_resume(tmp_pa
     resumed, coef_resumed = run(tmp_path / "b")
     assert coef_resumed == coef == pytest.approx(0.9 ** 8)
     assert all(torch.equal(resumed[k].detach(), straight[k].detach()) for k in straight)
+
+
+def test_each_logged_lr_is_the_rate_that_step_used(tmp_path):
+    """log.jsonl's `lr` at step n is the learning rate step n ran at (the schedule at index n - 1), not the next
+    step's: with peak 5e-4 and 10 warmup steps, step 1 ran at 5e-5."""
+    model, params, get_batch, step_fn = make_problem()
+    cfg = LoopConfig(steps=12, lr=5e-4, warmup_steps=10, log_every=1)
+    train_loop(Training(cfg, params, get_batch, step_fn), None, tmp_path / "log.jsonl")
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 1 and records[0]["lr"] == pytest.approx(5e-5)
+    assert [r["lr"] for r in records] == pytest.approx([5e-4 * lr_lambda(r["step"] - 1, 10, 12, cfg.min_lr_ratio)
+                                                        for r in records])

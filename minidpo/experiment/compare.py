@@ -81,15 +81,23 @@ def check_checkpoints(stages: Stages, run_settings: dict, out: Path) -> None:
                 check_settings(ckpt.dir, stored, checkpoint_settings(stages, run_settings, method, setting))
 
 
+def number_name(x: float) -> str:
+    """x in 6 significant digits (0.1, 1e-05) when they read back as x, else in full (0.1000001): two values of a
+    sweep never share a sub-run folder or a frontier label."""
+    short = f"{x:g}"
+    return short if float(short) == x else repr(x)
+
+
 def setting_name(method: str, setting) -> str:
     if method in ("dpo", "online-dpo"):
-        return f"beta={setting.beta:g}"
+        return f"beta={number_name(setting.beta)}"
     if method in RL_METHODS:
-        return f"kl_coef={setting.kl_coef:g}" if setting.target_kl is None else f"target_kl={setting.target_kl:g}"
+        return (f"kl_coef={number_name(setting.kl_coef)}" if setting.target_kl is None
+                else f"target_kl={number_name(setting.target_kl)}")
     if method == "preferred-ft":
         return "sft"
     if method == "unlikelihood":
-        return f"alpha={setting.alpha:g}"
+        return f"alpha={number_name(setting.alpha)}"
     return "N=" + ",".join(str(n) for n in setting)
 
 

@@ -158,12 +158,10 @@ def ensure_reward_model(ctx: RunContext) -> RewardModelScorer:
     data, st = ensure_pairs(ctx), ctx.stages
     fp = fingerprint({"model": module_fingerprint(ctx.model), "pairs": data.fingerprint, "lora": asdict(st.lora),
                       "batch": asdict(st.batch), "loop": {**asdict(st.rm_loop), "show": None}})
-    trained: dict = {}
 
     def build():
         rm, info = train_reward_model(ctx.model, data, st.lora, st.batch,
                                       TrainRun(st.rm_loop, ctx.out / "reward_model"), ctx.rt)
-        trained.update(info["train"])
         if is_main():
             plot_curves(ctx.out / "reward_model", ctx.rt.log)
         return rm, info
@@ -171,9 +169,10 @@ def ensure_reward_model(ctx: RunContext) -> RewardModelScorer:
     rm, info = cached_reward_model(ctx.out / "reward_model.safetensors", fp, ctx.model, build, ctx.rt.log)
     for p in rm.parameters():
         p.requires_grad_(False)
+    # the training record comes from the file, so a resume that reuses it reports what the fresh run did; lr is
+    # the configured peak (--rm-lr), not where the schedule ended
     ctx.reward_model_info = {**info, "heldout_pairs": len(data.heldout),
-                             "train": {"steps": st.rm_loop.steps, "lr": st.rm_loop.lr,
-                                       **{k: v for k, v in trained.items() if isinstance(v, (int, float))}}}
+                             "train": {**info.get("train", {}), "steps": st.rm_loop.steps, "lr": st.rm_loop.lr}}
     ctx.reward_model = RewardModelScorer(rm, ctx.tok, st.max_length, autocast=ctx.rt.autocast)
     return ctx.reward_model
 

@@ -29,6 +29,7 @@ copy of the same reference body.
 
 import copy
 import json
+import math
 from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -306,7 +307,9 @@ def cached_reward_model(path: Path, fp: str, reference: GPT, build: Callable[[],
     """The reward model stage: reuse `path` when its metadata fingerprint is `fp`, else build() and save it.
 
     fp must cover everything the model depends on (reference weights, pairs fingerprint, LoRA, batch and loop
-    settings). Call it on every rank (not inside rank_zero_first: training all-reduces across ranks). Returns (model, info) with info {"heldout_accuracy", "normalization"} read back from the file.
+    settings). Call it on every rank (not inside rank_zero_first: training all-reduces across ranks). Returns (model,
+    info) with info {"heldout_accuracy", "normalization", "train"} as stored in the file's metadata ("train": the
+    loop summary's finite numbers), so a reused model reports exactly what the run that trained it reported.
     """
     if path.is_file():
         try:
@@ -319,7 +322,9 @@ def cached_reward_model(path: Path, fp: str, reference: GPT, build: Callable[[],
         except (ValueError, OSError) as e:  # a damaged cache is rebuilt, not trusted
             log(f"[reward-model] {path} is unreadable ({e}); training it again")
     rm, info = build()  # under torchrun every rank trains (the loop averages gradients); rank 0 writes the file
-    info = {k: info[k] for k in ("heldout_accuracy", "normalization") if k in info}
+    info = {**{k: info[k] for k in ("heldout_accuracy", "normalization") if k in info},
+            "train": {k: v for k, v in info.get("train", {}).items()
+                      if isinstance(v, (int, float)) and math.isfinite(v)}}
     if is_main():
         save_reward_model(rm, path, {"fingerprint": fp, "info": json.dumps(info, allow_nan=False)})
     barrier()

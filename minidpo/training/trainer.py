@@ -205,6 +205,7 @@ def train_loop(t: Training, checkpointer: Checkpointer | None = None, log_path: 
     window, clock = Totals(), StepClock()
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
+        lr = scheduler.get_last_lr()[0]  # the rate this step runs at: one_step advances the scheduler
         loss_value, metrics, grad_norm, tokens, items = one_step(cfg, step, trainable, get_batch, step_fn,
                                                                  optimizer, scheduler, world)
         if not math.isfinite(loss_value):
@@ -219,7 +220,7 @@ def train_loop(t: Training, checkpointer: Checkpointer | None = None, log_path: 
         clock.update(seconds)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            last = {"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+            last = {"step": done, "loss": loss_value, "lr": lr,
                     **{k: v.item() for k, v in metrics.items()},
                     "grad_norm": float(grad_norm) if grad_norm is not None else 0.0, **window.rates(cfg.item_name)}
             say(format_log_line(cfg, done, last, clock.eta(cfg.steps - done)))
