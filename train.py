@@ -32,13 +32,13 @@ from pathlib import Path
 import torch
 
 from minidpo import config as C
-from minidpo.experiment.compare import check_checkpoints, method_runs, run_one
-from minidpo.experiment.context import RunContext, Stages
-from minidpo.experiment.options import build_stages
+from minidpo.experiment.compare import check_checkpoints, finish_run, method_runs, run_best_of_n, start_run
+from minidpo.experiment.context import RunContext, RunConfigs
+from minidpo.experiment.options import build_configs
 from minidpo.experiment.report import export_merged, result_lines, sample_hint, seeds_summary, summarize
 from minidpo.experiment.resolve import autocast, check_model_name, check_writable, choose_dtype, imdb_source, pick_device
-from minidpo.experiment.stages import (check_model_fits, fit_classifier, load_model_stage, load_reviews,
-                                       make_prompt_sets, sft_stage)
+from minidpo.experiment.stages import (check_model_fits, ensure_pairs, fit_classifier, load_model_stage,
+                                       load_reviews, make_prompt_sets, sft_stage)
 from minidpo.fileio import atomic_write_json
 from minidpo.formats.download import cache_dir
 from minidpo.model.tokenizer import Tokenizer
@@ -138,10 +138,10 @@ class TrainConfig:
     export_merged: str | None = None  # also write the policy with LoRA folded in, in Hugging Face's layout
 
     @cached_property
-    def stages(self) -> Stages:
+    def configs(self) -> RunConfigs:
         """The component configs this run will use, built once per config: building them checks every option
         before any work (a replace() is a new config, built anew)."""
-        return build_stages(self, COMPARE_SWEEPS)
+        return build_configs(self, COMPARE_SWEEPS)
 
 
 # bundled 6x256 model, shipped IMDB sample, the paper's offline DPO (+0.22..+0.26 over 3 seeds): minutes on 2 cores
@@ -174,14 +174,14 @@ COMPARE_SWEEPS = {"beta_sweep": "0.05,0.1,0.5", "kl_coef_sweep": "0.02,0.05", "u
 
 
 def load_config(argv: list[str]) -> tuple[TrainConfig, set[str]]:
-    """(config, the options given on the command line), every option checked (its stages built). --resume reads
+    """(config, the options given on the command line), every option checked (its configs built). --resume reads
     the run's own config.json instead."""
     types = C.field_types(TrainConfig)
     given = C.parse_overrides(argv, types)
     cfg = C.build_config(TrainConfig, argv, PRESETS)
     if cfg.resume is not None:
         cfg = resumed_config(cfg, given)
-    cfg.stages  # noqa: B018 (built here, so a bad option fails before any work)
+    cfg.configs  # noqa: B018 (built here, so a bad option fails before any work)
     return cfg, set(given)
 
 
@@ -229,7 +229,7 @@ def main(argv: list[str]) -> None:
     rank, world, device_override = setup_distributed()
     try:
         rt, precision = make_runtime(cfg, rank, world, device_override)
-        if cfg.stages.seeds:
+        if cfg.configs.seeds:
             run_seeds(cfg, given, rt, precision)
         else:
             run(cfg, given, rt, precision)
@@ -242,12 +242,12 @@ def run(cfg: TrainConfig, given: set[str], rt: Runtime, precision: str) -> None:
     t_start = time.perf_counter()
     data_src, data_note = imdb_source(cfg.data)
     # 1. the model (the bundled model brings the tiny preset's settings unless some were given)
-    model, model_desc, notes = load_model_stage(cfg.model, rt.device, cfg.stages.random_model, cfg.seed)
+    model, model_desc, notes = load_model_stage(cfg.model, rt.device, cfg.configs.random_model, cfg.seed)
     if notes and cfg.preset is None and cfg.resume is None:
         cfg = with_tiny_defaults(cfg, given)
     for line in notes:
         rt.log(line)
-    stages, out, tok = cfg.stages, Path(cfg.out_dir), Tokenizer()  # tok: read and sha256-checked once
+    configs, out, tok = cfg.configs, Path(cfg.out_dir), Tokenizer()  # tok: read and sha256-checked once
     check_model_fits(model, cfg.prompt_max_tokens + cfg.max_new_tokens, cfg.max_length, tok.vocab_size)
     with enter_run_folder(cfg, out) as folder:
         if folder.finished:
@@ -266,14 +266,23 @@ def run(cfg: TrainConfig, given: set[str], rt: Runtime, precision: str) -> None:
         rt.log(f"[data] {data_src}: {len(reviews.train):,} train / {len(reviews.test):,} test reviews "
                f"({time.perf_counter() - t0:.1f} s)")
         # 2. optional SFT, folded into the weights: the reference
-        model, base = sft_stage(model, model_desc, reviews, tok, stages, out, rt)
+        model, base = sft_stage(model, model_desc, reviews, tok, configs, out, rt)
         # 3. the reward: a sentiment classifier
         scorer = fit_classifier(reviews, rt.log)
         # 4. prompts (the pairs are built by the first method that needs them, then cached)
-        prompts = make_prompt_sets(reviews, tok, stages.prompts)
-        ctx = RunContext(model, tok, scorer, reviews, prompts, stages, base, out, rt, settings=run_settings(cfg))
+        prompts = make_prompt_sets(reviews, tok, configs.prompts)
+        ctx = RunContext(model, tok, scorer, reviews, prompts, configs, base, out, rt, settings=run_settings(cfg))
         # 5-6. each method and setting trains a fresh adapter (or none, best-of-N) and is evaluated the same way
-        runs = [run_one(ctx, method, setting, run_dir) for method, setting, run_dir in method_runs(stages, out)]
+        runs = []
+        for method, setting, run_dir in method_runs(configs, out):
+            if method.reads_pairs:  # built by the first method that needs them, then cached
+                ensure_pairs(ctx)
+            if method.train is None:
+                runs.append(run_best_of_n(ctx, method, setting, run_dir))
+                continue
+            train_run = start_run(ctx, method, setting, run_dir)  # a fresh adapter; its checkpoint, its evaluations
+            summary = method.train(ctx, setting, train_run)       # e.g. methods/dpo_train.py's train_dpo
+            runs.append(finish_run(ctx, method, setting, run_dir, summary))
         # 7. the report: summary.json, the frontier, the merged model (rank 0)
         if is_main():
             report(ctx, cfg, runs, model_desc, data_src, time.perf_counter() - t_start)
@@ -289,7 +298,7 @@ def enter_run_folder(cfg: TrainConfig, out: Path):
     settings = run_settings(cfg)
 
     def record(o: Path) -> None:  # rank 0, after the folder check: refuse a sub-run made otherwise first
-        check_checkpoints(cfg.stages, settings, o)
+        check_checkpoints(cfg.configs, settings, o)
         C.save_config(cfg, o / "config.json")
     return run_folder(out, settings, resume=cfg.resume is not None, overwrite=cfg.overwrite, record=record,
                       missing=lambda o: missing_outputs(cfg, o))
@@ -297,7 +306,7 @@ def enter_run_folder(cfg: TrainConfig, out: Path):
 
 def wants_frontier(cfg: TrainConfig) -> bool:
     """A frontier.csv for several runs, several evaluation steps, or each seed of --seeds (what the top gathers)."""
-    return len(method_runs(cfg.stages, Path(cfg.out_dir))) > 1 or bool(cfg.eval_every) or bool(cfg.seeds)
+    return len(method_runs(cfg.configs, Path(cfg.out_dir))) > 1 or bool(cfg.eval_every) or bool(cfg.seeds)
 
 
 def missing_outputs(cfg: TrainConfig, out: Path) -> list[str]:
@@ -327,7 +336,7 @@ def run_seeds(cfg: TrainConfig, given: set[str], rt: Runtime, precision: str) ->
     """--seeds: the whole run once per seed into out_dir/seed_<s>/ (each with its own prompts, pairs, reward model
     and adapters), then frontier.csv (a `seed` column), frontier_mean.csv and frontier.png (means with standard-error
     bars) and a summary.json of every seed with the mean and standard error per method and setting."""
-    out, seeds = Path(cfg.out_dir), cfg.stages.seeds
+    out, seeds = Path(cfg.out_dir), cfg.configs.seeds
     if is_main():
         check_writable(out, "--out-dir")
     with run_folder(out, run_settings(cfg), resume=cfg.resume is not None, overwrite=cfg.overwrite,

@@ -155,14 +155,14 @@ def test_a_sub_run_checkpoint_made_with_other_settings_is_refused_in_one_line_be
 
     def settings_of(argv):
         cfg, _ = train.load_config(argv)
-        return cfg.stages, {k: v for k, v in dataclasses.asdict(cfg).items() if k not in train.NOT_SETTINGS}
+        return cfg.configs, {k: v for k, v in dataclasses.asdict(cfg).items() if k not in train.NOT_SETTINGS}
     base = ["--preset", "tiny", "--compare", "dpo,online-dpo", "--out-dir", str(out)]
-    stages, record = settings_of(base)
-    method, setting, run_dir = [r for r in method_runs(stages, out) if r[0] == "online-dpo"][0]
+    configs, record = settings_of(base)
+    method, setting, run_dir = [r for r in method_runs(configs, out) if r[0].name == "online-dpo"][0]
     params, get_batch, step_fn = make_problem()
-    ckpt = Checkpointer(run_dir / "checkpoint", params, checkpoint_settings(stages, record, method, setting))
+    ckpt = Checkpointer(run_dir / "checkpoint", params, checkpoint_settings(configs, record, method, setting))
     train_loop(Training(LoopConfig(steps=1, lr=0.1, warmup_steps=0), params, get_batch, step_fn), ckpt)
-    check_checkpoints(stages, record, out)  # the same settings: fine
+    check_checkpoints(configs, record, out)  # the same settings: fine
     for extra, named in ((["--lora-alpha", "64"], "run.lora_alpha=16.0"), (["--steps", "9"], "steps=80"),
                          (["--gen-temperature", "0.5"], "run.gen_temperature=0.7")):
         before = sorted(p.relative_to(out) for p in out.rglob("*"))
@@ -177,16 +177,17 @@ def test_best_of_n_stores_its_bound_as_kl_bound_and_sets_the_reference_reward_wi
     from types import SimpleNamespace
     from minidpo.experiment import compare, report
     from minidpo.methods.best_of_n import kl_bound
+    from minidpo.registry import BY_NAME
     from minidpo.training.frontier import read_frontier, write_frontier
     asked = []
 
     def sweep(model, tok, scorer, prompts, ns, cfg):
         asked.append(list(ns))
-        return [{"n": n, "reward": 0.4 + 0.01 * n, "kl_bound": kl_bound(n)} for n in ns]
+        return [{"n": n, "reward": 0.4 + 0.01 * n, "kl_bound": kl_bound(n), "scores": [0.4, 0.5]} for n in ns]
     monkeypatch.setattr(compare, "best_of_n_sweep", sweep)
     ctx = SimpleNamespace(model=None, tok=None, scorer=None, prompts=SimpleNamespace(eval=[]),
-                          stages=SimpleNamespace(eval=None), rt=Runtime())
-    result = compare.run_best_of_n(ctx, [2, 4], tmp_path)
+                          configs=SimpleNamespace(eval=None), rt=Runtime())
+    result = compare.run_best_of_n(ctx, BY_NAME["best-of-n"], [2, 4], tmp_path)
     assert asked == [[1, 2, 4]] and result.reference == {"reward": pytest.approx(0.41)}
     assert "kl_exact" not in result.policy and result.policy["kl_bound"] == pytest.approx(kl_bound(4))
     assert all(p["kl"] is None and p["kl_bound"] > 0 for p in result.frontier)

@@ -29,9 +29,9 @@ SEVEN = "dpo,online-dpo,rlhf,rloo,preferred-ft,unlikelihood,best-of-n"
 
 def test_compare_takes_all_seven_methods_each_with_its_own_folders(tmp_path):
     cfg, _ = load_config(["--preset", "tiny", "--compare", SEVEN])
-    stages = cfg.stages
-    assert list(stages.compare) == SEVEN.split(",") and set(SEVEN.split(",")) == set(NAMES)
-    names = [d.name for _, _, d in method_runs(stages, tmp_path)]
+    configs = cfg.configs
+    assert list(configs.compare) == SEVEN.split(",") and set(SEVEN.split(",")) == set(NAMES)
+    names = [d.name for _, _, d in method_runs(configs, tmp_path)]
     assert "preferred-ft_sft" in names and "unlikelihood_alpha_0.1" in names and "unlikelihood_alpha_1" in names
     assert "rlhf_kl_coef_0.02" in names and "rloo_kl_coef_0.02" in names  # the same kl_coef sweep for both RLs
     assert len(names) == len(set(names))
@@ -118,13 +118,13 @@ def test_the_reward_model_stage_is_trained_once_then_reused_from_its_file(tmp_pa
     pairs = [Pair(f"movie {i}", " great fun", " awful", tok.encode(f"movie {i}"), tok.encode(" great fun"),
                   tok.encode(" awful"), 0.9, 0.1, "train" if i < 4 else "heldout") for i in range(6)]
     data = PairData(pairs[:4], pairs[4:], prompt_groups(pairs[:4]), "fp")
-    stages = replace(load_config(["--max-length", "32"])[0].stages, lora=LoRAConfig(rank=2, alpha=4.0),
+    configs = replace(load_config(["--max-length", "32"])[0].configs, lora=LoRAConfig(rank=2, alpha=4.0),
                      batch=BatchConfig(mode="unique", prompts=2, max_length=32, pad_id=EOT_ID),
                      rm_loop=LoopConfig(steps=2, lr=1e-2, log_every=1, label="reward-model"))
     lines = []
 
     def context():
-        return RunContext(model, tok, None, None, None, stages, "bundled", tmp_path,
+        return RunContext(model, tok, None, None, None, configs, "bundled", tmp_path,
                           Runtime(autocast=autocast(torch.device("cpu"), None), log=lines.append), pairs=data)
     first = context()
     scores = ensure_reward_model(first).score(["movie 1 great fun", "movie 1 awful"])
@@ -185,14 +185,14 @@ def test_seeds_repeat_the_run_and_write_the_mean_with_error_bars(env, tmp_path):
 
 
 def test_the_paper_protocol_preset_runs_the_papers_sweeps_with_rl_at_target_kls(tmp_path):
-    stages = load_config(["--preset", "tiny-fig2"])[0].stages
-    names = [d.name for _, _, d in method_runs(stages, tmp_path)]
+    configs = load_config(["--preset", "tiny-fig2"])[0].configs
+    names = [d.name for _, _, d in method_runs(configs, tmp_path)]
     assert [n for n in names if n.startswith("dpo_")] == ["dpo_beta_0.05", "dpo_beta_0.1", "dpo_beta_1", "dpo_beta_5"]
     assert [n for n in names if n.startswith("rloo_")] == [f"rloo_target_kl_{t}" for t in (3, 6, 9, 12)]
     assert [n for n in names if n.startswith("unlikelihood_")] == [
         f"unlikelihood_alpha_{a}" for a in ("0.05", "0.1", "0.5", "1")]
-    assert {(c.target_kl, c.kl_coef) for c in stages.rloo} == {(t, 0.05) for t in (3.0, 6.0, 9.0, 12.0)}
-    assert stages.eval_every == 20 and stages.prompts.eval == 256
+    assert {(c.target_kl, c.kl_coef) for c in configs.rloo} == {(t, 0.05) for t in (3.0, 6.0, 9.0, 12.0)}
+    assert configs.eval_every == 20 and configs.prompts.eval == 256
 
 
 def test_min_score_margin_drops_near_tie_training_pairs_and_keeps_every_held_out_pair(monkeypatch):

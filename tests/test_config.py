@@ -63,7 +63,7 @@ def test_numbers_round_trip_through_the_command_line(n, x):
     (["--loss-type", "dpo"], "--loss-type must be one of"),
     (["--loss-type", "ipo", "--label-smoothing", "0.1"], "--label-smoothing"),
     (["--label-smoothing", "0.9"], "--label-smoothing"),
-    (["--preset", "huge"], "--preset must be one of tiny, gpt2, gpt2-large"),
+    (["--preset", "huge"], "--preset must be one of tiny, tiny-fig2, gpt2, gpt2-large"),
 ])
 def test_impossible_training_values_are_rejected(argv, message):
     with pytest.raises(ConfigError, match=message):

@@ -1,7 +1,7 @@
 """
-From train.py's flat options to each component's own small config: `build_stages` maps every flag to the field of
+From train.py's flat options to each component's own small config: `build_configs` maps every flag to the field of
 the config that uses it (so a component's error names the flag the user typed) and checks what crosses components,
-once per run, before any stage runs. The result is the typed `Stages` (experiment/context.py).
+once per run, before any stage runs. The result is the typed `RunConfigs` (experiment/context.py).
 """
 
 import math
@@ -9,7 +9,7 @@ import math
 from minidpo import config as C
 from minidpo.dataset.pairs import PairsConfig
 from minidpo.dataset.prompts import PromptConfig
-from minidpo.experiment.context import Stages
+from minidpo.experiment.context import RunConfigs
 from minidpo.methods.baselines import UnlikelihoodConfig
 from minidpo.methods.dpo import DPOConfig
 from minidpo.methods.evaluate import EvalConfig
@@ -30,7 +30,7 @@ def need(ok: bool, field: str, detail: str) -> None:
     C.require(ok, C.flag_name(field), detail)
 
 
-def build_stages(cfg, sweeps: dict[str, str]) -> Stages:
+def build_configs(cfg, sweeps: dict[str, str]) -> RunConfigs:
     """Each component's own small config, built from train.py's flags (`cfg`, its TrainConfig). Each checks itself;
     a bad value fails here, before any stage runs, with the flag's name. `sweeps`: the settings a --compare without
     its own sweeps runs each method at (train.py's COMPARE_SWEEPS)."""
@@ -84,7 +84,7 @@ def build_stages(cfg, sweeps: dict[str, str]) -> Stages:
          "compiles offline DPO's step only: use it with --method dpo (the other methods train uncompiled)")
     loop = dict(warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, grad_accum=cfg.grad_accum,
                 grad_clip=cfg.grad_clip, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every)
-    return Stages(
+    return RunConfigs(
         compare=tuple(compare or [cfg.method]),
         prompts=make(PromptConfig, None, train=cfg.num_prompts, heldout=cfg.heldout_prompts, eval=cfg.eval_prompts,
                      min_tokens=cfg.prompt_min_tokens, max_tokens=cfg.prompt_max_tokens, seed=cfg.seed),

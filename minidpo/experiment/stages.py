@@ -15,6 +15,7 @@ completions, a sentiment classifier ranks them into preference pairs.
 import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,12 +23,12 @@ from torch import Tensor
 
 from minidpo.dataset.batching import PairData, collate_unique, fit_pairs, group_indices, prompt_groups, split_pairs
 from minidpo.dataset.imdb import load_imdb
-from minidpo.dataset.pairs import Pair, build_pairs
+from minidpo.dataset.pairs import build_pairs
 from minidpo.dataset.pairs_cache import (cached_pairs, fingerprint, module_fingerprint, pairs_fingerprint,
                                          reviews_fingerprint)
 from minidpo.dataset.prompts import PromptConfig, make_prompts
 from minidpo.dataset.reward import SentimentClassifier
-from minidpo.experiment.context import PromptSets, Reviews, RunContext, Stages
+from minidpo.experiment.context import PromptSets, Reviews, RunContext, RunConfigs
 from minidpo.experiment.resolve import load_model
 from minidpo.formats.download import cache_dir
 from minidpo.formats.safetensors import load_file, load_metadata, save_file
@@ -112,7 +113,8 @@ def fit_classifier(reviews: Reviews, log: Log = quiet) -> SentimentClassifier:
         acc = fitted.accuracy([r.text for r in reviews.test], [r.label for r in reviews.test])
         log(f"[reward] trained in {fitted.fit_seconds:.1f} s; test accuracy {acc:.3f}; saved {path}")
         return fitted
-    return rank_zero_first(build)
+    with rank_zero_first():
+        return build()
 
 
 def ensure_pairs(ctx: RunContext) -> PairData:
@@ -120,18 +122,17 @@ def ensure_pairs(ctx: RunContext) -> PairData:
     needs them, cached in out/pairs.jsonl; with --precompute-ref also the reference's log-probs of them."""
     if ctx.pairs is not None:
         return ctx.pairs
-    st, log = ctx.stages, ctx.rt.log
+    st, log = ctx.configs, ctx.rt.log
     every = ctx.prompts.train + ctx.prompts.heldout
     reviews = ctx.reviews.train + ctx.reviews.test
     scorer_id = hashlib.sha256(ctx.scorer.weight.numpy().tobytes()).hexdigest()
     fp = pairs_fingerprint(st.pairs, every, model_id=module_fingerprint(ctx.model), scorer_id=scorer_id,
                            data_id=reviews_fingerprint(reviews) if st.pairs.mode == "labels" else "")
 
-    def build() -> list[Pair]:
-        with ctx.rt.autocast:
-            return build_pairs(st.pairs, every, ctx.tok, model=ctx.model, scorer=ctx.scorer, reviews=reviews,
-                               log=log if is_main() else quiet)
-    pairs = rank_zero_first(lambda: cached_pairs(ctx.out / "pairs.jsonl", fp, build, log=log if is_main() else quiet))
+    build = partial(build_pairs, st.pairs, every, ctx.tok, model=ctx.model, scorer=ctx.scorer, reviews=reviews,
+                    log=log if is_main() else quiet)
+    with rank_zero_first(), ctx.rt.autocast:
+        pairs = cached_pairs(ctx.out / "pairs.jsonl", fp, build, log=log if is_main() else quiet)
     train, heldout = split_pairs(pairs)
     train, _ = fit_pairs(train, st.max_length)
     heldout, _ = fit_pairs(heldout, st.max_length)
@@ -155,7 +156,7 @@ def ensure_reward_model(ctx: RunContext) -> RewardModelScorer:
     on (reference weights, pairs, LoRA, batches, loop). Every rank trains (the loop all-reduces); rank 0 saves."""
     if ctx.reward_model is not None:
         return ctx.reward_model
-    data, st = ensure_pairs(ctx), ctx.stages
+    data, st = ensure_pairs(ctx), ctx.configs
     fp = fingerprint({"model": module_fingerprint(ctx.model), "pairs": data.fingerprint, "lora": asdict(st.lora),
                       "batch": asdict(st.batch), "loop": {**asdict(st.rm_loop), "show": None}})
     trained: dict = {}
@@ -222,12 +223,13 @@ def precompute_reference(model: torch.nn.Module, data: PairData, cfg: ReferenceC
         if is_main():
             save_file(tensors, path, metadata={"fingerprint": fp, "groups": json.dumps(len(used))})
         return tensors
-    tensors = rank_zero_first(build)
+    with rank_zero_first():
+        tensors = build()
     return {int(k): v.to(device) for k, v in tensors.items()}
 
 
 
-def sft_stage(model: GPT, model_desc: str, reviews: Reviews, tok: Tokenizer, st: Stages, out: Path,
+def sft_stage(model: GPT, model_desc: str, reviews: Reviews, tok: Tokenizer, st: RunConfigs, out: Path,
               rt: Runtime) -> tuple[GPT, str]:
     """SFT on review text (st.sft_loop, st.sft, st.lora), folded into the weights: (the model that is both the
     reference and every method's start, what run.json records as its base). Without SFT the loaded model itself;

@@ -1,0 +1,93 @@
+"""
+Are two train.py output folders the same run? Every file under either folder is compared with its namesake:
+
+- .json, .jsonl, .csv: equal after parsing, with the fields that hold wall-clock measurements removed (seconds,
+  *_seconds, *_per_s such as tokens_per_s and pairs_per_s, ms_per_step, eta) and each folder's own path replaced
+  by one placeholder (config.json records --out-dir);
+- .safetensors (adapters, merged models, cached reference log-probs): byte-identical;
+- .pt (checkpoints: optimizer state, RNG states, the loop's totals): byte-identical, or else equal after loading,
+  with the same timing fields removed (the loop's totals hold seconds);
+- .png (plots): skipped; everything else: byte-identical.
+
+A file present on one side only is a difference. Prints each difference and a count of files compared; the exit
+status is 1 when anything differs.
+
+    python scripts/compare_runs.py out/before out/after
+"""
+
+import csv
+import io
+import json
+import re
+import sys
+from pathlib import Path
+
+TIMING = re.compile(r"^(seconds|.*_seconds|.*_per_s|ms_per_step|eta)$")
+
+
+def drop_timing(value):
+    """value with every dict key that holds a wall-clock measurement removed, recursively."""
+    if isinstance(value, dict):
+        return {k: drop_timing(v) for k, v in value.items() if not (isinstance(k, str) and TIMING.match(k))}
+    if isinstance(value, (list, tuple)):
+        return [drop_timing(v) for v in value]
+    return value
+
+
+def parsed(path: Path, root: Path):
+    text = path.read_text().replace(str(root.resolve()), "<root>").replace(str(root), "<root>")
+    if path.suffix == ".json":
+        return drop_timing(json.loads(text))
+    if path.suffix == ".jsonl":
+        return [drop_timing(json.loads(line)) for line in text.splitlines() if line.strip()]
+    return drop_timing(list(csv.DictReader(io.StringIO(text))))
+
+
+def same_checkpoint(a: Path, b: Path) -> bool:
+    import torch
+
+    def equal(x, y) -> bool:
+        if isinstance(x, torch.Tensor):
+            return isinstance(y, torch.Tensor) and x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+        if isinstance(x, dict):
+            return isinstance(y, dict) and x.keys() == y.keys() and all(equal(x[k], y[k]) for k in x)
+        if isinstance(x, (list, tuple)):
+            return isinstance(y, (list, tuple)) and len(x) == len(y) and all(map(equal, x, y))
+        return x == y
+    return equal(drop_timing(torch.load(a, weights_only=False)), drop_timing(torch.load(b, weights_only=False)))
+
+
+def differences(before: Path, after: Path) -> tuple[list[str], int]:
+    names = {p.relative_to(before) for p in before.rglob("*") if p.is_file()}
+    names |= {p.relative_to(after) for p in after.rglob("*") if p.is_file()}
+    found, compared = [], 0
+    for name in sorted(names):
+        a, b = before / name, after / name
+        if not (a.is_file() and b.is_file()):
+            found.append(f"{name}: only in {before if a.is_file() else after}")
+            continue
+        if name.suffix == ".png":
+            continue
+        compared += 1
+        if name.suffix in (".json", ".jsonl", ".csv"):
+            same = parsed(a, before) == parsed(b, after)
+        elif name.suffix == ".pt":
+            same = a.read_bytes() == b.read_bytes() or same_checkpoint(a, b)
+        else:
+            same = a.read_bytes() == b.read_bytes()
+        if not same:
+            found.append(f"{name}: differs")
+    return found, compared
+
+
+def main(argv: list[str]) -> int:
+    before, after = Path(argv[0]), Path(argv[1])
+    found, compared = differences(before, after)
+    for line in found:
+        print(line)
+    print(f"{compared} files compared (png skipped): {'identical' if not found else f'{len(found)} differ'}")
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
