@@ -228,50 +228,51 @@ def main(argv: list[str]) -> None:
     check_model_name(cfg.model)  # every path is checked before any work or any write
     rank, world, device_override = setup_distributed()
     try:
-        rt, precision = make_runtime(cfg, rank, world, device_override)
+        runtime, precision = make_runtime(cfg, rank, world, device_override)
         if cfg.configs.seeds:
-            run_seeds(cfg, given, rt, precision)
+            run_seeds(cfg, given, runtime, precision)
         else:
-            run(cfg, given, rt, precision)
+            run(cfg, given, runtime, precision)
     finally:
         teardown()
 
 
-def run(cfg: TrainConfig, given: set[str], rt: Runtime, precision: str) -> None:
+def run(cfg: TrainConfig, given: set[str], runtime: Runtime, precision: str) -> None:
     """One whole run (every method and setting of --compare) with one seed, into cfg.out_dir."""
     t_start = time.perf_counter()
     data_src, data_note = imdb_source(cfg.data)
     # 1. the model (the bundled model brings the tiny preset's settings unless some were given)
-    model, model_desc, notes = load_model_stage(cfg.model, rt.device, cfg.configs.random_model, cfg.seed)
+    model, model_desc, notes = load_model_stage(cfg.model, runtime.device, cfg.configs.random_model, cfg.seed)
     if notes and cfg.preset is None and cfg.resume is None:
         cfg = with_tiny_defaults(cfg, given)
     for line in notes:
-        rt.log(line)
+        runtime.log(line)
     configs, out, tok = cfg.configs, Path(cfg.out_dir), Tokenizer()  # tok: read and sha256-checked once
     check_model_fits(model, cfg.prompt_max_tokens + cfg.max_new_tokens, cfg.max_length, tok.vocab_size)
     with enter_run_folder(cfg, out) as folder:
         if folder.finished:
-            rt.log(f"{out} already holds this run, finished; its outputs stay as they are (--overwrite to run it "
+            runtime.log(f"{out} already holds this run, finished; its outputs stay as they are (--overwrite to run it "
                    f"again). {sample_hint(out).capitalize()}")
             return
         if folder.repairing:  # every sub-run resumes at its last step: nothing is trained again
-            rt.log(f"{out} holds this run, finished, without {', '.join(missing_outputs(cfg, out))}: making them")
+            runtime.log(f"{out} holds this run, finished, without {', '.join(missing_outputs(cfg, out))}: making them")
         torch.manual_seed(cfg.seed)
-        rt.log(f"minidpo: device {rt.device}{' x' + str(rt.world) if rt.world > 1 else ''}, {precision}, model "
+        world = f" x{runtime.world}" if runtime.world > 1 else ""
+        runtime.log(f"minidpo: device {runtime.device}{world}, {precision}, model "
                f"{model_desc}, out_dir {out}")
         if data_note:
-            rt.log(data_note)
+            runtime.log(data_note)
         t0 = time.perf_counter()
         reviews = load_reviews(data_src)
-        rt.log(f"[data] {data_src}: {len(reviews.train):,} train / {len(reviews.test):,} test reviews "
+        runtime.log(f"[data] {data_src}: {len(reviews.train):,} train / {len(reviews.test):,} test reviews "
                f"({time.perf_counter() - t0:.1f} s)")
         # 2. optional SFT, folded into the weights: the reference
-        model, base = sft_stage(model, model_desc, reviews, tok, configs, out, rt)
+        model, base = sft_stage(model, model_desc, reviews, tok, configs, out, runtime)
         # 3. the reward: a sentiment classifier
-        scorer = fit_classifier(reviews, rt.log)
+        scorer = fit_classifier(reviews, runtime.log)
         # 4. prompts (the pairs are built by the first method that needs them, then cached)
         prompts = make_prompt_sets(reviews, tok, configs.prompts)
-        ctx = RunContext(model, tok, scorer, reviews, prompts, configs, base, out, rt, settings=run_settings(cfg))
+        ctx = RunContext(model, tok, scorer, reviews, prompts, configs, base, out, runtime, settings=run_settings(cfg))
         # 5-6. each method and setting trains a fresh adapter (or none, best-of-N) and is evaluated the same way
         runs = []
         for method, setting, run_dir in method_runs(configs, out):
@@ -322,17 +323,17 @@ def missing_outputs(cfg: TrainConfig, out: Path) -> list[str]:
 
 def report(ctx: RunContext, cfg: TrainConfig, runs: list, model_desc: str, data_src: Path, seconds: float) -> None:
     """summary.json, frontier.csv (with this run's seed), the --export-merged model and the last lines."""
-    summary = summarize(runs, model_desc, ctx.base, data_src, ctx.rt.device, ctx.rt.world, seconds,
+    summary = summarize(runs, model_desc, ctx.base, data_src, ctx.runtime.device, ctx.runtime.world, seconds,
                         ctx.reward_model_info)
     atomic_write_json(ctx.out / "summary.json", summary)
     if wants_frontier(cfg):
-        write_frontier(ctx.out, [{**p, "seed": cfg.seed} for r in runs for p in r.frontier], ctx.rt.log)
+        write_frontier(ctx.out, [{**p, "seed": cfg.seed} for r in runs for p in r.frontier], ctx.runtime.log)
     if cfg.export_merged:
-        export_merged(ctx.model, Path(cfg.export_merged), ctx.rt.log)
-    ctx.rt.log(result_lines(runs[-1], summary, ctx.out))
+        export_merged(ctx.model, Path(cfg.export_merged), ctx.runtime.log)
+    ctx.runtime.log(result_lines(runs[-1], summary, ctx.out))
 
 
-def run_seeds(cfg: TrainConfig, given: set[str], rt: Runtime, precision: str) -> None:
+def run_seeds(cfg: TrainConfig, given: set[str], runtime: Runtime, precision: str) -> None:
     """--seeds: the whole run once per seed into out_dir/seed_<s>/ (each with its own prompts, pairs, reward model
     and adapters), then frontier.csv (a `seed` column), frontier_mean.csv and frontier.png (means with standard-error
     bars) and a summary.json of every seed with the mean and standard error per method and setting."""
@@ -343,14 +344,14 @@ def run_seeds(cfg: TrainConfig, given: set[str], rt: Runtime, precision: str) ->
                     record=lambda o: C.save_config(cfg, o / "config.json"),
                     missing=lambda o: [s for s in seeds if not (o / f"seed_{s}" / "summary.json").is_file()]) as folder:
         if folder.finished:
-            rt.log(f"{out} already holds this run over seeds {cfg.seeds}, finished; its outputs stay as they are "
+            runtime.log(f"{out} already holds this run over seeds {cfg.seeds}, finished; its outputs stay as they are "
                    "(--overwrite to run it again)")
             return
         for s in seeds:
             sub_out = out / f"seed_{s}"
             resume = str(sub_out) if cfg.resume and (sub_out / "config.json").is_file() else None
-            rt.log(f"[seeds] seed {s} of {cfg.seeds} -> {sub_out}")
-            run(replace(cfg, seed=s, out_dir=str(sub_out), resume=resume, overwrite=False), given | {"seed"}, rt,
+            runtime.log(f"[seeds] seed {s} of {cfg.seeds} -> {sub_out}")
+            run(replace(cfg, seed=s, out_dir=str(sub_out), resume=resume, overwrite=False), given | {"seed"}, runtime,
                 precision)
         if is_main():
             points, per_seed = [], {}
@@ -358,9 +359,9 @@ def run_seeds(cfg: TrainConfig, given: set[str], rt: Runtime, precision: str) ->
                 with open(out / f"seed_{s}" / "frontier.csv", newline="") as f:
                     points += [{**row, "seed": s} for row in csv.DictReader(f)]
                 per_seed[s] = json.loads((out / f"seed_{s}" / "summary.json").read_text())
-            write_frontier(out, points, rt.log)
+            write_frontier(out, points, runtime.log)
             atomic_write_json(out / "summary.json", seeds_summary(per_seed, points))
-            rt.log(f"wrote {out / 'summary.json'} and {out / 'frontier_mean.csv'} (mean and standard error over "
+            runtime.log(f"wrote {out / 'summary.json'} and {out / 'frontier_mean.csv'} (mean and standard error over "
                    f"seeds {cfg.seeds})")
 
 

@@ -32,6 +32,8 @@ class Method:
     reward_model: bool = False     # trains on RLHF's learned reward model instead of the classifier
     has_beta: bool = False         # DPO's family: the implicit reward's held-out accuracy is measured at its beta
     rl_loop: bool = False          # trains with the RL loop's steps and lr (--rloo-steps, --rloo-lr)
+    reference_cache: bool = False  # its step can read the pairs' reference log-probs cached once (--precompute-ref)
+    compiles: bool = False         # its step can run under torch.compile (--compile)
 
 
 def beta_name(dpo) -> str:
@@ -50,32 +52,33 @@ def rl_run(run, label: str):
 METHODS = (
     Method("dpo", "DPO's loss on pairs sampled once from the reference and ranked by the reward (the paper's)",
            "beta_sweep", lambda configs: configs.dpo, beta_name,
-           lambda ctx, dpo, run: train_dpo(ctx.model, ctx.pairs, dpo, ctx.configs.batch, run, ctx.rt,
+           lambda ctx, dpo, run: train_dpo(ctx.model, ctx.pairs, dpo, ctx.configs.batch, run, ctx.runtime,
                                            ctx.reference_cache, ctx.configs.compile),
-           reads_pairs=True, has_beta=True),
+           reads_pairs=True, has_beta=True, reference_cache=True, compiles=True),
     Method("online-dpo", "DPO's loss on pairs of the policy's own samples, drawn every step", "beta_sweep",
            lambda configs: configs.dpo, beta_name,
            lambda ctx, dpo, run: train_online_dpo(ctx.model, ctx.tok, ctx.scorer, ctx.prompts.train, dpo,
-                                                  ctx.configs.online_dpo, run, ctx.rt),
+                                                  ctx.configs.online_dpo, run, ctx.runtime),
            has_beta=True),
     Method("rlhf", "RLOO on a reward model learned from DPO's pairs (Bradley-Terry): RLHF proper, the paper's PPO",
            "kl_coef_sweep", lambda configs: configs.rloo, kl_name,
            lambda ctx, rloo, run: train_rloo(ctx.model, ctx.tok, ctx.reward_model, ctx.prompts.train, rloo,
-                                             rl_run(run, "rlhf"), ctx.rt),
+                                             rl_run(run, "rlhf"), ctx.runtime),
            reward_model=True, rl_loop=True),
     Method("rloo", "REINFORCE with a leave-one-out baseline on the KL-penalized true reward (the paper's PPO-GT)",
            "kl_coef_sweep", lambda configs: configs.rloo, kl_name,
            lambda ctx, rloo, run: train_rloo(ctx.model, ctx.tok, ctx.scorer, ctx.prompts.train, rloo,
-                                             rl_run(run, "rloo"), ctx.rt),
+                                             rl_run(run, "rloo"), ctx.runtime),
            rl_loop=True),
     Method("preferred-ft", "supervised fine-tuning on the chosen completion of each of DPO's pairs", None,
            lambda configs: (None,), lambda _: "sft",
-           lambda ctx, _, run: train_baseline(ctx.model, ctx.pairs, "preferred-ft", ctx.configs.batch, run, ctx.rt),
+           lambda ctx, _, run: train_baseline(ctx.model, ctx.pairs, "preferred-ft", ctx.configs.batch, run,
+                                              ctx.runtime),
            reads_pairs=True),
     Method("unlikelihood", "log p(chosen) + alpha * sum of log(1 - p(token)) over the rejected completion",
            "unlikelihood_alpha_sweep", lambda configs: configs.unlikelihood, lambda ul: f"alpha={ul.alpha:g}",
-           lambda ctx, ul, run: train_baseline(ctx.model, ctx.pairs, "unlikelihood", ctx.configs.batch, run, ctx.rt,
-                                               unlikelihood=ul),
+           lambda ctx, ul, run: train_baseline(ctx.model, ctx.pairs, "unlikelihood", ctx.configs.batch, run,
+                                               ctx.runtime, unlikelihood=ul),
            reads_pairs=True),
     Method("best-of-n", "N samples from the reference, the highest-reward one kept; trains nothing", "best_of_n",
            lambda configs: (configs.best_of_n,), lambda ns: "N=" + ",".join(str(n) for n in ns)),

@@ -186,7 +186,7 @@ def test_best_of_n_stores_its_bound_as_kl_bound_and_sets_the_reference_reward_wi
         return [{"n": n, "reward": 0.4 + 0.01 * n, "kl_bound": kl_bound(n), "scores": [0.4, 0.5]} for n in ns]
     monkeypatch.setattr(compare, "best_of_n_sweep", sweep)
     ctx = SimpleNamespace(model=None, tok=None, scorer=None, prompts=SimpleNamespace(eval=[]),
-                          configs=SimpleNamespace(eval=None), rt=Runtime())
+                          configs=SimpleNamespace(eval=None), runtime=Runtime())
     result = compare.run_best_of_n(ctx, BY_NAME["best-of-n"], [2, 4], tmp_path)
     assert asked == [[1, 2, 4]] and result.reference == {"reward": pytest.approx(0.41)}
     assert "kl_exact" not in result.policy and result.policy["kl_bound"] == pytest.approx(kl_bound(4))

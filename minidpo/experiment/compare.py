@@ -72,10 +72,10 @@ def check_checkpoints(configs: RunConfigs, run_settings: dict, out: Path) -> Non
 def evaluate_now(ctx: RunContext, step: int, with_reference: bool, beta: float | None) -> dict:
     """Reward and KL of the policy (and the reference's reward) on the held-out prompts, as every method is
     measured; with beta (DPO), also the implicit reward's accuracy on the held-out pairs."""
-    log, cfg = ctx.rt.log, ctx.configs.eval
+    log, cfg = ctx.runtime.log, ctx.configs.eval
     log(f"[eval] step {step}: sampling {len(ctx.prompts.eval)} held-out prompts from the policy"
         + (" and the reference" if with_reference else "") + ", exact KL ...")
-    with ctx.rt.autocast:
+    with ctx.runtime.autocast:
         if with_reference and ctx.reference_samples is None:  # the same for every run of a sweep: sampled once
             ctx.reference_samples = sample_reference(ctx.model, ctx.tok, ctx.prompts.eval, cfg)
         heldout = ctx.pairs.heldout if ctx.pairs and beta else None
@@ -122,7 +122,7 @@ def finish_run(ctx: RunContext, method: Method, setting, run_dir: Path, summary:
 def write_run(ctx: RunContext, result: RunResult, run_dir: Path) -> None:
     """A trained run's files (rank 0): curves.png, the adapter (minidpo's and PEFT's layout), run.json (what
     sample.py needs) and result.json."""
-    plot_curves(run_dir, ctx.rt.log)
+    plot_curves(run_dir, ctx.runtime.log)
     save_lora(ctx.model, run_dir / "adapter")
     base = model_source(ctx.base)
     export_peft(ctx.model, run_dir / "adapter_peft", base_model_name_or_path=base)
@@ -173,14 +173,14 @@ def run_best_of_n(ctx: RunContext, method: Method, ns: list[int], run_dir: Path)
     run_dir.mkdir(parents=True, exist_ok=True)
     points, ref = [], {}
     if is_main():
-        with ctx.rt.autocast:  # max(ns) rounds of reference samples serve every N
+        with ctx.runtime.autocast:  # max(ns) rounds of reference samples serve every N
             results = best_of_n_sweep(ctx.model, ctx.tok, ctx.scorer, ctx.prompts.eval, sorted({1, *ns}),
                                       ctx.configs.eval)
         by_n = {r["n"]: r for r in results}
         ref = {"reward": by_n[1]["reward"]}
         for n in ns:
             r = by_n[n]
-            ctx.rt.log(f"[best-of-n] N={n}: reward {r['reward']:.3f}, KL bound {r['kl_bound']:.3f}")
+            ctx.runtime.log(f"[best-of-n] N={n}: reward {r['reward']:.3f}, KL bound {r['kl_bound']:.3f}")
             points.append({"method": method.name, "setting": f"N={n}", "step": 0, "reward": r["reward"],
                            "kl": None, "kl_bound": r["kl_bound"], "kl_sampled": None,
                            "reward_se": mean_and_se(r["scores"])[1]})

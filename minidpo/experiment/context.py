@@ -84,7 +84,7 @@ class RunContext:
     configs: RunConfigs
     base: str                                  # what run.json records as the policy's base weights
     out: Path
-    rt: Runtime
+    runtime: Runtime
     settings: dict = field(default_factory=dict)  # the run's options that change results (train.py's config.json)
     pairs: PairData | None = None
     reference_cache: dict[int, torch.Tensor] | None = None  # --precompute-ref

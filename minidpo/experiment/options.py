@@ -22,7 +22,7 @@ from minidpo.model.generate import SamplingConfig
 from minidpo.model.gpt import GPTConfig
 from minidpo.model.lora import LoRAConfig
 from minidpo.model.tokenizer import EOT_ID
-from minidpo.registry import NAMES
+from minidpo.registry import BY_NAME, NAMES
 from minidpo.training.trainer import LoopConfig
 
 
@@ -42,7 +42,8 @@ def build_configs(cfg, sweeps: dict[str, str]) -> RunConfigs:
     need(cfg.prompt_max_tokens < cfg.max_length, "prompt_max_tokens",
               f"({cfg.prompt_max_tokens}) must be < --max-length ({cfg.max_length})")
     need(not cfg.precompute_ref or cfg.batching == "unique", "precompute_ref", "needs --batching unique")
-    need(not cfg.precompute_ref or "dpo" in (compare or [cfg.method]), "precompute_ref",
+    methods = [BY_NAME[m] for m in compare or [cfg.method]]
+    need(not cfg.precompute_ref or any(m.reference_cache for m in methods), "precompute_ref",
          "caches the reference's log-probs of offline pairs: it needs --method dpo (the other methods use no "
          "reference log-probs of the pairs, or score each step's own samples)")
     need(cfg.eval_every >= 0, "eval_every", f"must be >= 0 (0: only at the end), got {cfg.eval_every}")
@@ -80,7 +81,7 @@ def build_configs(cfg, sweeps: dict[str, str]) -> RunConfigs:
                                ("seeds", cfg.seeds, seeds)):
         need(len(set(values)) == len(values), field, f"lists a value twice: {raw} (each value is one run)")
         need("" not in [x.strip() for x in (raw or "x").split(",")], field, f"has an empty item: {raw!r}")
-    need(not cfg.compile or set(compare or [cfg.method]) <= {"dpo"}, "compile",
+    need(not cfg.compile or all(m.compiles for m in methods), "compile",
          "compiles offline DPO's step only: use it with --method dpo (the other methods train uncompiled)")
     loop = dict(warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, grad_accum=cfg.grad_accum,
                 grad_clip=cfg.grad_clip, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every)

@@ -122,7 +122,7 @@ def ensure_pairs(ctx: RunContext) -> PairData:
     needs them, cached in out/pairs.jsonl; with --precompute-ref also the reference's log-probs of them."""
     if ctx.pairs is not None:
         return ctx.pairs
-    st, log = ctx.configs, ctx.rt.log
+    st, log = ctx.configs, ctx.runtime.log
     every = ctx.prompts.train + ctx.prompts.heldout
     reviews = ctx.reviews.train + ctx.reviews.test
     scorer_id = hashlib.sha256(ctx.scorer.weight.numpy().tobytes()).hexdigest()
@@ -131,7 +131,7 @@ def ensure_pairs(ctx: RunContext) -> PairData:
 
     build = partial(build_pairs, st.pairs, every, ctx.tok, model=ctx.model, scorer=ctx.scorer, reviews=reviews,
                     log=log if is_main() else quiet)
-    with rank_zero_first(), ctx.rt.autocast:
+    with rank_zero_first(), ctx.runtime.autocast:
         pairs = cached_pairs(ctx.out / "pairs.jsonl", fp, build, log=log if is_main() else quiet)
     train, heldout = split_pairs(pairs)
     train, _ = fit_pairs(train, st.max_length)
@@ -144,9 +144,9 @@ def ensure_pairs(ctx: RunContext) -> PairData:
     ctx.pairs = PairData(train, heldout, prompt_groups(train), fp)
     if st.precompute_ref:
         b = st.batch
-        need = st.loop.steps * b.draws_per_step(ctx.rt.world)
+        need = st.loop.steps * b.draws_per_step(ctx.runtime.world)
         ctx.reference_cache = precompute_reference(ctx.model, ctx.pairs, ReferenceCacheConfig(
-            need, b.max_length, b.pad_id, b.logprobs, b.seed), ctx.out, ctx.rt)
+            need, b.max_length, b.pad_id, b.logprobs, b.seed), ctx.out, ctx.runtime)
     return ctx.pairs
 
 
@@ -163,19 +163,19 @@ def ensure_reward_model(ctx: RunContext) -> RewardModelScorer:
 
     def build():
         rm, info = train_reward_model(ctx.model, data, st.lora, st.batch,
-                                      TrainRun(st.rm_loop, ctx.out / "reward_model"), ctx.rt)
+                                      TrainRun(st.rm_loop, ctx.out / "reward_model"), ctx.runtime)
         trained.update(info["train"])
         if is_main():
-            plot_curves(ctx.out / "reward_model", ctx.rt.log)
+            plot_curves(ctx.out / "reward_model", ctx.runtime.log)
         return rm, info
 
-    rm, info = cached_reward_model(ctx.out / "reward_model.safetensors", fp, ctx.model, build, ctx.rt.log)
+    rm, info = cached_reward_model(ctx.out / "reward_model.safetensors", fp, ctx.model, build, ctx.runtime.log)
     for p in rm.parameters():
         p.requires_grad_(False)
     ctx.reward_model_info = {**info, "heldout_pairs": len(data.heldout),
                              "train": {"steps": st.rm_loop.steps, "lr": st.rm_loop.lr,
                                        **{k: v for k, v in trained.items() if isinstance(v, (int, float))}}}
-    ctx.reward_model = RewardModelScorer(rm, ctx.tok, st.max_length, autocast=ctx.rt.autocast)
+    ctx.reward_model = RewardModelScorer(rm, ctx.tok, st.max_length, autocast=ctx.runtime.autocast)
     return ctx.reward_model
 
 
@@ -190,7 +190,7 @@ class ReferenceCacheConfig:
 
 @torch.no_grad()
 def precompute_reference(model: torch.nn.Module, data: PairData, cfg: ReferenceCacheConfig, out: Path,
-                         rt: Runtime) -> dict[int, Tensor]:
+                         runtime: Runtime) -> dict[int, Tensor]:
     """Reference sequence log-probs of every prompt group the run will draw (not the whole dataset), computed once
     before the adapter exists (so exactly the reference) and cached in out/reference_logps.safetensors.
 
@@ -201,7 +201,7 @@ def precompute_reference(model: torch.nn.Module, data: PairData, cfg: ReferenceC
     path = out / "reference_logps.safetensors"
     fp = fingerprint({"model": module_fingerprint(model), "pairs": data.fingerprint, "groups": used,
                       "max_length": cfg.max_length, "logprobs": cfg.logprobs})
-    device, log = next(model.parameters()).device, rt.log
+    device, log = next(model.parameters()).device, runtime.log
 
     def build() -> dict[str, Tensor]:
         if path.is_file():
@@ -217,7 +217,7 @@ def precompute_reference(model: torch.nn.Module, data: PairData, cfg: ReferenceC
         for g in used:
             batch = collate_unique([data.train[i] for i in data.groups[g]], cfg.max_length, pad_id=cfg.pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            with rt.autocast:
+            with runtime.autocast:
                 r = reference_forward(model, batch, cfg.logprobs, unique=True)
             tensors[str(g)] = torch.stack([r["logps"].float(), r["logps_mean"].float()]).cpu()
         if is_main():
@@ -230,7 +230,7 @@ def precompute_reference(model: torch.nn.Module, data: PairData, cfg: ReferenceC
 
 
 def sft_stage(model: GPT, model_desc: str, reviews: Reviews, tok: Tokenizer, st: RunConfigs, out: Path,
-              rt: Runtime) -> tuple[GPT, str]:
+              runtime: Runtime) -> tuple[GPT, str]:
     """SFT on review text (st.sft_loop, st.sft, st.lora), folded into the weights: (the model that is both the
     reference and every method's start, what run.json records as its base). Without SFT the loaded model itself;
     `random` weights are saved so a sampler can find them again."""
@@ -242,9 +242,9 @@ def sft_stage(model: GPT, model_desc: str, reviews: Reviews, tok: Tokenizer, st:
         return model, model_desc
     done = out / "sft_model"
     if (done / "config.json").is_file():
-        rt.log(f"[sft] reusing {done}")
+        runtime.log(f"[sft] reusing {done}")
         return load_gpt2(done, device=device).eval(), "sft_model"
-    rt.log(f"[sft] {loop.steps} steps on {len(reviews.train):,} reviews ({'LoRA' if cfg.lora else 'all weights'})")
+    runtime.log(f"[sft] {loop.steps} steps on {len(reviews.train):,} reviews ({'LoRA' if cfg.lora else 'all weights'})")
     if cfg.lora:
         apply_lora(model, st.lora)
     else:
@@ -252,7 +252,7 @@ def sft_stage(model: GPT, model_desc: str, reviews: Reviews, tok: Tokenizer, st:
             p.requires_grad_(True)
     stream = pack_texts([r.text for r in reviews.train], tok)
     windows = replace(cfg, block_size=min(cfg.block_size, model.config.block_size))
-    run_sft(model, stream, windows, loop, rt, out, resume=True)
+    run_sft(model, stream, windows, loop, runtime, out, resume=True)
     if cfg.lora:
         remove_lora(model, merge=True)
     for p in model.parameters():

@@ -33,7 +33,7 @@ from minidpo.dataset.batching import PairData
 from minidpo.methods.offline_train import BatchConfig, as_unique, make_batch_fn
 from minidpo.methods.scoring import completion_logps, token_logps
 from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import Training, TrainRun, fit, trainable_adapter
+from minidpo.training.trainer import Training, TrainRun, train_loop, trainable_adapter
 
 UL_FLOOR = 1e-5  # smallest 1 - p the unlikelihood term uses (Welleck et al.'s clamp)
 LN2 = math.log(2.0)
@@ -140,7 +140,7 @@ def unlikelihood_step(model: torch.nn.Module, batch: tuple, cfg: UnlikelihoodCon
 # ----------------------------------------------------------------------------- one run
 
 def train_baseline(model: torch.nn.Module, data: PairData, method: str, bcfg: BatchConfig, run: TrainRun,
-                   rt: Runtime, unlikelihood: UnlikelihoodConfig | None = None) -> dict:
+                   runtime: Runtime, unlikelihood: UnlikelihoodConfig | None = None) -> dict:
     """Train the model's fresh LoRA adapter (B = 0: the caller applies it, so the adapter disabled is the reference
     the evaluation's KL is measured against) with "preferred-ft" or "unlikelihood" on DPO's batches; returns the
     training summary. The caller evaluates afterwards, as for every method."""
@@ -150,7 +150,7 @@ def train_baseline(model: torch.nn.Module, data: PairData, method: str, bcfg: Ba
     params = trainable_adapter(model, f"train_baseline({method})")
 
     def step_fn(batch):
-        with rt.autocast:
+        with runtime.autocast:
             if method == "preferred-ft":
                 return preferred_ft_step(model, batch, bcfg)
             return unlikelihood_step(model, batch, ul, bcfg)
@@ -160,4 +160,5 @@ def train_baseline(model: torch.nn.Module, data: PairData, method: str, bcfg: Ba
     loop = replace(run.loop, label=f"{method} {setting}", show=show)
     settings = {"method": method, "batch": asdict(bcfg), "steps": loop.steps, "lr": loop.lr,
                 **({"unlikelihood": asdict(ul)} if method == "unlikelihood" else {})}
-    return fit(Training(loop, params, make_batch_fn(data, bcfg, rt), step_fn), run, rt, settings)
+    training = Training(loop, params, make_batch_fn(data, bcfg, runtime), step_fn)
+    return train_loop(training, **run.loop_args(params, settings, runtime.log))

@@ -68,7 +68,7 @@ def dpo_step(model: torch.nn.Module, batch: tuple, dpo: DPOConfig, batch_config:
 
 
 def train_dpo(model: torch.nn.Module, data: PairData, dpo: DPOConfig, batch_config: BatchConfig, run: TrainRun,
-              rt: Runtime, reference_cache: dict[int, Tensor] | None = None, compile: bool = False) -> dict:
+              runtime: Runtime, reference_cache: dict[int, Tensor] | None = None, compile: bool = False) -> dict:
     """Train the model's fresh LoRA adapter (B = 0: the caller applies it) with DPO on `data`'s batches; returns
     the training summary. The caller evaluates afterwards (experiment/compare.py's one epilogue for every method)."""
     params = trainable_adapter(model, "train_dpo")
@@ -77,5 +77,5 @@ def train_dpo(model: torch.nn.Module, data: PairData, dpo: DPOConfig, batch_conf
     loop = replace(run.loop, label=f"dpo beta={dpo.beta:g}")
     settings = {"dpo": asdict(dpo), "batch": asdict(batch_config), "steps": loop.steps, "lr": loop.lr}
     step = partial(dpo_step, model, dpo=dpo, batch_config=batch_config, reference_cache=reference_cache)
-    training = Training(loop, params, make_batch_fn(data, batch_config, rt), step, autocast=rt.autocast)
-    return train_loop(training, **run.loop_args(params, settings, rt.log))
+    training = Training(loop, params, make_batch_fn(data, batch_config, runtime), step, autocast=runtime.autocast)
+    return train_loop(training, **run.loop_args(params, settings, runtime.log))

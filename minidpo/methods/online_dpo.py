@@ -62,7 +62,7 @@ from minidpo.methods.dpo import DPOConfig, dpo_unique_loss
 from minidpo.dataset.pairs import PAIRINGS, preference_pairs
 from minidpo.methods.rollout import Rollout, RolloutConfig, make_rollout_fn, policy_logps
 from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import Training, TrainRun, fit, trainable_adapter
+from minidpo.training.trainer import Training, TrainRun, train_loop, trainable_adapter
 
 # (metric key, short label, format) for the progress line (LoopConfig.show)
 ONLINE_DPO_SHOW = (("reward", "reward", "{:.3f}"), ("kl/sampled", "kl", "{:.3f}"),
@@ -119,17 +119,18 @@ def online_dpo_loss(model: torch.nn.Module, rollout: Rollout, dpo: DPOConfig, cf
 
 
 def train_online_dpo(model: torch.nn.Module, tokenizer, scorer, prompts: list, dpo: DPOConfig, cfg: OnlineDPOConfig,
-                     run: TrainRun, rt: Runtime) -> dict:
+                     run: TrainRun, runtime: Runtime) -> dict:
     """Train the model's fresh LoRA adapter (B = 0: the caller applies it) with online DPO; returns the last logged
     metrics and the training seconds. The caller evaluates afterwards, as for every method."""
-    get_batch = make_rollout_fn(model, tokenizer, scorer, prompts, cfg, run.loop.grad_accum, rt)
+    get_batch = make_rollout_fn(model, tokenizer, scorer, prompts, cfg, run.loop.grad_accum, runtime)
     params = trainable_adapter(model, "train_online_dpo")
 
     def step_fn(rollout: Rollout) -> tuple[Tensor, dict[str, Tensor], int, int]:
         model.train()  # LoRA dropout on in every training step (the rollout sampled in eval mode)
-        loss, metrics, log_ratio = online_dpo_loss(model, rollout, dpo, cfg, rt.autocast)
+        loss, metrics, log_ratio = online_dpo_loss(model, rollout, dpo, cfg, runtime.autocast)
         return loss, metrics, rollout.n_tokens, log_ratio.numel()
 
     loop = replace(run.loop, show=ONLINE_DPO_SHOW, item_name="completions", label=f"online-dpo beta={dpo.beta:g}")
     settings = {"dpo": asdict(dpo), "online": asdict(cfg), "steps": loop.steps, "lr": loop.lr}
-    return fit(Training(loop, params, get_batch, step_fn), run, rt, settings)
+    training = Training(loop, params, get_batch, step_fn)
+    return train_loop(training, **run.loop_args(params, settings, runtime.log))

@@ -50,7 +50,7 @@ from minidpo.formats.safetensors import SafetensorsError, load_file, load_metada
 from minidpo.dataset.batching import PairData
 from minidpo.model.tokenizer import EOT_ID
 from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import Training, TrainRun, fit
+from minidpo.training.trainer import Training, TrainRun, train_loop
 
 FORMAT = "minidpo-reward-model-v1"
 # (metric key, short label, format) for the progress line (LoopConfig.show); TRL's RewardTrainer names
@@ -188,7 +188,7 @@ def trainable_reward_parameters(rm: RewardModel) -> dict[str, Tensor]:
 
 
 def train_reward_model(reference: GPT, data: PairData, lora: LoRAConfig, bcfg: BatchConfig, run: TrainRun,
-                       rt: Runtime) -> tuple[RewardModel, dict]:
+                       runtime: Runtime) -> tuple[RewardModel, dict]:
     """Fit a reward model on data.train with the Bradley-Terry loss on DPO's batches, resumable from
     run.run_dir/checkpoint; then fit its normalization on the training pairs and measure its held-out accuracy.
 
@@ -197,20 +197,21 @@ def train_reward_model(reference: GPT, data: PairData, lora: LoRAConfig, bcfg: B
     """
     torch.manual_seed(bcfg.seed)
     body = apply_lora(copy.deepcopy(reference), lora)
-    rm = RewardModel(body).to(rt.device)
+    rm = RewardModel(body).to(runtime.device)
     params = trainable_reward_parameters(rm)
 
     def step_fn(batch):
-        with rt.autocast:
+        with runtime.autocast:
             return reward_model_step(rm, batch)
 
     settings = {"method": "reward-model", "lora": asdict(lora), "batch": asdict(bcfg), "steps": run.loop.steps,
                 "lr": run.loop.lr}
     loop = replace(run.loop, label="reward-model", show=REWARD_MODEL_SHOW)
-    summary = fit(Training(loop, params, make_batch_fn(data, bcfg, rt), step_fn), run, rt, settings)
+    training = Training(loop, params, make_batch_fn(data, bcfg, runtime), step_fn)
+    summary = train_loop(training, **run.loop_args(params, settings, runtime.log))
     mean, std = fit_normalization(rm, data.train, bcfg.max_length, bcfg.pad_id)
     accuracy = heldout_accuracy(rm, data.heldout, bcfg.max_length, bcfg.pad_id) if data.heldout else None
-    rt.log(f"[reward-model] held-out pair accuracy {accuracy if accuracy is None else f'{accuracy:.3f}'} on "
+    runtime.log(f"[reward-model] held-out pair accuracy {accuracy if accuracy is None else f'{accuracy:.3f}'} on "
         f"{len(data.heldout)} pairs; reward normalized with mean {mean:+.3f}, std {std:.3f}")
     return rm, {"heldout_accuracy": accuracy, "normalization": {"mean": mean, "std": std}, "train": summary}
 
@@ -306,7 +307,8 @@ def cached_reward_model(path: Path, fp: str, reference: GPT, build: Callable[[],
     """The reward model stage: reuse `path` when its metadata fingerprint is `fp`, else build() and save it.
 
     fp must cover everything the model depends on (reference weights, pairs fingerprint, LoRA, batch and loop
-    settings). Call it on every rank (not inside rank_zero_first: training all-reduces across ranks). Returns (model, info) with info {"heldout_accuracy", "normalization"} read back from the file.
+    settings). Call it on every rank (not inside rank_zero_first: training all-reduces across ranks). Returns
+    (model, info) with info {"heldout_accuracy", "normalization"} read back from the file.
     """
     if path.is_file():
         try:

@@ -57,7 +57,7 @@ from minidpo.methods.pg import (RLOO_SHOW, adaptive_kl_coef, kl_penalized_reward
                                 rloo_advantages)
 from minidpo.methods.rollout import Rollout, RolloutConfig, make_rollout_fn, policy_logps
 from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import Training, TrainRun, fit, trainable_adapter
+from minidpo.training.trainer import Training, TrainRun, train_loop, trainable_adapter
 
 
 @dataclass(frozen=True)
@@ -124,20 +124,22 @@ class KLController:
 
 
 def train_rloo(model: torch.nn.Module, tokenizer, scorer, prompts: list, cfg: RLOOConfig, run: TrainRun,
-               rt: Runtime) -> dict:
+               runtime: Runtime) -> dict:
     """Train the model's fresh LoRA adapter (B = 0: the caller applies it) with RLOO; returns the last logged
     metrics, the final kl_coef and the training seconds. The caller evaluates afterwards, as for every method."""
-    get_batch = make_rollout_fn(model, tokenizer, scorer, prompts, cfg, run.loop.grad_accum, rt)
+    get_batch = make_rollout_fn(model, tokenizer, scorer, prompts, cfg, run.loop.grad_accum, runtime)
     params = trainable_adapter(model, "train_rloo")
-    kl = KLController(cfg, run.loop.grad_accum, rt.world)
+    kl = KLController(cfg, run.loop.grad_accum, runtime.world)
 
     def step_fn(rollout: Rollout) -> tuple[Tensor, dict[str, Tensor], int, int]:
         model.train()  # LoRA dropout on in every training step (the rollout sampled in eval mode)
-        loss, metrics, log_ratio = rloo_loss(model, rollout, cfg, kl.value, rt.autocast)
+        loss, metrics, log_ratio = rloo_loss(model, rollout, cfg, kl.value, runtime.autocast)
         kl.observe(log_ratio, rollout.micro)  # after the loss: this step used the previous coefficient
         return loss, metrics, rollout.n_tokens, log_ratio.numel()
 
     loop = replace(run.loop, show=RLOO_SHOW, item_name="completions", label=f"{run.loop.label} "
                    + (f"kl_coef={cfg.kl_coef:g}" if cfg.target_kl is None else f"target_kl={cfg.target_kl:g}"))
     settings = {"rloo": asdict(cfg), "steps": loop.steps, "lr": loop.lr}
-    return {**fit(Training(loop, params, get_batch, step_fn, state=kl), run, rt, settings), "kl_coef": kl.value}
+    training = Training(loop, params, get_batch, step_fn, state=kl)
+    summary = train_loop(training, **run.loop_args(params, settings, runtime.log))
+    return {**summary, "kl_coef": kl.value}

@@ -33,7 +33,6 @@ from minidpo.config import require
 from minidpo.training.distributed import average_gradients, barrier, is_main, rank_and_world
 from minidpo.model.lora import adapters_are_zero, lora_layers
 from minidpo.progress import Log, quiet
-from minidpo.training.runtime import Runtime
 
 # (metric key, short label, format) for the log line; DPO's by default
 DPO_SHOW = (("rewards/accuracies", "acc", "{:.2f}"), ("rewards/margins", "margin", "{:+.3f}"),
@@ -302,11 +301,6 @@ class TrainRun:
         recorded = self.settings if self.settings is not None else settings
         return dict(checkpointer=Checkpointer(run_dir / "checkpoint", params, recorded),
                     log_path=run_dir / "log.jsonl", on_step_end=self.on_step_end, resume=self.resume, log=log)
-
-
-def fit(t: Training, run: TrainRun, rt: Runtime, settings: dict) -> dict:
-    """Train t in run.run_dir (`TrainRun.loop_args`); returns train_loop's summary."""
-    return train_loop(t, **run.loop_args(t.params, settings, rt.log))
 
 
 def append_jsonl(path: Path, record: dict) -> None:
