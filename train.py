@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from minidpo import config as C
+from minidpo import config
 from minidpo.experiment.compare import check_checkpoints, finish_run, method_runs, run_best_of_n, start_run
 from minidpo.experiment.context import RunContext, RunConfigs
 from minidpo.experiment.options import build_configs
@@ -176,9 +176,9 @@ COMPARE_SWEEPS = {"beta_sweep": "0.05,0.1,0.5", "kl_coef_sweep": "0.02,0.05", "u
 def load_config(argv: list[str]) -> tuple[TrainConfig, set[str]]:
     """(config, the options given on the command line), every option checked (its configs built). --resume reads
     the run's own config.json instead."""
-    types = C.field_types(TrainConfig)
-    given = C.parse_overrides(argv, types)
-    cfg = C.build_config(TrainConfig, argv, PRESETS)
+    types = config.field_types(TrainConfig)
+    given = config.parse_overrides(argv, types)
+    cfg = config.build_config(TrainConfig, argv, PRESETS)
     if cfg.resume is not None:
         cfg = resumed_config(cfg, given)
     cfg.configs  # noqa: B018 (built here, so a bad option fails before any work)
@@ -189,12 +189,12 @@ def resumed_config(cfg: TrainConfig, given: dict) -> TrainConfig:
     """The config a run in cfg.resume was started with; options given now that change results are ignored."""
     saved = Path(cfg.resume) / "config.json"
     if not saved.is_file():
-        raise C.ConfigError(f"--resume {cfg.resume}: no config.json there (not a train.py output directory)")
+        raise config.ConfigError(f"--resume {cfg.resume}: no config.json there (not a train.py output directory)")
     try:
         stored_raw = json.loads(saved.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise C.ConfigError(f"{saved}: not valid JSON ({e}); the run cannot be resumed, start it again") from None
-    stored = C.config_from_dict(TrainConfig, stored_raw, str(saved))
+        raise config.ConfigError(f"{saved}: not valid JSON ({e}); the run cannot be resumed, start it again") from None
+    stored = config.config_from_dict(TrainConfig, stored_raw, str(saved))
     merged, ignored = resume_overrides(dataclasses.asdict(stored), {k: getattr(cfg, k) for k in given},
                                        safe=NOT_SETTINGS - {"preset", "out_dir"})
     if ignored:
@@ -300,7 +300,7 @@ def enter_run_folder(cfg: TrainConfig, out: Path):
 
     def record(o: Path) -> None:  # rank 0, after the folder check: refuse a sub-run made otherwise first
         check_checkpoints(cfg.configs, settings, o)
-        C.save_config(cfg, o / "config.json")
+        config.save_config(cfg, o / "config.json")
     return run_folder(out, settings, resume=cfg.resume is not None, overwrite=cfg.overwrite, record=record,
                       missing=lambda o: missing_outputs(cfg, o))
 
@@ -341,7 +341,7 @@ def run_seeds(cfg: TrainConfig, given: set[str], runtime: Runtime, precision: st
     if is_main():
         check_writable(out, "--out-dir")
     with run_folder(out, run_settings(cfg), resume=cfg.resume is not None, overwrite=cfg.overwrite,
-                    record=lambda o: C.save_config(cfg, o / "config.json"),
+                    record=lambda o: config.save_config(cfg, o / "config.json"),
                     missing=lambda o: [s for s in seeds if not (o / f"seed_{s}" / "summary.json").is_file()]) as folder:
         if folder.finished:
             runtime.log(f"{out} already holds this run over seeds {cfg.seeds}, finished; its outputs stay as they are "
@@ -366,4 +366,4 @@ def run_seeds(cfg: TrainConfig, given: set[str], runtime: Runtime, precision: st
 
 
 if __name__ == "__main__":
-    sys.exit(C.run_program(main, sys.argv[1:], __doc__, TrainConfig))
+    sys.exit(config.run_program(main, sys.argv[1:], __doc__, TrainConfig))

@@ -122,31 +122,31 @@ def ensure_pairs(ctx: RunContext) -> PairData:
     needs them, cached in out/pairs.jsonl; with --precompute-ref also the reference's log-probs of them."""
     if ctx.pairs is not None:
         return ctx.pairs
-    st, log = ctx.configs, ctx.runtime.log
+    configs, log = ctx.configs, ctx.runtime.log
     every = ctx.prompts.train + ctx.prompts.heldout
     reviews = ctx.reviews.train + ctx.reviews.test
     scorer_id = hashlib.sha256(ctx.scorer.weight.numpy().tobytes()).hexdigest()
-    fp = pairs_fingerprint(st.pairs, every, model_id=module_fingerprint(ctx.model), scorer_id=scorer_id,
-                           data_id=reviews_fingerprint(reviews) if st.pairs.mode == "labels" else "")
+    fp = pairs_fingerprint(configs.pairs, every, model_id=module_fingerprint(ctx.model), scorer_id=scorer_id,
+                           data_id=reviews_fingerprint(reviews) if configs.pairs.mode == "labels" else "")
 
-    build = partial(build_pairs, st.pairs, every, ctx.tok, model=ctx.model, scorer=ctx.scorer, reviews=reviews,
+    build = partial(build_pairs, configs.pairs, every, ctx.tok, model=ctx.model, scorer=ctx.scorer, reviews=reviews,
                     log=log if is_main() else quiet)
     with rank_zero_first(), ctx.runtime.autocast:
         pairs = cached_pairs(ctx.out / "pairs.jsonl", fp, build, log=log if is_main() else quiet)
     train, heldout = split_pairs(pairs)
-    train, _ = fit_pairs(train, st.max_length)
-    heldout, _ = fit_pairs(heldout, st.max_length)
+    train, _ = fit_pairs(train, configs.max_length)
+    heldout, _ = fit_pairs(heldout, configs.max_length)
     if not train:
         raise ValueError("no training pairs (every prompt's completions scored the same?); raise --num-prompts or "
                          "--completions-per-prompt")
     log(f"[pairs] {len(train):,} training pairs from {len(ctx.prompts.train)} prompts, {len(heldout)} held-out "
         f"pairs, {len(ctx.prompts.eval)} evaluation prompts")
     ctx.pairs = PairData(train, heldout, prompt_groups(train), fp)
-    if st.precompute_ref:
-        b = st.batch
-        need = st.loop.steps * b.draws_per_step(ctx.runtime.world)
+    if configs.precompute_ref:
+        batch = configs.batch
+        draws = configs.loop.steps * batch.draws_per_step(ctx.runtime.world)
         ctx.reference_cache = precompute_reference(ctx.model, ctx.pairs, ReferenceCacheConfig(
-            need, b.max_length, b.pad_id, b.logprobs, b.seed), ctx.out, ctx.runtime)
+            draws, batch.max_length, batch.pad_id, batch.logprobs, batch.seed), ctx.out, ctx.runtime)
     return ctx.pairs
 
 
@@ -156,14 +156,14 @@ def ensure_reward_model(ctx: RunContext) -> RewardModelScorer:
     on (reference weights, pairs, LoRA, batches, loop). Every rank trains (the loop all-reduces); rank 0 saves."""
     if ctx.reward_model is not None:
         return ctx.reward_model
-    data, st = ensure_pairs(ctx), ctx.configs
-    fp = fingerprint({"model": module_fingerprint(ctx.model), "pairs": data.fingerprint, "lora": asdict(st.lora),
-                      "batch": asdict(st.batch), "loop": {**asdict(st.rm_loop), "show": None}})
+    data, configs = ensure_pairs(ctx), ctx.configs
+    fp = fingerprint({"model": module_fingerprint(ctx.model), "pairs": data.fingerprint, "lora": asdict(configs.lora),
+                      "batch": asdict(configs.batch), "loop": {**asdict(configs.rm_loop), "show": None}})
     trained: dict = {}
 
     def build():
-        rm, info = train_reward_model(ctx.model, data, st.lora, st.batch,
-                                      TrainRun(st.rm_loop, ctx.out / "reward_model"), ctx.runtime)
+        rm, info = train_reward_model(ctx.model, data, configs.lora, configs.batch,
+                                      TrainRun(configs.rm_loop, ctx.out / "reward_model"), ctx.runtime)
         trained.update(info["train"])
         if is_main():
             plot_curves(ctx.out / "reward_model", ctx.runtime.log)
@@ -173,9 +173,9 @@ def ensure_reward_model(ctx: RunContext) -> RewardModelScorer:
     for p in rm.parameters():
         p.requires_grad_(False)
     ctx.reward_model_info = {**info, "heldout_pairs": len(data.heldout),
-                             "train": {"steps": st.rm_loop.steps, "lr": st.rm_loop.lr,
+                             "train": {"steps": configs.rm_loop.steps, "lr": configs.rm_loop.lr,
                                        **{k: v for k, v in trained.items() if isinstance(v, (int, float))}}}
-    ctx.reward_model = RewardModelScorer(rm, ctx.tok, st.max_length, autocast=ctx.runtime.autocast)
+    ctx.reward_model = RewardModelScorer(rm, ctx.tok, configs.max_length, autocast=ctx.runtime.autocast)
     return ctx.reward_model
 
 
@@ -229,12 +229,12 @@ def precompute_reference(model: torch.nn.Module, data: PairData, cfg: ReferenceC
 
 
 
-def sft_stage(model: GPT, model_desc: str, reviews: Reviews, tok: Tokenizer, st: RunConfigs, out: Path,
+def sft_stage(model: GPT, model_desc: str, reviews: Reviews, tok: Tokenizer, configs: RunConfigs, out: Path,
               runtime: Runtime) -> tuple[GPT, str]:
-    """SFT on review text (st.sft_loop, st.sft, st.lora), folded into the weights: (the model that is both the
-    reference and every method's start, what run.json records as its base). Without SFT the loaded model itself;
+    """SFT on review text (configs.sft_loop, configs.sft, configs.lora), folded into the weights: (the model that is
+    both the reference and every method's start, what run.json records as its base). Without SFT the loaded model itself;
     `random` weights are saved so a sampler can find them again."""
-    device, loop, cfg = next(model.parameters()).device, st.sft_loop, st.sft
+    device, loop, cfg = next(model.parameters()).device, configs.sft_loop, configs.sft
     if loop is None:
         if model_desc.startswith("random(") and is_main():
             save_hf(model, out / "base_model")
@@ -246,7 +246,7 @@ def sft_stage(model: GPT, model_desc: str, reviews: Reviews, tok: Tokenizer, st:
         return load_gpt2(done, device=device).eval(), "sft_model"
     runtime.log(f"[sft] {loop.steps} steps on {len(reviews.train):,} reviews ({'LoRA' if cfg.lora else 'all weights'})")
     if cfg.lora:
-        apply_lora(model, st.lora)
+        apply_lora(model, configs.lora)
     else:
         for p in model.parameters():
             p.requires_grad_(True)

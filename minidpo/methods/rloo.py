@@ -15,32 +15,13 @@ One step (per micro-batch, `prompts_per_step` prompts on each process):
 2. loss, with gradient (`rloo_loss`): the policy's sequence log-probs of the same rows, the KL-penalized reward
    (policy log-probs detached), the leave-one-out advantages, the REINFORCE surrogate.
 
-Tuning on the tiny preset (the previous bundled 7M model, 5.94 nats/token; IMDB sample, LoRA r=8 on every
-projection, lengths 8-16, evaluation
-on 128 held-out prompts at temperature 1; one seed each, 1 thread of a shared 2-core machine). Gain = policy minus
-reference reward (0.400), its standard error ~0.01-0.02:
-
-    prompts x K       steps  lr     kl_coef  sampling     gain    KL (exact, eval)
-    8 x 4             120    5e-3   0.05     T=1          +0.024   0.36
-    16 x 4            100    1e-2   0.05     T=1          +0.019   0.72
-    8 x 4             120    2e-2   0.05     T=1          +0.008  15.5    (noise-driven drift)
-    8 x 8             100    1e-2   0.02     top-k 50     +0.111  20.8    (word salad: the unsampled tail fills up)
-    8 x 8              60    1e-2   0.10     T=0.7        +0.018   0.66
-    8 x 8              60    1e-2   0.05     T=0.7        +0.065   2.00
-    8 x 8              80    1e-2   0.03     T=0.7        +0.146   5.31    (seed 1: +0.160 at 6.51)
-    8 x 8              80    1e-2   0.02     T=0.7        +0.216   8.66
-
-`python train.py --preset tiny --method rloo` (kl_coef 0.02) then gave reference 0.417 -> policy 0.649 at exact KL
-10.2 in 2 min 20 s wall on the 2 cores (load ~2); with --kl-coef 0.03, 0.417 -> 0.530 at KL 4.8.
-
-At temperature 1 the 7M model's next-token entropy is high (test loss 5.9 nats/token), so log pi(y|x) of a whole
-completion varies by many nats between samples and the score-function estimate is mostly noise at a few thousand
-samples. Sampling at T=0.7, with every log-prob of the tempered policy (still on-policy, as TRL does), cuts that
-noise, and what is learned carries over to the temperature-1 evaluation.
+Sampling at a temperature below 1 (the tiny preset's 0.7), with every log-prob of the tempered policy (still
+on-policy, as TRL does), cuts the score-function estimate's noise; what is learned carries over to the
+temperature-1 evaluation (the tuning runs: bench/README.md, "Tuning RLOO and online DPO").
 
 Exact resume: rollouts are pure functions of (seed, step, micro, rank) and the weights (minidpo/methods/rollout.py); the
 adaptive kl_coef is updated at the end of each optimizer step inside the step itself, and saved in the checkpoint
-(train_loop's get_state / set_state), so a resumed run continues with the coefficient it had.
+(the loop's `LoopState`), so a resumed run continues with the coefficient it had.
 """
 
 import math

@@ -68,18 +68,6 @@ class LoopConfig:
         require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
         require(self.checkpoint_every >= 0, "checkpoint_every",
                 f"must be >= 0 (0: only at the end), got {self.checkpoint_every}")
-        require(self.item_name.isidentifier(), "item_name", f"must be a plain name, got {self.item_name!r}")
-        for entry in self.show:
-            require(len(entry) == 3 and all(isinstance(s, str) for s in entry) and _formats(entry[2]), "show",
-                    f"entries must be (metric key, label, format such as '{{:.3f}}'), got {entry!r}")
-
-
-def _formats(fmt: str) -> bool:
-    try:
-        fmt.format(0.0)
-    except (ValueError, IndexError, KeyError):
-        return False
-    return True
 
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
