@@ -122,7 +122,7 @@ class StepClock:
 
 
 def print_on_main(msg: str) -> None:
-    """The default log of train_loop: what train.py has always shown, from rank 0 only."""
+    """The default log of train_loop: the progress lines, printed by rank 0 only."""
     if is_main():
         print(msg, flush=True)
 
