@@ -33,7 +33,7 @@ def make(B=3, T=5, V=37, dtype=torch.float32, seed=0, ignore=True):
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 4, None])
-def test_token_logprobs_equals_naive_log_softmax_gather_fp32(chunk_rows):
+def test_fused_token_logps_equals_naive_log_softmax_gather_fp32(chunk_rows):
     logits, targets = make()
     out = fused_token_logps(logits, targets, chunk_rows=chunk_rows)
     assert out.shape == targets.shape and out.dtype == torch.float32
@@ -41,7 +41,7 @@ def test_token_logprobs_equals_naive_log_softmax_gather_fp32(chunk_rows):
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 4, None])
-def test_token_logprobs_gradient_equals_naive_gradient_fp32(chunk_rows):
+def test_fused_token_logps_gradient_equals_naive_gradient_fp32(chunk_rows):
     logits, targets = make()
     w = torch.randn(targets.shape)
     (g_fused,) = torch.autograd.grad((fused_token_logps(logits, targets, chunk_rows) * w).sum(), logits)
@@ -49,7 +49,7 @@ def test_token_logprobs_gradient_equals_naive_gradient_fp32(chunk_rows):
     torch.testing.assert_close(g_fused, g_naive, atol=1e-5, rtol=0)
 
 
-def test_token_logprobs_bf16_matches_fp32_math_on_the_same_values():
+def test_fused_token_logps_bf16_matches_fp32_math_on_the_same_values():
     logits, targets = make(V=101, dtype=torch.bfloat16)
     out = fused_token_logps(logits, targets, chunk_rows=3)
     # the forward upcasts to fp32 before any arithmetic, so it is as exact as fp32 on the same bf16 inputs
@@ -70,12 +70,12 @@ def test_ignored_targets_give_zero_logprob_and_no_gradient():
     assert torch.all(g[0, 2:].abs().sum(-1) > 0)
 
 
-def test_token_logprobs_passes_gradcheck_in_float64():
+def test_fused_token_logps_passes_gradcheck_in_float64():
     logits, targets = make(B=2, T=3, V=7, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda x: fused_token_logps(x, targets, 2), (logits,))
 
 
-def test_linear_token_logprobs_passes_gradcheck_in_float64():
+def test_linear_token_logps_passes_gradcheck_in_float64():
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(2, 3, 4, dtype=torch.float64, generator=g, requires_grad=True)
     weight = torch.randn(7, 4, dtype=torch.float64, generator=g, requires_grad=True)
@@ -87,7 +87,7 @@ def test_linear_token_logprobs_passes_gradcheck_in_float64():
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 64])
 @pytest.mark.parametrize("weight_grad", [True, False])
-def test_linear_token_logprobs_values_and_gradients_equal_unfused(chunk_size, weight_grad):
+def test_linear_token_logps_values_and_gradients_equal_unfused(chunk_size, weight_grad):
     g = torch.Generator().manual_seed(2)
     hidden = torch.randn(3, 5, 8, generator=g, requires_grad=True)
     weight = torch.randn(41, 8, generator=g, requires_grad=weight_grad)
@@ -104,14 +104,14 @@ def test_linear_token_logprobs_values_and_gradients_equal_unfused(chunk_size, we
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_linear_token_logprobs_leaves_a_frozen_weight_without_grad():
+def test_linear_token_logps_leaves_a_frozen_weight_without_grad():
     hidden = torch.randn(2, 3, 4, requires_grad=True)
     weight = torch.randn(9, 4)
     linear_token_logps(hidden, weight, torch.randint(0, 9, (2, 3)), chunk_size=2).sum().backward()
     assert weight.grad is None and hidden.grad is not None
 
 
-def test_linear_token_logprobs_bf16_matches_unfused_within_bf16_tolerance():
+def test_linear_token_logps_bf16_matches_unfused_within_bf16_tolerance():
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(2, 6, 16, generator=g).bfloat16().requires_grad_()
     weight = (0.3 * torch.randn(50, 16, generator=g)).bfloat16().requires_grad_()
@@ -187,7 +187,7 @@ def test_forward_saves_the_given_logits_by_reference_and_only_small_tensors():
     assert sum(t.numel() for t in saved if t is not big[0]) <= 4 * targets.numel()
 
 
-def test_linear_token_logprobs_never_saves_a_vocab_sized_activation():
+def test_linear_token_logps_never_saves_a_vocab_sized_activation():
     hidden = torch.randn(4, 16, 8, requires_grad=True)
     weight = torch.randn(500, 8, requires_grad=True)
     sizes = []
@@ -307,7 +307,7 @@ def test_minus_inf_logits_in_bf16_give_finite_gradients_close_to_fp32():
     torch.testing.assert_close(g.float(), g_ref, rtol=BF16_RTOL, atol=BF16_ATOL)
 
 
-def test_linear_token_logprobs_with_a_minus_inf_logit_matches_the_unfused_gradients():
+def test_linear_token_logps_with_a_minus_inf_logit_matches_the_unfused_gradients():
     # hidden[:, 0] * weight[0, 0] overflows fp32 to -inf; every other row of weight has a 0 there, so only the
     # logit of token 0 is -inf: the target of row 0, and the safe target of the ignored row 1.
     hidden = torch.tensor([[1e30, 1.0], [1e30, -0.5], [0.0, 2.0]], requires_grad=True)
@@ -324,7 +324,7 @@ def test_linear_token_logprobs_with_a_minus_inf_logit_matches_the_unfused_gradie
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_linear_token_logprobs_under_autocast_matches_the_autocast_matmul():
+def test_linear_token_logps_under_autocast_matches_the_autocast_matmul():
     g = torch.Generator().manual_seed(13)
     hidden = torch.randn(2, 5, 16, generator=g, requires_grad=True)
     weight = (0.3 * torch.randn(50, 16, generator=g)).requires_grad_()
@@ -341,6 +341,6 @@ def test_linear_token_logprobs_under_autocast_matches_the_autocast_matmul():
         torch.testing.assert_close(a, b, atol=5e-2, rtol=2e-2)
 
 
-def test_linear_token_logprobs_refuses_mixed_dtypes_outside_autocast():
+def test_linear_token_logps_refuses_mixed_dtypes_outside_autocast():
     with pytest.raises(TypeError, match="same dtype"):
         linear_token_logps(torch.randn(2, 4).bfloat16(), torch.randn(9, 4), torch.tensor([1, 2]))
