@@ -6,8 +6,12 @@ Are two train.py output folders the same run? Every file under either folder is 
   by one placeholder (config.json records --out-dir);
 - .safetensors (adapters, merged models, cached reference log-probs): byte-identical;
 - .pt (checkpoints: optimizer state, RNG states, the loop's totals): byte-identical, or else equal after loading,
-  with the same timing fields removed (the loop's totals hold seconds);
-- .png (plots): skipped; everything else: byte-identical.
+  the checksummed payload unpacked (its sha256 covers the timing fields, its file list the names of temporary
+  files), the same timing fields removed, and the global Python and numpy RNG states left out: minidpo neither
+  seeds nor draws from them (its random streams are its own), so they hold each process's start-up entropy and
+  differ between two runs of the same commit (torch's RNG states are compared);
+- .png (plots) and .lock (the lock holds its writer's process id and time): skipped; everything else:
+  byte-identical.
 
 A file present on one side only is a difference. Prints each difference and a count of files compared; the exit
 status is 1 when anything differs.
@@ -54,7 +58,16 @@ def same_checkpoint(a: Path, b: Path) -> bool:
         if isinstance(x, (list, tuple)):
             return isinstance(y, (list, tuple)) and len(x) == len(y) and all(map(equal, x, y))
         return x == y
-    return equal(drop_timing(torch.load(a, weights_only=False)), drop_timing(torch.load(b, weights_only=False)))
+    def body(path: Path):
+        state = torch.load(path, weights_only=False)
+        if isinstance(state, dict) and isinstance(state.get("payload"), torch.Tensor):  # checkpoint.py's envelope
+            payload = torch.load(io.BytesIO(state["payload"].numpy().tobytes()), weights_only=False)
+            payload.pop("files", None)  # sha256 of the files beside it, compared themselves
+            payload.get("rng", {}).pop("python", None)
+            payload.get("rng", {}).pop("numpy", None)
+            state = {**{k: v for k, v in state.items() if k not in ("payload", "sha256")}, "payload": payload}
+        return drop_timing(state)
+    return equal(body(a), body(b))
 
 
 def differences(before: Path, after: Path) -> tuple[list[str], int]:
@@ -66,7 +79,7 @@ def differences(before: Path, after: Path) -> tuple[list[str], int]:
         if not (a.is_file() and b.is_file()):
             found.append(f"{name}: only in {before if a.is_file() else after}")
             continue
-        if name.suffix == ".png":
+        if name.suffix in (".png", ".lock") or name.name == ".lock":
             continue
         compared += 1
         if name.suffix in (".json", ".jsonl", ".csv"):
@@ -85,7 +98,8 @@ def main(argv: list[str]) -> int:
     found, compared = differences(before, after)
     for line in found:
         print(line)
-    print(f"{compared} files compared (png skipped): {'identical' if not found else f'{len(found)} differ'}")
+    print(f"{compared} files compared (png and lock skipped): "
+          f"{'identical' if not found else f'{len(found)} differ'}")
     return 1 if found else 0
 
 
