@@ -43,8 +43,8 @@ import torch
 from torch import Tensor
 
 from minidpo.config import require
-from minidpo.methods.dpo import DPOConfig, dpo_step_loss, pair_logps
 from minidpo.dataset.pairs import PAIRINGS, preference_pairs
+from minidpo.methods.dpo import DPOConfig, dpo_step_loss, pair_logps
 from minidpo.methods.rollout import Rollout, RolloutConfig, make_rollout_fn, policy_logps
 from minidpo.training.runtime import Runtime
 from minidpo.training.trainer import Training, TrainRun, train_loop, trainable_adapter

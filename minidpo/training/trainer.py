@@ -28,11 +28,11 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
-from minidpo.training.checkpoint import Checkpointer
 from minidpo.config import require
-from minidpo.training.distributed import average_gradients, barrier, is_main, rank_and_world
 from minidpo.model.lora import adapters_are_zero, lora_layers
 from minidpo.progress import Log, quiet
+from minidpo.training.checkpoint import Checkpointer
+from minidpo.training.distributed import average_gradients, barrier, is_main, rank_and_world
 
 # (metric key, short label, format) for the log line; DPO's by default
 DPO_SHOW = (("rewards/accuracies", "acc", "{:.2f}"), ("rewards/margins", "margin", "{:+.3f}"),
