@@ -3,7 +3,8 @@ Are two train.py output folders the same run? Every file under either folder is 
 
 - .json, .jsonl, .csv: equal after parsing, with the fields that hold wall-clock measurements removed (seconds,
   *_seconds, *_per_s such as tokens_per_s and pairs_per_s, ms_per_step, eta) and each folder's own path replaced
-  by one placeholder (config.json records --out-dir);
+  by one placeholder (config.json records --out-dir), as is the checkout each ran from when given (summary.json
+  records the path of the bundled data);
 - .safetensors (adapters, merged models, cached reference log-probs): byte-identical;
 - .pt (checkpoints: optimizer state, RNG states, the loop's totals): byte-identical, or else equal after loading,
   the checksummed payload unpacked (its sha256 covers the timing fields, its file list the names of temporary
@@ -16,7 +17,7 @@ Are two train.py output folders the same run? Every file under either folder is 
 A file present on one side only is a difference. Prints each difference and a count of files compared; the exit
 status is 1 when anything differs.
 
-    python scripts/compare_runs.py out/before out/after
+    python scripts/compare_runs.py out/before out/after [checkout/before checkout/after]
 """
 
 import csv
@@ -38,8 +39,10 @@ def drop_timing(value):
     return value
 
 
-def parsed(path: Path, root: Path):
+def parsed(path: Path, root: Path, source: Path | None = None):
     text = path.read_text().replace(str(root.resolve()), "<root>").replace(str(root), "<root>")
+    if source is not None:
+        text = text.replace(str(source.resolve()), "<source>")
     if path.suffix == ".json":
         return drop_timing(json.loads(text))
     if path.suffix == ".jsonl":
@@ -70,7 +73,8 @@ def same_checkpoint(a: Path, b: Path) -> bool:
     return equal(body(a), body(b))
 
 
-def differences(before: Path, after: Path) -> tuple[list[str], int]:
+def differences(before: Path, after: Path, sources: tuple[Path | None, Path | None] = (None, None)
+                ) -> tuple[list[str], int]:
     names = {p.relative_to(before) for p in before.rglob("*") if p.is_file()}
     names |= {p.relative_to(after) for p in after.rglob("*") if p.is_file()}
     found, compared = [], 0
@@ -83,7 +87,7 @@ def differences(before: Path, after: Path) -> tuple[list[str], int]:
             continue
         compared += 1
         if name.suffix in (".json", ".jsonl", ".csv"):
-            same = parsed(a, before) == parsed(b, after)
+            same = parsed(a, before, sources[0]) == parsed(b, after, sources[1])
         elif name.suffix == ".pt":
             same = a.read_bytes() == b.read_bytes() or same_checkpoint(a, b)
         else:
@@ -95,7 +99,8 @@ def differences(before: Path, after: Path) -> tuple[list[str], int]:
 
 def main(argv: list[str]) -> int:
     before, after = Path(argv[0]), Path(argv[1])
-    found, compared = differences(before, after)
+    sources = (Path(argv[2]), Path(argv[3])) if len(argv) == 4 else (None, None)
+    found, compared = differences(before, after, sources)
     for line in found:
         print(line)
     print(f"{compared} files compared (png and lock skipped): "
