@@ -31,15 +31,15 @@ from pathlib import Path
 
 import torch
 
-from minidpo import config as C
-from minidpo.experiment.compare import check_checkpoints, method_runs, run_one
-from minidpo.experiment.context import RunContext, Stages
-from minidpo.experiment.options import build_stages
+from minidpo import config
+from minidpo.experiment.compare import check_checkpoints, finish_run, method_runs, run_best_of_n, start_run
+from minidpo.experiment.context import RunContext, RunConfigs
+from minidpo.experiment.options import build_configs
 from minidpo.experiment.report import export_merged, result_lines, sample_hint, seeds_summary, summarize
-from minidpo.experiment.resolve import (autocast, check_model_name, check_writable, choose_dtype, imdb_source,
-                                       DTYPES, pick_device, slow_dtype_warning)
-from minidpo.experiment.stages import (check_model_fits, fit_classifier, load_model_stage, load_reviews,
-                                       make_prompt_sets, sft_stage)
+from minidpo.experiment.resolve import (DTYPES, autocast, check_model_name, check_writable, choose_dtype, imdb_source,
+                                       pick_device, slow_dtype_warning)
+from minidpo.experiment.stages import (check_model_fits, ensure_pairs, fit_classifier, load_model_stage,
+                                       load_reviews, make_prompt_sets, sft_stage)
 from minidpo.fileio import atomic_write_json
 from minidpo.formats.download import cache_dir
 from minidpo.model.tokenizer import Tokenizer
@@ -140,10 +140,10 @@ class TrainConfig:
     export_merged: str | None = None  # also write the policy with LoRA folded in, in Hugging Face's layout
 
     @cached_property
-    def stages(self) -> Stages:
+    def configs(self) -> RunConfigs:
         """The component configs this run will use, built once per config: building them checks every option
         before any work (a replace() is a new config, built anew)."""
-        return build_stages(self, COMPARE_SWEEPS)
+        return build_configs(self, COMPARE_SWEEPS)
 
 
 # bundled 6x256 model, shipped IMDB sample, the paper's offline DPO (+0.22..+0.26 over 3 seeds): minutes on 2 cores
@@ -176,17 +176,17 @@ COMPARE_SWEEPS = {"beta_sweep": "0.05,0.1,0.5", "kl_coef_sweep": "0.02,0.05", "u
 
 
 def load_config(argv: list[str]) -> tuple[TrainConfig, set[str]]:
-    """(config, the options given on the command line), every option checked (its stages built). --resume reads
+    """(config, the options given on the command line), every option checked (its configs built). --resume reads
     the run's own config.json instead."""
-    types = C.field_types(TrainConfig)
-    given = C.parse_overrides(argv, types)
-    cfg = C.build_config(TrainConfig, argv, PRESETS)
+    types = config.field_types(TrainConfig)
+    given = config.parse_overrides(argv, types)
+    cfg = config.build_config(TrainConfig, argv, PRESETS)
     if {"method", "compare"} <= set(given):
-        raise C.ConfigError(f"--method {cfg.method} and --compare {cfg.compare} were both given: --compare runs every "
+        raise config.ConfigError(f"--method {cfg.method} and --compare {cfg.compare} were both given: --compare runs every "
                             "method it lists, so drop --method (or list that method in --compare)", "method")
     if cfg.resume is not None:
         cfg = resumed_config(cfg, given)
-    cfg.stages  # noqa: B018 (built here, so a bad option fails before any work)
+    cfg.configs  # noqa: B018 (built here, so a bad option fails before any work)
     check_export_merged(cfg)
     return cfg, set(given)
 
@@ -196,13 +196,13 @@ def check_export_merged(cfg: TrainConfig) -> None:
     seed: with several, the models would overwrite each other (or a --compare would fail after all its work)."""
     if cfg.export_merged is None:
         return
-    runs = method_runs(cfg.stages, Path(cfg.out_dir))
+    runs = method_runs(cfg.configs, Path(cfg.out_dir))
     if len(runs) > 1:
-        raise C.ConfigError(f"--export-merged writes one model, and this run trains {len(runs)} (--compare or a "
+        raise config.ConfigError(f"--export-merged writes one model, and this run trains {len(runs)} (--compare or a "
                             "sweep): run the one method and setting to export on its own with --export-merged, or "
                             "merge a sub-run's adapter_peft/ with PEFT", "export_merged")
-    if cfg.stages.seeds and resumes_one_seed(cfg) is None:
-        raise C.ConfigError(f"--export-merged writes one model, and --seeds {cfg.seeds} trains one per seed: run "
+    if cfg.configs.seeds and resumes_one_seed(cfg) is None:
+        raise config.ConfigError(f"--export-merged writes one model, and --seeds {cfg.seeds} trains one per seed: run "
                             f"without it, then export one seed with --resume {Path(cfg.out_dir) / 'seed_<s>'} "
                             "--export-merged PATH", "export_merged")
 
@@ -225,12 +225,12 @@ def resumed_config(cfg: TrainConfig, given: dict) -> TrainConfig:
     """The config a run in cfg.resume was started with; options given now that change results are ignored."""
     saved = Path(cfg.resume) / "config.json"
     if not saved.is_file():
-        raise C.ConfigError(f"--resume {cfg.resume}: no config.json there (not a train.py output directory)")
+        raise config.ConfigError(f"--resume {cfg.resume}: no config.json there (not a train.py output directory)")
     try:
         stored_raw = json.loads(saved.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise C.ConfigError(f"{saved}: not valid JSON ({e}); the run cannot be resumed, start it again") from None
-    stored = C.config_from_dict(TrainConfig, stored_raw, str(saved))
+        raise config.ConfigError(f"{saved}: not valid JSON ({e}); the run cannot be resumed, start it again") from None
+    stored = config.config_from_dict(TrainConfig, stored_raw, str(saved))
     merged, ignored = resume_overrides(dataclasses.asdict(stored), {k: getattr(cfg, k) for k in given},
                                        safe=NOT_SETTINGS - {"preset", "out_dir"})
     if ignored:
@@ -253,18 +253,18 @@ def keep_recorded(cfg: TrainConfig, device: torch.device, unused: frozenset[str]
     Options that change results are left to the folder's check."""
     try:
         raw = None if cfg.resume is not None or cfg.overwrite else read_settings(cfg.out_dir)
-        stored = C.config_from_dict(TrainConfig, raw, "config.json") if raw is not None else None
-    except (C.ConfigError, RunConflict):
+        stored = config.config_from_dict(TrainConfig, raw, "config.json") if raw is not None else None
+    except (config.ConfigError, RunConflict):
         stored = None  # the folder's check says what is wrong with it
     if stored is None:
         return cfg
-    unused = set(unused) | ({"rm_steps", "rm_lr"} if "rlhf" not in cfg.stages.compare else set())
+    unused = set(unused) | ({"rm_steps", "rm_lr"} if "rlhf" not in cfg.configs.compare else set())
     autocast_of = lambda name: choose_dtype(device, name)[0]  # noqa: E731
     if stored.dtype in ("auto", *DTYPES) and autocast_of(stored.dtype) == autocast_of(cfg.dtype):
         unused.add("dtype")
     ignored = sorted(k for k in unused if getattr(stored, k) != getattr(cfg, k))
     if ignored and is_main():
-        print(f"[resume] ignoring {', '.join(C.flag_name(k) for k in ignored)}: cannot change this run's results, so "
+        print(f"[resume] ignoring {', '.join(config.flag_name(k) for k in ignored)}: cannot change this run's results, so "
               f"{cfg.out_dir} goes on with the values it was made with", file=sys.stderr)
     return replace(cfg, **{k: getattr(stored, k) for k in ignored})
 
@@ -290,57 +290,67 @@ def main(argv: list[str]) -> None:
     check_model_name(cfg.model)  # every path is checked before any work or any write
     rank, world, device_override = setup_distributed()
     try:
-        rt, precision = make_runtime(cfg, rank, world, device_override)
+        runtime, precision = make_runtime(cfg, rank, world, device_override)
         top = resumes_one_seed(cfg)
         if top is not None:
-            rt.log(f"[seeds] {cfg.resume} is seed {cfg.seed} of the --seeds {cfg.seeds} run in {top}: resuming that "
+            runtime.log(f"[seeds] {cfg.resume} is seed {cfg.seed} of the --seeds {cfg.seeds} run in {top}: resuming that "
                    f"seed alone (--resume {top} resumes every seed and writes their means)")
-        if cfg.stages.seeds and top is None:
-            run_seeds(cfg, given, rt, precision)
+        if cfg.configs.seeds and top is None:
+            run_seeds(cfg, given, runtime, precision)
         else:
-            run(cfg, given, rt, precision)
+            run(cfg, given, runtime, precision)
     finally:
         teardown()
 
 
-def run(cfg: TrainConfig, given: set[str], rt: Runtime, precision: str) -> None:
+def run(cfg: TrainConfig, given: set[str], runtime: Runtime, precision: str) -> None:
     """One whole run (every method and setting of --compare) with one seed, into cfg.out_dir."""
     t_start = time.perf_counter()
     data_src, data_note = imdb_source(cfg.data)
     # 1. the model (the bundled model brings the tiny preset's settings unless some were given)
-    model, model_desc, notes = load_model_stage(cfg.model, rt.device, cfg.stages.random_model, cfg.seed)
+    model, model_desc, notes = load_model_stage(cfg.model, runtime.device, cfg.configs.random_model, cfg.seed)
     if notes and cfg.preset is None and cfg.resume is None:
         cfg = with_tiny_defaults(cfg, given)
-    cfg = keep_recorded(cfg, rt.device)
+    cfg = keep_recorded(cfg, runtime.device)
     for line in notes:
-        rt.log(line)
-    stages, out, tok = cfg.stages, Path(cfg.out_dir), Tokenizer()  # tok: read and sha256-checked once
+        runtime.log(line)
+    configs, out, tok = cfg.configs, Path(cfg.out_dir), Tokenizer()  # tok: read and sha256-checked once
     check_model_fits(model, cfg.prompt_max_tokens + cfg.max_new_tokens, cfg.max_length, tok.vocab_size)
     with enter_run_folder(cfg, out) as folder:
         if folder.finished:
-            rt.log(f"{out} already holds this run, finished; its outputs stay as they are (--overwrite to run it "
+            runtime.log(f"{out} already holds this run, finished; its outputs stay as they are (--overwrite to run it "
                    f"again). {sample_hint(out).capitalize()}")
             return
         if folder.repairing:  # every sub-run resumes at its last step: nothing is trained again
-            rt.log(f"{out} holds this run, finished, without {', '.join(missing_outputs(cfg, out))}: making them")
+            runtime.log(f"{out} holds this run, finished, without {', '.join(missing_outputs(cfg, out))}: making them")
         torch.manual_seed(cfg.seed)
-        rt.log(f"minidpo: device {rt.device}{' x' + str(rt.world) if rt.world > 1 else ''}, {precision}, model "
+        world = f" x{runtime.world}" if runtime.world > 1 else ""
+        runtime.log(f"minidpo: device {runtime.device}{world}, {precision}, model "
                f"{model_desc}, out_dir {out}")
         if data_note:
-            rt.log(data_note)
+            runtime.log(data_note)
         t0 = time.perf_counter()
         reviews = load_reviews(data_src)
-        rt.log(f"[data] {data_src}: {len(reviews.train):,} train / {len(reviews.test):,} test reviews "
+        runtime.log(f"[data] {data_src}: {len(reviews.train):,} train / {len(reviews.test):,} test reviews "
                f"({time.perf_counter() - t0:.1f} s)")
         # 2. optional SFT, folded into the weights: the reference
-        model, base = sft_stage(model, model_desc, reviews, tok, stages, out, rt)
+        model, base = sft_stage(model, model_desc, reviews, tok, configs, out, runtime)
         # 3. the reward: a sentiment classifier
-        scorer = fit_classifier(reviews, rt.log)
+        scorer = fit_classifier(reviews, runtime.log)
         # 4. prompts (the pairs are built by the first method that needs them, then cached)
-        prompts = make_prompt_sets(reviews, tok, stages.prompts)
-        ctx = RunContext(model, tok, scorer, reviews, prompts, stages, base, out, rt, settings=run_settings(cfg))
+        prompts = make_prompt_sets(reviews, tok, configs.prompts)
+        ctx = RunContext(model, tok, scorer, reviews, prompts, configs, base, out, runtime, settings=run_settings(cfg))
         # 5-6. each method and setting trains a fresh adapter (or none, best-of-N) and is evaluated the same way
-        runs = [run_one(ctx, method, setting, run_dir) for method, setting, run_dir in method_runs(stages, out)]
+        runs = []
+        for method, setting, run_dir in method_runs(configs, out):
+            if method.reads_pairs:  # built by the first method that needs them, then cached
+                ensure_pairs(ctx)
+            if method.train is None:
+                runs.append(run_best_of_n(ctx, method, setting, run_dir))
+                continue
+            train_run = start_run(ctx, method, setting, run_dir)  # a fresh adapter; its checkpoint, its evaluations
+            summary = method.train(ctx, setting, train_run)       # e.g. methods/dpo_train.py's train_dpo
+            runs.append(finish_run(ctx, method, setting, run_dir, summary))
         # 7. the report: summary.json, the frontier, the merged model (rank 0)
         if is_main():
             report(ctx, cfg, runs, model_desc, data_src, time.perf_counter() - t_start)
@@ -356,15 +366,15 @@ def enter_run_folder(cfg: TrainConfig, out: Path):
     settings = run_settings(cfg)
 
     def record(o: Path) -> None:  # rank 0, after the folder check: refuse a sub-run made otherwise first
-        check_checkpoints(cfg.stages, settings, o)
-        C.save_config(cfg, o / "config.json")
+        check_checkpoints(cfg.configs, settings, o)
+        config.save_config(cfg, o / "config.json")
     return run_folder(out, settings, resume=cfg.resume is not None, overwrite=cfg.overwrite, record=record,
                       missing=lambda o: missing_outputs(cfg, o))
 
 
 def wants_frontier(cfg: TrainConfig) -> bool:
     """A frontier.csv for several runs, several evaluation steps, or each seed of --seeds (what the top gathers)."""
-    return len(method_runs(cfg.stages, Path(cfg.out_dir))) > 1 or bool(cfg.eval_every) or bool(cfg.seeds)
+    return len(method_runs(cfg.configs, Path(cfg.out_dir))) > 1 or bool(cfg.eval_every) or bool(cfg.seeds)
 
 
 def missing_outputs(cfg: TrainConfig, out: Path) -> list[str]:
@@ -380,54 +390,54 @@ def missing_outputs(cfg: TrainConfig, out: Path) -> list[str]:
 
 def report(ctx: RunContext, cfg: TrainConfig, runs: list, model_desc: str, data_src: Path, seconds: float) -> None:
     """summary.json, frontier.csv (with this run's seed), the --export-merged model and the last lines."""
-    summary = summarize(runs, model_desc, ctx.base, data_src, ctx.rt.device, ctx.rt.world, seconds,
+    summary = summarize(runs, model_desc, ctx.base, data_src, ctx.runtime.device, ctx.runtime.world, seconds,
                         ctx.reward_model_info)
     atomic_write_json(ctx.out / "summary.json", summary)
     if wants_frontier(cfg):
-        write_frontier(ctx.out, [{**p, "seed": cfg.seed} for r in runs for p in r.frontier], ctx.rt.log)
+        write_frontier(ctx.out, [{**p, "seed": cfg.seed} for r in runs for p in r.frontier], ctx.runtime.log)
     if cfg.export_merged:
-        export_merged(ctx.model, Path(cfg.export_merged), ctx.rt.log)
-    ctx.rt.log(result_lines(runs[-1], summary, ctx.out))
+        export_merged(ctx.model, Path(cfg.export_merged), ctx.runtime.log)
+    ctx.runtime.log(result_lines(runs[-1], summary, ctx.out))
 
 
-def run_seeds(cfg: TrainConfig, given: set[str], rt: Runtime, precision: str) -> None:
+def run_seeds(cfg: TrainConfig, given: set[str], runtime: Runtime, precision: str) -> None:
     """--seeds: the whole run once per seed into out_dir/seed_<s>/ (each with its own prompts, pairs, reward model
     and adapters), then frontier.csv (a `seed` column), frontier_mean.csv and frontier.png (means with standard-error
     bars) and a summary.json of every seed with the mean and standard error per method and setting."""
-    cfg = keep_recorded(cfg, rt.device, frozenset({"seed"}))  # each seed's folder records its own seed
-    out, seeds = Path(cfg.out_dir), cfg.stages.seeds
+    cfg = keep_recorded(cfg, runtime.device, frozenset({"seed"}))  # each seed's folder records its own seed
+    out, seeds = Path(cfg.out_dir), cfg.configs.seeds
     if is_main():
         check_writable(out, "--out-dir")
     if cfg.model == "auto" and cfg.preset is None and cfg.resume is None:
         # the bundled model's tiny defaults, decided once: the top config.json and every seed's record the same
-        _, _, notes = load_model_stage(cfg.model, rt.device, cfg.stages.random_model, cfg.seed)
+        _, _, notes = load_model_stage(cfg.model, runtime.device, cfg.configs.random_model, cfg.seed)
         if notes:
             cfg = with_tiny_defaults(cfg, given)
 
     def record(o: Path) -> None:
         check_seed_folders(cfg, o)
-        C.save_config(cfg, o / "config.json")
+        config.save_config(cfg, o / "config.json")
     with run_folder(out, run_settings(cfg), resume=cfg.resume is not None, overwrite=cfg.overwrite, record=record,
                     missing=lambda o: missing_seed_outputs(cfg, o)) as folder:
         if folder.finished:
-            rt.log(f"{out} already holds this run over seeds {cfg.seeds}, finished; its outputs stay as they are "
+            runtime.log(f"{out} already holds this run over seeds {cfg.seeds}, finished; its outputs stay as they are "
                    "(--overwrite to run it again)")
             return
         if folder.repairing:  # every seed is finished: nothing is trained again
-            rt.log(f"{out} holds this run over seeds {cfg.seeds}, finished, without "
+            runtime.log(f"{out} holds this run over seeds {cfg.seeds}, finished, without "
                    f"{', '.join(missing_seed_outputs(cfg, out))}: making them")
-        settled = set(C.field_types(TrainConfig))  # every option is decided above, for every seed alike
+        settled = set(config.field_types(TrainConfig))  # every option is decided above, for every seed alike
         for s in seeds:
             sub_out = out / f"seed_{s}"
             resume = str(sub_out) if cfg.resume and (sub_out / "config.json").is_file() else None
-            rt.log(f"[seeds] seed {s} of {cfg.seeds} -> {sub_out}")
-            run(replace(cfg, seed=s, out_dir=str(sub_out), resume=resume, overwrite=False), settled, rt, precision)
+            runtime.log(f"[seeds] seed {s} of {cfg.seeds} -> {sub_out}")
+            run(replace(cfg, seed=s, out_dir=str(sub_out), resume=resume, overwrite=False), settled, runtime, precision)
         if is_main():
             points, per_seed = gather_seeds(out, seeds)
-            write_frontier(out, points, rt.log)
+            write_frontier(out, points, runtime.log)
             atomic_write_json(out / "summary.json", seeds_summary(per_seed, points))
             means = out / "frontier_mean.csv"  # write_frontier makes it only from points measured over several seeds
-            rt.log(f"wrote {out / 'summary.json'} and {means} (mean and standard error over seeds {cfg.seeds})"
+            runtime.log(f"wrote {out / 'summary.json'} and {means} (mean and standard error over seeds {cfg.seeds})"
                    if len(seeds) > 1 else f"wrote {out / 'summary.json'} (one seed, {cfg.seeds}: no mean or "
                    f"standard error to take, so no {means.name})")
 
@@ -436,7 +446,7 @@ def check_seed_folders(cfg: TrainConfig, out: Path) -> None:
     """Before any work: each seed folder already in `out` must hold that seed made with this run's settings, else
     one RunConflict whose ways on are the whole --seeds run's (a seed's own --resume would not mend the mix)."""
     safe = RESUME_SAFE if cfg.resume is not None else frozenset()
-    for s in cfg.stages.seeds:
+    for s in cfg.configs.seeds:
         sub = out / f"seed_{s}"
         stored, settings = read_settings(sub), run_settings(replace(cfg, seed=s))
         diff = differing(stored, settings, NOT_SETTINGS | safe) if stored is not None else []
@@ -449,8 +459,8 @@ def check_seed_folders(cfg: TrainConfig, out: Path) -> None:
 def missing_seed_outputs(cfg: TrainConfig, out: Path) -> list[str]:
     """What a finished --seeds run in `out` lacks (deleted since, or a kill before the last write): a seed's
     summary.json, or the top frontier.csv and frontier_mean.csv that gather the seeds."""
-    files = [out / f"seed_{s}" / "summary.json" for s in cfg.stages.seeds] + [out / "frontier.csv"]
-    files += [out / "frontier_mean.csv"] if len(cfg.stages.seeds) > 1 else []
+    files = [out / f"seed_{s}" / "summary.json" for s in cfg.configs.seeds] + [out / "frontier.csv"]
+    files += [out / "frontier_mean.csv"] if len(cfg.configs.seeds) > 1 else []
     return [str(f) for f in files if not f.is_file()]
 
 
@@ -473,4 +483,4 @@ def gather_seeds(out: Path, seeds: tuple[int, ...]) -> tuple[list[dict], dict[in
 
 
 if __name__ == "__main__":
-    sys.exit(C.run_program(main, sys.argv[1:], __doc__, TrainConfig, PRESETS))
+    sys.exit(config.run_program(main, sys.argv[1:], __doc__, TrainConfig, PRESETS))

@@ -160,7 +160,7 @@ def run_minidpo(a: argparse.Namespace, v: dict, work: Path) -> dict:
     """minidpo.methods.dpo_train's DPO step (policy forward, reference passed in, loss) inside minidpo.training.trainer.train_loop,
     timed from get_batch to on_step_end."""
     from minidpo.dataset.batching import collate_pairs, collate_unique
-    from minidpo.methods.dpo import (DPOConfig, concatenated_forward, dpo_step_loss, dpo_unique_loss, reference_forward,
+    from minidpo.methods.dpo import (DPOConfig, concatenated_forward, dpo_step_loss, pair_logps, reference_forward,
                              sequence_forward)
     from minidpo.model.lora import apply_lora
     from minidpo.dataset.pairs import Pair
@@ -201,8 +201,9 @@ def run_minidpo(a: argparse.Namespace, v: dict, work: Path) -> dict:
         with autocast:
             policy = forward(model, tensors, logprobs)
             reference = ref_cache or reference_forward(model, tensors, logprobs, unique=unique)
-            loss, metrics = (dpo_unique_loss(policy, reference, tensors, dpo) if unique
-                             else dpo_step_loss(policy, reference, dpo))
+            if unique:  # per-sequence log-probs -> each pair's
+                policy, reference = pair_logps(policy, tensors), pair_logps(reference, tensors)
+            loss, metrics = dpo_step_loss(policy, reference, dpo)
         if "logps" not in first:  # parity check against TRL's metric of the same name (warm-up step only)
             first["logps"] = [metrics["logps/chosen"].item(), metrics["logps/rejected"].item()]
         return loss, metrics, n_tokens, items

@@ -4,10 +4,10 @@ fused kernels (minidpo.methods.fused_logprobs).
 
 Variants (all end in `.sum().backward()`):
   naive         naive_token_logps: logits.float().log_softmax(-1).gather(-1, targets)   logits: a leaf [B, T, V]
-  fused         token_logprobs(logits, targets)                      the same leaf
-  fused-inplace token_logprobs(..., inplace_backward=True)           the same leaf, overwritten by its gradient
+  fused         fused_token_logps(logits, targets)                      the same leaf
+  fused-inplace fused_token_logps(..., inplace_backward=True)           the same leaf, overwritten by its gradient
   naive-linear  naive on hidden @ weight.T                           hidden [B, T, C], weight [V, C]
-  fused-linear  linear_token_logprobs(hidden, weight, targets)       the same hidden and weight
+  fused-linear  linear_token_logps(hidden, weight, targets)       the same hidden and weight
 
 What is counted. Every variant runs in a fresh subprocess that first builds its inputs (the logits leaf, or hidden
 and weight) and warms its kernels up on a tiny problem; those inputs are NOT counted. Peak = the most memory in use
@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-from minidpo.methods.fused_logprobs import linear_token_logprobs, token_logprobs  # noqa: E402
+from minidpo.methods.fused_logprobs import linear_token_logps, fused_token_logps  # noqa: E402
 from minidpo.methods.logprobs import naive_token_logps  # noqa: E402
 
 VARIANTS = ("naive", "fused", "fused-inplace", "naive-linear", "fused-linear")
@@ -63,13 +63,13 @@ def step(variant: str, x: dict, a: argparse.Namespace) -> None:
     if variant == "naive":
         out = naive_token_logps(x["logits"], t)
     elif variant == "fused":
-        out = token_logprobs(x["logits"], t, chunk_rows=a.chunk_rows)
+        out = fused_token_logps(x["logits"], t, chunk_rows=a.chunk_rows)
     elif variant == "fused-inplace":  # the gradient overwrites the logits (Liger-Kernel's way)
-        out = token_logprobs(x["logits"], t, chunk_rows=a.chunk_rows, inplace_backward=True)
+        out = fused_token_logps(x["logits"], t, chunk_rows=a.chunk_rows, inplace_backward=True)
     elif variant == "naive-linear":
         out = naive_token_logps(x["hidden"] @ x["weight"].t(), t)
     else:
-        out = linear_token_logprobs(x["hidden"], x["weight"], t, chunk_size=a.chunk_size)
+        out = linear_token_logps(x["hidden"], x["weight"], t, chunk_size=a.chunk_size)
     # autograd.grad returns the gradients as backward produced them; accumulating into a leaf's .grad may clone
     # (it does for fused-inplace, whose gradient is a view of the logits), which would count a copy no model makes
     x["grads"] = torch.autograd.grad(out.sum(), [leaf for leaf in x["leaves"] if leaf.requires_grad])
@@ -140,11 +140,11 @@ def report(rows: dict, a: argparse.Namespace) -> None:
           f"{'peak/naive':>12}")
     ref = rows.get("naive")
     for name, r in rows.items():
-        rt = f"{r['time_s'] / ref['time_s']:.2f}x" if ref else "-"
+        runtime = f"{r['time_s'] / ref['time_s']:.2f}x" if ref else "-"
         rp = f"{r['peak'] / ref['peak']:.3f}x" if ref else "-"
         flag = "" if r["exact"] else "  (upper bound)"
         print(f"{name:<14}{1e3 * r['time_s']:>10.1f}{r['peak'] / MB:>10.1f}{r['grads'] / MB:>10.1f}"
-              f"{(r['peak'] - r['grads']) / MB:>12.1f}{rt:>12}{rp:>12}{flag}")
+              f"{(r['peak'] - r['grads']) / MB:>12.1f}{runtime:>12}{rp:>12}{flag}")
     goals = [("fused", "naive", "peak", 0.25), ("fused", "naive", "time_s", 1.0),
              ("fused-inplace", "naive", "peak", 0.25), ("fused-inplace", "naive", "time_s", 1.0),
              ("fused-linear", "naive", "peak", 0.05), ("fused-linear", "naive-linear", "peak", 0.05)]
@@ -169,8 +169,8 @@ def main() -> None:
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
-    p.add_argument("--chunk-rows", type=int, default=None, help="token_logprobs rows per chunk (default: auto)")
-    p.add_argument("--chunk-size", type=int, default=128, help="linear_token_logprobs tokens per chunk")
+    p.add_argument("--chunk-rows", type=int, default=None, help="fused_token_logps rows per chunk (default: auto)")
+    p.add_argument("--chunk-size", type=int, default=128, help="linear_token_logps tokens per chunk")
     p.add_argument("--weight-grad", action="store_true", help="the lm_head weight requires grad (LoRA: it doesn't)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)

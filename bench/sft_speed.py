@@ -5,9 +5,9 @@ bf16, at the bundled model's shape, and the fraction of this CPU's bf16 matmul p
 Variants, all on the same randomly initialised GPT and the same random batch, in one process:
   fp32-ce        the loop before this change: fp32 weights and activations, F.cross_entropy on fp32 [B, T, V] logits
   bf16-ce        bf16 autocast, logits cast to fp32 for F.cross_entropy (what autocast alone gives)
-  bf16-fused     bf16 autocast, minidpo.sft.lm_loss: token_logprobs on the bf16 logits with the gradient written in
+  bf16-fused     bf16 autocast, minidpo.sft.lm_loss: fused_token_logps on the bf16 logits with the gradient written in
                  place (never an fp32 or second [B, T, V] buffer): what run_sft does now
-  bf16-linear    bf16 autocast, linear_token_logprobs (lm_head fused, logits recomputed chunk by chunk in backward)
+  bf16-linear    bf16 autocast, linear_token_logps (lm_head fused, logits recomputed chunk by chunk in backward)
 Each variant: `warmup` steps, then the median of `steps` timed steps. The step's matmul FLOPs are counted exactly
 (6 x tokens x every Linear's in x out, lm_head included, plus attention's 12 x B x nh x T^2 x hs) and divided by the
 step time; the peak is a bf16 matmul of the lm_head shape and of a square 2048 x d x 4d, measured in the same run.
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-from minidpo.methods.fused_logprobs import linear_token_logprobs  # noqa: E402
+from minidpo.methods.fused_logprobs import linear_token_logps  # noqa: E402
 from minidpo.model.gpt import GPT, GPTConfig  # noqa: E402
 from minidpo.experiment.resolve import cpu_flags  # noqa: E402
 from minidpo.methods.sft import lm_loss  # noqa: E402
@@ -61,7 +61,7 @@ def loss_of(variant: str, model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch
     if variant.endswith("-ce"):
         return F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
     if variant == "bf16-linear":
-        return -linear_token_logprobs(model.hidden_states(x), model.lm_head.weight, y).mean()
+        return -linear_token_logps(model.hidden_states(x), model.lm_head.weight, y).mean()
     return lm_loss(model, x, y)
 
 

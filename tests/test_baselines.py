@@ -151,8 +151,8 @@ def step_inputs(mode: str, logprobs: str):
 @pytest.mark.parametrize("mode", ["unique", "pairs"])
 @pytest.mark.parametrize("logprobs", ["naive", "fused"])
 def test_preferred_ft_step_equals_the_naive_loss_and_gradient(mode, logprobs):
-    model, pairs, batch, bcfg = step_inputs(mode, logprobs)
-    loss, metrics, _, _ = preferred_ft_step(model, batch, bcfg)
+    model, pairs, batch, batch_config = step_inputs(mode, logprobs)
+    loss, metrics, _, _ = preferred_ft_step(model, batch, batch_config)
     naive = naive_preferred_ft(model, pairs)
     torch.testing.assert_close(loss.double(), naive, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads(model, loss), grads(model, naive), rtol=1e-4, atol=1e-6)
@@ -162,8 +162,8 @@ def test_preferred_ft_step_equals_the_naive_loss_and_gradient(mode, logprobs):
 @pytest.mark.parametrize("mode", ["unique", "pairs"])
 @pytest.mark.parametrize("logprobs", ["naive", "fused"])
 def test_unlikelihood_step_equals_the_naive_loss_and_gradient(mode, logprobs):
-    model, pairs, batch, bcfg = step_inputs(mode, logprobs)
-    loss, metrics, _, _ = unlikelihood_step(model, batch, UnlikelihoodConfig(alpha=0.7), bcfg)
+    model, pairs, batch, batch_config = step_inputs(mode, logprobs)
+    loss, metrics, _, _ = unlikelihood_step(model, batch, UnlikelihoodConfig(alpha=0.7), batch_config)
     naive = naive_unlikelihood(model, pairs, 0.7)
     torch.testing.assert_close(loss.double(), naive, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grads(model, loss), grads(model, naive), rtol=1e-4, atol=1e-5)
@@ -173,9 +173,9 @@ def test_unlikelihood_step_equals_the_naive_loss_and_gradient(mode, logprobs):
 def test_unlikelihood_at_alpha_0_times_pairs_is_preferred_ft_times_chosen_tokens():
     model, pairs = tiny_policy(), some_pairs()
     batch = (None, collate_unique(pairs, 16, pad_id=V - 1), 0, len(pairs))
-    bcfg = BatchConfig(pad_id=V - 1)
-    ul, _, _, _ = unlikelihood_step(model, batch, UnlikelihoodConfig(alpha=0.0), bcfg)
-    ft, _, _, _ = preferred_ft_step(model, batch, bcfg)
+    batch_config = BatchConfig(pad_id=V - 1)
+    ul, _, _, _ = unlikelihood_step(model, batch, UnlikelihoodConfig(alpha=0.0), batch_config)
+    ft, _, _, _ = preferred_ft_step(model, batch, batch_config)
     tokens = sum(len(p.chosen_ids) for p in pairs)
     torch.testing.assert_close(ul * len(pairs), ft * tokens, rtol=1e-5, atol=1e-4)
 
@@ -196,14 +196,14 @@ def toy_data() -> PairData:
 def run(method, tmp, steps, crash_at=None):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=V, n_layer=1, n_head=2, n_embd=16))
-    bcfg = BatchConfig(mode="unique", prompts=2, max_length=16, pad_id=V - 1)
+    batch_config = BatchConfig(mode="unique", prompts=2, max_length=16, pad_id=V - 1)
     loop = LoopConfig(steps=steps, lr=3e-2, log_every=1, checkpoint_every=1)
 
     def crash(step):
         if step == crash_at:
             raise KeyboardInterrupt
     apply_lora(model, LoRAConfig(rank=2, alpha=4.0))  # the caller's fresh adapter, seeded as above
-    summary = train_baseline(model, toy_data(), method, bcfg, TrainRun(loop, tmp, crash if crash_at else None),
+    summary = train_baseline(model, toy_data(), method, batch_config, TrainRun(loop, tmp, crash if crash_at else None),
                              Runtime(), UnlikelihoodConfig(alpha=0.5))
     return model, summary
 

@@ -29,9 +29,9 @@ SEVEN = "dpo,online-dpo,rlhf,rloo,preferred-ft,unlikelihood,best-of-n"
 
 def test_compare_takes_all_seven_methods_each_with_its_own_folders(tmp_path):
     cfg, _ = load_config(["--preset", "tiny", "--compare", SEVEN])
-    stages = cfg.stages
-    assert list(stages.compare) == SEVEN.split(",") and set(SEVEN.split(",")) == set(NAMES)
-    names = [d.name for _, _, d in method_runs(stages, tmp_path)]
+    configs = cfg.configs
+    assert list(configs.compare) == SEVEN.split(",") and set(SEVEN.split(",")) == set(NAMES)
+    names = [d.name for _, _, d in method_runs(configs, tmp_path)]
     assert "preferred-ft_sft" in names and "unlikelihood_alpha_0.1" in names and "unlikelihood_alpha_1" in names
     assert "rlhf_kl_coef_0.02" in names and "rloo_kl_coef_0.02" in names  # the same kl_coef sweep for both RLs
     assert len(names) == len(set(names))
@@ -47,7 +47,7 @@ def test_sweep_values_equal_to_six_digits_get_folders_of_their_own(tmp_path, met
     """Two values of a sweep never share a sub-run folder (the second run would meet the first one's checkpoint):
     a value that 6 significant digits do not show exactly is named in full; others keep their short name."""
     cfg, _ = load_config(["--method", method, flag, "0.1000001,0.1000002,0.1"])
-    assert [d.name for _, _, d in method_runs(cfg.stages, tmp_path)] == folders
+    assert [d.name for _, _, d in method_runs(cfg.configs, tmp_path)] == folders
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -163,12 +163,12 @@ def reward_model_contexts(tmp_path: Path, lines: list[str]):
     pairs = [Pair(f"movie {i}", " great fun", " awful", tok.encode(f"movie {i}"), tok.encode(" great fun"),
                   tok.encode(" awful"), 0.9, 0.1, "train" if i < 4 else "heldout") for i in range(6)]
     data = PairData(pairs[:4], pairs[4:], prompt_groups(pairs[:4]), "fp")
-    stages = replace(load_config(["--max-length", "32"])[0].stages, lora=LoRAConfig(rank=2, alpha=4.0),
+    configs = replace(load_config(["--max-length", "32"])[0].configs, lora=LoRAConfig(rank=2, alpha=4.0),
                      batch=BatchConfig(mode="unique", prompts=2, max_length=32, pad_id=EOT_ID),
                      rm_loop=LoopConfig(steps=2, lr=1e-2, log_every=1, label="reward-model"))
 
     def context():
-        return RunContext(model, tok, None, None, None, stages, "bundled", tmp_path,
+        return RunContext(model, tok, None, None, None, configs, "bundled", tmp_path,
                           Runtime(autocast=autocast(torch.device("cpu"), None), log=lines.append), pairs=data)
     return context
 
@@ -257,14 +257,14 @@ def test_seeds_repeat_the_run_and_write_the_mean_with_error_bars(env, tmp_path):
 
 
 def test_the_paper_protocol_preset_runs_the_papers_sweeps_with_rl_at_target_kls(tmp_path):
-    stages = load_config(["--preset", "tiny-fig2"])[0].stages
-    names = [d.name for _, _, d in method_runs(stages, tmp_path)]
+    configs = load_config(["--preset", "tiny-fig2"])[0].configs
+    names = [d.name for _, _, d in method_runs(configs, tmp_path)]
     assert [n for n in names if n.startswith("dpo_")] == ["dpo_beta_0.05", "dpo_beta_0.1", "dpo_beta_1", "dpo_beta_5"]
     assert [n for n in names if n.startswith("rloo_")] == [f"rloo_target_kl_{t}" for t in (3, 6, 9, 12)]
     assert [n for n in names if n.startswith("unlikelihood_")] == [
         f"unlikelihood_alpha_{a}" for a in ("0.05", "0.1", "0.5", "1")]
-    assert {(c.target_kl, c.kl_coef) for c in stages.rloo} == {(t, 0.05) for t in (3.0, 6.0, 9.0, 12.0)}
-    assert stages.eval_every == 20 and stages.prompts.eval == 256
+    assert {(c.target_kl, c.kl_coef) for c in configs.rloo} == {(t, 0.05) for t in (3.0, 6.0, 9.0, 12.0)}
+    assert configs.eval_every == 20 and configs.prompts.eval == 256
 
 
 def test_min_score_margin_drops_near_tie_training_pairs_and_keeps_every_held_out_pair(monkeypatch):
@@ -316,7 +316,7 @@ def test_compare_refuses_an_empty_item_accepts_spaces_after_commas_and_refuses_m
     with pytest.raises(ConfigError, match=r"^--compare has an empty item"):
         load_config(["--preset", "tiny", "--compare", "dpo, "])
     cfg, _ = load_config(["--preset", "tiny", "--compare", "dpo, rloo"])
-    assert cfg.stages.compare == ("dpo", "rloo")
+    assert cfg.configs.compare == ("dpo", "rloo")
     with pytest.raises(ConfigError) as e:
         load_config(["--preset", "tiny", "--method", "rloo", "--compare", "dpo,rloo"])
     assert str(e.value).startswith("--method rloo and --compare dpo,rloo were both given") and "\n" not in str(e.value)

@@ -145,9 +145,9 @@ def test_the_largest_accepted_seed_reaches_evaluation_and_every_best_of_n_round(
     from minidpo.experiment.options import SEED_MAX
     top = SEED_MAX - (16 if method == "best-of-n" else 1)  # the tiny preset's best-of-n goes up to N=16
     cfg, _ = load_config(["--preset", "tiny", "--method", method, "--seed", str(top)])
-    rounds = max(cfg.stages.best_of_n) if method == "best-of-n" else 1
+    rounds = max(cfg.configs.best_of_n) if method == "best-of-n" else 1
     for j in range(rounds):  # best-of-N's round j samples with the evaluation seed + j
-        torch.Generator().manual_seed(cfg.stages.eval.seed + j)
+        torch.Generator().manual_seed(cfg.configs.eval.seed + j)
     with pytest.raises(ConfigError, match=f"--seed must be in 0..{top} "):
         load_config(["--preset", "tiny", "--method", method, "--seed", str(top + 1)])
 

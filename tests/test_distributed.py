@@ -26,7 +26,9 @@ def test_without_torchrun_everything_is_the_single_process_no_op(monkeypatch):
     p.grad = torch.full((3,), 2.0)
     loss = torch.tensor(0.5)
     assert average_gradients([p], [loss])[0] is loss and torch.equal(p.grad, torch.full((3,), 2.0))
-    assert rank_zero_first(lambda: 7) == 7
+    with rank_zero_first():
+        built = 7
+    assert built == 7
     barrier()
     teardown()
 
@@ -57,7 +59,9 @@ WORKER = textwrap.dedent("""
     result["grads"] = [p.grad.tolist(), q.grad.tolist()]
     result["extras"] = [loss.item(), metric.item()]
     order = []
-    result["built"] = rank_zero_first(lambda: order.append(time.monotonic()) or f"built by {rank}")
+    with rank_zero_first():
+        order.append(time.monotonic())
+        result["built"] = f"built by {rank}"
     result["build_time"] = order[0]
 
     def fails_on_rank_0():
@@ -65,7 +69,8 @@ WORKER = textwrap.dedent("""
             raise OSError("disk full")
         return "should not be reached"
     try:
-        rank_zero_first(fails_on_rank_0)
+        with rank_zero_first():
+            fails_on_rank_0()
     except BaseException as e:
         result["failure"] = f"{type(e).__name__}: {e}"
     teardown()

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from minidpo.methods.dpo import DPOConfig, dpo_unique_loss, reference_forward, sequence_forward
+from minidpo.methods.dpo import DPOConfig, dpo_step_loss, pair_logps, reference_forward, sequence_forward
 from minidpo.model.lora import apply_lora
 from minidpo.model.gpt import GPT, GPTConfig
 
@@ -54,7 +54,8 @@ def train(model: GPT, steps: int, logprobs: str, autocast: torch.autocast, lr: f
     for _ in range(steps):
         with autocast:
             reference = cached_reference or reference_forward(model, batch, logprobs)
-            loss, _ = dpo_unique_loss(sequence_forward(model, batch, logprobs), reference, batch, cfg)
+            policy = pair_logps(sequence_forward(model, batch, logprobs), batch)
+            loss, _ = dpo_step_loss(policy, pair_logps(reference, batch), cfg)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -134,9 +134,9 @@ def toy_data() -> PairData:
 
 
 def fit(run_dir, steps: int = 40):
-    bcfg = BatchConfig(mode="unique", prompts=4, max_length=16)
+    batch_config = BatchConfig(mode="unique", prompts=4, max_length=16)
     loop = LoopConfig(steps=steps, lr=2e-2, log_every=10)
-    return train_reward_model(tiny_gpt(), toy_data(), LoRAConfig(rank=2, alpha=4.0), bcfg, TrainRun(loop, run_dir),
+    return train_reward_model(tiny_gpt(), toy_data(), LoRAConfig(rank=2, alpha=4.0), batch_config, TrainRun(loop, run_dir),
                               Runtime())
 
 

@@ -115,10 +115,10 @@ def test_overwrite_after_a_compare_of_every_method_starts_clean(tmp_path):
     from minidpo.experiment.compare import method_runs
     from minidpo.registry import NAMES
     out = made(tmp_path / "r")
-    stages = NS(compare=list(NAMES), dpo=[NS(beta=0.1), NS(beta=0.5)], rloo=[NS(kl_coef=0.02, target_kl=None)],
+    configs = NS(compare=list(NAMES), dpo=[NS(beta=0.1), NS(beta=0.5)], rloo=[NS(kl_coef=0.02, target_kl=None)],
                 unlikelihood=[NS(alpha=0.1), NS(alpha=1.0)], best_of_n=[1, 4])
-    runs = method_runs(stages, out)
-    assert {m for m, _, _ in runs} == set(NAMES) and all(d.parent == out for _, _, d in runs)
+    runs = method_runs(configs, out)
+    assert {m.name for m, _, _ in runs} == set(NAMES) and all(d.parent == out for _, _, d in runs)
     for _, _, d in runs:
         (d / "checkpoint").mkdir(parents=True)
         (d / "checkpoint" / "state.pt").write_text("x")

@@ -4,34 +4,30 @@ pairs: the paper's PPO), RLOO on the true reward (the paper's PPO-GT), Preferred
 run at each of its settings against the same reference, reward classifier, prompts and evaluation (the DPO paper's
 Figure 2, left).
 
-`method_runs` lists (method, setting, folder) for a run or a `--compare`; `run_one` trains one of them with a fresh
-LoRA adapter (`train_method`: DPO `minidpo.methods.dpo_train`, online DPO `minidpo.methods.online_dpo`, RLOO and
-RLHF `minidpo.methods.rloo`, Preferred-FT and Unlikelihood `minidpo.methods.baselines`; each feeds the one loop its
-parameters, batches and step), then the one epilogue (`evaluate_trained`) evaluates it like every other, and
-`write_run` writes its adapter, run.json and curves.png; the adapter is then dropped so the next run starts from
-the same reference weights. The reward model RLHF needs is a cached stage (experiment/stages.py
-`ensure_reward_model`), trained once on the pairs before any adapter is on the reference; evaluation keeps the
-classifier for every method.
+`method_runs` lists (method, setting, folder) for a run or a `--compare`; train.py's `run` trains each with a fresh
+LoRA adapter (`start_run`), calling the method's own train function from its registry entry (minidpo/registry.py;
+each feeds the one loop its parameters, batches and step), then the one epilogue (`finish_run`) evaluates it like
+every other (`evaluate_trained`) and `write_run` writes its adapter, run.json and curves.png; the adapter is then
+dropped so the next run starts from the same reference weights. The pairs and the reward model RLHF needs are
+cached stages (experiment/stages.py `ensure_pairs`, `ensure_reward_model`), built once before any adapter is on the
+reference; evaluation keeps the classifier for every method.
 """
 
-from dataclasses import asdict, is_dataclass, replace
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import torch
 
-from minidpo.experiment.context import RunContext, Stages
+from minidpo.experiment.context import RunContext, RunConfigs
 from minidpo.experiment.report import RunResult
 from minidpo.experiment.resolve import model_source
-from minidpo.experiment.stages import ensure_pairs, ensure_reward_model
+from minidpo.experiment.stages import ensure_reward_model
 from minidpo.fileio import atomic_write_json
-from minidpo.methods.baselines import train_baseline
 from minidpo.methods.best_of_n import best_of_n_sweep
-from minidpo.methods.dpo_train import train_dpo
 from minidpo.methods.evaluate import evaluate, sample_reference
-from minidpo.methods.online_dpo import train_online_dpo
-from minidpo.methods.rloo import train_rloo
 from minidpo.model.export import export_peft
 from minidpo.model.lora import apply_lora, remove_lora, save_lora
+from minidpo.registry import BY_NAME, Method
 from minidpo.stats import mean_and_se
 from minidpo.training.checkpoint import Checkpointer, check_settings
 from minidpo.training.curves import plot_curves
@@ -40,74 +36,46 @@ from minidpo.training.frontier import append_point, read_points
 from minidpo.training.runs import to_portable
 from minidpo.training.trainer import LoopConfig, TrainRun
 
-RL_METHODS = ("rlhf", "rloo")             # RLOO's loop; rlhf on the learned reward, rloo on the true one
-OFFLINE_BASELINES = ("preferred-ft", "unlikelihood")  # the paper's baselines, trained on DPO's pairs
 
-
-def method_runs(stages: Stages, out: Path) -> list[tuple[str, object, Path]]:
+def method_runs(configs: RunConfigs, out: Path) -> list[tuple[Method, object, Path]]:
     """(method, its config for this setting, run folder). One run writes into `out`; several get a folder each."""
-    runs = []
-    for method in stages.compare:
-        settings = {"dpo": stages.dpo, "online-dpo": stages.dpo, "rlhf": stages.rloo, "rloo": stages.rloo,
-                    "preferred-ft": [None], "unlikelihood": stages.unlikelihood,
-                    "best-of-n": [stages.best_of_n]}[method]
-        runs += [(method, s) for s in settings]
+    runs = [(BY_NAME[name], s) for name in configs.compare for s in BY_NAME[name].settings(configs)]
     if len(runs) == 1:
         return [(runs[0][0], runs[0][1], out)]
-    return [(m, s, out / f"{m}_{setting_name(m, s).replace('=', '_')}") for m, s in runs]
+    return [(m, s, out / f"{m.name}_{m.setting_name(s).replace('=', '_')}") for m, s in runs]
 
 
-def checkpoint_settings(stages: Stages, run_settings: dict, method: str, setting) -> dict:
+def method_loop(configs: RunConfigs, method: Method) -> LoopConfig:
+    """The loop settings a method trains with: the RL loop's (rlhf, rloo) or DPO's (every method on or like DPO's)."""
+    return configs.rloo_loop if method.rl_loop else configs.loop
+
+
+def checkpoint_settings(configs: RunConfigs, run_settings: dict, method: Method, setting) -> dict:
     """Everything a sub-run's checkpoint records, so that a resume under any other setting that changes results is
     refused (never silently continued): the method, its setting, the loop, LoRA, and every recorded run option."""
-    loop = method_loop(stages, method)
-    return {"method": method, "setting": asdict(setting) if is_dataclass(setting) else setting,
-            "lora": asdict(stages.lora), "steps": loop.steps, "lr": loop.lr, "run": run_settings}
+    loop = method_loop(configs, method)
+    return {"method": method.name, "setting": asdict(setting) if is_dataclass(setting) else setting,
+            "lora": asdict(configs.lora), "steps": loop.steps, "lr": loop.lr, "run": run_settings}
 
 
-def method_loop(stages: Stages, method: str) -> LoopConfig:
-    """The loop settings a method trains with: RLOO's (rlhf, rloo) or DPO's (every method on or like DPO's)."""
-    return stages.rloo_loop if method in RL_METHODS else stages.loop
-
-
-def check_checkpoints(stages: Stages, run_settings: dict, out: Path) -> None:
+def check_checkpoints(configs: RunConfigs, run_settings: dict, out: Path) -> None:
     """Before any work: every sub-run checkpoint in `out` must have been made with this run's settings
     (RunConflict, one line, otherwise), so a refusal never comes after other results were rewritten."""
-    for method, setting, run_dir in method_runs(stages, out):
+    for method, setting, run_dir in method_runs(configs, out):
         ckpt = Checkpointer(run_dir / "checkpoint", {})
-        if method != "best-of-n" and ckpt.exists():
+        if method.train is not None and ckpt.exists():
             stored = ckpt.stored_settings()
             if stored is not None:
-                check_settings(ckpt.dir, stored, checkpoint_settings(stages, run_settings, method, setting))
-
-
-def number_name(x: float) -> str:
-    """x in 6 significant digits (0.1, 1e-05) when they read back as x, else in full (0.1000001): two values of a
-    sweep never share a sub-run folder or a frontier label."""
-    short = f"{x:g}"
-    return short if float(short) == x else repr(x)
-
-
-def setting_name(method: str, setting) -> str:
-    if method in ("dpo", "online-dpo"):
-        return f"beta={number_name(setting.beta)}"
-    if method in RL_METHODS:
-        return (f"kl_coef={number_name(setting.kl_coef)}" if setting.target_kl is None
-                else f"target_kl={number_name(setting.target_kl)}")
-    if method == "preferred-ft":
-        return "sft"
-    if method == "unlikelihood":
-        return f"alpha={number_name(setting.alpha)}"
-    return "N=" + ",".join(str(n) for n in setting)
+                check_settings(ckpt.dir, stored, checkpoint_settings(configs, run_settings, method, setting))
 
 
 def evaluate_now(ctx: RunContext, step: int, with_reference: bool, beta: float | None) -> dict:
     """Reward and KL of the policy (and the reference's reward) on the held-out prompts, as every method is
     measured; with beta (DPO), also the implicit reward's accuracy on the held-out pairs."""
-    log, cfg = ctx.rt.log, ctx.stages.eval
+    log, cfg = ctx.runtime.log, ctx.configs.eval
     log(f"[eval] step {step}: sampling {len(ctx.prompts.eval)} held-out prompts from the policy"
         + (" and the reference" if with_reference else "") + ", exact KL ...")
-    with ctx.rt.autocast:
+    with ctx.runtime.autocast:
         if with_reference and ctx.reference_samples is None:  # the same for every run of a sweep: sampled once
             ctx.reference_samples = sample_reference(ctx.model, ctx.tok, ctx.prompts.eval, cfg)
         heldout = ctx.pairs.heldout if ctx.pairs and beta else None
@@ -120,17 +88,27 @@ def evaluate_now(ctx: RunContext, step: int, with_reference: bool, beta: float |
     return r
 
 
-def run_one(ctx: RunContext, method: str, setting, run_dir: Path) -> RunResult:
-    """Train and evaluate one method at one setting in run_dir; the model is the reference again afterwards."""
+def start_run(ctx: RunContext, method: Method, setting, run_dir: Path) -> TrainRun:
+    """Before a method trains at one setting in run_dir: what it learns from that is built on the reference (RLHF's
+    reward model, fitted on the reference's body), then a fresh LoRA adapter (B = 0, seeded: the reference is the
+    starting policy); returns where and how long it trains (periodic evaluation, the checkpoint's settings)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    if method == "best-of-n":
-        return run_best_of_n(ctx, setting, run_dir)
-    name, loop = setting_name(method, setting), method_loop(ctx.stages, method)
-    beta = setting.beta if method in ("dpo", "online-dpo") else None
-    run = TrainRun(loop, run_dir, on_step_end=periodic_eval(ctx, method, name, run_dir, loop.steps, beta),
-                   settings=checkpoint_settings(ctx.stages, ctx.settings, method, setting))
-    summary = train_method(ctx, method, setting, run)
-    result = evaluate_trained(ctx, method, name, run_dir, loop.steps, beta, summary)
+    if method.reward_model:
+        ensure_reward_model(ctx)
+    loop = method_loop(ctx.configs, method)
+    beta = setting.beta if method.has_beta else None
+    run = TrainRun(loop, run_dir, on_step_end=periodic_eval(ctx, method, setting, run_dir, loop.steps, beta),
+                   settings=checkpoint_settings(ctx.configs, ctx.settings, method, setting))
+    torch.manual_seed(ctx.configs.seed)
+    apply_lora(ctx.model, ctx.configs.lora)
+    return run
+
+
+def finish_run(ctx: RunContext, method: Method, setting, run_dir: Path, summary: dict) -> RunResult:
+    """After a method trained at one setting: its evaluation and files; the model is the reference again afterwards
+    when more runs follow."""
+    loop = method_loop(ctx.configs, method)
+    result = evaluate_trained(ctx, method, setting, run_dir, loop.steps, summary)
     if is_main():
         write_run(ctx, result, run_dir)
     barrier()
@@ -141,29 +119,10 @@ def run_one(ctx: RunContext, method: str, setting, run_dir: Path) -> RunResult:
     return result
 
 
-def train_method(ctx: RunContext, method: str, setting, run: TrainRun) -> dict:
-    """A fresh LoRA adapter (B = 0, seeded: the reference is the starting policy) trained by `method` at
-    `setting`; returns its training summary. What a method learns from is built before the adapter exists: DPO's
-    pairs (the reference's samples) and RLHF's reward model (fitted on the reference's body)."""
-    st, rt = ctx.stages, ctx.rt
-    data = ensure_pairs(ctx) if method in ("dpo", *OFFLINE_BASELINES) else None
-    reward = ensure_reward_model(ctx) if method == "rlhf" else ctx.scorer
-    torch.manual_seed(st.seed)
-    apply_lora(ctx.model, st.lora)
-    if method == "dpo":
-        return train_dpo(ctx.model, data, setting, st.batch, run, rt, ctx.reference_cache, st.compile)
-    if method in OFFLINE_BASELINES:
-        return train_baseline(ctx.model, data, method, st.batch, run, rt, unlikelihood=setting)
-    if method == "online-dpo":
-        return train_online_dpo(ctx.model, ctx.tok, ctx.scorer, ctx.prompts.train, setting, st.online_dpo, run, rt)
-    return train_rloo(ctx.model, ctx.tok, reward, ctx.prompts.train, setting, replace(run, loop=replace(
-        run.loop, label=method)), rt)
-
-
 def write_run(ctx: RunContext, result: RunResult, run_dir: Path) -> None:
     """A trained run's files (rank 0): curves.png, the adapter (minidpo's and PEFT's layout), run.json (what
     sample.py needs) and result.json."""
-    plot_curves(run_dir, ctx.rt.log)
+    plot_curves(run_dir, ctx.runtime.log)
     save_lora(ctx.model, run_dir / "adapter")
     base = model_source(ctx.base)
     export_peft(ctx.model, run_dir / "adapter_peft", base_model_name_or_path=base)
@@ -174,30 +133,31 @@ def write_run(ctx: RunContext, result: RunResult, run_dir: Path) -> None:
     atomic_write_json(run_dir / "result.json", asdict(result))
 
 
-def periodic_eval(ctx: RunContext, method: str, name: str, run_dir: Path, steps: int, beta: float | None):
+def periodic_eval(ctx: RunContext, method: Method, setting, run_dir: Path, steps: int, beta: float | None):
     """on_step_end for a training loop: a frontier point every --eval-every steps (the last step is evaluated by
     `evaluate_trained`)."""
-    every = ctx.stages.eval_every
+    every, name = ctx.configs.eval_every, method.setting_name(setting)
 
     def on_step_end(step: int) -> None:
         if every and step % every == 0 and step != steps and is_main():
-            point(run_dir, method, name, step, evaluate_now(ctx, step, False, beta))
+            point(run_dir, method.name, name, step, evaluate_now(ctx, step, False, beta))
     return on_step_end
 
 
-def evaluate_trained(ctx: RunContext, method: str, name: str, run_dir: Path, steps: int, beta: float | None,
+def evaluate_trained(ctx: RunContext, method: Method, setting, run_dir: Path, steps: int,
                      summary: dict) -> RunResult:
     """The one epilogue of every trained method: evaluate the policy and the reference on the held-out prompts,
     write the reference's point (KL 0) and the policy's last one; with beta (DPO's family), the implicit reward's
     held-out accuracy joins the training summary."""
+    name, beta = method.setting_name(setting), setting.beta if method.has_beta else None
     if not is_main():
-        return RunResult(method, name, {}, {}, {}, [], [])
+        return RunResult(method.name, name, {}, {}, {}, [], [])
     r = evaluate_now(ctx, steps, True, beta)
-    append_point(run_dir, {"method": method, "setting": name, "step": 0, "reward": r["reference"]["reward"],
+    append_point(run_dir, {"method": method.name, "setting": name, "step": 0, "reward": r["reference"]["reward"],
                            "kl": 0.0, "kl_sampled": 0.0, "reward_se": r["reference"]["reward_se"], "kl_se": 0.0})
-    point(run_dir, method, name, steps, r)
+    point(run_dir, method.name, name, steps, r)
     summary = {**summary, "reward_accuracy": r.get("reward_accuracy")} if beta else summary
-    return RunResult(method, name, r["reference"], r["policy"], summary, r["examples"], read_points(run_dir))
+    return RunResult(method.name, name, r["reference"], r["policy"], summary, r["examples"], read_points(run_dir))
 
 
 def point(run_dir: Path, method: str, setting: str, step: int, r: dict) -> None:
@@ -206,23 +166,24 @@ def point(run_dir: Path, method: str, setting: str, step: int, r: dict) -> None:
                            "reward_se": r["policy"]["reward_se"], "kl_se": r["policy"]["kl_exact_se"]})
 
 
-def run_best_of_n(ctx: RunContext, ns: list[int], run_dir: Path) -> RunResult:
+def run_best_of_n(ctx: RunContext, method: Method, ns: list[int], run_dir: Path) -> RunResult:
     """Best-of-N at every N: samples from the reference only, nothing trained. Its KL is the bound log N - (N-1)/N,
     stored as `kl_bound` (never as a measured `kl`/`kl_exact`). Best-of-1 (round 0, the reference's own evaluation
     sample) is always computed, so the reference reward is set whatever the N list."""
+    run_dir.mkdir(parents=True, exist_ok=True)
     points, ref = [], {}
     if is_main():
-        with ctx.rt.autocast:  # max(ns) rounds of reference samples serve every N
+        with ctx.runtime.autocast:  # max(ns) rounds of reference samples serve every N
             results = best_of_n_sweep(ctx.model, ctx.tok, ctx.scorer, ctx.prompts.eval, sorted({1, *ns}),
-                                      ctx.stages.eval)
+                                      ctx.configs.eval)
         by_n = {r["n"]: r for r in results}
         ref = {"reward": by_n[1]["reward"]}
         for n in ns:
             r = by_n[n]
-            ctx.rt.log(f"[best-of-n] N={n}: reward {r['reward']:.3f}, KL bound {r['kl_bound']:.3f}")
-            points.append({"method": "best-of-n", "setting": f"N={n}", "step": 0, "reward": r["reward"],
+            ctx.runtime.log(f"[best-of-n] N={n}: reward {r['reward']:.3f}, KL bound {r['kl_bound']:.3f}")
+            points.append({"method": method.name, "setting": f"N={n}", "step": 0, "reward": r["reward"],
                            "kl": None, "kl_bound": r["kl_bound"], "kl_sampled": None,
                            "reward_se": mean_and_se(r["scores"])[1]})
         atomic_write_json(run_dir / "result.json", {"points": points})
     policy = {"reward": points[-1]["reward"], "kl_bound": points[-1]["kl_bound"]} if points else {}
-    return RunResult("best-of-n", setting_name("best-of-n", ns), ref, policy, {}, [], points)
+    return RunResult(method.name, method.setting_name(ns), ref, policy, {}, [], points)

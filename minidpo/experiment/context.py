@@ -1,5 +1,5 @@
 """
-The typed context of one run of train.py: `Stages`, every component's own config built once from the flags
+The typed context of one run of train.py: `RunConfigs`, every component's own config built once from the flags
 (experiment/options.py); the data the cached stages produce (`Reviews`, `PromptSets`); and `RunContext`, what every
 method shares while it trains and is evaluated (experiment/compare.py), with the stages built lazily on first need
 (the pairs, the reward model; experiment/stages.py).
@@ -30,7 +30,7 @@ from minidpo.training.trainer import LoopConfig
 
 
 @dataclass(frozen=True)
-class Stages:
+class RunConfigs:
     """Every component's config for one run, each checked when built (a bad value fails before any stage runs)."""
     compare: tuple[str, ...]                  # the methods this run trains and evaluates, in order
     prompts: PromptConfig
@@ -81,10 +81,10 @@ class RunContext:
     scorer: object
     reviews: Reviews
     prompts: PromptSets
-    stages: Stages
+    configs: RunConfigs
     base: str                                  # what run.json records as the policy's base weights
     out: Path
-    rt: Runtime
+    runtime: Runtime
     settings: dict = field(default_factory=dict)  # the run's options that change results (train.py's config.json)
     pairs: PairData | None = None
     reference_cache: dict[int, torch.Tensor] | None = None  # --precompute-ref

@@ -15,6 +15,7 @@ completions, a sentiment classifier ranks them into preference pairs.
 import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,12 +23,12 @@ from torch import Tensor
 
 from minidpo.dataset.batching import PairData, collate_unique, fit_pairs, group_indices, prompt_groups, split_pairs
 from minidpo.dataset.imdb import load_imdb
-from minidpo.dataset.pairs import Pair, build_pairs
+from minidpo.dataset.pairs import build_pairs
 from minidpo.dataset.pairs_cache import (cached_pairs, fingerprint, module_fingerprint, pairs_fingerprint,
                                          reviews_fingerprint)
 from minidpo.dataset.prompts import PromptConfig, make_prompts
 from minidpo.dataset.reward import SentimentClassifier
-from minidpo.experiment.context import PromptSets, Reviews, RunContext, Stages
+from minidpo.experiment.context import PromptSets, Reviews, RunContext, RunConfigs
 from minidpo.experiment.resolve import load_model
 from minidpo.formats.download import cache_dir
 from minidpo.formats.safetensors import load_file, load_metadata, save_file
@@ -112,7 +113,8 @@ def fit_classifier(reviews: Reviews, log: Log = quiet) -> SentimentClassifier:
         acc = fitted.accuracy([r.text for r in reviews.test], [r.label for r in reviews.test])
         log(f"[reward] trained in {fitted.fit_seconds:.1f} s; test accuracy {acc:.3f}; saved {path}")
         return fitted
-    return rank_zero_first(build)
+    with rank_zero_first():
+        return build()
 
 
 def ensure_pairs(ctx: RunContext) -> PairData:
@@ -120,32 +122,31 @@ def ensure_pairs(ctx: RunContext) -> PairData:
     needs them, cached in out/pairs.jsonl; with --precompute-ref also the reference's log-probs of them."""
     if ctx.pairs is not None:
         return ctx.pairs
-    st, log = ctx.stages, ctx.rt.log
+    configs, log = ctx.configs, ctx.runtime.log
     every = ctx.prompts.train + ctx.prompts.heldout
     reviews = ctx.reviews.train + ctx.reviews.test
     scorer_id = hashlib.sha256(ctx.scorer.weight.numpy().tobytes()).hexdigest()
-    fp = pairs_fingerprint(st.pairs, every, model_id=module_fingerprint(ctx.model), scorer_id=scorer_id,
-                           data_id=reviews_fingerprint(reviews) if st.pairs.mode == "labels" else "")
+    fp = pairs_fingerprint(configs.pairs, every, model_id=module_fingerprint(ctx.model), scorer_id=scorer_id,
+                           data_id=reviews_fingerprint(reviews) if configs.pairs.mode == "labels" else "")
 
-    def build() -> list[Pair]:
-        with ctx.rt.autocast:
-            return build_pairs(st.pairs, every, ctx.tok, model=ctx.model, scorer=ctx.scorer, reviews=reviews,
-                               log=log if is_main() else quiet)
-    pairs = rank_zero_first(lambda: cached_pairs(ctx.out / "pairs.jsonl", fp, build, log=log if is_main() else quiet))
+    build = partial(build_pairs, configs.pairs, every, ctx.tok, model=ctx.model, scorer=ctx.scorer, reviews=reviews,
+                    log=log if is_main() else quiet)
+    with rank_zero_first(), ctx.runtime.autocast:
+        pairs = cached_pairs(ctx.out / "pairs.jsonl", fp, build, log=log if is_main() else quiet)
     train, heldout = split_pairs(pairs)
-    train, _ = fit_pairs(train, st.max_length)
-    heldout, _ = fit_pairs(heldout, st.max_length)
+    train, _ = fit_pairs(train, configs.max_length)
+    heldout, _ = fit_pairs(heldout, configs.max_length)
     if not train:
         raise ValueError("no training pairs (every prompt's completions scored the same?); raise --num-prompts or "
                          "--completions-per-prompt")
     log(f"[pairs] {len(train):,} training pairs from {len(ctx.prompts.train)} prompts, {len(heldout)} held-out "
         f"pairs, {len(ctx.prompts.eval)} evaluation prompts")
     ctx.pairs = PairData(train, heldout, prompt_groups(train), fp)
-    if st.precompute_ref:
-        b = st.batch
-        need = st.loop.steps * b.draws_per_step(ctx.rt.world)
+    if configs.precompute_ref:
+        batch = configs.batch
+        draws = configs.loop.steps * batch.draws_per_step(ctx.runtime.world)
         ctx.reference_cache = precompute_reference(ctx.model, ctx.pairs, ReferenceCacheConfig(
-            need, b.max_length, b.pad_id, b.logprobs, b.seed), ctx.out, ctx.rt)
+            draws, batch.max_length, batch.pad_id, batch.logprobs, batch.seed), ctx.out, ctx.runtime)
     return ctx.pairs
 
 
@@ -155,25 +156,26 @@ def ensure_reward_model(ctx: RunContext) -> RewardModelScorer:
     on (reference weights, pairs, LoRA, batches, loop). Every rank trains (the loop all-reduces); rank 0 saves."""
     if ctx.reward_model is not None:
         return ctx.reward_model
-    data, st = ensure_pairs(ctx), ctx.stages
-    fp = fingerprint({"model": module_fingerprint(ctx.model), "pairs": data.fingerprint, "lora": asdict(st.lora),
-                      "batch": asdict(st.batch), "loop": {**asdict(st.rm_loop), "show": None}})
+    data, configs = ensure_pairs(ctx), ctx.configs
+    fp = fingerprint({"model": module_fingerprint(ctx.model), "pairs": data.fingerprint, "lora": asdict(configs.lora),
+                      "batch": asdict(configs.batch), "loop": {**asdict(configs.rm_loop), "show": None}})
 
     def build():
-        rm, info = train_reward_model(ctx.model, data, st.lora, st.batch,
-                                      TrainRun(st.rm_loop, ctx.out / "reward_model"), ctx.rt)
+        rm, info = train_reward_model(ctx.model, data, configs.lora, configs.batch,
+                                      TrainRun(configs.rm_loop, ctx.out / "reward_model"), ctx.runtime)
         if is_main():
-            plot_curves(ctx.out / "reward_model", ctx.rt.log)
+            plot_curves(ctx.out / "reward_model", ctx.runtime.log)
         return rm, info
 
-    rm, info = cached_reward_model(ctx.out / "reward_model.safetensors", fp, ctx.model, build, ctx.rt.log)
+    rm, info = cached_reward_model(ctx.out / "reward_model.safetensors", fp, ctx.model, build, ctx.runtime.log)
     for p in rm.parameters():
         p.requires_grad_(False)
     # the training record comes from the file, so a resume that reuses it reports what the fresh run did; lr is
     # the configured peak (--rm-lr), not where the schedule ended
     ctx.reward_model_info = {**info, "heldout_pairs": len(data.heldout),
-                             "train": {**info.get("train", {}), "steps": st.rm_loop.steps, "lr": st.rm_loop.lr}}
-    ctx.reward_model = RewardModelScorer(rm, ctx.tok, st.max_length, autocast=ctx.rt.autocast)
+                             "train": {**info.get("train", {}), "steps": configs.rm_loop.steps,
+                                       "lr": configs.rm_loop.lr}}
+    ctx.reward_model = RewardModelScorer(rm, ctx.tok, configs.max_length, autocast=ctx.runtime.autocast)
     return ctx.reward_model
 
 
@@ -188,7 +190,7 @@ class ReferenceCacheConfig:
 
 @torch.no_grad()
 def precompute_reference(model: torch.nn.Module, data: PairData, cfg: ReferenceCacheConfig, out: Path,
-                         rt: Runtime) -> dict[int, Tensor]:
+                         runtime: Runtime) -> dict[int, Tensor]:
     """Reference sequence log-probs of every prompt group the run will draw (not the whole dataset), computed once
     before the adapter exists (so exactly the reference) and cached in out/reference_logps.safetensors.
 
@@ -199,7 +201,7 @@ def precompute_reference(model: torch.nn.Module, data: PairData, cfg: ReferenceC
     path = out / "reference_logps.safetensors"
     fp = fingerprint({"model": module_fingerprint(model), "pairs": data.fingerprint, "groups": used,
                       "max_length": cfg.max_length, "logprobs": cfg.logprobs})
-    device, log = next(model.parameters()).device, rt.log
+    device, log = next(model.parameters()).device, runtime.log
 
     def build() -> dict[str, Tensor]:
         if path.is_file():
@@ -215,23 +217,24 @@ def precompute_reference(model: torch.nn.Module, data: PairData, cfg: ReferenceC
         for g in used:
             batch = collate_unique([data.train[i] for i in data.groups[g]], cfg.max_length, pad_id=cfg.pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            with rt.autocast:
+            with runtime.autocast:
                 r = reference_forward(model, batch, cfg.logprobs, unique=True)
             tensors[str(g)] = torch.stack([r["logps"].float(), r["logps_mean"].float()]).cpu()
         if is_main():
             save_file(tensors, path, metadata={"fingerprint": fp, "groups": json.dumps(len(used))})
         return tensors
-    tensors = rank_zero_first(build)
+    with rank_zero_first():
+        tensors = build()
     return {int(k): v.to(device) for k, v in tensors.items()}
 
 
 
-def sft_stage(model: GPT, model_desc: str, reviews: Reviews, tok: Tokenizer, st: Stages, out: Path,
-              rt: Runtime) -> tuple[GPT, str]:
-    """SFT on review text (st.sft_loop, st.sft, st.lora), folded into the weights: (the model that is both the
-    reference and every method's start, what run.json records as its base). Without SFT the loaded model itself;
+def sft_stage(model: GPT, model_desc: str, reviews: Reviews, tok: Tokenizer, configs: RunConfigs, out: Path,
+              runtime: Runtime) -> tuple[GPT, str]:
+    """SFT on review text (configs.sft_loop, configs.sft, configs.lora), folded into the weights: (the model that is
+    both the reference and every method's start, what run.json records as its base). Without SFT the loaded model itself;
     `random` weights are saved so a sampler can find them again."""
-    device, loop, cfg = next(model.parameters()).device, st.sft_loop, st.sft
+    device, loop, cfg = next(model.parameters()).device, configs.sft_loop, configs.sft
     if loop is None:
         if model_desc.startswith("random(") and is_main():
             save_hf(model, out / "base_model")
@@ -239,17 +242,17 @@ def sft_stage(model: GPT, model_desc: str, reviews: Reviews, tok: Tokenizer, st:
         return model, model_desc
     done = out / "sft_model"
     if (done / "config.json").is_file():
-        rt.log(f"[sft] reusing {done}")
+        runtime.log(f"[sft] reusing {done}")
         return load_gpt2(done, device=device).eval(), "sft_model"
-    rt.log(f"[sft] {loop.steps} steps on {len(reviews.train):,} reviews ({'LoRA' if cfg.lora else 'all weights'})")
+    runtime.log(f"[sft] {loop.steps} steps on {len(reviews.train):,} reviews ({'LoRA' if cfg.lora else 'all weights'})")
     if cfg.lora:
-        apply_lora(model, st.lora)
+        apply_lora(model, configs.lora)
     else:
         for p in model.parameters():
             p.requires_grad_(True)
     stream = pack_texts([r.text for r in reviews.train], tok)
     windows = replace(cfg, block_size=min(cfg.block_size, model.config.block_size))
-    run_sft(model, stream, windows, loop, rt, out, resume=True)
+    run_sft(model, stream, windows, loop, runtime, out, resume=True)
     if cfg.lora:
         remove_lora(model, merge=True)
     for p in model.parameters():

@@ -33,7 +33,7 @@ from minidpo.dataset.batching import PairData
 from minidpo.methods.offline_train import BatchConfig, as_unique, make_batch_fn
 from minidpo.methods.scoring import completion_logps, token_logps
 from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import Training, TrainRun, fit, trainable_adapter
+from minidpo.training.trainer import Training, TrainRun, train_loop, trainable_adapter
 
 UL_FLOOR = 1e-5  # smallest 1 - p the unlikelihood term uses (Welleck et al.'s clamp)
 LN2 = math.log(2.0)
@@ -105,14 +105,14 @@ def per_row(values: Tensor, row: Tensor, n_rows: int) -> Tensor:
 
 # ----------------------------------------------------------------------------- the steps
 
-def preferred_ft_step(model: torch.nn.Module, batch: tuple, bcfg: BatchConfig) -> tuple[Tensor, dict, int, int]:
+def preferred_ft_step(model: torch.nn.Module, batch: tuple, batch_config: BatchConfig) -> tuple[Tensor, dict, int, int]:
     """One Preferred-FT micro-batch (make_batch_fn's tuple): only the sequences that are some pair's chosen side
     are forwarded, once each, through the one completion scorer (DPO's too)."""
     _, tensors, n_tokens, n_pairs = batch
     u = as_unique(tensors)
     rows, pick = torch.unique(u["chosen_index"], return_inverse=True)  # (R,) distinct chosen rows, (P,) into them
     keep = u["response_mask"][rows] * u["attention_mask"][rows]        # (R, T)
-    sums = completion_logps(model, u["ids"][rows], keep, bcfg.logprobs)  # (R,)
+    sums = completion_logps(model, u["ids"][rows], keep, batch_config.logprobs)  # (R,)
     chosen_logps = sums[pick]                                           # (P,)
     chosen_tokens = (keep[:, 1:] != 0).sum(-1)[pick]                    # (P,)
     loss = preferred_ft_loss(chosen_logps, chosen_tokens)
@@ -120,13 +120,13 @@ def preferred_ft_step(model: torch.nn.Module, batch: tuple, bcfg: BatchConfig) -
 
 
 def unlikelihood_step(model: torch.nn.Module, batch: tuple, cfg: UnlikelihoodConfig,
-                      bcfg: BatchConfig) -> tuple[Tensor, dict, int, int]:
+                      batch_config: BatchConfig) -> tuple[Tensor, dict, int, int]:
     """One Unlikelihood micro-batch: one forward over every distinct sequence, log p per token, then per row the
     sum of log p (for chosen sides) and of log(1 - p) (for rejected sides)."""
     _, tensors, n_tokens, n_pairs = batch
     u = as_unique(tensors)
     N = u["ids"].size(0)
-    logp, row = token_logps(model, u["ids"], u["response_mask"] * u["attention_mask"], bcfg.logprobs)
+    logp, row = token_logps(model, u["ids"], u["response_mask"] * u["attention_mask"], batch_config.logprobs)
     logps = per_row(logp, row, N)                                        # (N,) log p(y|x)
     unlikely = per_row(unlikelihood_term(logp, cfg.floor), row, N)       # (N,) sum_t log(1 - p(y_t))
     chosen, rejected = logps[u["chosen_index"]], unlikely[u["rejected_index"]]  # (P,) each
@@ -139,8 +139,8 @@ def unlikelihood_step(model: torch.nn.Module, batch: tuple, cfg: UnlikelihoodCon
 
 # ----------------------------------------------------------------------------- one run
 
-def train_baseline(model: torch.nn.Module, data: PairData, method: str, bcfg: BatchConfig, run: TrainRun,
-                   rt: Runtime, unlikelihood: UnlikelihoodConfig | None = None) -> dict:
+def train_baseline(model: torch.nn.Module, data: PairData, method: str, batch_config: BatchConfig, run: TrainRun,
+                   runtime: Runtime, unlikelihood: UnlikelihoodConfig | None = None) -> dict:
     """Train the model's fresh LoRA adapter (B = 0: the caller applies it, so the adapter disabled is the reference
     the evaluation's KL is measured against) with "preferred-ft" or "unlikelihood" on DPO's batches; returns the
     training summary. The caller evaluates afterwards, as for every method."""
@@ -150,14 +150,15 @@ def train_baseline(model: torch.nn.Module, data: PairData, method: str, bcfg: Ba
     params = trainable_adapter(model, f"train_baseline({method})")
 
     def step_fn(batch):
-        with rt.autocast:
+        with runtime.autocast:
             if method == "preferred-ft":
-                return preferred_ft_step(model, batch, bcfg)
-            return unlikelihood_step(model, batch, ul, bcfg)
+                return preferred_ft_step(model, batch, batch_config)
+            return unlikelihood_step(model, batch, ul, batch_config)
 
     setting = "sft" if method == "preferred-ft" else f"alpha={ul.alpha:g}"
     show = PREFERRED_FT_SHOW if method == "preferred-ft" else UNLIKELIHOOD_SHOW
     loop = replace(run.loop, label=f"{method} {setting}", show=show)
-    settings = {"method": method, "batch": asdict(bcfg), "steps": loop.steps, "lr": loop.lr,
+    settings = {"method": method, "batch": asdict(batch_config), "steps": loop.steps, "lr": loop.lr,
                 **({"unlikelihood": asdict(ul)} if method == "unlikelihood" else {})}
-    return fit(Training(loop, params, make_batch_fn(data, bcfg, rt), step_fn), run, rt, settings)
+    training = Training(loop, params, make_batch_fn(data, batch_config, runtime), step_fn)
+    return train_loop(training, **run.loop_args(params, settings, runtime.log))

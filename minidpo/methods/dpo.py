@@ -42,33 +42,26 @@ BATCH_KEYS = ("chosen_ids", "chosen_attention_mask", "chosen_response_mask",
 UNIQUE_KEYS = ("ids", "attention_mask", "response_mask", "chosen_index", "rejected_index")
 
 
-def check_loss_args(beta: float, loss_type: str, label_smoothing: float) -> None:
-    """The one rule set for DPOConfig and dpo_loss; raises minidpo.config.ConfigError (a ValueError).
-
-    label_smoothing e is a label-flip rate: sigmoid (cDPO) takes [0, 0.5] (at 0.5 the labels carry no information),
-    robust [0, 0.5) (it divides by 1 - 2e), ipo and hinge have no such term, so e must be 0.
-    """
-    require(loss_type in LOSS_TYPES, "loss_type", f"must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
-    require(math.isfinite(beta) and beta > 0, "beta", f"must be a finite number > 0, got {beta}")
-    e = label_smoothing
-    require(math.isfinite(e), "label_smoothing", f"must be a finite number, got {e}")
-    if loss_type == "sigmoid":
-        require(0.0 <= e <= 0.5, "label_smoothing", f"for 'sigmoid' (cDPO) must be in [0, 0.5], got {e}")
-    elif loss_type == "robust":
-        require(0.0 <= e < 0.5, "label_smoothing", f"for 'robust' must be in [0, 0.5), got {e}")
-    else:
-        require(e == 0.0, "label_smoothing", f"is only used by 'sigmoid' and 'robust'; it must be 0 for "
-                                             f"{loss_type!r}, got {e}")
-
-
 @dataclass(frozen=True)
 class DPOConfig:
+    """label_smoothing e is a label-flip rate: sigmoid (cDPO) takes [0, 0.5] (at 0.5 the labels carry no
+    information), robust [0, 0.5) (it divides by 1 - 2e), ipo and hinge have no such term, so e must be 0."""
     beta: float = 0.1             # strength of the KL tie to the reference (IPO: its tau)
     loss_type: str = "sigmoid"    # sigmoid | robust | ipo | hinge
     label_smoothing: float = 0.0  # assumed label-flip rate: cDPO for sigmoid, rDPO for robust
 
     def __post_init__(self) -> None:
-        check_loss_args(self.beta, self.loss_type, self.label_smoothing)
+        loss_type, e = self.loss_type, self.label_smoothing
+        require(loss_type in LOSS_TYPES, "loss_type", f"must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+        require(math.isfinite(self.beta) and self.beta > 0, "beta", f"must be a finite number > 0, got {self.beta}")
+        require(math.isfinite(e), "label_smoothing", f"must be a finite number, got {e}")
+        if loss_type == "sigmoid":
+            require(0.0 <= e <= 0.5, "label_smoothing", f"for 'sigmoid' (cDPO) must be in [0, 0.5], got {e}")
+        elif loss_type == "robust":
+            require(0.0 <= e < 0.5, "label_smoothing", f"for 'robust' must be in [0, 0.5), got {e}")
+        else:
+            require(e == 0.0, "label_smoothing", f"is only used by 'sigmoid' and 'robust'; it must be 0 for "
+                                                 f"{loss_type!r}, got {e}")
 
 
 def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
@@ -78,16 +71,10 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     """Per-pair losses (B,) and the implicit rewards beta * (policy - reference) of chosen and rejected (B,).
 
     Naive equivalent for 'sigmoid' with e = 0: -log(sigmoid(beta * ((pc - rc) - (pr - rr)))). See the module
-    docstring for the other losses. Rewards are detached: they are for logging, not for gradients.
+    docstring for the other losses. Rewards are detached: they are for logging, not for gradients. The arguments
+    are DPOConfig's, checked there once.
     """
-    check_loss_args(beta, loss_type, label_smoothing)
-    if (reference_chosen_logps is None) != (reference_rejected_logps is None):
-        raise ValueError("dpo_loss: pass both reference log-probs, or neither (reference-free)")
-    shapes = {tuple(t.shape) for t in (policy_chosen_logps, policy_rejected_logps,
-                                       reference_chosen_logps, reference_rejected_logps) if t is not None}
-    if len(shapes) != 1:
-        raise ValueError(f"dpo_loss: all log-probs must have the same shape (B,), got {sorted(shapes)}")
-    if reference_chosen_logps is None:
+    if reference_chosen_logps is None:  # reference-free
         reference_chosen_logps = reference_rejected_logps = torch.zeros_like(policy_chosen_logps)
 
     chosen_logratios = policy_chosen_logps - reference_chosen_logps        # (B,)
@@ -209,7 +196,8 @@ def reference_forward(model: nn.Module, batch: dict[str, Tensor], logprobs: str 
 
 def dpo_step_loss(policy_out: dict[str, Tensor], reference_out: dict[str, Tensor] | None,
                   cfg: DPOConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    """Mean loss and metrics from `concatenated_forward`-style outputs (reference_out None: reference-free).
+    """Mean loss and metrics from `concatenated_forward`-style outputs (reference_out None: reference-free); a
+    unique batch's per-sequence log-probs give them through `pair_logps`.
 
     The loss uses length-averaged log-probs for IPO and sums otherwise, so callers cannot mix them up. The metrics
     are TRL's, always from sums, as TRL logs them (also for IPO): rewards/* = beta * (policy - reference) summed
@@ -242,11 +230,3 @@ def pair_logps(seq_out: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str
     """
     return {f"{side}_{k}": v[batch[f"{side}_index"]] for k, v in seq_out.items()
             for side in ("chosen", "rejected")}
-
-
-def dpo_unique_loss(policy_seq: dict[str, Tensor], reference_seq: dict[str, Tensor] | None,
-                    batch: dict[str, Tensor], cfg: DPOConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    """dpo_step_loss over every pair of a unique batch, from `sequence_forward` outputs (or cached reference
-    log-probs with keys logps and logps_mean). Equals the pairwise computation over the same pairs."""
-    reference = None if reference_seq is None else pair_logps(reference_seq, batch)
-    return dpo_step_loss(pair_logps(policy_seq, batch), reference, cfg)

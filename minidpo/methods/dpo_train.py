@@ -21,16 +21,17 @@ sequence log-probs of the same weights computed before training (--precompute-re
 """
 
 from dataclasses import asdict, replace
+from functools import partial
 
 import torch
 from torch import Tensor
 
 from minidpo.dataset.batching import PairData
-from minidpo.methods.dpo import (DPOConfig, concatenated_forward, dpo_step_loss, dpo_unique_loss, reference_forward,
-                                 sequence_forward)
+from minidpo.methods.dpo import DPOConfig, concatenated_forward, dpo_step_loss, pair_logps, reference_forward
 from minidpo.methods.offline_train import BatchConfig, make_batch_fn
+from minidpo.methods.scoring import completion_logps
 from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import Training, TrainRun, fit, trainable_adapter
+from minidpo.training.trainer import Training, TrainRun, train_loop, trainable_adapter
 
 
 def cached_reference(cache: dict[int, Tensor], groups: list[int]) -> dict[str, Tensor]:
@@ -39,39 +40,42 @@ def cached_reference(cache: dict[int, Tensor], groups: list[int]) -> dict[str, T
     return {"logps": both[0], "logps_mean": both[1]}
 
 
-def dpo_step(model: torch.nn.Module, batch: tuple, dpo: DPOConfig, bcfg: BatchConfig,
+def dpo_step(model: torch.nn.Module, batch: tuple, dpo: DPOConfig, batch_config: BatchConfig,
              reference_cache: dict[int, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor], int, int]:
-    """One DPO micro-batch: policy forward (with grad), reference log-probs (passed in explicitly), the loss.
+    """One DPO micro-batch: policy log-probs (with grad), reference log-probs (passed in explicitly), the loss.
 
-    This is the training step: a reader can follow it from here to `minidpo.methods.logprobs.sequence_logps` (naive) or the
-    fused kernels, and back through backward.
+    This is the training step: a reader can follow it from here to `minidpo.methods.scoring.completion_logps` (the
+    naive log_softmax + gather, or the fused kernels) and to the loss `minidpo.methods.dpo.dpo_loss`, and back
+    through backward. A unique batch forwards each distinct sequence once (N rows) and gathers every pair's two
+    from them; naive equivalent: `concatenated_forward` over each pair's chosen and rejected rows.
     """
+    model.train()  # LoRA dropout on in every training step; evaluation and sampling run in eval mode
     idx, tensors, n_tokens, n_pairs = batch
-    if bcfg.mode == "unique":
-        policy = sequence_forward(model, tensors, bcfg.logprobs)
-        reference = (cached_reference(reference_cache, idx) if reference_cache is not None
-                     else reference_forward(model, tensors, bcfg.logprobs, unique=True))
-        loss, metrics = dpo_unique_loss(policy, reference, tensors, dpo)
+    logprobs = batch_config.logprobs
+    if batch_config.mode == "pairs":
+        policy = concatenated_forward(model, tensors, logprobs)
+        reference = reference_forward(model, tensors, logprobs, unique=False)
     else:
-        policy = concatenated_forward(model, tensors, bcfg.logprobs)
-        reference = reference_forward(model, tensors, bcfg.logprobs, unique=False)
-        loss, metrics = dpo_step_loss(policy, reference, dpo)
+        keep = tensors["response_mask"] * tensors["attention_mask"]                      # (N, T)
+        logps = completion_logps(model, tensors["ids"], keep, logprobs)                  # (N,) summed
+        num_tokens = (keep[:, 1:] != 0).sum(-1)  # (N,); a token at position 0 cannot be scored
+        policy = pair_logps({"logps": logps, "logps_mean": logps / num_tokens.clamp(min=1),  # IPO's length mean
+                             "num_tokens": num_tokens}, tensors)                         # (P,) each
+        reference = pair_logps(cached_reference(reference_cache, idx) if reference_cache is not None
+                               else reference_forward(model, tensors, logprobs, unique=True), tensors)
+    loss, metrics = dpo_step_loss(policy, reference, dpo)
     return loss, metrics, n_tokens, n_pairs
 
 
-def train_dpo(model: torch.nn.Module, data: PairData, dpo: DPOConfig, bcfg: BatchConfig, run: TrainRun, rt: Runtime,
-              reference_cache: dict[int, Tensor] | None = None, compile: bool = False) -> dict:
+def train_dpo(model: torch.nn.Module, data: PairData, dpo: DPOConfig, batch_config: BatchConfig, run: TrainRun,
+              runtime: Runtime, reference_cache: dict[int, Tensor] | None = None, compile: bool = False) -> dict:
     """Train the model's fresh LoRA adapter (B = 0: the caller applies it) with DPO on `data`'s batches; returns
     the training summary. The caller evaluates afterwards (experiment/compare.py's one epilogue for every method)."""
     params = trainable_adapter(model, "train_dpo")
     if compile:  # the transformer body only: compiling the whole step on a CPU took minutes, this about 45 s
         model.hidden_states = torch.compile(model.hidden_states)
-
-    def step_fn(batch):
-        model.train()  # LoRA dropout on in every training step; evaluation and sampling run in eval mode
-        with rt.autocast:
-            return dpo_step(model, batch, dpo, bcfg, reference_cache)
-
     loop = replace(run.loop, label=f"dpo beta={dpo.beta:g}")
-    settings = {"dpo": asdict(dpo), "batch": asdict(bcfg), "steps": loop.steps, "lr": loop.lr}
-    return fit(Training(loop, params, make_batch_fn(data, bcfg, rt), step_fn), run, rt, settings)
+    settings = {"dpo": asdict(dpo), "batch": asdict(batch_config), "steps": loop.steps, "lr": loop.lr}
+    step = partial(dpo_step, model, dpo=dpo, batch_config=batch_config, reference_cache=reference_cache)
+    training = Training(loop, params, make_batch_fn(data, batch_config, runtime), step, autocast=runtime.autocast)
+    return train_loop(training, **run.loop_args(params, settings, runtime.log))

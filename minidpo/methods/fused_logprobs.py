@@ -10,13 +10,13 @@ for backward and then allocates two more of that size in backward (the scattered
 gradient of the log-softmax). At GPT-2's V = 50257 that is 823 MB each for one [8, 512] batch.
 
 Here instead:
-- `token_logprobs(logits, targets)`: forward computes logsumexp row chunk by row chunk in fp32 and saves only the
+- `fused_token_logps(logits, targets)`: forward computes logsumexp row chunk by row chunk in fp32 and saves only the
   logits it was given (a reference, not a copy), the [B, T] logsumexp and the targets. Backward rebuilds
   softmax = exp(logits - logsumexp) inside the single [B, T, V] gradient buffer and turns it, in place, into
   grad * (onehot - softmax) in the logits' dtype (half-precision logits go through an fp32 scratch chunk by chunk).
   This is the trick of Liger-Kernel's fused cross-entropy (Hsu et al. 2024) and of Apple's "Cut Your Losses"
   (Wijmans et al. 2024), in plain PyTorch.
-- `linear_token_logprobs(hidden, weight, targets)`: also fuses the lm_head matmul, so even the logits are only
+- `linear_token_logps(hidden, weight, targets)`: also fuses the lm_head matmul, so even the logits are only
   ever alive one chunk of tokens at a time; backward recomputes each chunk's logits (one extra matmul traded for
   never holding [B, T, V]).
 
@@ -68,7 +68,7 @@ def _scratch(rows: int, x: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.empty(min(rows, x.size(0)), x.size(1), dtype=dtype, device=x.device)
 
 
-def _target_logprobs(x: Tensor, targets: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+def _target_logps(x: Tensor, targets: Tensor, rows: int) -> tuple[Tensor, Tensor]:
     """log p(targets) and logsumexp, both (N,), of x (N, V) in fp32 (fp64 for fp64 x), `rows` rows at a time.
 
     Naive equivalent: lse = x.float().logsumexp(-1); logp = x.float().gather(1, targets[:, None]).squeeze(1) - lse.
@@ -129,7 +129,7 @@ def _grad_logits_(logits: Tensor, lse: Tensor, targets: Tensor, grad: Tensor, ou
         out[s:e].copy_(_softmax_grad_(work, targets[s:e], grad[s:e]))  # the only half-precision rounding
 
 
-class TokenLogprobs(torch.autograd.Function):
+class TokenLogps(torch.autograd.Function):
     """log_softmax(logits)[targets] with O(chunk) extra memory in forward and backward."""
 
     @staticmethod
@@ -140,7 +140,7 @@ class TokenLogprobs(torch.autograd.Function):
         valid = t != IGNORE_INDEX
         t_safe = torch.where(valid, t, 0)
         rows = chunk_rows or default_chunk_rows(V, logits.device)
-        logp, lse = _target_logprobs(x, t_safe, rows)  # (N,) each
+        logp, lse = _target_logps(x, t_safe, rows)  # (N,) each
         _repair_lse_(lse, lambda r: x[r])
         logp = torch.where(valid, logp, 0.0)
         ctx.save_for_backward(logits, lse, t_safe, valid)
@@ -159,7 +159,7 @@ class TokenLogprobs(torch.autograd.Function):
         return grad_logits.view(logits.shape), None, None, None
 
 
-def token_logprobs(logits: Tensor, targets: Tensor, chunk_rows: int | None = None,
+def fused_token_logps(logits: Tensor, targets: Tensor, chunk_rows: int | None = None,
                    inplace_backward: bool = False) -> Tensor:
     """log p(targets) (...,) in fp32 (fp64 for fp64 logits) from logits (..., V) of any float dtype.
 
@@ -173,12 +173,12 @@ def token_logprobs(logits: Tensor, targets: Tensor, chunk_rows: int | None = Non
     node did save them, autograd's version check raises instead of computing a wrong gradient.
     """
     if chunk_rows is not None and chunk_rows < 1:
-        raise ValueError(f"token_logprobs: chunk_rows must be None or >= 1, got {chunk_rows}")
-    _check_targets(logits, targets, logits.size(-1), "token_logprobs")
-    return TokenLogprobs.apply(logits, targets, chunk_rows, inplace_backward)
+        raise ValueError(f"fused_token_logps: chunk_rows must be None or >= 1, got {chunk_rows}")
+    _check_targets(logits, targets, logits.size(-1), "fused_token_logps")
+    return TokenLogps.apply(logits, targets, chunk_rows, inplace_backward)
 
 
-class LinearTokenLogprobs(torch.autograd.Function):
+class LinearTokenLogps(torch.autograd.Function):
     """log_softmax(hidden @ weight.T)[targets], logits alive one chunk of tokens at a time."""
 
     @staticmethod
@@ -194,7 +194,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
         for s in range(0, h.size(0), chunk_size):
             e = s + chunk_size
             logits = torch.mm(h[s:e], weight.t(), out=buf[:h[s:e].size(0)])  # (n, V), the only logits alive
-            logp[s:e], lse[s:e] = _target_logprobs(logits, t_safe[s:e], rows)
+            logp[s:e], lse[s:e] = _target_logps(logits, t_safe[s:e], rows)
         _repair_lse_(lse, lambda r: h[r] @ weight.t())
         logp = torch.where(valid, logp, 0.0)
         ctx.save_for_backward(hidden, weight, lse, t_safe, valid)
@@ -226,38 +226,24 @@ class LinearTokenLogprobs(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
-def linear_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int = 128) -> Tensor:
+def linear_token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int = 128) -> Tensor:
     """log p(targets) (...,) for logits = hidden (..., C) @ weight.T (weight (V, C), an nn.Linear layout).
 
-    Naive equivalent: token_logprobs(hidden @ weight.T, targets). Gradients for hidden and (when it requires grad)
+    Naive equivalent: fused_token_logps(hidden @ weight.T, targets). Gradients for hidden and (when it requires grad)
     weight match the unfused ones; [..., V] is never materialized, only (chunk_size, V) at a time. Under
     torch.autocast the matmuls run in the autocast dtype, as `hidden @ weight.T` would; log-probs stay fp32.
     """
     if weight.dim() != 2 or hidden.size(-1) != weight.size(1):
-        raise ValueError(f"linear_token_logprobs: weight must be (V, C) with C = hidden.size(-1) = "
+        raise ValueError(f"linear_token_logps: weight must be (V, C) with C = hidden.size(-1) = "
                          f"{hidden.size(-1)}, got {tuple(weight.shape)}")
     if chunk_size < 1:
-        raise ValueError(f"linear_token_logprobs: chunk_size must be >= 1, got {chunk_size}")
-    _check_targets(hidden, targets, weight.size(0), "linear_token_logprobs")
+        raise ValueError(f"linear_token_logps: chunk_size must be >= 1, got {chunk_size}")
+    _check_targets(hidden, targets, weight.size(0), "linear_token_logps")
     device = hidden.device.type
     if torch.is_autocast_enabled(device):  # the matmuls inside use out=, which autocast skips: cast as nn.Linear would
         dtype = torch.get_autocast_dtype(device)  # a frozen weight (GPT-2's tied head under LoRA) is cast once
         hidden, weight = hidden.to(dtype), autocast_weight(weight).to(dtype)
     if hidden.dtype != weight.dtype:
-        raise TypeError(f"linear_token_logprobs: hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the "
+        raise TypeError(f"linear_token_logps: hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the "
                         "same dtype (or run under torch.autocast)")
-    return LinearTokenLogprobs.apply(hidden, weight, targets, chunk_size)
-
-
-def sequence_logprobs(token_logps: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Sum and mean (B,) of token_logps (B, T) over the positions where mask (B, T) is nonzero.
-
-    Naive equivalent: [token_logps[b][mask[b] != 0].sum() for b], and .mean() of the same (0 for an empty row).
-    """
-    if token_logps.shape != mask.shape:
-        raise ValueError(f"sequence_logprobs: mask shape {tuple(mask.shape)} != token_logps shape "
-                         f"{tuple(token_logps.shape)}")
-    keep = mask != 0
-    total = torch.where(keep, token_logps, 0.0).sum(-1)        # (B,), where() so -inf at masked spots can't leak
-    count = keep.sum(-1).clamp(min=1).to(token_logps.dtype)    # (B,), an empty response gives mean 0, not NaN
-    return total, total / count
+    return LinearTokenLogps.apply(hidden, weight, targets, chunk_size)

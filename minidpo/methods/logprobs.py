@@ -32,7 +32,7 @@ def _upcast(x: Tensor) -> Tensor:
 def naive_token_logps(logits: Tensor, targets: Tensor) -> Tensor:
     """log softmax(logits)[targets] (...,) in fp32 (fp64 for fp64 logits) from logits (..., V).
 
-    Targets equal to IGNORE_INDEX (-100) give 0 (and no gradient), as in the fused `token_logprobs`.
+    Targets equal to IGNORE_INDEX (-100) give 0 (and no gradient), as in the fused `fused_token_logps`.
     """
     valid = targets != IGNORE_INDEX
     logp = _upcast(logits).log_softmax(-1)                                       # (..., V)

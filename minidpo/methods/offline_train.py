@@ -53,14 +53,15 @@ class BatchConfig:
         return (self.prompts if self.mode == "unique" else self.pairs) * self.grad_accum * world
 
 
-def make_batch_fn(data: PairData, cfg: BatchConfig, rt: Runtime) -> Callable[[int, int], tuple]:
-    """get_batch(step, micro) -> (group or pair indices, tensors on rt.device, real tokens, pairs) for rt.rank.
+def make_batch_fn(data: PairData, cfg: BatchConfig, runtime: Runtime) -> Callable[[int, int], tuple]:
+    """get_batch(step, micro) -> (group or pair indices, tensors on runtime.device, real tokens, pairs) for this
+    process (runtime.rank).
 
     A pure function of its arguments (the seed is in cfg), so a resumed run's data position is just its step.
     """
     if not data.train:
         raise ValueError("make_batch_fn: no training pairs")
-    rank, world, device = rt.rank, rt.world, rt.device
+    rank, world, device = runtime.rank, runtime.world, runtime.device
 
     def get_batch(step: int, micro: int):
         slot = (step * cfg.grad_accum + micro) * world + rank

@@ -15,7 +15,7 @@ so its loss scores the samples under distributions other than the one they were 
 the loss is of the sampler that produced the samples, online DPO and RLOO use the same log-probs
 (minidpo/methods/rollout.py), and the logged `kl` is the sampled KL of that sampler. At T = 1 the two choices agree.
 With K > 2 samples per prompt every distinct-score pair is used, as offline (`minidpo.dataset.pairs.preference_pairs`), and
-each completion is scored once however many pairs it is in (`minidpo.methods.dpo.dpo_unique_loss`).
+each completion is scored once however many pairs it is in (`minidpo.methods.dpo.pair_logps`).
 
 Why offline pairs can fall short. DPO's loss is minimized by pi* ~ ref * exp(r / beta) only where the pairs put
 weight; the pairs are the reference's samples, so what the policy does on sequences the reference rarely sampled is
@@ -23,23 +23,8 @@ left to generalization. As the policy moves, its own samples drift away from the
 sequences the policy no longer produces. Online pairs follow the policy, the way RLOO's samples do (the rollouts are
 minidpo/methods/rollout.py's, shared with RLOO).
 
-Measured on the tiny preset (the previous bundled 7M model, 5.94 nats/token; IMDB sample, LoRA r=8 on every
-projection, evaluation of plain
-temperature-1 samples on 128 held-out prompts; seed 0 unless noted, the 2-core development machine, quiet). Offline:
-the reference's pairs, 8 completions per prompt at temperature 0.7, made once. Online: the same per step, from the
-policy. Gain = policy minus reference reward (0.417), its standard error about 0.02:
-
-    pairs     prompts x completions per step  steps  lr    beta   gain     KL(policy || ref)
-    offline   2 x 8                           150    5e-3  0.1    +0.041   12.9    (seed 1: +0.065 at 9.6)
-    offline   8 x 8                           150    2e-3  0.1    +0.056    6.2
-    offline   8 x 8                            80    5e-3  0.05   +0.039   10.4
-    offline   8 x 8                            80    5e-3  0.1    +0.042    5.2
-    offline   8 x 8                            80    5e-3  0.5    +0.019    0.69
-    online    8 x 8                            80    5e-3  0.05   +0.318   16.7
-    online    8 x 8                            80    5e-3  0.1    +0.258   10.8    (seed 1: +0.269 at 10.7)
-    online    8 x 8                            80    5e-3  0.5    +0.042    1.0
-
-The online beta 0.1 row is `python train.py --preset tiny` (2 min 24 s wall); the 80-step rows are its `--compare`.
+Online pairs gained several times what offline pairs did at equal beta on the tiny preset (bench/README.md,
+"Tuning RLOO and online DPO").
 
 One step (per micro-batch, `prompts_per_step` prompts on each process):
 1. rollout, no gradient (`minidpo.methods.rollout.sample_rollout`): K completions per prompt from the current policy, their
@@ -58,11 +43,11 @@ import torch
 from torch import Tensor
 
 from minidpo.config import require
-from minidpo.methods.dpo import DPOConfig, dpo_unique_loss
 from minidpo.dataset.pairs import PAIRINGS, preference_pairs
+from minidpo.methods.dpo import DPOConfig, dpo_step_loss, pair_logps
 from minidpo.methods.rollout import Rollout, RolloutConfig, make_rollout_fn, policy_logps
 from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import Training, TrainRun, fit, trainable_adapter
+from minidpo.training.trainer import Training, TrainRun, train_loop, trainable_adapter
 
 # (metric key, short label, format) for the progress line (LoopConfig.show)
 ONLINE_DPO_SHOW = (("reward", "reward", "{:.3f}"), ("kl/sampled", "kl", "{:.3f}"),
@@ -112,24 +97,26 @@ def online_dpo_loss(model: torch.nn.Module, rollout: Rollout, dpo: DPOConfig, cf
         weight = 0.0
     seqs = {"logps": policy, "logps_mean": policy / n_tokens}
     reference = {"logps": rollout.reference_logps, "logps_mean": rollout.reference_logps / n_tokens}
-    loss, metrics = dpo_unique_loss(seqs, reference, {"chosen_index": chosen, "rejected_index": rejected}, dpo)
+    pairs = {"chosen_index": chosen, "rejected_index": rejected}
+    loss, metrics = dpo_step_loss(pair_logps(seqs, pairs), pair_logps(reference, pairs), dpo)
     if weight == 0.0:  # no real pair: NaN, which the trainer leaves out of its averages (never a 0 accuracy)
         metrics = {k: torch.full_like(v, math.nan) for k, v in metrics.items()}
     return loss * weight, {**metrics, **extra}, log_ratio
 
 
 def train_online_dpo(model: torch.nn.Module, tokenizer, scorer, prompts: list, dpo: DPOConfig, cfg: OnlineDPOConfig,
-                     run: TrainRun, rt: Runtime) -> dict:
+                     run: TrainRun, runtime: Runtime) -> dict:
     """Train the model's fresh LoRA adapter (B = 0: the caller applies it) with online DPO; returns the last logged
     metrics and the training seconds. The caller evaluates afterwards, as for every method."""
-    get_batch = make_rollout_fn(model, tokenizer, scorer, prompts, cfg, run.loop.grad_accum, rt)
+    get_batch = make_rollout_fn(model, tokenizer, scorer, prompts, cfg, run.loop.grad_accum, runtime)
     params = trainable_adapter(model, "train_online_dpo")
 
     def step_fn(rollout: Rollout) -> tuple[Tensor, dict[str, Tensor], int, int]:
         model.train()  # LoRA dropout on in every training step (the rollout sampled in eval mode)
-        loss, metrics, log_ratio = online_dpo_loss(model, rollout, dpo, cfg, rt.autocast)
+        loss, metrics, log_ratio = online_dpo_loss(model, rollout, dpo, cfg, runtime.autocast)
         return loss, metrics, rollout.n_tokens, log_ratio.numel()
 
     loop = replace(run.loop, show=ONLINE_DPO_SHOW, item_name="completions", label=f"online-dpo beta={dpo.beta:g}")
     settings = {"dpo": asdict(dpo), "online": asdict(cfg), "steps": loop.steps, "lr": loop.lr}
-    return fit(Training(loop, params, get_batch, step_fn), run, rt, settings)
+    training = Training(loop, params, get_batch, step_fn)
+    return train_loop(training, **run.loop_args(params, settings, runtime.log))

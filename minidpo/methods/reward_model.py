@@ -51,7 +51,7 @@ from minidpo.formats.safetensors import SafetensorsError, load_file, load_metada
 from minidpo.dataset.batching import PairData
 from minidpo.model.tokenizer import EOT_ID
 from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import Training, TrainRun, fit
+from minidpo.training.trainer import Training, TrainRun, train_loop
 
 FORMAT = "minidpo-reward-model-v1"
 # (metric key, short label, format) for the progress line (LoopConfig.show); TRL's RewardTrainer names
@@ -188,31 +188,33 @@ def trainable_reward_parameters(rm: RewardModel) -> dict[str, Tensor]:
     return {k: p for k, p in rm.named_parameters() if p.requires_grad}
 
 
-def train_reward_model(reference: GPT, data: PairData, lora: LoRAConfig, bcfg: BatchConfig, run: TrainRun,
-                       rt: Runtime) -> tuple[RewardModel, dict]:
+def train_reward_model(reference: GPT, data: PairData, lora: LoRAConfig, batch_config: BatchConfig, run: TrainRun,
+                       runtime: Runtime) -> tuple[RewardModel, dict]:
     """Fit a reward model on data.train with the Bradley-Terry loss on DPO's batches, resumable from
     run.run_dir/checkpoint; then fit its normalization on the training pairs and measure its held-out accuracy.
 
     `reference` is not modified: the body is a copy. Returns (the reward model, {"heldout_accuracy": float or None
     without held-out pairs, "normalization": {"mean", "std"}, "train": the loop's summary}).
     """
-    torch.manual_seed(bcfg.seed)
+    torch.manual_seed(batch_config.seed)
     body = apply_lora(copy.deepcopy(reference), lora)
-    rm = RewardModel(body).to(rt.device)
+    rm = RewardModel(body).to(runtime.device)
     params = trainable_reward_parameters(rm)
 
     def step_fn(batch):
-        with rt.autocast:
+        with runtime.autocast:
             return reward_model_step(rm, batch)
 
-    settings = {"method": "reward-model", "lora": asdict(lora), "batch": asdict(bcfg), "steps": run.loop.steps,
+    settings = {"method": "reward-model", "lora": asdict(lora), "batch": asdict(batch_config), "steps": run.loop.steps,
                 "lr": run.loop.lr}
     loop = replace(run.loop, label="reward-model", show=REWARD_MODEL_SHOW)
-    summary = fit(Training(loop, params, make_batch_fn(data, bcfg, rt), step_fn), run, rt, settings)
-    mean, std = fit_normalization(rm, data.train, bcfg.max_length, bcfg.pad_id)
-    accuracy = heldout_accuracy(rm, data.heldout, bcfg.max_length, bcfg.pad_id) if data.heldout else None
-    rt.log(f"[reward-model] held-out pair accuracy {accuracy if accuracy is None else f'{accuracy:.3f}'} on "
-        f"{len(data.heldout)} pairs; reward normalized with mean {mean:+.3f}, std {std:.3f}")
+    training = Training(loop, params, make_batch_fn(data, batch_config, runtime), step_fn)
+    summary = train_loop(training, **run.loop_args(params, settings, runtime.log))
+    mean, std = fit_normalization(rm, data.train, batch_config.max_length, batch_config.pad_id)
+    accuracy = (heldout_accuracy(rm, data.heldout, batch_config.max_length, batch_config.pad_id) if data.heldout
+                else None)
+    runtime.log(f"[reward-model] held-out pair accuracy {accuracy if accuracy is None else f'{accuracy:.3f}'} on "
+                f"{len(data.heldout)} pairs; reward normalized with mean {mean:+.3f}, std {std:.3f}")
     return rm, {"heldout_accuracy": accuracy, "normalization": {"mean": mean, "std": std}, "train": summary}
 
 

@@ -15,32 +15,13 @@ One step (per micro-batch, `prompts_per_step` prompts on each process):
 2. loss, with gradient (`rloo_loss`): the policy's sequence log-probs of the same rows, the KL-penalized reward
    (policy log-probs detached), the leave-one-out advantages, the REINFORCE surrogate.
 
-Tuning on the tiny preset (the previous bundled 7M model, 5.94 nats/token; IMDB sample, LoRA r=8 on every
-projection, lengths 8-16, evaluation
-on 128 held-out prompts at temperature 1; one seed each, 1 thread of a shared 2-core machine). Gain = policy minus
-reference reward (0.400), its standard error ~0.01-0.02:
-
-    prompts x K       steps  lr     kl_coef  sampling     gain    KL (exact, eval)
-    8 x 4             120    5e-3   0.05     T=1          +0.024   0.36
-    16 x 4            100    1e-2   0.05     T=1          +0.019   0.72
-    8 x 4             120    2e-2   0.05     T=1          +0.008  15.5    (noise-driven drift)
-    8 x 8             100    1e-2   0.02     top-k 50     +0.111  20.8    (word salad: the unsampled tail fills up)
-    8 x 8              60    1e-2   0.10     T=0.7        +0.018   0.66
-    8 x 8              60    1e-2   0.05     T=0.7        +0.065   2.00
-    8 x 8              80    1e-2   0.03     T=0.7        +0.146   5.31    (seed 1: +0.160 at 6.51)
-    8 x 8              80    1e-2   0.02     T=0.7        +0.216   8.66
-
-`python train.py --preset tiny --method rloo` (kl_coef 0.02) then gave reference 0.417 -> policy 0.649 at exact KL
-10.2 in 2 min 20 s wall on the 2 cores (load ~2); with --kl-coef 0.03, 0.417 -> 0.530 at KL 4.8.
-
-At temperature 1 the 7M model's next-token entropy is high (test loss 5.9 nats/token), so log pi(y|x) of a whole
-completion varies by many nats between samples and the score-function estimate is mostly noise at a few thousand
-samples. Sampling at T=0.7, with every log-prob of the tempered policy (still on-policy, as TRL does), cuts that
-noise, and what is learned carries over to the temperature-1 evaluation.
+Sampling at a temperature below 1 (the tiny preset's 0.7), with every log-prob of the tempered policy (still
+on-policy, as TRL does), cuts the score-function estimate's noise; what is learned carries over to the
+temperature-1 evaluation (the tuning runs: bench/README.md, "Tuning RLOO and online DPO").
 
 Exact resume: rollouts are pure functions of (seed, step, micro, rank) and the weights (minidpo/methods/rollout.py); the
 adaptive kl_coef is updated at the end of each optimizer step inside the step itself, and saved in the checkpoint
-(train_loop's get_state / set_state), so a resumed run continues with the coefficient it had.
+(the loop's `LoopState`), so a resumed run continues with the coefficient it had.
 """
 
 import math
@@ -57,7 +38,7 @@ from minidpo.methods.pg import (RLOO_SHOW, adaptive_kl_coef, kl_penalized_reward
                                 rloo_advantages)
 from minidpo.methods.rollout import Rollout, RolloutConfig, make_rollout_fn, policy_logps
 from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import Training, TrainRun, fit, trainable_adapter
+from minidpo.training.trainer import Training, TrainRun, train_loop, trainable_adapter
 
 
 @dataclass(frozen=True)
@@ -124,20 +105,22 @@ class KLController:
 
 
 def train_rloo(model: torch.nn.Module, tokenizer, scorer, prompts: list, cfg: RLOOConfig, run: TrainRun,
-               rt: Runtime) -> dict:
+               runtime: Runtime) -> dict:
     """Train the model's fresh LoRA adapter (B = 0: the caller applies it) with RLOO; returns the last logged
     metrics, the final kl_coef and the training seconds. The caller evaluates afterwards, as for every method."""
-    get_batch = make_rollout_fn(model, tokenizer, scorer, prompts, cfg, run.loop.grad_accum, rt)
+    get_batch = make_rollout_fn(model, tokenizer, scorer, prompts, cfg, run.loop.grad_accum, runtime)
     params = trainable_adapter(model, "train_rloo")
-    kl = KLController(cfg, run.loop.grad_accum, rt.world)
+    kl = KLController(cfg, run.loop.grad_accum, runtime.world)
 
     def step_fn(rollout: Rollout) -> tuple[Tensor, dict[str, Tensor], int, int]:
         model.train()  # LoRA dropout on in every training step (the rollout sampled in eval mode)
-        loss, metrics, log_ratio = rloo_loss(model, rollout, cfg, kl.value, rt.autocast)
+        loss, metrics, log_ratio = rloo_loss(model, rollout, cfg, kl.value, runtime.autocast)
         kl.observe(log_ratio, rollout.micro)  # after the loss: this step used the previous coefficient
         return loss, metrics, rollout.n_tokens, log_ratio.numel()
 
     loop = replace(run.loop, show=RLOO_SHOW, item_name="completions", label=f"{run.loop.label} "
                    + (f"kl_coef={cfg.kl_coef:g}" if cfg.target_kl is None else f"target_kl={cfg.target_kl:g}"))
     settings = {"rloo": asdict(cfg), "steps": loop.steps, "lr": loop.lr}
-    return {**fit(Training(loop, params, get_batch, step_fn, state=kl), run, rt, settings), "kl_coef": kl.value}
+    training = Training(loop, params, get_batch, step_fn, state=kl)
+    summary = train_loop(training, **run.loop_args(params, settings, runtime.log))
+    return {**summary, "kl_coef": kl.value}

@@ -118,12 +118,12 @@ def sample_rollout(model: torch.nn.Module, tokenizer, scorer, prompts: list, cfg
 
 
 def make_rollout_fn(model: torch.nn.Module, tokenizer, scorer, prompts: list, cfg: RolloutConfig, grad_accum: int,
-                    rt: Runtime) -> Callable[[int, int], Rollout]:
+                    runtime: Runtime) -> Callable[[int, int], Rollout]:
     """get_batch(step, micro) -> this process's Rollout; a pure function of (cfg.seed, step, micro, rank) and the
     weights."""
     if not prompts:
         raise ValueError("make_rollout_fn: no training prompts")
-    P, rank, world, device = cfg.prompts_per_step, rt.rank, rt.world, rt.device
+    P, rank, world, device = cfg.prompts_per_step, runtime.rank, runtime.world, runtime.device
 
     def get_batch(step: int, micro: int) -> Rollout:
         slot = (step * grad_accum + micro) * world + rank
@@ -131,5 +131,5 @@ def make_rollout_fn(model: torch.nn.Module, tokenizer, scorer, prompts: list, cf
         s = cfg.sampling
         budgets = LengthSampler(s.min_new_tokens, s.max_new_tokens, seed=batch_seed(cfg.seed, slot, 1)).sample(P)
         g = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, slot, 2))
-        return replace(sample_rollout(model, tokenizer, scorer, chosen, cfg, budgets, g, rt.autocast), micro=micro)
+        return replace(sample_rollout(model, tokenizer, scorer, chosen, cfg, budgets, g, runtime.autocast), micro=micro)
     return get_batch

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from minidpo.methods.fused_logprobs import linear_token_logprobs, token_logprobs
+from minidpo.methods.fused_logprobs import linear_token_logps, fused_token_logps
 from minidpo.methods.logprobs import LOGPROBS, naive_token_logps
 from minidpo.model.cast_cache import autocast_weight
 from minidpo.model.completions import sampler_logits
@@ -51,27 +51,41 @@ def naive_grid(model: nn.Module, ids: Tensor, sampler: SamplingConfig | None = N
     return naive_token_logps(logits, ids[:, 1:])
 
 
-def head_logprobs(h: Tensor, W: Tensor, y: Tensor, small_logits: bool) -> Tensor:
+def head_logps(h: Tensor, W: Tensor, y: Tensor, small_logits: bool) -> Tensor:
     """(M,) log softmax(h @ W.T)[y]. small_logits: one (M, V) buffer when it fits in SMALL_LOGITS_BYTES (its
     gradient then reuses the storage); otherwise the logits are never built (recomputed chunk by chunk in backward)."""
     if h.size(0) == 0:
         return h.new_zeros(0)
     if small_logits and h.size(0) * W.size(0) * h.element_size() <= SMALL_LOGITS_BYTES:
-        return token_logprobs(h @ W.t(), y, inplace_backward=True)
-    return linear_token_logprobs(h, W, y)
+        return fused_token_logps(h @ W.t(), y, inplace_backward=True)
+    return linear_token_logps(h, W, y)
 
 
 def token_logps(model: nn.Module, ids: Tensor, keep: Tensor, logprobs: str = "fused",
                 sampler: SamplingConfig | None = None, prompt_lens: Tensor | None = None,
                 small_logits: bool = False) -> tuple[Tensor, Tensor]:
     """(M,) log-probs of every token ids[n, t] with keep[n, t] nonzero (t >= 1; a token at position 0 has no
-    context), and (M,) its row n. Of the sampler's distribution when `sampler` is given (prompt_lens (N,) then says
-    where each row's completion starts). small_logits: see `head_logprobs` (rollouts: short completions).
+    context), and (M,) its row n: `completion_logps` per token (the arguments are its own).
 
     Naive equivalent: naive_grid(model, ids, sampler, prompt_lens)[keep[:, 1:] != 0], with the rows it came from.
     """
+    return completion_logps(model, ids, keep, logprobs, sampler, prompt_lens, small_logits, per_token=True)
+
+
+def completion_logps(model: nn.Module, ids: Tensor, keep: Tensor, logprobs: str = "fused",
+                     sampler: SamplingConfig | None = None, prompt_lens: Tensor | None = None,
+                     small_logits: bool = False, per_token: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """(N,) log p(y|x) of the completions: the sum over each row's scored tokens (keep[n, t] nonzero, t >= 1), or
+    log pi~(y|x) of the sampler's distribution when `sampler` is given (prompt_lens (N,) then says where each row's
+    completion starts). small_logits: see `head_logps` (rollouts: short completions). per_token: instead the
+    (M,) token log-probs and (M,) the row of each (`token_logps`).
+
+    Naive equivalent (logprobs "naive", computed so): where(keep[:, 1:], naive_grid(...), 0).sum(-1).
+    """
     if logprobs not in LOGPROBS:
         raise ValueError(f"logprobs must be one of {LOGPROBS}, got {logprobs!r}")
+    if logprobs == "naive" and not per_token:  # -inf off the mask cannot leak through where()
+        return torch.where(keep[:, 1:] != 0, naive_grid(model, ids, sampler, prompt_lens), 0.0).sum(-1)
     N, T = ids.shape
     rows = (keep[:, 1:] != 0).reshape(-1).nonzero().squeeze(1)          # (M,) flat positions of scored tokens
     y = ids[:, 1:].reshape(-1)[rows]                                     # (M,)
@@ -85,34 +99,25 @@ def token_logps(model: nn.Module, ids: Tensor, keep: Tensor, logprobs: str = "fu
     h = model.hidden_states(ids[:, :-1]).reshape(N * (T - 1), -1)[rows]  # (M, C); the last token predicts nothing
     W = autocast_weight(head.weight)                                     # (V, C), cast once under autocast
     if sampler is None:
-        return head_logprobs(h, W, y, small_logits), rows // (T - 1)
-    if sampler.temperature != 1.0:
-        h = h / sampler.temperature                                      # logits / T = (h / T) @ W.T
-    eot = sampler.eot_id
-    forbidden = generated_steps(ids, prompt_lens).reshape(-1)[rows] < sampler.min_new_tokens  # (M,)
-    if eot is None:
-        forbidden = torch.zeros_like(forbidden)
-    f, a = forbidden.nonzero().squeeze(1), (~forbidden).nonzero().squeeze(1)
-    if eot is None or eot == W.size(0) - 1:  # the head without end-of-text: a view when it is the last row (GPT-2)
-        W_no_eot = W[:-1]
+        logp = head_logps(h, W, y, small_logits)
     else:
-        W_no_eot = torch.cat([W[:eot], W[eot + 1:]])                     # (V-1, C)
-    y_f = y[f] - (y[f] > eot).long() if eot is not None else y[f]        # (Mf,) ids in W_no_eot; never eot itself
-    logp_f, logp_a = head_logprobs(h[f], W_no_eot, y_f, small_logits), head_logprobs(h[a], W, y[a], small_logits)
-    dtype = torch.promote_types(torch.promote_types(logp_f.dtype, logp_a.dtype), torch.float32)
-    logp = torch.zeros(rows.numel(), dtype=dtype, device=ids.device)
-    return logp.index_copy(0, f, logp_f.to(dtype)).index_copy(0, a, logp_a.to(dtype)), rows // (T - 1)
-
-
-def completion_logps(model: nn.Module, ids: Tensor, keep: Tensor, logprobs: str = "fused",
-                     sampler: SamplingConfig | None = None, prompt_lens: Tensor | None = None,
-                     small_logits: bool = False) -> Tensor:
-    """(N,) sum over each row's scored tokens of `token_logps` (the arguments are its own): log p(y|x) of the
-    completions, or log pi~(y|x) of the sampler's distribution.
-
-    Naive equivalent (logprobs "naive", computed so): where(keep[:, 1:], naive_grid(...), 0).sum(-1).
-    """
-    if logprobs == "naive":  # -inf off the mask cannot leak through where()
-        return torch.where(keep[:, 1:] != 0, naive_grid(model, ids, sampler, prompt_lens), 0.0).sum(-1)
-    logp, row = token_logps(model, ids, keep, logprobs, sampler, prompt_lens, small_logits)
+        if sampler.temperature != 1.0:
+            h = h / sampler.temperature                                  # logits / T = (h / T) @ W.T
+        eot = sampler.eot_id
+        forbidden = generated_steps(ids, prompt_lens).reshape(-1)[rows] < sampler.min_new_tokens  # (M,)
+        if eot is None:
+            forbidden = torch.zeros_like(forbidden)
+        f, a = forbidden.nonzero().squeeze(1), (~forbidden).nonzero().squeeze(1)
+        if eot is None or eot == W.size(0) - 1:  # the head without end-of-text: a view when it is the last row
+            W_no_eot = W[:-1]
+        else:
+            W_no_eot = torch.cat([W[:eot], W[eot + 1:]])                 # (V-1, C)
+        y_f = y[f] - (y[f] > eot).long() if eot is not None else y[f]    # (Mf,) ids in W_no_eot; never eot itself
+        logp_f, logp_a = head_logps(h[f], W_no_eot, y_f, small_logits), head_logps(h[a], W, y[a], small_logits)
+        dtype = torch.promote_types(torch.promote_types(logp_f.dtype, logp_a.dtype), torch.float32)
+        logp = torch.zeros(rows.numel(), dtype=dtype, device=ids.device)
+        logp = logp.index_copy(0, f, logp_f.to(dtype)).index_copy(0, a, logp_a.to(dtype))
+    row = rows // (T - 1)
+    if per_token:
+        return logp, row
     return torch.zeros(ids.size(0), dtype=logp.dtype, device=ids.device).index_add(0, row, logp)

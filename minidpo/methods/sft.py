@@ -20,7 +20,7 @@ from torch import Tensor
 
 from minidpo.config import require
 from minidpo.dataset.batching import batch_seed
-from minidpo.methods.fused_logprobs import token_logprobs
+from minidpo.methods.fused_logprobs import fused_token_logps
 from minidpo.model.gpt import GPT
 from minidpo.model.tokenizer import Tokenizer
 from minidpo.training.checkpoint import Checkpointer
@@ -60,7 +60,7 @@ def lm_loss(model: GPT, x: Tensor, y: Tensor) -> Tensor:
     [B, T, 50257] and a second [B, T, V] gradient buffer cost more than the whole transformer body.
     """
     logits = model(x)  # (B, T, V)
-    return -token_logprobs(logits, y, inplace_backward=logits.requires_grad).mean()
+    return -fused_token_logps(logits, y, inplace_backward=logits.requires_grad).mean()
 
 
 @torch.no_grad()
@@ -94,35 +94,36 @@ class SFTConfig:
         require(self.block_size >= 2, "block_size", f"must be >= 2, got {self.block_size}")
 
 
-def run_sft(model: GPT, stream: Tensor, cfg: SFTConfig, loop: LoopConfig, rt: Runtime, out_dir: Path | None = None,
+def run_sft(model: GPT, stream: Tensor, cfg: SFTConfig, loop: LoopConfig, runtime: Runtime, out_dir: Path | None = None,
             resume: bool = False, on_step_end: Callable[[int], None] | None = None) -> dict[str, float]:
     """Train every parameter that requires grad (all of them, or only LoRA's) on random windows of `stream`
     (cfg.batch_size windows of cfg.block_size tokens a step); out_dir: log.jsonl and sft_checkpoint/ (None: none).
 
-    `rt.autocast` (e.g. torch.autocast("cpu", dtype=torch.bfloat16)) is entered anew for every step's forward. Not
+    `runtime.autocast` (e.g. torch.autocast("cpu", dtype=torch.bfloat16)) is entered anew for every step's forward. Not
     around the loop: autocast caches its bf16 copy of each weight until the outermost region exits, so a loop
     inside one region would train the fp32 weights while every forward kept using the step-0 copies (the loss
     stalls near its initial value). Called inside an autocast region, run_sft refuses for that reason.
     """
     if any(torch.is_autocast_enabled(t) for t in ("cpu", "cuda")):
         raise RuntimeError("run_sft: called inside a torch.autocast region, whose weight-cast cache would freeze "
-                           "the weights every forward sees; pass the context as run_sft(..., rt=Runtime(autocast=...))")
+                           "the weights every forward sees; pass the context as "
+                           "run_sft(..., runtime=Runtime(autocast=...))")
     if len(stream) < cfg.block_size + 1:
         raise ValueError(f"SFT needs at least block_size + 1 = {cfg.block_size + 1} tokens of text, got {len(stream)}")
     model.train()
     params = trainable_parameters(model)
 
     def get_batch(step: int, micro: int):
-        x, y = random_windows(stream, cfg.batch_size, cfg.block_size, batch_seed(cfg.seed, step, micro, rt.rank))
-        return x.to(rt.device), y.to(rt.device)
+        x, y = random_windows(stream, cfg.batch_size, cfg.block_size, batch_seed(cfg.seed, step, micro, runtime.rank))
+        return x.to(runtime.device), y.to(runtime.device)
 
     def step_fn(batch):
         x, y = batch
-        with rt.autocast:
+        with runtime.autocast:
             loss = lm_loss(model, x, y)
         return loss, {}, x.numel()
 
     ckpt = Checkpointer(out_dir / "sft_checkpoint", params) if out_dir is not None else None
     log_path = out_dir / "log.jsonl" if out_dir is not None else None
     return train_loop(Training(loop, params, get_batch, step_fn), ckpt, log_path, on_step_end, resume=resume,
-                      log=rt.log)
+                      log=runtime.log)

@@ -1,9 +1,9 @@
 """
-Generation for the GPT of model.py: prefill the prompt into the KV cache, decode one token at a time, sample.
+Generation for the GPT of model/gpt.py: prefill the prompt into the KV cache, decode one token at a time, sample.
 
 References:
 1) gpt-fast (PyTorch team, generate.py): `prefill`, `decode_one_token`, `sample` as small functions over a model
-   whose KV cache is allocated once per call (the cache itself lives in model.py).
+   whose KV cache is allocated once per call (the cache itself lives in model/gpt.py).
 2) nanoGPT (Karpathy, model.py `generate`): temperature and top-k on the last position's logits.
 3) OpenAI gpt-2 (src/sample.py `top_k_logits`, `top_p_logits`) and Holtzman et al. 2020, "The Curious Case of Neural
    Text Degeneration", for nucleus (top-p) sampling. As in Hugging Face transformers, top_k=0 and top_p=1.0 are off.

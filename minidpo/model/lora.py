@@ -1,5 +1,5 @@
 """
-Low-rank adapters (LoRA) for the GPT in model.py, written by hand.
+Low-rank adapters (LoRA) for the GPT of model/gpt.py, written by hand.
 
 References:
 1) Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models": freeze W and learn dW = B @ A * (alpha / r)
@@ -39,7 +39,7 @@ from minidpo.formats.safetensors import SafetensorsError, load_file, save_file
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
 FORMAT = "minidpo-lora-v1"
-# The projections of GPT-2 that model.py writes as nn.Linear (Conv1D in Hugging Face's GPT-2).
+# The projections of GPT-2 that model/gpt.py writes as nn.Linear (Conv1D in Hugging Face's GPT-2).
 GPT2_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 

@@ -12,7 +12,8 @@ so the same code runs both ways.
 """
 
 import os
-from typing import Callable, Sequence, TypeVar
+from contextlib import contextmanager
+from typing import Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -79,27 +80,30 @@ def _env_int(name: str, default: int) -> int:
         raise RuntimeError(f"environment variable {name}={raw!r} is not an integer (set by torchrun)") from None
 
 
-def rank_zero_first(build: Callable[[], T]) -> T:
-    """Run `build` on rank 0, then on the other ranks (which then read the cache rank 0 wrote).
+@contextmanager
+def rank_zero_first() -> Iterator[None]:
+    """`with rank_zero_first(): build()`: rank 0 runs the block first, then the other ranks (which then read the
+    cache rank 0 wrote).
 
-    Naive equivalent: `build()` on every rank at once, each generating the same artifact, or racing to write it.
+    Naive equivalent: the block on every rank at once, each generating the same artifact, or racing to write it.
     If rank 0 fails, every rank raises instead of waiting forever at a barrier that rank 0 never reaches.
     """
     if not dist.is_initialized():
-        return build()
+        yield
+        return
     if dist.get_rank() != 0:
         status: list[object] = [None]
         dist.broadcast_object_list(status, src=0)
         if status[0] is not None:
             raise RuntimeError(f"rank 0 failed while building a shared stage: {status[0]}")
-        return build()
+        yield
+        return
     try:
-        result = build()
+        yield
     except BaseException as e:
         dist.broadcast_object_list([f"{type(e).__name__}: {e}"], src=0)
         raise
     dist.broadcast_object_list([None], src=0)
-    return result
 
 
 def average_gradients(params: Sequence[Tensor], extras: Sequence[Tensor] = ()) -> list[Tensor]:

@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from minidpo.fileio import atomic_write_json
-from minidpo.registry import SUBRUN
+
+
+def subrun_folder(name: str) -> bool:
+    """Whether `name` is a sub-run's folder: `<method>_<setting>` of a sweep or --compare, or `seed_<s>`."""
+    # imported here: the registry imports every method, which import the checkpoint code, which imports this module
+    from minidpo.registry import SUBRUN
+    return bool(SUBRUN.match(name))
+
 
 # options that do not change results (the one list): a run into a folder may differ in these from the run that made
 # it, and a resumed run takes them from the command line
@@ -133,7 +140,7 @@ def has_outputs(out_dir: Path) -> bool:
     """Whether out_dir holds anything minidpo writes (besides the lock)."""
     if not out_dir.is_dir():
         return False
-    return any(p.name in RUN_OUTPUTS or (SUBRUN.match(p.name) and p.is_dir()) for p in out_dir.iterdir())
+    return any(p.name in RUN_OUTPUTS or (subrun_folder(p.name) and p.is_dir()) for p in out_dir.iterdir())
 
 
 def run_state(out_dir: str | os.PathLike) -> RunState:
@@ -186,7 +193,7 @@ def clear_run_outputs(out_dir: str | os.PathLike) -> list[str]:
         if p.name in RUN_OUTPUTS or TEMP.match(p.name):
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
             removed.append(p.name)
-        elif SUBRUN.match(p.name) and p.is_dir() and not p.is_symlink():
+        elif subrun_folder(p.name) and p.is_dir() and not p.is_symlink():
             removed += [f"{p.name}/{name}" for name in clear_run_outputs(p)]
             if not any(p.iterdir()):
                 p.rmdir()

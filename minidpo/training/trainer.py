@@ -20,6 +20,7 @@ step (allocator and kernel warm-up), so it settles instead of swinging with a wh
 import json
 import math
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -27,12 +28,11 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
-from minidpo.training.checkpoint import Checkpointer
 from minidpo.config import require
-from minidpo.training.distributed import average_gradients, barrier, is_main, rank_and_world
 from minidpo.model.lora import adapters_are_zero, lora_layers
 from minidpo.progress import Log, quiet
-from minidpo.training.runtime import Runtime
+from minidpo.training.checkpoint import Checkpointer
+from minidpo.training.distributed import average_gradients, barrier, is_main, rank_and_world
 
 # (metric key, short label, format) for the log line; DPO's by default
 DPO_SHOW = (("rewards/accuracies", "acc", "{:.2f}"), ("rewards/margins", "margin", "{:+.3f}"),
@@ -68,18 +68,6 @@ class LoopConfig:
         require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
         require(self.checkpoint_every >= 0, "checkpoint_every",
                 f"must be >= 0 (0: only at the end), got {self.checkpoint_every}")
-        require(self.item_name.isidentifier(), "item_name", f"must be a plain name, got {self.item_name!r}")
-        for entry in self.show:
-            require(len(entry) == 3 and all(isinstance(s, str) for s in entry) and _formats(entry[2]), "show",
-                    f"entries must be (metric key, label, format such as '{{:.3f}}'), got {entry!r}")
-
-
-def _formats(fmt: str) -> bool:
-    try:
-        fmt.format(0.0)
-    except (ValueError, IndexError, KeyError):
-        return False
-    return True
 
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -134,7 +122,7 @@ class StepClock:
 
 
 def print_on_main(msg: str) -> None:
-    """The default log of train_loop: what train.py has always shown, from rank 0 only."""
+    """The default log of train_loop: the progress lines, printed by rank 0 only."""
     if is_main():
         print(msg, flush=True)
 
@@ -171,22 +159,27 @@ class Training:
 
     get_batch(step, micro) -> a micro-batch; step_fn(batch) -> (loss, metrics, n_tokens) or (loss, metrics,
     n_tokens, n_items), metrics being 0-dim tensors (the plain mean loss of the micro-batch: the loop divides by
-    grad_accum)."""
+    grad_accum). step_fn runs inside `autocast` (the runtime's bf16 region, or a no-op)."""
     loop: LoopConfig
     params: dict[str, Tensor]
     get_batch: Callable[[int, int], object]
     step_fn: Callable[[object], tuple]
     state: LoopState | None = None
+    autocast: AbstractContextManager = field(default_factory=nullcontext)
 
 
 def train_loop(t: Training, checkpointer: Checkpointer | None = None, log_path: Path | None = None,
                on_step_end: Callable[[int], None] | None = None, resume: bool = False,
                log: Log | None = None) -> dict[str, float]:
-    """Run the optimizer steps left until t.loop.steps; returns the last logged metrics, plus whole-run throughput.
+    """Run the optimizer steps left until t.loop.steps; returns the last logged metrics, plus whole-run throughput
+    and "seconds", this session's wall time.
 
-    `t.state` is saved with each checkpoint and given back on resume. `log` gets the progress lines on rank 0
-    (default: print them).
+    Each step: forward/backward over grad_accum micro-batches, one all-reduce of gradients, loss and metrics over
+    ranks, clip, optimizer step. On a non-finite loss the gradients are dropped and the run stops before the
+    optimizer step, so the weights stay those of the last good step. `t.state` is saved with each checkpoint and
+    given back on resume. `log` gets the progress lines on rank 0 (default: print them).
     """
+    t_session = time.perf_counter()
     cfg, params, get_batch, step_fn = t.loop, t.params, t.get_batch, t.step_fn
     say = (log if log is not None else print_on_main) if is_main() else quiet
     _, world = rank_and_world()
@@ -205,18 +198,45 @@ def train_loop(t: Training, checkpointer: Checkpointer | None = None, log_path: 
     window, clock = Totals(), StepClock()
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
-        lr = scheduler.get_last_lr()[0]  # the rate this step runs at: one_step advances the scheduler
-        loss_value, metrics, grad_norm, tokens, items = one_step(cfg, step, trainable, get_batch, step_fn,
-                                                                 optimizer, scheduler, world)
+        lr = scheduler.get_last_lr()[0]  # the rate this step runs at: the scheduler advances after it
+        metric_sums: dict[str, Tensor] = {}
+        metric_counts: dict[str, Tensor] = {}  # micro-batches with a value: a NaN metric (e.g. no pairs) is left out
+        loss_sum: Tensor | float = 0.0  # stays on the device: no host sync per micro-step
+        tokens = items = 0
+        for micro in range(cfg.grad_accum):
+            batch = get_batch(step, micro)
+            with t.autocast:
+                out = step_fn(batch)
+            loss, metrics, n_tokens = out[:3]
+            (loss / cfg.grad_accum).backward()
+            loss_sum = loss_sum + loss.detach().float() / cfg.grad_accum
+            for k, v in metrics.items():
+                v = v.detach().float()
+                real = ~torch.isnan(v)
+                metric_sums[k] = metric_sums.get(k, 0) + torch.where(real, v, 0.0)
+                metric_counts[k] = metric_counts.get(k, 0) + real.float()
+            tokens = tokens + n_tokens
+            items = items + (out[3] if len(out) > 3 else 0)
+        # one all-reduce for gradients, loss and metrics: every rank sees the same loss, so a NaN stops them all
+        keys = list(metric_sums)
+        loss_sum, *values = average_gradients(trainable, [loss_sum, *metric_sums.values(), *metric_counts.values()])
+        # the mean over the micro-batches (and ranks) that measured each metric; NaN when none did
+        metrics = {k: s / c for k, s, c in zip(keys, values[:len(keys)], values[len(keys):])}
+        loss_value = loss_sum.item()  # the one host sync per step: a NaN must stop the run before the optimizer step
         if not math.isfinite(loss_value):
+            optimizer.zero_grad(set_to_none=True)
             saved = checkpointer.saved_step() if checkpointer is not None else None
             kept = (f"the last good checkpoint (step {saved}) is kept in {checkpointer.dir}" if saved is not None
                     else "no checkpoint was written yet")
             raise NonFiniteLoss(f"[{cfg.label}] loss is {loss_value} at step {step + 1}/{cfg.steps}; stopping "
                                 f"before the optimizer step, {kept}")
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t0
         for counts in (totals, window):
-            counts.add(seconds, tokens, items)
+            counts.add(seconds, float(tokens) * world, float(items) * world)
         clock.update(seconds)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
@@ -235,7 +255,8 @@ def train_loop(t: Training, checkpointer: Checkpointer | None = None, log_path: 
                 "loop_state": t.state.state() if t.state is not None else {}, "totals": vars(totals), "last": last})
     barrier()
     return {**last, "steps": cfg.steps, "steps_this_session": cfg.steps - start,
-            "final_loss": last.get("loss", math.nan), "seconds": totals.seconds, **totals.rates(cfg.item_name)}
+            "final_loss": last.get("loss", math.nan), "seconds": time.perf_counter() - t_session,
+            **totals.rates(cfg.item_name)}
 
 
 def trainable_adapter(model: torch.nn.Module, who: str) -> dict[str, torch.nn.Parameter]:
@@ -261,57 +282,14 @@ class TrainRun:
     settings: dict | None = None
     resume: bool = True
 
-
-def fit(t: Training, run: TrainRun, rt: Runtime, settings: dict) -> dict:
-    """Train t in run.run_dir (run_dir/log.jsonl, run_dir/checkpoint, resumed from when run.resume and it exists;
-    the checkpoint records run.settings, else `settings`, the method's own configs). Returns train_loop's summary
-    with "seconds", this session's wall time."""
-    run_dir = Path(run.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    recorded = run.settings if run.settings is not None else settings
-    checkpointer = Checkpointer(run_dir / "checkpoint", t.params, recorded)
-    t0 = time.perf_counter()
-    summary = train_loop(t, checkpointer, run_dir / "log.jsonl", run.on_step_end, resume=run.resume, log=rt.log)
-    return {**summary, "seconds": time.perf_counter() - t0}
-
-
-def one_step(cfg: LoopConfig, step: int, trainable: list[Tensor], get_batch, step_fn, optimizer, scheduler,
-             world: int) -> tuple[float, dict[str, Tensor], Tensor | None, float, float]:
-    """Forward/backward over grad_accum micro-batches, average over ranks, clip, optimizer step.
-
-    Returns (loss, metrics, grad norm, tokens, items) with tokens and items summed over ranks. On a non-finite loss
-    the gradients are dropped and nothing is stepped, so the weights stay those of the last good step.
-    """
-    metric_sums: dict[str, Tensor] = {}
-    metric_counts: dict[str, Tensor] = {}  # micro-batches with a value: a NaN metric (e.g. no pairs) is left out
-    loss_sum: Tensor | float = 0.0  # stays on the device: no host sync per micro-step
-    tokens = items = 0
-    for micro in range(cfg.grad_accum):
-        out = step_fn(get_batch(step, micro))
-        loss, metrics, n_tokens = out[:3]
-        (loss / cfg.grad_accum).backward()
-        loss_sum = loss_sum + loss.detach().float() / cfg.grad_accum
-        for k, v in metrics.items():
-            v = v.detach().float()
-            real = ~torch.isnan(v)
-            metric_sums[k] = metric_sums.get(k, 0) + torch.where(real, v, 0.0)
-            metric_counts[k] = metric_counts.get(k, 0) + real.float()
-        tokens = tokens + n_tokens
-        items = items + (out[3] if len(out) > 3 else 0)
-    # one all-reduce for gradients, loss and metrics: every rank sees the same loss, so a NaN stops them all
-    keys = list(metric_sums)
-    loss_sum, *values = average_gradients(trainable, [loss_sum, *metric_sums.values(), *metric_counts.values()])
-    # the mean over the micro-batches (and ranks) that measured each metric; NaN when none did
-    metrics = {k: s / c for k, s, c in zip(keys, values[:len(keys)], values[len(keys):])}
-    loss_value = loss_sum.item()  # the one host sync per step: a NaN must stop the run before the optimizer step
-    if not math.isfinite(loss_value):
-        optimizer.zero_grad(set_to_none=True)
-        return loss_value, metrics, None, 0.0, 0.0
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip > 0 else None
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_value, metrics, grad_norm, float(tokens) * world, float(items) * world
+    def loop_args(self, params: dict[str, Tensor], settings: dict, log: Log) -> dict:
+        """train_loop's keywords for this run: run_dir/checkpoint (recording self.settings, else `settings`, the
+        method's own configs; resumed from when self.resume and it exists), run_dir/log.jsonl, on_step_end, log."""
+        run_dir = Path(self.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        recorded = self.settings if self.settings is not None else settings
+        return dict(checkpointer=Checkpointer(run_dir / "checkpoint", params, recorded),
+                    log_path=run_dir / "log.jsonl", on_step_end=self.on_step_end, resume=self.resume, log=log)
 
 
 def append_jsonl(path: Path, record: dict) -> None:
