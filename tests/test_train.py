@@ -292,19 +292,19 @@ def seeds_run(tmp_path_factory) -> tuple[Path, Path]:
     stop: seed 1's training raises."""
     import train
     cache, out = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("seeds") / "run"
-    run_one = train.run_one
+    start_run = train.start_run
 
     def killed_in_seed_1(ctx, method, setting, run_dir):
         if "seed_1" in run_dir.parts:
             raise KeyboardInterrupt
-        return run_one(ctx, method, setting, run_dir)
+        return start_run(ctx, method, setting, run_dir)
     with pytest.MonkeyPatch.context() as mp:
         offline(mp, cache)
-        mp.setattr(train, "run_one", killed_in_seed_1)
+        mp.setattr(train, "start_run", killed_in_seed_1)
         with pytest.raises(KeyboardInterrupt):
             train.main([*SEEDS, "--out-dir", str(out)])
         assert (out / "seed_0" / "summary.json").is_file() and not (out / "seed_1" / "summary.json").exists()
-        mp.setattr(train, "run_one", run_one)
+        mp.setattr(train, "start_run", start_run)
         train.main(["--resume", str(out)])
     return out, cache
 
@@ -371,7 +371,7 @@ def test_a_finished_seeds_run_remakes_its_deleted_top_files_without_training(see
         raise AssertionError("a finished seed was trained again")
     with pytest.MonkeyPatch.context() as mp:
         offline(mp, seeds_run[1])
-        mp.setattr(train, "run_one", no_training)
+        mp.setattr(train, "start_run", no_training)
         train.main(["--resume", str(out)])
         assert {name: (out / name).read_text() for name in before} == before
         (out / "frontier.csv").unlink()
