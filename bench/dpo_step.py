@@ -166,11 +166,12 @@ def run_minidpo(a: argparse.Namespace, v: dict, work: Path) -> dict:
     from minidpo.dataset.pairs import Pair
     from minidpo.training.trainer import LoopConfig, Training, train_loop
     from minidpo.model.weights import load_gpt2
+    from minidpo.model.cast_cache import cache_weight_casts
 
     device = torch.device(a.device)
     amp = torch.bfloat16 if a.dtype == "bf16" else None  # as train.py: bf16 autocast, fp32 weights
     autocast = torch.autocast(device.type, dtype=amp, enabled=amp is not None)
-    model = load_gpt2(work / "model", device=device)
+    model = cache_weight_casts(load_gpt2(work / "model", device=device))  # as train.py builds it
     for p in model.parameters():
         p.requires_grad_(False)
     pairs = [Pair("", "", "", *ids, 1.0, 0.0) for ids in read_pairs(work, v["layout"])]

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from timing import timed  # noqa: E402  (bench/timing.py, beside this file)
 from minidpo.model.gpt import GPT, GPTConfig  # noqa: E402
 from minidpo.experiment.resolve import BUNDLED_MODEL  # noqa: E402
+from minidpo.model.cast_cache import cache_weight_casts  # noqa: E402
 from minidpo.model.generate import generate  # noqa: E402
 from minidpo.model.weights import load_gpt2  # noqa: E402
 
@@ -46,7 +47,7 @@ def hf_model_from(model: GPT, device: torch.device):
 
 def sampled_rows(args: argparse.Namespace, device: torch.device) -> None:
     """Sampled generation of the bundled model at --sampled-batch, minidpo vs transformers on the same weights."""
-    model = load_gpt2(BUNDLED_MODEL, device=device).eval()
+    model = cache_weight_casts(load_gpt2(BUNDLED_MODEL, device=device).eval())  # as train.py builds it
     bf16 = args.dtype == "bfloat16"  # minidpo as train.py runs it (bf16 autocast, KV cache in bf16); HF in bf16
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     try:
@@ -102,7 +103,7 @@ def main() -> None:
 def greedy_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
     """Greedy decoding of a gpt2-shaped model: KV cache, no cache, transformers."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_name("gpt2")).to(device=device, dtype=dtype).eval()
+    model = cache_weight_casts(GPT(GPTConfig.from_name("gpt2")).to(device=device, dtype=dtype).eval())
     try:
         hf = hf_model_from(model.float(), device).to(dtype)
         model.to(dtype)

@@ -19,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 from minidpo.dataset.batching import collate_pairs  # noqa: E402
 from minidpo.methods.dpo import DPOConfig, concatenated_forward, dpo_step_loss, reference_forward  # noqa: E402
+from minidpo.model.cast_cache import cache_weight_casts  # noqa: E402
 from minidpo.model.lora import apply_lora  # noqa: E402
 from minidpo.model.gpt import GPT, GPTConfig  # noqa: E402
 from minidpo.dataset.pairs import Pair  # noqa: E402
@@ -33,7 +34,7 @@ def main() -> None:
     ap.add_argument("--shapes", action="store_true", help="group the copy/elementwise ops by input shape")
     a = ap.parse_args()
     torch.manual_seed(0)
-    model = GPT(GPTConfig())
+    model = cache_weight_casts(GPT(GPTConfig()))  # as train.py builds it
     for p in model.parameters():
         p.requires_grad_(False)
     apply_lora(model, rank=8, alpha=16.0, dropout=0.0, targets=("attn.c_attn",))

@@ -17,7 +17,7 @@ import torch.nn as nn
 import minidpo.model.gpt as model_module
 import minidpo.experiment.resolve as resolve
 from minidpo.training.runtime import Runtime
-from minidpo.model.cast_cache import Linear, autocast_weight
+from minidpo.model.cast_cache import Linear, autocast_weight, cache_weight_casts
 from minidpo.model.lora import apply_lora
 from minidpo.model.generate import generate
 from minidpo.model.gpt import GPT, GPTConfig
@@ -147,6 +147,55 @@ def test_linear_under_autocast_equals_nn_linear_bit_for_bit_in_value_and_gradien
     assert torch.equal(x1.grad, x2.grad) and torch.equal(ours.bias.grad, plain.bias.grad)
 
 
+def test_the_model_file_builds_plain_layers_and_the_cast_cache_is_opt_in():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, block_size=16))
+    kinds = {type(m) for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+    assert kinds == {nn.Linear, nn.Embedding}
+    keys = list(model.state_dict())
+    assert cache_weight_casts(model) is model
+    assert {type(m) for m in model.modules() if isinstance(m, nn.Linear)} == {Linear}
+    assert list(model.state_dict()) == keys and model.lm_head.weight is model.transformer.wte.weight
+
+
+@pytest.mark.parametrize("lora_first", [False, True])
+def test_cached_layers_give_plain_layers_bits_in_loss_and_adapter_gradient_with_lora(lora_first):
+    """Plain and cached models, LoRA applied before or after the swap: same logits and same adapter gradients under
+    bf16 autocast, bit for bit; the base stays frozen and each LoRA layer wraps the swapped base."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=16, block_size=16)
+    plain = GPT(config)
+    cached = GPT(config)
+    cached.load_state_dict(plain.state_dict())
+    targets = ("attn.c_attn", "mlp.c_fc")
+    for model in (plain, cached):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if model is cached and not lora_first:
+            cache_weight_casts(model)
+        torch.manual_seed(1)  # the same adapter init on both
+        apply_lora(model, rank=2, alpha=4.0, targets=targets)
+        if model is cached and lora_first:
+            cache_weight_casts(model)
+    assert type(cached.transformer.h[0].attn.c_attn.base) is Linear
+    assert type(plain.transformer.h[0].attn.c_attn.base) is nn.Linear
+    idx = torch.randint(0, 64, (2, 8))
+    for model in (plain, cached):
+        with torch.no_grad():
+            model.transformer.h[0].mlp.c_fc.lora_B.fill_(0.1)  # a trained adapter, so its gradient reaches lora_A too
+    grads = []
+    for model in (plain, cached):
+        for _ in range(2):  # the second pass reads the cached casts
+            model.zero_grad(set_to_none=True)
+            with torch.autocast(**BF16):
+                logits = model(idx)
+            logits.float().square().mean().backward()
+        grads.append((logits, [p.grad for p in model.parameters() if p.requires_grad]))
+    (a, ga), (b, gb) = grads
+    assert torch.equal(a, b) and len(ga) == len(gb) == 8
+    assert all(torch.equal(x, y) for x, y in zip(ga, gb))
+
+
 def test_a_lora_forward_sees_the_updated_adapter_and_an_unchanged_frozen_base_under_bf16():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, block_size=16))
@@ -175,7 +224,12 @@ def test_bf16_kv_cache_samples_exactly_what_an_fp32_cache_does_under_autocast(mo
         return out, dtype
 
     bf16_out, bf16_cache = sample()
-    monkeypatch.setattr(model_module, "autocast_dtype_now", lambda device_type: None)  # the old fp32 cache
+
+    class FP32Cache(model_module.KVCache):
+        def __init__(self, batch_size, max_seq_len, n_head, head_size, dtype, device):
+            super().__init__(batch_size, max_seq_len, n_head, head_size, torch.float32, device)
+
+    monkeypatch.setattr(model_module, "KVCache", FP32Cache)  # keys and values kept in fp32 under autocast
     fp32_out, fp32_cache = sample()
     assert (bf16_cache, fp32_cache) == (torch.bfloat16, torch.float32)
     assert torch.equal(bf16_out, fp32_out)

@@ -35,6 +35,7 @@ from minidpo.formats.safetensors import load_file, load_metadata, save_file
 from minidpo.methods.dpo import reference_forward
 from minidpo.methods.reward_model import RewardModelScorer, cached_reward_model, train_reward_model
 from minidpo.methods.sft import pack_texts, run_sft
+from minidpo.model.cast_cache import cache_weight_casts
 from minidpo.model.export import save_hf
 from minidpo.model.gpt import GPT, GPTConfig
 from minidpo.model.lora import apply_lora, remove_lora
@@ -50,7 +51,8 @@ from minidpo.training.trainer import TrainRun
 def load_model_stage(name: str, device: torch.device, random_config: GPTConfig | None,
                      seed: int) -> tuple[GPT, str, list[str]]:
     """(frozen model, its description, notes for the user): a GPT-2 name or path, the bundled model, or random init
-    (`random_config`, seeded) for experiments without weights."""
+    (`random_config`, seeded) for experiments without weights; its frozen weights' bf16 casts are cached
+    (model/cast_cache.py)."""
     if name == "random":
         torch.manual_seed(seed)
         c = random_config
@@ -59,7 +61,7 @@ def load_model_stage(name: str, device: torch.device, random_config: GPTConfig |
         model, desc, notes = load_model(name, device)
     for p in model.parameters():
         p.requires_grad_(False)
-    return model.eval(), desc, notes
+    return cache_weight_casts(model.eval()), desc, notes
 
 
 def check_model_fits(model: GPT, need_context: int, max_length: int, vocab_size: int) -> None:
@@ -243,7 +245,7 @@ def sft_stage(model: GPT, model_desc: str, reviews: Reviews, tok: Tokenizer, con
     done = out / "sft_model"
     if (done / "config.json").is_file():
         runtime.log(f"[sft] reusing {done}")
-        return load_gpt2(done, device=device).eval(), "sft_model"
+        return cache_weight_casts(load_gpt2(done, device=device).eval()), "sft_model"
     runtime.log(f"[sft] {loop.steps} steps on {len(reviews.train):,} reviews ({'LoRA' if cfg.lora else 'all weights'})")
     if cfg.lora:
         apply_lora(model, configs.lora)

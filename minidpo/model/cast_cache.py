@@ -15,6 +15,9 @@ load_state_dict; not writes through `.data`, which minidpo never does) and the d
 never read stale. The values are exactly what autocast's own cast gives (round to nearest even), so results do not
 change, only the time: `Linear` is nn.Linear with this weight; `linear_token_logprobs` (the fused head) uses it too.
 
+Opt-in: model/gpt.py builds plain nn.Linear layers, and `cache_weight_casts(model)` turns them into `Linear` in
+place where a run builds its model (experiment/stages.py, sample.py, the benchmarks). LoRA wraps either kind.
+
 Memory: one half-precision copy of the frozen weights (250 MB for GPT-2 124M) stays alive while the model is used
 under autocast; the fp32 weights remain the source of truth (checkpoints, merges, exports read them).
 """
@@ -59,3 +62,13 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, autocast_weight(self.weight), self.bias)
+
+
+def cache_weight_casts(model: nn.Module) -> nn.Module:
+    """Every plain nn.Linear in `model` becomes a `Linear`, in place (the same module objects, parameters, hooks and
+    state dict: only the class changes); returns the model. A layer added afterwards (the reward model's head)
+    stays a plain nn.Linear."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = Linear
+    return model

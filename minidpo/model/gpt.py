@@ -27,7 +27,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from minidpo.model.cast_cache import Linear, autocast_dtype_now
 from minidpo.config import require
 
 
@@ -93,8 +92,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
-        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = Linear(config.n_embd, config.n_embd)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.kv_cache: KVCache | None = None
 
@@ -121,8 +120,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -163,31 +162,20 @@ def attention_bias(key_mask: Tensor, start: int, T: int) -> Tensor:
     return allowed[:, None]                                                   # (B, 1, T, L)
 
 
-def embedding(num: int, dim: int) -> nn.Embedding:
-    """nn.Embedding(num, dim), except on the meta device, where loaders build the model only to fill it in: there
-    nn.Embedding's own random init would import torch._dynamo, seconds of start-up for nothing."""
-    weight = torch.empty(num, dim)
-    if not weight.is_meta:
-        nn.init.normal_(weight)  # the draw nn.Embedding makes itself, so a seeded model keeps its exact weights
-    return nn.Embedding(num, dim, _weight=weight)
-
-
 class GPT(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=embedding(config.vocab_size, config.n_embd),
-            wpe=embedding(config.block_size, config.n_embd),
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, eps=1e-5),
         ))
-        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as in GPT-2
-        if self.lm_head.weight.is_meta:
-            return  # shapes only (a loader fills the weights in); random init on meta tensors would take seconds
         self.apply(self._init_weights)
         # GPT-2 paper: scale the init of residual projections by 1/sqrt(2 * n_layer).
         for name, p in self.named_parameters():
@@ -242,7 +230,8 @@ class GPT(nn.Module):
         """A KV cache per layer, in the dtype attention will read it in: under autocast the keys and values come
         out of c_attn in bf16, and an fp32 cache would be cast back to bf16 for every decoded token."""
         p = self.lm_head.weight
-        dtype = autocast_dtype_now(p.device.type) or p.dtype
+        autocast = torch.is_autocast_enabled(p.device.type)
+        dtype = torch.get_autocast_dtype(p.device.type) if autocast else p.dtype
         hs = self.config.n_embd // self.config.n_head
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(batch_size, max_seq_len, self.config.n_head, hs, dtype, p.device)

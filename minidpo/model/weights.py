@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from minidpo.formats.download import already_verified
 from minidpo.model.gpt2_files import SIZE_OF, ensure_gpt2
@@ -114,10 +115,26 @@ def infer_config(tensors: dict[str, Tensor], path: Path) -> GPTConfig:
 
 # --------------------------------------------------------------------------- names and shapes
 
+class SkipInit(TorchFunctionMode):
+    """Inside it, torch.nn.init's functions return their tensor untouched. A loader builds a GPT on the meta device
+    only to fill its weights in: the random draws compute nothing there, yet the first one on a meta tensor imports
+    torch._dynamo, seconds of start-up for nothing."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
+def empty_gpt(config: GPTConfig) -> GPT:
+    """GPT(config) on the meta device, without random init: shapes only, for a loader to fill in."""
+    with torch.device("meta"), SkipInit():
+        return GPT(config)
+
+
 def model_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     """minidpo state-dict key -> shape (nn.Linear layout), read off a weightless GPT; the tied lm_head left out."""
-    with torch.device("meta"):
-        model = GPT(config)
+    model = empty_gpt(config)
     return {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
 
 
@@ -289,8 +306,7 @@ def load_gpt2(source: str | os.PathLike, device: str | torch.device | None = Non
 def build_model(config: GPTConfig, state: dict[str, Tensor], device: str | torch.device | None,
                 dtype: torch.dtype | None) -> GPT:
     """A GPT whose parameters are copies of `state` (minidpo keys and layout); no time is spent on random init."""
-    with torch.device("meta"):
-        model = GPT(config)
+    model = empty_gpt(config)
     params = {}
     for key, t in state.items():
         target = dtype or (torch.float32 if t.is_floating_point() else t.dtype)
