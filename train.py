@@ -57,7 +57,7 @@ class TrainConfig:
     out_dir: str = "out/run"        # outputs; a folder holding a run made with other settings is refused
     resume: str | None = None       # an out_dir to continue from its checkpoint (its config.json is used)
     overwrite: bool = False         # replace the outputs of an earlier run in --out-dir
-    method: str = "dpo"             # dpo | online-dpo | rlhf | rloo | preferred-ft | unlikelihood | best-of-n
+    method: str = "dpo"             # dpo | online-dpo | rlhf | rloo | preferred-ft | unlikelihood | orpo | best-of-n
     compare: str | None = None      # methods on one frontier, e.g. dpo,online-dpo,rloo,best-of-n (each with its sweep)
     seeds: str | None = None        # repeat the whole run per seed into out_dir/seed_<s>/, e.g. 0,1,2 (error bars)
     device: str = "auto"            # auto: cuda, then mps, then cpu
@@ -133,6 +133,8 @@ class TrainConfig:
     rm_lr: float = 5e-4             # reward-model peak learning rate (LoRA on the reference body, head trained fully)
     unlikelihood_alpha: float = 1.0  # weight of the rejected completion's unlikelihood term
     unlikelihood_alpha_sweep: str | None = None  # alphas for a sweep or --compare, e.g. 0.1,1
+    orpo_lambda: float = 0.1        # ORPO's weight of the odds-ratio term (TRL's beta)
+    orpo_lambda_sweep: str | None = None  # ORPO lambdas for a sweep or --compare, e.g. 0.1,1
     # 9. best-of-N and evaluation
     best_of_n: str = "1,2,4,8,16"   # N values for --method best-of-n (samples from the reference, keep the best)
     eval_prompts: int = 64          # held-out test prompts for reward and KL
@@ -172,7 +174,8 @@ PRESETS = {
                        heldout_prompts=64),
 }
 # a --compare without its own sweeps: the settings each method is swept over
-COMPARE_SWEEPS = {"beta_sweep": "0.05,0.1,0.5", "kl_coef_sweep": "0.02,0.05", "unlikelihood_alpha_sweep": "0.1,1"}
+COMPARE_SWEEPS = {"beta_sweep": "0.05,0.1,0.5", "kl_coef_sweep": "0.02,0.05", "unlikelihood_alpha_sweep": "0.1,1",
+                  "orpo_lambda_sweep": "0.1,1"}
 
 
 def load_config(argv: list[str]) -> tuple[TrainConfig, set[str]]:

@@ -15,6 +15,7 @@ from typing import Callable
 from minidpo.methods.baselines import train_baseline
 from minidpo.methods.dpo_train import train_dpo
 from minidpo.methods.online_dpo import train_online_dpo
+from minidpo.methods.orpo import train_orpo
 from minidpo.methods.rloo import train_rloo
 
 
@@ -87,6 +88,10 @@ METHODS = (
            "unlikelihood_alpha_sweep", lambda configs: configs.unlikelihood, lambda ul: f"alpha={number_name(ul.alpha)}",
            lambda ctx, ul, run: train_baseline(ctx.model, ctx.pairs, "unlikelihood", ctx.configs.batch, run,
                                                ctx.runtime, unlikelihood=ul),
+           reads_pairs=True),
+    Method("orpo", "NLL of the chosen completion + lambda * -log sigmoid(log odds ratio); no reference model",
+           "orpo_lambda_sweep", lambda configs: configs.orpo, lambda o: f"lambda={number_name(o.lambda_)}",
+           lambda ctx, orpo, run: train_orpo(ctx.model, ctx.pairs, orpo, ctx.configs.batch, run, ctx.runtime),
            reads_pairs=True),
     Method("best-of-n", "N samples from the reference, the highest-reward one kept; trains nothing", "best_of_n",
            lambda configs: (configs.best_of_n,), lambda ns: "N=" + ",".join(str(n) for n in ns)),

@@ -24,10 +24,10 @@ from minidpo.registry import NAMES
 from train import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-SEVEN = "dpo,online-dpo,rlhf,rloo,preferred-ft,unlikelihood,best-of-n"
+SEVEN = "dpo,online-dpo,rlhf,rloo,preferred-ft,unlikelihood,orpo,best-of-n"  # every method
 
 
-def test_compare_takes_all_seven_methods_each_with_its_own_folders(tmp_path):
+def test_compare_takes_every_method_each_with_its_own_folders(tmp_path):
     cfg, _ = load_config(["--preset", "tiny", "--compare", SEVEN])
     configs = cfg.configs
     assert list(configs.compare) == SEVEN.split(",") and set(SEVEN.split(",")) == set(NAMES)

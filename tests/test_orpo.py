@@ -167,9 +167,9 @@ def test_train_py_flag_errors_name_the_flag_and_a_compare_sweeps_lambda():
     with pytest.raises(ConfigError, match="--orpo-lambda-sweep must be"):
         train.load_config(["--compare", "dpo,orpo", "--orpo-lambda-sweep", "0.1,-1"])
     cfg, _ = train.load_config(["--compare", "dpo,orpo", "--orpo-lambda-sweep", "0.5,2"])
-    assert [c.lambda_ for c in cfg.stages.orpo] == [0.5, 2.0]
+    assert [c.lambda_ for c in cfg.configs.orpo] == [0.5, 2.0]
     cfg, _ = train.load_config(["--preset", "tiny", "--compare", "dpo,orpo"])  # the default sweep
-    names = [d.name for _, _, d in method_runs(cfg.stages, Path("out"))]
+    names = [d.name for _, _, d in method_runs(cfg.configs, Path("out"))]
     assert names[-2:] == ["orpo_lambda_0.1", "orpo_lambda_1"]
 
 

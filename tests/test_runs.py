@@ -116,7 +116,7 @@ def test_overwrite_after_a_compare_of_every_method_starts_clean(tmp_path):
     from minidpo.registry import NAMES
     out = made(tmp_path / "r")
     configs = NS(compare=list(NAMES), dpo=[NS(beta=0.1), NS(beta=0.5)], rloo=[NS(kl_coef=0.02, target_kl=None)],
-                unlikelihood=[NS(alpha=0.1), NS(alpha=1.0)], best_of_n=[1, 4])
+                unlikelihood=[NS(alpha=0.1), NS(alpha=1.0)], orpo=[NS(lambda_=0.1)], best_of_n=[1, 4])
     runs = method_runs(configs, out)
     assert {m.name for m, _, _ in runs} == set(NAMES) and all(d.parent == out for _, _, d in runs)
     for _, _, d in runs:

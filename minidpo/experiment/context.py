@@ -19,6 +19,7 @@ from minidpo.methods.dpo import DPOConfig
 from minidpo.methods.evaluate import EvalConfig
 from minidpo.methods.offline_train import BatchConfig
 from minidpo.methods.online_dpo import OnlineDPOConfig
+from minidpo.methods.orpo import ORPOConfig
 from minidpo.methods.reward_model import RewardModelScorer
 from minidpo.methods.rloo import RLOOConfig
 from minidpo.methods.sft import SFTConfig
@@ -47,6 +48,7 @@ class RunConfigs:
     rloo_loop: LoopConfig
     best_of_n: tuple[int, ...]
     unlikelihood: tuple[UnlikelihoodConfig, ...]  # one per alpha
+    orpo: tuple[ORPOConfig, ...]              # one per lambda
     rm_loop: LoopConfig                       # the learned reward model's (RLHF)
     seeds: tuple[int, ...]                    # --seeds: the whole run once per seed
     eval: EvalConfig

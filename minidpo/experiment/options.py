@@ -15,6 +15,7 @@ from minidpo.methods.dpo import DPOConfig
 from minidpo.methods.evaluate import EvalConfig
 from minidpo.methods.offline_train import BatchConfig
 from minidpo.methods.online_dpo import OnlineDPOConfig
+from minidpo.methods.orpo import ORPOConfig
 from minidpo.methods.rloo import RLOOConfig
 from minidpo.methods.rollout import check_rollout_temperature
 from minidpo.methods.sft import SFTConfig
@@ -72,6 +73,8 @@ def build_configs(cfg, sweeps: dict[str, str]) -> RunConfigs:
     alphas = parse_list("unlikelihood_alpha_sweep",
                         cfg.unlikelihood_alpha_sweep or sweeps.get("unlikelihood_alpha_sweep"),
                         float) or [cfg.unlikelihood_alpha]
+    lambdas = parse_list("orpo_lambda_sweep", cfg.orpo_lambda_sweep or sweeps.get("orpo_lambda_sweep"),
+                         float) or [cfg.orpo_lambda]
     seeds = parse_list("seeds", cfg.seeds, int)
     require_flag(all(s >= 0 for s in seeds), "seeds", f"values must be >= 0, got {cfg.seeds}")
     ns = parse_list("best_of_n", cfg.best_of_n, int)
@@ -85,6 +88,7 @@ def build_configs(cfg, sweeps: dict[str, str]) -> RunConfigs:
                                ("target_kl_sweep", cfg.target_kl_sweep, targets),
                                ("best_of_n", cfg.best_of_n, ns),
                                ("unlikelihood_alpha_sweep", cfg.unlikelihood_alpha_sweep, alphas),
+                               ("orpo_lambda_sweep", cfg.orpo_lambda_sweep, lambdas),
                                ("seeds", cfg.seeds, seeds), ("compare", cfg.compare, compare)):
         require_flag(len(set(values)) == len(values), field, f"lists a value twice: {raw} (each value is one run)")
         require_flag("" not in [x.strip() for x in (raw or "x").split(",")], field, f"has an empty item: {raw!r}")
@@ -130,6 +134,8 @@ def build_configs(cfg, sweeps: dict[str, str]) -> RunConfigs:
         unlikelihood=tuple(component(UnlikelihoodConfig, {"unlikelihood_alpha": "unlikelihood_alpha_sweep"
                                                           if cfg.unlikelihood_alpha_sweep else "unlikelihood_alpha"},
                                      alpha=a) for a in alphas),
+        orpo=tuple(component(ORPOConfig, {"orpo_lambda": "orpo_lambda_sweep" if cfg.orpo_lambda_sweep else "orpo_lambda"},
+                             lambda_=x) for x in lambdas),
         rm_loop=component(LoopConfig, {"steps": "rm_steps", "lr": "rm_lr"}, steps=cfg.rm_steps, lr=cfg.rm_lr,
                           label="reward-model", **loop),
         seeds=tuple(seeds),

@@ -31,7 +31,7 @@ from minidpo.methods.baselines import log1mexp, preferred_ft_loss
 from minidpo.methods.offline_train import BatchConfig, as_unique, make_batch_fn
 from minidpo.methods.scoring import completion_logps
 from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import Training, TrainRun, fit, trainable_adapter
+from minidpo.training.trainer import Training, TrainRun, train_loop, trainable_adapter
 
 # (metric key, short label, format) for the progress line (LoopConfig.show)
 ORPO_SHOW = (("nll/token", "nll", "{:.3f}"), ("log_odds_ratio", "log_or", "{:+.3f}"),
@@ -65,13 +65,14 @@ def orpo_loss(chosen_logps: Tensor, chosen_tokens: Tensor, rejected_logps: Tenso
     return nll - lambda_ * F.logsigmoid(log_odds_ratio).mean(), nll, log_odds_ratio
 
 
-def orpo_step(model: torch.nn.Module, batch: tuple, cfg: ORPOConfig, bcfg: BatchConfig) -> tuple[Tensor, dict, int, int]:
+def orpo_step(model: torch.nn.Module, batch: tuple, cfg: ORPOConfig,
+              batch_config: BatchConfig) -> tuple[Tensor, dict, int, int]:
     """One ORPO micro-batch (make_batch_fn's tuple): every distinct sequence forwarded once through the one
     completion scorer, then each pair's chosen and rejected log-probs and lengths."""
     _, tensors, n_tokens, n_pairs = batch
     u = as_unique(tensors)
     keep = u["response_mask"] * u["attention_mask"]                       # (N, T)
-    logps = completion_logps(model, u["ids"], keep, bcfg.logprobs)        # (N,) log p(y|x), summed
+    logps = completion_logps(model, u["ids"], keep, batch_config.logprobs)  # (N,) log p(y|x), summed
     lengths = (keep[:, 1:] != 0).sum(-1)                                  # (N,) completion tokens scored
     w, l = u["chosen_index"], u["rejected_index"]                         # (P,) each
     loss, nll, ratio = orpo_loss(logps[w], lengths[w], logps[l], lengths[l], cfg.lambda_)
@@ -81,16 +82,14 @@ def orpo_step(model: torch.nn.Module, batch: tuple, cfg: ORPOConfig, bcfg: Batch
     return loss, metrics, n_tokens, n_pairs
 
 
-def train_orpo(model: torch.nn.Module, data: PairData, cfg: ORPOConfig, bcfg: BatchConfig, run: TrainRun,
-               rt: Runtime) -> dict:
+def train_orpo(model: torch.nn.Module, data: PairData, cfg: ORPOConfig, batch_config: BatchConfig, run: TrainRun,
+               runtime: Runtime) -> dict:
     """Train the model's fresh LoRA adapter (B = 0, applied by the caller) with ORPO on DPO's batches; returns the
     training summary. No reference model is used; the caller evaluates afterwards, as for every method."""
     params = trainable_adapter(model, "train_orpo")
-
-    def step_fn(batch):
-        with rt.autocast:
-            return orpo_step(model, batch, cfg, bcfg)
-
     loop = replace(run.loop, label=f"orpo lambda={cfg.lambda_:g}", show=ORPO_SHOW)
-    settings = {"method": "orpo", "batch": asdict(bcfg), "steps": loop.steps, "lr": loop.lr, "orpo": asdict(cfg)}
-    return fit(Training(loop, params, make_batch_fn(data, bcfg, rt), step_fn), run, rt, settings)
+    settings = {"method": "orpo", "batch": asdict(batch_config), "steps": loop.steps, "lr": loop.lr,
+                "orpo": asdict(cfg)}
+    training = Training(loop, params, make_batch_fn(data, batch_config, runtime),
+                        lambda batch: orpo_step(model, batch, cfg, batch_config), autocast=runtime.autocast)
+    return train_loop(training, **run.loop_args(params, settings, runtime.log))

@@ -43,8 +43,8 @@ MEAN_COLUMNS = ["method", "setting", "step", "seeds", "reward", "reward_se", "kl
 # the order of the legend and the colours (the paper's Figure 2 methods and ours)
 METHOD_LABELS = {"dpo": "DPO", "online-dpo": "online DPO", "rlhf": "RLHF (RLOO on the learned reward)",
                  "rloo": "RLOO on the true reward (PPO-GT)", "preferred-ft": "Preferred-FT",
-                 "unlikelihood": "Unlikelihood", "best-of-n": "best-of-N (KL bound)"}
-MARKERS = {"dpo": "o", "online-dpo": "D", "rlhf": "P", "rloo": "s", "preferred-ft": "v", "unlikelihood": "X",
+                 "unlikelihood": "Unlikelihood", "orpo": "ORPO", "best-of-n": "best-of-N (KL bound)"}
+MARKERS = {"dpo": "o", "online-dpo": "D", "rlhf": "P", "rloo": "s", "preferred-ft": "v", "unlikelihood": "X", "orpo": "h",
            "best-of-n": "^"}
 
 
