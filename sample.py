@@ -17,13 +17,12 @@ from pathlib import Path
 import torch
 
 from minidpo.config import ConfigError, build_component, build_config, run_program
-from minidpo.model.generate import SamplingConfig, generate
-from minidpo.model.export import PEFT_ADAPTER_FILE
-from minidpo.model.lora import load_lora, merge_lora, read_lora_config
-from minidpo.model.gpt import ALIASES, PRESETS
 from minidpo.experiment.resolve import check_model_name, load_model, pick_device
+from minidpo.model.export import PEFT_ADAPTER_FILE
+from minidpo.model.generate import SamplingConfig, generate
+from minidpo.model.gpt import ALIASES, PRESETS
+from minidpo.model.lora import load_lora, merge_lora, read_lora_config
 from minidpo.model.tokenizer import Tokenizer
-
 
 MODEL_NAMES = {"auto", "bundled", *PRESETS, *ALIASES}
 

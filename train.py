@@ -33,21 +33,43 @@ import torch
 
 from minidpo import config
 from minidpo.experiment.compare import check_checkpoints, finish_run, method_runs, run_best_of_n, start_run
-from minidpo.experiment.context import RunContext, RunConfigs
+from minidpo.experiment.context import RunConfigs, RunContext
 from minidpo.experiment.options import build_configs
 from minidpo.experiment.report import export_merged, result_lines, sample_hint, seeds_summary, summarize
-from minidpo.experiment.resolve import (DTYPES, autocast, check_model_name, check_writable, choose_dtype, imdb_source,
-                                       pick_device, slow_dtype_warning)
-from minidpo.experiment.stages import (check_model_fits, ensure_pairs, fit_classifier, load_model_stage,
-                                       load_reviews, make_prompt_sets, sft_stage)
+from minidpo.experiment.resolve import (
+    DTYPES,
+    autocast,
+    check_model_name,
+    check_writable,
+    choose_dtype,
+    imdb_source,
+    pick_device,
+    slow_dtype_warning,
+)
+from minidpo.experiment.stages import (
+    check_model_fits,
+    ensure_pairs,
+    fit_classifier,
+    load_model_stage,
+    load_reviews,
+    make_prompt_sets,
+    sft_stage,
+)
 from minidpo.fileio import atomic_write_json
 from minidpo.formats.download import cache_dir
 from minidpo.model.tokenizer import Tokenizer
 from minidpo.training.distributed import is_main, setup_distributed, teardown
 from minidpo.training.frontier import write_frontier
 from minidpo.training.run_folder import run_folder
-from minidpo.training.runs import (NOT_SETTINGS, RESUME_SAFE, RunConflict, describe, differing, read_settings,
-                                   resume_overrides)
+from minidpo.training.runs import (
+    NOT_SETTINGS,
+    RESUME_SAFE,
+    RunConflict,
+    describe,
+    differing,
+    read_settings,
+    resume_overrides,
+)
 from minidpo.training.runtime import Runtime
 
 

@@ -160,13 +160,19 @@ def run_minidpo(a: argparse.Namespace, v: dict, work: Path) -> dict:
     """minidpo.methods.dpo_train's DPO step (policy forward, reference passed in, loss) inside minidpo.training.trainer.train_loop,
     timed from get_batch to on_step_end."""
     from minidpo.dataset.batching import collate_pairs, collate_unique
-    from minidpo.methods.dpo import (DPOConfig, concatenated_forward, dpo_step_loss, pair_logps, reference_forward,
-                             sequence_forward)
-    from minidpo.model.lora import apply_lora
     from minidpo.dataset.pairs import Pair
-    from minidpo.training.trainer import LoopConfig, Training, train_loop
-    from minidpo.model.weights import load_gpt2
+    from minidpo.methods.dpo import (
+        DPOConfig,
+        concatenated_forward,
+        dpo_step_loss,
+        pair_logps,
+        reference_forward,
+        sequence_forward,
+    )
     from minidpo.model.cast_cache import cache_weight_casts
+    from minidpo.model.lora import apply_lora
+    from minidpo.model.weights import load_gpt2
+    from minidpo.training.trainer import LoopConfig, Training, train_loop
 
     device = torch.device(a.device)
     amp = torch.bfloat16 if a.dtype == "bf16" else None  # as train.py: bf16 autocast, fp32 weights

@@ -25,10 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 from timing import timed  # noqa: E402  (bench/timing.py, beside this file)
-from minidpo.model.gpt import GPT, GPTConfig  # noqa: E402
+
 from minidpo.experiment.resolve import BUNDLED_MODEL  # noqa: E402
 from minidpo.model.cast_cache import cache_weight_casts  # noqa: E402
 from minidpo.model.generate import generate  # noqa: E402
+from minidpo.model.gpt import GPT, GPTConfig  # noqa: E402
 from minidpo.model.weights import load_gpt2  # noqa: E402
 
 # (label, temperature, top_k, top_p): plain sampling as train.py's pairs use it, and sample.py's defaults
@@ -38,6 +39,7 @@ SAMPLED = [("T=1", 1.0, None, None), ("T=0.8 top-k 50", 0.8, 50, None), ("T=1 to
 def hf_model_from(model: GPT, device: torch.device):
     """transformers' GPT2LMHeadModel with the same weights, via minidpo's HF-layout export."""
     from transformers import GPT2LMHeadModel
+
     from minidpo.model.export import save_hf
     with tempfile.TemporaryDirectory() as d:
         save_hf(model, d)

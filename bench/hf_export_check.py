@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from minidpo.model.gpt import GPT, GPTConfig  # noqa: E402
 from minidpo.model.export import save_hf
+from minidpo.model.gpt import GPT, GPTConfig  # noqa: E402
 from minidpo.model.weights import load_gpt2  # noqa: E402
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-from minidpo.methods.fused_logprobs import linear_token_logps, fused_token_logps  # noqa: E402
+from minidpo.methods.fused_logprobs import fused_token_logps, linear_token_logps  # noqa: E402
 from minidpo.methods.logprobs import naive_token_logps  # noqa: E402
 
 VARIANTS = ("naive", "fused", "fused-inplace", "naive-linear", "fused-linear")

@@ -23,8 +23,8 @@ from peft import PeftModel  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from minidpo.model.export import export_peft  # noqa: E402
-from minidpo.model.lora import apply_lora, lora_parameters  # noqa: E402
 from minidpo.model.gpt import GPT, GPTConfig  # noqa: E402
+from minidpo.model.lora import apply_lora, lora_parameters  # noqa: E402
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 

@@ -18,11 +18,11 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 from minidpo.dataset.batching import collate_pairs  # noqa: E402
+from minidpo.dataset.pairs import Pair  # noqa: E402
 from minidpo.methods.dpo import DPOConfig, concatenated_forward, dpo_step_loss, reference_forward  # noqa: E402
 from minidpo.model.cast_cache import cache_weight_casts  # noqa: E402
-from minidpo.model.lora import apply_lora  # noqa: E402
 from minidpo.model.gpt import GPT, GPTConfig  # noqa: E402
-from minidpo.dataset.pairs import Pair  # noqa: E402
+from minidpo.model.lora import apply_lora  # noqa: E402
 
 EOT = 50256
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-from minidpo.model.generate import sample, sample_naive  # noqa: E402
 from timing import timed  # noqa: E402  (bench/timing.py, beside this file)
+
+from minidpo.model.generate import sample, sample_naive  # noqa: E402
 
 # (label, temperature, top_k, top_p)
 SETTINGS = [("T=1", 1.0, None, None), ("T=0.8", 0.8, None, None), ("top-k 50", 1.0, 50, None),

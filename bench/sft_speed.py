@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-from minidpo.methods.fused_logprobs import linear_token_logps  # noqa: E402
-from minidpo.model.gpt import GPT, GPTConfig  # noqa: E402
 from minidpo.experiment.resolve import cpu_flags  # noqa: E402
+from minidpo.methods.fused_logprobs import linear_token_logps  # noqa: E402
 from minidpo.methods.sft import lm_loss  # noqa: E402
+from minidpo.model.gpt import GPT, GPTConfig  # noqa: E402
 
 VARIANTS = ("fp32-ce", "bf16-ce", "bf16-fused", "bf16-linear")
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minidpo.model.lora import load_lora  # noqa: E402
 from minidpo.experiment.resolve import load_model  # noqa: E402
-from minidpo.model.tokenizer import Tokenizer  # noqa: E402
 from minidpo.model.export import save_hf  # noqa: E402
+from minidpo.model.lora import load_lora  # noqa: E402
+from minidpo.model.tokenizer import Tokenizer  # noqa: E402
 
 
 def main(out_dir: Path, merged_dir: Path) -> None:

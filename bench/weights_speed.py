@@ -23,11 +23,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from minidpo.model.gpt import GPT, GPTConfig  # noqa: E402
+from test_tf_bundle import write_bundle  # noqa: E402  (the tests' reference writer of TF bundles)
+
 from minidpo.formats.tf_bundle import crc32c, crc32c_bytewise  # noqa: E402
 from minidpo.model.export import save_hf  # noqa: E402
+from minidpo.model.gpt import GPT, GPTConfig  # noqa: E402
 from minidpo.model.weights import LINEAR, load_gpt2, openai_name  # noqa: E402
-from test_tf_bundle import write_bundle  # noqa: E402  (the tests' reference writer of TF bundles)
 
 
 def timed(fn, *args, **kw) -> float:

@@ -5,15 +5,25 @@ Import what you need from its module (one concept per file; the folders are laye
 ones.
 """
 
-from minidpo.methods.dpo import DPOConfig, concatenated_forward, dpo_loss, preference_metrics, sequence_forward
 from minidpo.dataset.imdb import Review, load_imdb
 from minidpo.dataset.length_sampler import LengthSampler
-from minidpo.methods.logprobs import sequence_logps
-from minidpo.model.lora import (LoRAConfig, LoRALinear, apply_lora, load_lora, lora_disabled, lora_parameters, merge_lora,
-                          remove_lora, save_lora, unmerge_lora)
-from minidpo.model.gpt import GPT, GPTConfig
-from minidpo.methods.pg import kl_penalized_rewards, policy_gradient_loss, rloo_advantages
 from minidpo.dataset.reward import SentimentClassifier
+from minidpo.methods.dpo import DPOConfig, concatenated_forward, dpo_loss, preference_metrics, sequence_forward
+from minidpo.methods.logprobs import sequence_logps
+from minidpo.methods.pg import kl_penalized_rewards, policy_gradient_loss, rloo_advantages
+from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.model.lora import (
+                          LoRAConfig,
+                          LoRALinear,
+                          apply_lora,
+                          load_lora,
+                          lora_disabled,
+                          lora_parameters,
+                          merge_lora,
+                          remove_lora,
+                          save_lora,
+                          unmerge_lora,
+)
 from minidpo.model.tokenizer import EOT_ID, Tokenizer
 from minidpo.model.weights import load_gpt2
 

@@ -14,7 +14,6 @@ import ast
 import dataclasses
 import difflib
 import inspect
-import json
 import math
 import types
 import typing

@@ -66,9 +66,10 @@ def plot(cfg: ReportConfig) -> None:
 
 def export(cfg: ReportConfig) -> None:
     import torch
+
+    from minidpo.formats.safetensors import load_file
     from minidpo.model.export import save_hf
     from minidpo.model.gpt import GPT, GPTConfig
-    from minidpo.formats.safetensors import load_file
     report_cfg = json.loads((Path(cfg.work_dir) / "run_config.json").read_text())
     ckpts = sorted(Path(cfg.work_dir, "sft_checkpoint").glob("trainable-*.safetensors"),
                    key=lambda p: int(re.findall(r"\d+", p.name)[-1]))

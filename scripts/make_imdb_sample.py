@@ -29,8 +29,8 @@ import tarfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from minidpo.fileio import atomic_write_bytes, atomic_write_json  # noqa: E402
 from minidpo.dataset.imdb import iter_raw_reviews, manifest_path  # noqa: E402
+from minidpo.fileio import atomic_write_bytes, atomic_write_json  # noqa: E402
 
 # (split, label) -> how many reviews; 1,000 in all
 SAMPLE_COUNTS: dict[tuple[str, str], int] = {

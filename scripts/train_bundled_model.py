@@ -26,14 +26,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minidpo.config import build_config, require, run_program  # noqa: E402
-from minidpo.model.export import save_hf  # noqa: E402
 from minidpo.dataset.imdb import load_imdb  # noqa: E402
-from minidpo.model.generate import generate  # noqa: E402
-from minidpo.model.gpt import GPT, GPTConfig  # noqa: E402
 from minidpo.experiment.resolve import autocast_dtype  # noqa: E402
 from minidpo.methods.sft import SFTConfig, eval_loss, pack_texts, run_sft  # noqa: E402
-from minidpo.training.runtime import Runtime  # noqa: E402
+from minidpo.model.export import save_hf  # noqa: E402
+from minidpo.model.generate import generate  # noqa: E402
+from minidpo.model.gpt import GPT, GPTConfig  # noqa: E402
 from minidpo.model.tokenizer import Tokenizer  # noqa: E402
+from minidpo.training.runtime import Runtime  # noqa: E402
 from minidpo.training.trainer import LoopConfig, append_jsonl  # noqa: E402
 
 REPORT_WINDOWS = 800  # the held-out figure in data/README.md: the first 800 test windows, as for the old model

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from minidpo.formats.download import DownloadError
-from minidpo.dataset.imdb import IMDB_SAMPLE_PATH, ImdbError, load_imdb
-from minidpo.formats.safetensors import load_file, save_file
-from minidpo.model.gpt2_files import OPENAI_FILES
-from minidpo.model.weights import CheckpointError, load_gpt2
 from test_download import Handler  # the Range-aware test server
 from test_imdb import tiny_imdb, write_tarball
 from test_tf_bundle import write_bundle
+
+from minidpo.dataset.imdb import IMDB_SAMPLE_PATH, ImdbError, load_imdb
+from minidpo.formats.download import DownloadError
+from minidpo.formats.safetensors import load_file, save_file
+from minidpo.model.gpt2_files import OPENAI_FILES
+from minidpo.model.weights import CheckpointError, load_gpt2
 
 # =====================================================================================================================
 # files: weights, tarballs, downloads
@@ -310,6 +310,7 @@ def _train_refuses(args: list[str], env: dict) -> str:
 @pytest.mark.slow  # a subprocess
 def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_folder(tmp_path):
     import os
+
     from minidpo.training.runs import OutDirLock
     env = {**os.environ, "MINIDPO_CACHE": str(tmp_path / "cache")}
     with OutDirLock(tmp_path / "busy"):

@@ -7,23 +7,31 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import TrainRun
-from minidpo.methods.baselines import (UL_FLOOR, UnlikelihoodConfig, log1mexp, per_row,
-                               preferred_ft_loss, preferred_ft_step, train_baseline, unlikelihood_loss,
-                               unlikelihood_step, unlikelihood_term)
-from minidpo.dataset.batching import collate_pairs, collate_unique, prompt_groups
 from minidpo.config import ConfigError
-from minidpo.methods.scoring import completion_logps, token_logps
-from minidpo.methods.offline_train import BatchConfig
-from minidpo.methods.logprobs import naive_token_logps
-from minidpo.model.lora import LoRAConfig, apply_lora, lora_state_dict
-from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.dataset.batching import PairData, collate_pairs, collate_unique, prompt_groups
 from minidpo.dataset.pairs import Pair
-from minidpo.dataset.batching import PairData
-from minidpo.training.trainer import LoopConfig
+from minidpo.methods.baselines import (
+    UL_FLOOR,
+    UnlikelihoodConfig,
+    log1mexp,
+    per_row,
+    preferred_ft_loss,
+    preferred_ft_step,
+    train_baseline,
+    unlikelihood_loss,
+    unlikelihood_step,
+    unlikelihood_term,
+)
+from minidpo.methods.logprobs import naive_token_logps
+from minidpo.methods.offline_train import BatchConfig
+from minidpo.methods.scoring import completion_logps, token_logps
+from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.model.lora import LoRAConfig, apply_lora, lora_state_dict
+from minidpo.training.runtime import Runtime
+from minidpo.training.trainer import LoopConfig, TrainRun
 
 SETTINGS = settings(max_examples=40, deadline=None)
 f64 = torch.float64

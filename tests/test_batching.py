@@ -5,15 +5,23 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from conftest import tiny_gpt
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from minidpo.dataset.batching import (collate_pairs, collate_unique, fit_pairs, group_indices, pair_indices, prompt_groups,
-                              split_pairs)
+from minidpo.dataset.batching import (
+    collate_pairs,
+    collate_unique,
+    fit_pairs,
+    group_indices,
+    pair_indices,
+    prompt_groups,
+    split_pairs,
+)
+from minidpo.dataset.pairs import Pair, preference_pairs
 from minidpo.methods.dpo import concatenated_forward
 from minidpo.model.gpt import GPT
-from minidpo.dataset.pairs import Pair, preference_pairs
 from minidpo.model.tokenizer import EOT_ID
-from conftest import tiny_gpt
 
 SETTINGS = settings(max_examples=40, deadline=None)
 SIDES = ("chosen", "rejected")

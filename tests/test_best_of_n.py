@@ -5,17 +5,18 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from conftest import VowelScorer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from minidpo.dataset.prompts import Prompt
 from minidpo.methods.best_of_n import best_of_n, best_of_n_sweep, kl_bound, sample_rounds
 from minidpo.methods.evaluate import EvalConfig, sample_plain
-from minidpo.model.generate import SamplingConfig
-from minidpo.model.lora import apply_lora, lora_layers
-from minidpo.model.gpt import GPT, GPTConfig
 from minidpo.model.completions import response_text
-from minidpo.dataset.prompts import Prompt
+from minidpo.model.generate import SamplingConfig
+from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.model.lora import apply_lora, lora_layers
 from minidpo.model.tokenizer import Tokenizer
-from conftest import VowelScorer
 
 CFG = EvalConfig(sampling=SamplingConfig(max_new_tokens=4, min_new_tokens=1), batch_size=3, seed=7)
 

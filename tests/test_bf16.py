@@ -14,14 +14,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-import minidpo.model.gpt as model_module
 import minidpo.experiment.resolve as resolve
-from minidpo.training.runtime import Runtime
+import minidpo.model.gpt as model_module
+from minidpo.methods.sft import SFTConfig, run_sft
 from minidpo.model.cast_cache import Linear, autocast_weight, cache_weight_casts
-from minidpo.model.lora import apply_lora
 from minidpo.model.generate import generate
 from minidpo.model.gpt import GPT, GPTConfig
-from minidpo.methods.sft import SFTConfig, run_sft
+from minidpo.model.lora import apply_lora
+from minidpo.training.runtime import Runtime
 from minidpo.training.trainer import LoopConfig
 
 ROOT = Path(__file__).resolve().parent.parent

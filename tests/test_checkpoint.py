@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-from hypothesis import example, given, settings, strategies as st
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 import minidpo.training.checkpoint as ckpt_mod
 from minidpo.training.checkpoint import CheckpointCorrupt, Checkpointer
 from minidpo.training.runs import RunConflict
-from minidpo.training.trainer import make_optimizer, LoopConfig
+from minidpo.training.trainer import LoopConfig, make_optimizer
 
 
 def make_state(seed: int = 0):

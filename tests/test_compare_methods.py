@@ -142,17 +142,18 @@ def test_a_seeds_summary_in_a_seed_folder_is_refused_and_only_a_seeds_own_rows_c
 def reward_model_contexts(tmp_path: Path, lines: list[str]):
     """A factory of run contexts over one tiny model, tokenizer and six pairs, all writing into tmp_path: what
     ensure_reward_model needs, twice (a fresh run, then a resumed one that finds the file)."""
+    from dataclasses import replace
+
     import torch
+
     from minidpo.dataset.batching import prompt_groups
     from minidpo.dataset.pairs import Pair
     from minidpo.experiment.resolve import autocast
     from minidpo.methods.offline_train import BatchConfig
-    from dataclasses import replace
-
     from minidpo.model.gpt import GPT, GPTConfig
-    from minidpo.training.runtime import Runtime
     from minidpo.model.lora import LoRAConfig
     from minidpo.model.tokenizer import EOT_ID, Tokenizer
+    from minidpo.training.runtime import Runtime
     from minidpo.training.trainer import LoopConfig
 
     torch.manual_seed(0)

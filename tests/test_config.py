@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minidpo.config import ConfigError, build_config, parse_overrides
 from train import PRESETS, TrainConfig, load_config
@@ -142,6 +143,7 @@ def test_seeds_whose_derived_seeds_overflow_torchs_generators_are_refused_with_t
 @pytest.mark.parametrize("method", ["dpo", "best-of-n"])
 def test_the_largest_accepted_seed_reaches_evaluation_and_every_best_of_n_round(method):
     import torch
+
     from minidpo.experiment.options import SEED_MAX
     top = SEED_MAX - (16 if method == "best-of-n" else 1)  # the tiny preset's best-of-n goes up to N=16
     cfg, _ = load_config(["--preset", "tiny", "--method", method, "--seed", str(top)])
@@ -163,6 +165,7 @@ def test_the_largest_accepted_seed_reaches_evaluation_and_every_best_of_n_round(
 def test_an_option_that_cannot_change_results_does_not_refuse_a_run_into_its_own_folder(first, again, unused, ignored,
                                                                                          tmp_path, monkeypatch, capsys):
     import torch
+
     import train
     from minidpo.config import flag_name, save_config
     from minidpo.experiment import resolve

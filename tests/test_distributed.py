@@ -12,8 +12,15 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from minidpo.training.distributed import (average_gradients, barrier, is_main, rank_and_world, rank_zero_first,
-                                 setup_distributed, teardown)
+from minidpo.training.distributed import (
+    average_gradients,
+    barrier,
+    is_main,
+    rank_and_world,
+    rank_zero_first,
+    setup_distributed,
+    teardown,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 

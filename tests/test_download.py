@@ -9,8 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from minidpo.formats.download import (DownloadError, cache_dir, download_file, file_problem, looks_like_html,
-                              parse_content_range, part_path)
+from minidpo.formats.download import (
+    DownloadError,
+    cache_dir,
+    download_file,
+    file_problem,
+    looks_like_html,
+    parse_content_range,
+    part_path,
+)
 
 PAYLOAD = bytes(range(256)) * 97 + b"tail"  # 24,836 bytes, every byte value, not a multiple of anything
 

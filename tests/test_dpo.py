@@ -6,16 +6,26 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minidpo.config import ConfigError
-from minidpo.methods.dpo import (LOSS_TYPES, DPOConfig, concatenated_forward, dpo_loss, dpo_step_loss,
-                         pair_logps, preference_metrics, reference_forward, sequence_forward)
+from minidpo.methods.dpo import (
+    LOSS_TYPES,
+    DPOConfig,
+    concatenated_forward,
+    dpo_loss,
+    dpo_step_loss,
+    pair_logps,
+    preference_metrics,
+    reference_forward,
+    sequence_forward,
+)
 from minidpo.methods.dpo_train import dpo_step
 from minidpo.methods.logprobs import LOGPROBS
 from minidpo.methods.offline_train import BatchConfig
-from minidpo.model.lora import apply_lora, lora_disabled, lora_layers
 from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.model.lora import apply_lora, lora_disabled, lora_layers
 
 SETTINGS = settings(max_examples=40, deadline=None)
 f64 = torch.float64

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from minidpo.methods.dpo import DPOConfig, dpo_step_loss, pair_logps, reference_forward, sequence_forward
-from minidpo.model.lora import apply_lora
 from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.model.lora import apply_lora
 
 V = 61
 

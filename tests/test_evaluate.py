@@ -7,20 +7,28 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import given, settings, strategies as st
+from conftest import with_sampling
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from minidpo.model.generate import SamplingConfig
-from minidpo.dataset.batching import pair_indices
 from minidpo.config import ConfigError
-from minidpo.methods.evaluate import (EvalConfig, evaluate, implicit_reward_accuracy, kl_terms, per_token_kl,
-                                     sample_plain, sample_reference, sequence_kl)
-from minidpo.model.completions import sampler_logits
-from minidpo.model.lora import LoRALinear, apply_lora, lora_disabled
-from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.dataset.batching import pair_indices
 from minidpo.dataset.pairs import Pair
 from minidpo.dataset.prompts import Prompt
-
-from conftest import with_sampling
+from minidpo.methods.evaluate import (
+    EvalConfig,
+    evaluate,
+    implicit_reward_accuracy,
+    kl_terms,
+    per_token_kl,
+    sample_plain,
+    sample_reference,
+    sequence_kl,
+)
+from minidpo.model.completions import sampler_logits
+from minidpo.model.generate import SamplingConfig
+from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.model.lora import LoRALinear, apply_lora, lora_disabled
 
 CPU = torch.device("cpu")
 

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_gpt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minidpo.model.export import export_peft, save_hf
-from minidpo.model.lora import apply_lora, lora_parameters, remove_lora
-from minidpo.model.gpt import GPT, GPTConfig
 from minidpo.formats.safetensors import load_file, read_header
+from minidpo.model.export import export_peft, save_hf
+from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.model.lora import apply_lora, lora_parameters, remove_lora
 from minidpo.model.weights import load_gpt2
-from conftest import tiny_gpt
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OPENAI = FIXTURES / "gpt2-tiny-openai"

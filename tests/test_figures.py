@@ -9,7 +9,8 @@ import statistics
 import sys
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minidpo.training.curves import curve_series, plot_curves, read_log
 from minidpo.training.frontier import aggregate_points, append_point, plot_frontier, write_frontier

@@ -5,7 +5,8 @@ import importlib.util
 import json
 import math
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minidpo.training.frontier import append_point, read_points, reward_range, write_frontier
 

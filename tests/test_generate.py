@@ -4,11 +4,19 @@ token, repeats under a seed, treats top_k=0 / top_p=1 as off, and rejects settin
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minidpo.config import ConfigError
-from minidpo.model.generate import (SamplingConfig, generate, inverse_cdf, nucleus_drop, sample, sample_naive,
-                              trim_finished)
+from minidpo.model.generate import (
+    SamplingConfig,
+    generate,
+    inverse_cdf,
+    nucleus_drop,
+    sample,
+    sample_naive,
+    trim_finished,
+)
 from minidpo.model.gpt import GPT, GPTConfig
 
 TINY = GPTConfig(block_size=64, vocab_size=97, n_layer=2, n_head=2, n_embd=32)

@@ -3,9 +3,9 @@
 import gzip
 import hashlib
 import http.server
-import json
 import importlib.util
 import io
+import json
 import shutil
 import tarfile
 import threading
@@ -17,9 +17,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from minidpo.dataset.imdb import (
+    IMDB_FILENAME,
+    IMDB_SAMPLE_PATH,
+    IMDB_SIZE,
+    RATINGS,
+    ImdbError,
+    default_imdb_source,
+    download_imdb,
+    load_imdb,
+    manifest_path,
+    parse_member,
+)
 from minidpo.formats.download import DownloadError
-from minidpo.dataset.imdb import (IMDB_FILENAME, IMDB_SAMPLE_PATH, IMDB_SIZE, RATINGS, ImdbError, default_imdb_source,
-                          download_imdb, load_imdb, manifest_path, parse_member)
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("make_imdb_sample", ROOT / "scripts" / "make_imdb_sample.py")

@@ -5,10 +5,11 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from minidpo.methods.fused_logprobs import IGNORE_INDEX, linear_token_logps, fused_token_logps
+from minidpo.methods.fused_logprobs import IGNORE_INDEX, fused_token_logps, linear_token_logps
 from minidpo.methods.logprobs import naive_token_logps, sequence_logps
 
 # bf16 keeps 8 mantissa bits: a gradient entry stored in bf16 is within 2^-8 relative of the fp32 value, so we

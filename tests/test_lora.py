@@ -8,16 +8,32 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from conftest import tiny_gpt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minidpo.config import ConfigError
-from minidpo.model.lora import (GPT2_TARGETS, LoRAConfig, LoRAFileError, LoRALinear, adapters_are_zero, apply_lora,
-                          lora_config_of, lora_disabled, lora_layers, lora_parameters, lora_state_dict, load_lora,
-                          merge_lora, read_lora_config, remove_lora, save_lora, unmerge_lora)
-from minidpo.model.gpt import GPT
 from minidpo.formats.safetensors import save_file
-from conftest import tiny_gpt
+from minidpo.model.gpt import GPT
+from minidpo.model.lora import (
+    GPT2_TARGETS,
+    LoRAConfig,
+    LoRAFileError,
+    LoRALinear,
+    adapters_are_zero,
+    apply_lora,
+    load_lora,
+    lora_config_of,
+    lora_disabled,
+    lora_layers,
+    lora_parameters,
+    lora_state_dict,
+    merge_lora,
+    read_lora_config,
+    remove_lora,
+    save_lora,
+    unmerge_lora,
+)
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=32)
 ALL_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")

@@ -4,7 +4,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minidpo.model.generate import generate, sample
 from minidpo.model.gpt import GPT, GPTConfig, attention_bias, positions_from_mask

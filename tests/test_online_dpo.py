@@ -6,22 +6,22 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from conftest import VowelScorer, with_sampling
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import TrainRun
-from minidpo.model.generate import SamplingConfig
 from minidpo.config import ConfigError
-from minidpo.methods.dpo import DPOConfig, dpo_loss
-from minidpo.model.lora import apply_lora, lora_state_dict
-from minidpo.model.gpt import GPT, GPTConfig
-from minidpo.methods.online_dpo import OnlineDPOConfig, online_dpo_loss, rollout_pairs, train_online_dpo
 from minidpo.dataset.prompts import Prompt
+from minidpo.methods.dpo import DPOConfig, dpo_loss
+from minidpo.methods.online_dpo import OnlineDPOConfig, online_dpo_loss, rollout_pairs, train_online_dpo
 from minidpo.methods.rollout import Rollout, policy_logps
 from minidpo.methods.scoring import completion_logps
+from minidpo.model.generate import SamplingConfig
+from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.model.lora import apply_lora, lora_state_dict
 from minidpo.model.tokenizer import Tokenizer
-from minidpo.training.trainer import LoopConfig, Training, train_loop
-from conftest import VowelScorer, with_sampling
+from minidpo.training.runtime import Runtime
+from minidpo.training.trainer import LoopConfig, Training, TrainRun, train_loop
 
 SETTINGS = settings(max_examples=25, deadline=None)
 # few distinct values, so that ties (which must never form a pair) are common

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minidpo.config import ConfigError
 from minidpo.dataset.batching import PairData, collate_pairs, collate_unique, prompt_groups

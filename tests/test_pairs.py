@@ -10,19 +10,28 @@ from dataclasses import replace
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from conftest import tiny_gpt, with_sampling
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from minidpo.model.generate import SamplingConfig
 from minidpo.config import ConfigError
 from minidpo.dataset.imdb import IMDB_SAMPLE_PATH, load_imdb
-from minidpo.model.gpt import GPT
 from minidpo.dataset.pairs import Pair, PairsConfig, build_pairs, preference_pairs
-from minidpo.model.completions import cut_at_eot
-from minidpo.dataset.pairs_cache import (FORMAT, PairsFileError, cached_pairs, load_pairs, module_fingerprint,
-                                 pairs_fingerprint, read_fingerprint, save_pairs)
+from minidpo.dataset.pairs_cache import (
+    FORMAT,
+    PairsFileError,
+    cached_pairs,
+    load_pairs,
+    module_fingerprint,
+    pairs_fingerprint,
+    read_fingerprint,
+    save_pairs,
+)
 from minidpo.dataset.prompts import Prompt, make_prompts
+from minidpo.model.completions import cut_at_eot
+from minidpo.model.generate import SamplingConfig
+from minidpo.model.gpt import GPT
 from minidpo.model.tokenizer import EOT_ID, Tokenizer
-from conftest import tiny_gpt, with_sampling
 
 SETTINGS = settings(max_examples=40, deadline=None)
 EOT = EOT_ID

@@ -6,23 +6,22 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
-
-from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import TrainRun
-from minidpo.model.generate import SamplingConfig
-from minidpo.config import ConfigError
-from minidpo.model.lora import apply_lora, lora_state_dict
-from minidpo.model.gpt import GPT, GPTConfig
-from minidpo.dataset.prompts import Prompt
-from minidpo.methods.pg import adaptive_kl_coef, kl_penalized_rewards, policy_gradient_loss, rloo_advantages
-from minidpo.methods.rloo import RLOOConfig
-from minidpo.methods import scoring
-from minidpo.methods.rloo import KLController, train_rloo
-from minidpo.methods.scoring import completion_logps
-from minidpo.model.tokenizer import Tokenizer
-from minidpo.training.trainer import LoopConfig
 from conftest import VowelScorer, with_sampling
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minidpo.config import ConfigError
+from minidpo.dataset.prompts import Prompt
+from minidpo.methods import scoring
+from minidpo.methods.pg import adaptive_kl_coef, kl_penalized_rewards, policy_gradient_loss, rloo_advantages
+from minidpo.methods.rloo import KLController, RLOOConfig, train_rloo
+from minidpo.methods.scoring import completion_logps
+from minidpo.model.generate import SamplingConfig
+from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.model.lora import apply_lora, lora_state_dict
+from minidpo.model.tokenizer import Tokenizer
+from minidpo.training.runtime import Runtime
+from minidpo.training.trainer import LoopConfig, TrainRun
 
 SETTINGS = settings(max_examples=15, deadline=None)
 rewards_2d = st.integers(1, 4).flatmap(lambda P: st.integers(2, 6).flatmap(lambda K: st.lists(

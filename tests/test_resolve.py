@@ -6,8 +6,18 @@ import pytest
 import torch
 
 from minidpo.config import ConfigError
-from minidpo.experiment.resolve import (BUNDLED_MODEL, autocast_dtype, choose_dtype, cpu_flags, check_model_name, check_writable, imdb_source,
-                             load_model, model_source, pick_device)
+from minidpo.experiment.resolve import (
+    BUNDLED_MODEL,
+    autocast_dtype,
+    check_model_name,
+    check_writable,
+    choose_dtype,
+    cpu_flags,
+    imdb_source,
+    load_model,
+    model_source,
+    pick_device,
+)
 
 
 def closed_port() -> int:

@@ -8,24 +8,35 @@ import statistics
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import TrainRun
-from minidpo.model.generate import SamplingConfig
-from minidpo.dataset.batching import prompt_groups
-from minidpo.methods.offline_train import BatchConfig
-from minidpo.model.lora import LoRAConfig
-from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.dataset.batching import PairData, prompt_groups
 from minidpo.dataset.pairs import Pair
 from minidpo.dataset.prompts import Prompt
-from minidpo.methods.reward_model import (RewardModel, RewardModelFileError, RewardModelScorer, bradley_terry_loss,
-                                  cached_reward_model, fit_normalization, heldout_accuracy, load_reward_model,
-                                  pair_accuracy, pair_rewards, save_reward_model, score_positions, train_reward_model)
+from minidpo.methods.offline_train import BatchConfig
+from minidpo.methods.reward_model import (
+    RewardModel,
+    RewardModelFileError,
+    RewardModelScorer,
+    bradley_terry_loss,
+    cached_reward_model,
+    fit_normalization,
+    heldout_accuracy,
+    load_reward_model,
+    pair_accuracy,
+    pair_rewards,
+    save_reward_model,
+    score_positions,
+    train_reward_model,
+)
 from minidpo.methods.rollout import RolloutConfig, sample_rollout
-from minidpo.dataset.batching import PairData
+from minidpo.model.generate import SamplingConfig
+from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.model.lora import LoRAConfig
 from minidpo.model.tokenizer import EOT_ID, Tokenizer
-from minidpo.training.trainer import LoopConfig
+from minidpo.training.runtime import Runtime
+from minidpo.training.trainer import LoopConfig, TrainRun
 
 SETTINGS = settings(max_examples=40, deadline=None)
 f64 = torch.float64

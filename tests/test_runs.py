@@ -9,10 +9,22 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from minidpo.training.runs import (OutDirLock, RunConflict, RunLocked, check_out_dir, clear_run_outputs, differing,
-                          from_portable, is_finished, mark_finished, resume_overrides, to_portable)
+from minidpo.training.runs import (
+    OutDirLock,
+    RunConflict,
+    RunLocked,
+    check_out_dir,
+    clear_run_outputs,
+    differing,
+    from_portable,
+    is_finished,
+    mark_finished,
+    resume_overrides,
+    to_portable,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 EARLIER = {"beta": 0.5, "lr": 0.005, "steps": 100, "seed": 0, "lora_targets": "attn.c_attn", "log_every": 10,

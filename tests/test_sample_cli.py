@@ -12,8 +12,8 @@ import pytest
 
 import sample as sample_py
 from minidpo.config import run_program
-from minidpo.model.lora import apply_lora, save_lora
 from minidpo.experiment.resolve import BUNDLED_MODEL
+from minidpo.model.lora import apply_lora, save_lora
 from minidpo.model.weights import load_gpt2
 
 SAMPLE_PY = Path(sample_py.__file__).resolve()

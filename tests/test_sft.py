@@ -6,10 +6,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minidpo.training.runtime import Runtime
-from minidpo.model.gpt import GPT, GPTConfig
 from minidpo.dataset.batching import batch_seed
 from minidpo.methods.sft import SFTConfig, eval_loss, lm_loss, pack_texts, random_windows, run_sft
+from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.training.runtime import Runtime
 from minidpo.training.trainer import LoopConfig
 
 

@@ -5,19 +5,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from minidpo.dataset.batching import collate_unique
-from minidpo.methods.dpo import sequence_forward
+from minidpo.dataset.batching import PairData, collate_unique
 from minidpo.dataset.imdb import IMDB_SAMPLE_PATH, load_imdb
-from minidpo.model.lora import apply_lora, lora_disabled
-from minidpo.model.gpt import GPT, GPTConfig
 from minidpo.dataset.pairs import Pair
-from minidpo.dataset.batching import PairData
 from minidpo.dataset.prompts import PromptConfig
 from minidpo.experiment.context import Reviews
-from minidpo.experiment.stages import (ReferenceCacheConfig, check_model_fits, fit_classifier, make_prompt_sets,
-                                       precompute_reference)
-from minidpo.training.runtime import Runtime
+from minidpo.experiment.stages import (
+    ReferenceCacheConfig,
+    check_model_fits,
+    fit_classifier,
+    make_prompt_sets,
+    precompute_reference,
+)
+from minidpo.methods.dpo import sequence_forward
+from minidpo.model.gpt import GPT, GPTConfig
+from minidpo.model.lora import apply_lora, lora_disabled
 from minidpo.model.tokenizer import Tokenizer
+from minidpo.training.runtime import Runtime
 
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
 

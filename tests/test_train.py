@@ -310,8 +310,8 @@ def seeds_run(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def settings_of(folder: Path) -> dict:
-    from train import run_settings, TrainConfig
     from minidpo.config import config_from_dict
+    from train import TrainConfig, run_settings
     stored = config_from_dict(TrainConfig, json.loads((folder / "config.json").read_text()), str(folder))
     return {k: v for k, v in run_settings(stored).items() if k != "seed"}
 

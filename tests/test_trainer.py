@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minidpo.training.checkpoint import Checkpointer
 from minidpo.training.trainer import LoopConfig, NonFiniteLoss, Training, lr_lambda, train_loop

@@ -9,17 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from test_download import Handler, closed_port  # the Range-aware test server
 
 from minidpo.formats.download import DownloadError, cache_dir
-from minidpo.model.generate import generate
-from minidpo.model.gpt import GPT, GPTConfig
 from minidpo.formats.safetensors import load_file, read_header, save_file
 from minidpo.model.export import save_hf
+from minidpo.model.generate import generate
+from minidpo.model.gpt import GPT
 from minidpo.model.gpt2_files import OPENAI_FILES, gpt2_cache_dir
 from minidpo.model.weights import CheckpointError, load_gpt2
-from test_download import Handler, closed_port  # the Range-aware test server
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OPENAI = FIXTURES / "gpt2-tiny-openai"
@@ -222,6 +220,7 @@ def test_name_downloads_into_cache_resuming_a_cut_transfer(release_server, tmp_p
 
 def test_corrupt_file_in_the_cache_is_fetched_again_before_loading(release_server, tmp_path, monkeypatch):
     import hashlib
+
     from minidpo.model import gpt2_files
     monkeypatch.setenv("MINIDPO_CACHE", str(tmp_path))
     monkeypatch.delenv("MINIDPO_GPT2_URL", raising=False)

@@ -36,10 +36,10 @@ from torch import Tensor
 
 from minidpo.config import require
 from minidpo.dataset.length_sampler import LengthSampler
-from minidpo.progress import Log, ProgressLine, quiet
 from minidpo.dataset.prompts import Prompt, review_name
 from minidpo.model.completions import response_text, sample_completions
 from minidpo.model.generate import SamplingConfig
+from minidpo.progress import Log, ProgressLine, quiet
 
 MODES = ("generated", "labels")
 PAIRINGS = ("all", "best_vs_worst")

@@ -23,10 +23,10 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from minidpo.fileio import atomic_path
 from minidpo.dataset.pairs import Pair, PairsConfig
-from minidpo.progress import Log, quiet
 from minidpo.dataset.prompts import Prompt, review_name
+from minidpo.fileio import atomic_path
+from minidpo.progress import Log, quiet
 
 # /2: header carries the body's sha256, and pairs with identical completions are no longer written
 FORMAT = "minidpo-pairs/2"

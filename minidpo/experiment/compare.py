@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from minidpo.experiment.context import RunContext, RunConfigs
+from minidpo.experiment.context import RunConfigs, RunContext
 from minidpo.experiment.report import RunResult
 from minidpo.experiment.resolve import model_source
 from minidpo.experiment.stages import ensure_reward_model

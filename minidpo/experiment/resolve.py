@@ -136,8 +136,8 @@ def model_source(desc: str) -> str:
 
 def imdb_source(name: str) -> tuple[Path, str]:
     """(path, note). `auto`: the full set in the cache, else the shipped sample; `sample`: the sample; else a path."""
-    from minidpo.formats.download import cache_dir
     from minidpo.dataset.imdb import IMDB_FILENAME, IMDB_SAMPLE_PATH
+    from minidpo.formats.download import cache_dir
 
     if name == "auto":
         full = cache_dir() / IMDB_FILENAME

@@ -24,11 +24,16 @@ from torch import Tensor
 from minidpo.dataset.batching import PairData, collate_unique, fit_pairs, group_indices, prompt_groups, split_pairs
 from minidpo.dataset.imdb import load_imdb
 from minidpo.dataset.pairs import build_pairs
-from minidpo.dataset.pairs_cache import (cached_pairs, fingerprint, module_fingerprint, pairs_fingerprint,
-                                         reviews_fingerprint)
+from minidpo.dataset.pairs_cache import (
+    cached_pairs,
+    fingerprint,
+    module_fingerprint,
+    pairs_fingerprint,
+    reviews_fingerprint,
+)
 from minidpo.dataset.prompts import PromptConfig, make_prompts
 from minidpo.dataset.reward import SentimentClassifier
-from minidpo.experiment.context import PromptSets, Reviews, RunContext, RunConfigs
+from minidpo.experiment.context import PromptSets, Reviews, RunConfigs, RunContext
 from minidpo.experiment.resolve import load_model
 from minidpo.formats.download import cache_dir
 from minidpo.formats.safetensors import load_file, load_metadata, save_file

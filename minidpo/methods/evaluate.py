@@ -38,16 +38,16 @@ from typing import ContextManager, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from minidpo.dataset.batching import collate_pairs
 from minidpo.config import require
-from minidpo.stats import mean_and_se
+from minidpo.dataset.batching import collate_pairs
+from minidpo.dataset.pairs import Pair
+from minidpo.dataset.prompts import Prompt
 from minidpo.methods.dpo import concatenated_forward
-from minidpo.model.lora import lora_disabled, lora_layers
 from minidpo.model.completions import eval_mode, response_text, sample_completions, sampler_logits
 from minidpo.model.generate import SamplingConfig
 from minidpo.model.gpt import GPT
-from minidpo.dataset.pairs import Pair
-from minidpo.dataset.prompts import Prompt
+from minidpo.model.lora import lora_disabled, lora_layers
+from minidpo.stats import mean_and_se
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,6 @@ blind to the tail, which training then tends to fill (measured in minidpo/method
 
 from torch import Tensor
 
-
 # (metric key, short label, format) for the progress line (LoopConfig.show)
 RLOO_SHOW = (("reward", "reward", "{:.3f}"), ("kl/sampled", "kl", "{:.3f}"), ("kl_coef", "kl_coef", "{:.4f}"))
 

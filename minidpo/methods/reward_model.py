@@ -40,16 +40,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from minidpo.dataset.batching import collate_unique, unique_sequences
-from minidpo.training.distributed import barrier, is_main
-from minidpo.model.lora import LoRAConfig, apply_lora, lora_config_of, lora_state_dict
-from minidpo.model.gpt import GPT
-from minidpo.methods.offline_train import BatchConfig, as_unique, make_batch_fn
+from minidpo.dataset.batching import PairData, collate_unique, unique_sequences
 from minidpo.dataset.pairs import Pair
-from minidpo.progress import Log, quiet
 from minidpo.formats.safetensors import SafetensorsError, load_file, load_metadata, save_file
-from minidpo.dataset.batching import PairData
+from minidpo.methods.offline_train import BatchConfig, as_unique, make_batch_fn
+from minidpo.model.gpt import GPT
+from minidpo.model.lora import LoRAConfig, apply_lora, lora_config_of, lora_state_dict
 from minidpo.model.tokenizer import EOT_ID
+from minidpo.progress import Log, quiet
+from minidpo.training.distributed import barrier, is_main
 from minidpo.training.runtime import Runtime
 from minidpo.training.trainer import Training, TrainRun, train_loop
 

@@ -34,8 +34,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from minidpo.config import require
-from minidpo.methods.pg import (RLOO_SHOW, adaptive_kl_coef, kl_penalized_rewards, policy_gradient_loss,
-                                rloo_advantages)
+from minidpo.methods.pg import RLOO_SHOW, adaptive_kl_coef, kl_penalized_rewards, policy_gradient_loss, rloo_advantages
 from minidpo.methods.rollout import Rollout, RolloutConfig, make_rollout_fn, policy_logps
 from minidpo.training.runtime import Runtime
 from minidpo.training.trainer import Training, TrainRun, train_loop, trainable_adapter

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from minidpo.methods.fused_logprobs import linear_token_logps, fused_token_logps
+from minidpo.methods.fused_logprobs import fused_token_logps, linear_token_logps
 from minidpo.methods.logprobs import LOGPROBS, naive_token_logps
 from minidpo.model.cast_cache import autocast_weight
 from minidpo.model.completions import sampler_logits

@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 
 from minidpo.fileio import atomic_path, atomic_write_json
-from minidpo.model.lora import GPT2_TARGETS, lora_config_of, lora_layers
-from minidpo.model.gpt import GPT
 from minidpo.formats.safetensors import save_file
+from minidpo.model.gpt import GPT
+from minidpo.model.lora import GPT2_TARGETS, lora_config_of, lora_layers
 from minidpo.model.tokenizer import EOT_ID
 
 # minidpo's nn.Linear projection weights, stored as Conv1D ([in, out]) in Hugging Face's GPT-2

@@ -37,11 +37,11 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from minidpo.formats.download import already_verified
-from minidpo.model.gpt2_files import SIZE_OF, ensure_gpt2
-from minidpo.model.gpt import GPT, PRESETS, GPTConfig
-from minidpo.progress import Log, quiet
 from minidpo.formats.safetensors import SafetensorsError, load_file, load_metadata
 from minidpo.formats.tf_bundle import BundleError, load_bundle
+from minidpo.model.gpt import GPT, PRESETS, GPTConfig
+from minidpo.model.gpt2_files import SIZE_OF, ensure_gpt2
+from minidpo.progress import Log, quiet
 
 LINEAR = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 IGNORED = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers some HF checkpoints carry

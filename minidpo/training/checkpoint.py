@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from minidpo.fileio import atomic_path, atomic_write_bytes
-from minidpo.training.runs import RunConflict, differing
 from minidpo.formats.safetensors import load_file, save_file
+from minidpo.training.runs import RunConflict, differing
 
 FORMAT = 2
 

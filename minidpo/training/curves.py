@@ -22,8 +22,8 @@ figure is skipped with a one-line how-to.
 import json
 from pathlib import Path
 
-from minidpo.training.frontier import pyplot, read_points
 from minidpo.progress import Log, quiet
+from minidpo.training.frontier import pyplot, read_points
 
 # (panel: the y axis label, the one quantity it shows), each with the logged keys drawn there: (key, legend label)
 PANELS = (

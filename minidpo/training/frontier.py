@@ -33,9 +33,9 @@ import json
 import math
 from pathlib import Path
 
-from minidpo.stats import mean_and_se
 from minidpo.fileio import atomic_path
 from minidpo.progress import Log, quiet
+from minidpo.stats import mean_and_se
 
 COLUMNS = ["method", "setting", "step", "kl", "kl_bound", "kl_sampled", "reward", "seed", "reward_se", "kl_se"]
 MEAN_COLUMNS = ["method", "setting", "step", "seeds", "reward", "reward_se", "kl", "kl_se", "kl_sampled",
