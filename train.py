@@ -3,7 +3,8 @@ minidpo end to end: the DPO paper's IMDb experiment (Rafailov et al. 2023, sec. 
 
     python train.py                          # GPT-2 124M + full IMDB when available, else the bundled model (tiny)
     python train.py --preset tiny            # bundled small model + shipped IMDB sample, minutes on a CPU
-    python train.py --preset tiny --method dpo --out-dir out/tiny-dpo     # the paper's offline DPO (the tiny preset's method)
+    python train.py --preset tiny --method dpo --out-dir out/tiny-dpo     # the paper's offline DPO
+                                                                          # (the tiny preset's method)
     python train.py --preset tiny --method rloo --out-dir out/tiny-rloo   # the policy-gradient (RL) baseline instead
     python train.py --preset tiny --method online-dpo --out-dir out/tiny-online   # DPO on the policy's own samples
     python train.py --preset tiny --compare dpo,online-dpo,rlhf,rloo,best-of-n --out-dir out/tiny-compare  # -> frontier
@@ -87,7 +88,7 @@ class TrainConfig:
     compile: bool = False           # torch.compile offline DPO's step (--method dpo only); changes the last digits
     seed: int = 0                   # every random choice (prompts, samples, batches, init) derives from it
     # 1. model
-    model: str = "auto"             # auto | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | 124M.. | PATH | bundled | random
+    model: str = "auto"            # auto | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | 124M.. | PATH | bundled | random
     n_layer: int = 4                # layers (--model random only)
     n_head: int = 4                 # attention heads (--model random only)
     n_embd: int = 128               # width (--model random only)
@@ -207,8 +208,8 @@ def load_config(argv: list[str]) -> tuple[TrainConfig, set[str]]:
     given = config.parse_overrides(argv, types)
     cfg = config.build_config(TrainConfig, argv, PRESETS)
     if {"method", "compare"} <= set(given):
-        raise config.ConfigError(f"--method {cfg.method} and --compare {cfg.compare} were both given: --compare runs every "
-                            "method it lists, so drop --method (or list that method in --compare)", "method")
+        raise config.ConfigError(f"--method {cfg.method} and --compare {cfg.compare} were both given: --compare runs "
+                                 "every method it lists, so drop --method (or list that method in --compare)", "method")
     if cfg.resume is not None:
         cfg = resumed_config(cfg, given)
     cfg.configs  # noqa: B018 (built here, so a bad option fails before any work)
@@ -289,8 +290,8 @@ def keep_recorded(cfg: TrainConfig, device: torch.device, unused: frozenset[str]
         unused.add("dtype")
     ignored = sorted(k for k in unused if getattr(stored, k) != getattr(cfg, k))
     if ignored and is_main():
-        print(f"[resume] ignoring {', '.join(config.flag_name(k) for k in ignored)}: cannot change this run's results, so "
-              f"{cfg.out_dir} goes on with the values it was made with", file=sys.stderr)
+        print(f"[resume] ignoring {', '.join(config.flag_name(k) for k in ignored)}: cannot change this run's results, "
+              f"so {cfg.out_dir} goes on with the values it was made with", file=sys.stderr)
     return replace(cfg, **{k: getattr(stored, k) for k in ignored})
 
 
@@ -318,8 +319,8 @@ def main(argv: list[str]) -> None:
         runtime, precision = make_runtime(cfg, rank, world, device_override)
         top = resumes_one_seed(cfg)
         if top is not None:
-            runtime.log(f"[seeds] {cfg.resume} is seed {cfg.seed} of the --seeds {cfg.seeds} run in {top}: resuming that "
-                   f"seed alone (--resume {top} resumes every seed and writes their means)")
+            runtime.log(f"[seeds] {cfg.resume} is seed {cfg.seed} of the --seeds {cfg.seeds} run in {top}: resuming "
+                        f"that seed alone (--resume {top} resumes every seed and writes their means)")
         if cfg.configs.seeds and top is None:
             run_seeds(cfg, given, runtime, precision)
         else:

@@ -8,8 +8,9 @@ autocast (TRL: bf16=True) on CUDA and on a CPU with AMX-BF16/AVX512-BF16, else f
 Two layouts:
   pairs  `--pairs` independent pairs (CPU 4, CUDA 16): each pair's two sequences are forwarded.
   paper  the DPO paper's IMDb layout: `--prompts` prompts (CPU 1, CUDA 4) x 4 completions, all 6 pairs per prompt.
-         minidpo-unique forwards each distinct (prompt, completion) once (4 per prompt, minidpo.methods.dpo.sequence_forward);
-         trl-paper and minidpo-paper forward each pair's two sequences (12 per prompt), as TRL does.
+         minidpo-unique forwards each distinct (prompt, completion) once (4 per prompt,
+         minidpo.methods.dpo.sequence_forward); trl-paper and minidpo-paper forward each pair's two sequences (12 per
+         prompt), as TRL does.
 Each variant runs in a fresh subprocess; the step is timed from train_loop's get_batch to on_step_end (minidpo), from
 on_step_begin to on_step_end of trainer.train() (TRL), CUDA-synchronized. step mem = peak - memory in use before the
 first step (CPU: RSS high-water mark reset via /proc/self/clear_refs; CUDA: max_memory_allocated). Details and
@@ -157,8 +158,8 @@ def read_pairs(work: Path, layout: str) -> list[tuple[list[int], list[int], list
 
 
 def run_minidpo(a: argparse.Namespace, v: dict, work: Path) -> dict:
-    """minidpo.methods.dpo_train's DPO step (policy forward, reference passed in, loss) inside minidpo.training.trainer.train_loop,
-    timed from get_batch to on_step_end."""
+    """minidpo.methods.dpo_train's DPO step (policy forward, reference passed in, loss) inside
+    minidpo.training.trainer.train_loop, timed from get_batch to on_step_end."""
     from minidpo.dataset.batching import collate_pairs, collate_unique
     from minidpo.dataset.pairs import Pair
     from minidpo.methods.dpo import (
@@ -249,7 +250,8 @@ def run_trl(a: argparse.Namespace, v: dict, work: Path) -> dict:
     cuda = a.device == "cuda"
     pairs = read_pairs(work, v["layout"])
     words = lambda seq: " ".join("<|endoftext|>" if t == EOT else f"w{t}" for t in seq)  # noqa: E731
-    data = Dataset.from_dict({"prompt": [words(p) for p, _, _ in pairs], "chosen": [" " + words(c) for _, c, _ in pairs],
+    data = Dataset.from_dict({"prompt": [words(p) for p, _, _ in pairs],
+                              "chosen": [" " + words(c) for _, c, _ in pairs],
                               "rejected": [" " + words(r) for _, _, r in pairs]})
     model = GPT2LMHeadModel.from_pretrained(work / "model", dtype=torch.float32)
     with torch.no_grad():  # from_pretrained memory-maps the file: fault the weights in now, or step 1's CPU peak
@@ -378,7 +380,7 @@ def print_table(a: argparse.Namespace, cfg: GPTConfig, results: dict[str, dict |
             rows.append([name, "failed"] + [""] * (len(cols) - 2))
             continue
         v, (b_name, b) = VARIANTS[name], baseline(name, ok)
-        ratio = lambda key: f"{r[key] / b[key]:.2f}" if b and b[key] > 0 else "-"  # noqa: E731
+        ratio = lambda key, r=r, b=b: f"{r[key] / b[key]:.2f}" if b and b[key] > 0 else "-"  # noqa: E731
         rows.append([name, n_pairs(a, v["layout"]), forwarded_sequences(a, v), f"{r['ms']:.0f}", r["spread"],
                      f"{r['pairs_s']:.2f}", f"{r['tok_s']:,.0f}", ratio("pairs_s"), b_name if b else "-",
                      f"{r['delta']:,.0f}", ratio("delta"), f"{r['peak_mb']:,.0f}", f"{r['logps'][0]:.4f}"])

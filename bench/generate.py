@@ -19,6 +19,7 @@ import argparse
 import platform
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -68,13 +69,13 @@ def sampled_rows(args: argparse.Namespace, device: torch.device) -> None:
     for label, temperature, top_k, top_p in SAMPLED:
         with torch.inference_mode():
             with amp:
-                ours = timed(lambda: generate(model, idx, n, min_new_tokens=n, temperature=temperature, top_k=top_k,
-                                              top_p=top_p, generator=g), device, args.repeats)
+                ours = timed(partial(generate, model, idx, n, min_new_tokens=n, temperature=temperature, top_k=top_k,
+                                     top_p=top_p, generator=g), device, args.repeats)
             theirs = float("nan")
             if hf is not None:
-                theirs = timed(lambda: hf.generate(idx, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                                   do_sample=True, temperature=temperature, top_k=top_k or 0,
-                                                   top_p=top_p or 1.0, pad_token_id=50256, eos_token_id=50256),
+                theirs = timed(partial(hf.generate, idx, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                       do_sample=True, temperature=temperature, top_k=top_k or 0,
+                                       top_p=top_p or 1.0, pad_token_id=50256, eos_token_id=50256),
                                device, args.repeats)
         print(f"{label:>24} | {B * n / ours:>11,.0f} t/s | {B * n / theirs:>9,.0f} t/s | {theirs / ours:.2f}x")
 
@@ -118,14 +119,14 @@ def greedy_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     for B in [int(b) for b in args.batch_sizes.split(",")]:
         idx = torch.randint(0, 50257, (B, args.prompt_tokens), device=device)
         with torch.inference_mode():
-            ours = timed(lambda: generate(model, idx, n, temperature=0, eos_id=None), device, args.repeats)
+            ours = timed(partial(generate, model, idx, n, temperature=0, eos_id=None), device, args.repeats)
             plain = float("nan") if args.no_uncached else timed(
-                lambda: generate(model, idx, n, temperature=0, eos_id=None, use_cache=False), device, args.repeats)
+                partial(generate, model, idx, n, temperature=0, eos_id=None, use_cache=False), device, args.repeats)
             theirs = float("nan")
             if hf is not None:
                 mask = torch.ones_like(idx)
-                theirs = timed(lambda: hf.generate(idx, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                                   do_sample=False, pad_token_id=50256), device, args.repeats)
+                theirs = timed(partial(hf.generate, idx, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                       do_sample=False, pad_token_id=50256), device, args.repeats)
         tps = [B * n / t for t in (ours, plain, theirs)]
         ratio = tps[0] / tps[2] if hf is not None else float("nan")
         print(f"{B:>5} | {tps[0]:>11,.0f} t/s | {tps[1]:>12,.0f} t/s | {tps[2]:>9,.0f} t/s | {ratio:.2f}x")

@@ -12,8 +12,8 @@ Variants (all end in `.sum().backward()`):
 What is counted. Every variant runs in a fresh subprocess that first builds its inputs (the logits leaf, or hidden
 and weight) and warms its kernels up on a tiny problem; those inputs are NOT counted. Peak = the most memory in use
 at any moment of `repeats` forward+backward passes above that baseline, so it DOES include the gradients the pass
-returns (torch.autograd.grad) (for naive/fused that is one [B, T, V] tensor in the logits' dtype, which no method can avoid; the
-"peak - grads" column shows the working memory without it).
+returns (torch.autograd.grad) (for naive/fused that is one [B, T, V] tensor in the logits' dtype, which no method can
+avoid; the "peak - grads" column shows the working memory without it).
   CPU: baseline = VmRSS of the process just before the first pass (/proc/self/status); peak = ru_maxrss after the
   passes (the kernel's high-water mark of resident memory) minus that baseline. glibc gives blocks this large
   their own mmap and unmaps them on free, so resident memory follows tensor allocations closely. Linux only.

@@ -13,6 +13,7 @@ writes to it). The last column is multinomial's time divided by the row's: above
 import argparse
 import platform
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -53,7 +54,7 @@ def main() -> None:
                 reps = 3  # a full sort of the vocabulary per row: slow, and not what this table is about
             else:
                 reps = args.repeats
-            t = timed(lambda: fn(logits, temperature, top_k, top_p, generator=g), device, reps)
+            t = timed(partial(fn, logits, temperature, top_k, top_p, generator=g), device, reps)
             print(f"{name + ', ' + label:>34} | {t * 1e3:>8.2f} | {base / t:.2f}x")
 
 

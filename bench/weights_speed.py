@@ -1,9 +1,9 @@
 """
 Speed of GPT-2 weight loading and of the checks it makes: CRC32C over a buffer the size of GPT-2 124M's data shard
-(497,759,232 bytes; minidpo.formats.tf_bundle's lane-parallel numpy version against the byte-at-a-time table and, for scale,
-zlib's C crc32 of a different polynomial), sha256 of the same buffer (what minidpo.model.gpt2_files pays to re-check a
-cached shard once per process), then load_gpt2 of a random GPT-2 124M in the OpenAI tensor-bundle layout (CRC32C on,
-the default, and off) and in HF safetensors layout.
+(497,759,232 bytes; minidpo.formats.tf_bundle's lane-parallel numpy version against the byte-at-a-time table and, for
+scale, zlib's C crc32 of a different polynomial), sha256 of the same buffer (what minidpo.model.gpt2_files pays to
+re-check a cached shard once per process), then load_gpt2 of a random GPT-2 124M in the OpenAI tensor-bundle layout
+(CRC32C on, the default, and off) and in HF safetensors layout.
 
     python bench/weights_speed.py
 """
@@ -37,10 +37,8 @@ def timed(fn, *args, **kw) -> float:
     return time.perf_counter() - t
 
 
-def main() -> None:
-    print(f"{platform.platform()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}, numpy {np.__version__}")
-    shard = 497_759_232  # bytes of GPT-2 124M's model.ckpt.data-00000-of-00001
+def checksum_rows(shard: int) -> None:
+    """The checksums over a random buffer of `shard` bytes; the buffer is freed on return."""
     data = np.frombuffer(np.random.default_rng(0).bytes(shard), dtype=np.uint8)
     crc32c(data[:1 << 20])  # build the tables once
     for name, n, fn in [("crc32c lane-parallel numpy", data.size, lambda: crc32c(data)),
@@ -49,7 +47,13 @@ def main() -> None:
                         ("sha256 (hashlib)", data.size, lambda: hashlib.sha256(data).digest())]:
         dt = timed(fn)
         print(f"{name:30s} {n / dt / 1e6:8.1f} MB/s  ({dt / (n / shard):6.2f} s per 124M data file)")
-    del data
+
+
+def main() -> None:
+    print(f"{platform.platform()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}, numpy {np.__version__}")
+    shard = 497_759_232  # bytes of GPT-2 124M's model.ckpt.data-00000-of-00001
+    checksum_rows(shard)
 
     torch.manual_seed(0)
     model = GPT(GPTConfig())

@@ -1,8 +1,8 @@
 """minidpo: Direct Preference Optimization for GPT-2 with hand-written LoRA, in plain PyTorch.
 
-Import what you need from its module (one concept per file; the folders are layers, listed in the README's map of the code), e.g.
-`from minidpo.methods.dpo import dpo_loss` or `from minidpo.model.gpt import GPT`. The names below are the most used
-ones.
+Import what you need from its module (one concept per file; the folders are layers, listed in the README's map of the
+code), e.g. `from minidpo.methods.dpo import dpo_loss` or `from minidpo.model.gpt import GPT`. The names below are the
+most used ones.
 """
 
 from minidpo.dataset.imdb import Review, load_imdb

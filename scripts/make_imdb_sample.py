@@ -49,7 +49,7 @@ def pick_reviews(
 ) -> list[tuple[str, bytes]]:
     """One pass over `src`; returns sorted (archive name, raw bytes) of the chosen reviews."""
     by_folder: dict[tuple[str, str], list[tuple[int, str, bytes]]] = {key: [] for key in counts}
-    for name, split, label, review_id, rating, raw in iter_raw_reviews(src, counts):
+    for _, split, label, review_id, rating, raw in iter_raw_reviews(src, counts):
         by_folder[split, label].append((review_id, f"aclImdb/{split}/{label}/{review_id}_{rating}.txt", raw))
 
     rng = random.Random(seed)

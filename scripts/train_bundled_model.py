@@ -1,8 +1,8 @@
 """
 Train the small GPT-2 that ships in data/tiny-imdb-gpt2/ and makes `python train.py --preset tiny` work offline.
 
-It is minidpo's own SFT stage (minidpo/methods/sft.py) run from random initialisation on IMDB review text (train pos, neg
-and unsup; the test split is held out for the reported loss), with the GPT-2 tokenizer and vocabulary. Training runs
+It is minidpo's own SFT stage (minidpo/methods/sft.py) run from random initialisation on IMDB review text (train pos,
+neg and unsup; the test split is held out for the reported loss), with the GPT-2 tokenizer and vocabulary. Training runs
 under bf16 autocast where the CPU has AMX/AVX512-BF16 (`--dtype auto`), which is what makes hours of CPU enough:
 see bench/sft_speed.py. Every `eval_every` steps the loss on the first `eval_windows` held-out windows goes to
 `<work_dir>/curve.jsonl`; a checkpoint every `checkpoint_every` steps lets `--resume true` continue exactly (same

@@ -1,7 +1,7 @@
 """Keep docs/walkthrough.md's code links pointing at the right lines.
 
-A link looks like [`dpo_loss`](../minidpo/methods/dpo.py#L61): the backticked name must be defined on that line (`def name`,
-`class name`, or `name =` / `name:` at the start of a statement). `check()` lists the links that are stale;
+A link looks like [`dpo_loss`](../minidpo/methods/dpo.py#L61): the backticked name must be defined on that line
+(`def name`, `class name`, or `name =` / `name:` at the start of a statement). `check()` lists the links that are stale;
 `python scripts/walkthrough_links.py` rewrites each stale line number to where the name is defined now.
 tests/test_docs.py runs check(), so a refactor that moves a function fails the suite until this script is run.
 """

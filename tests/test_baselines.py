@@ -1,5 +1,5 @@
-"""The paper's simple baselines (minidpo/methods/baselines.py): Preferred-FT and Unlikelihood against their naive formulas
-(value and gradient, both batch layouts, both log-prob paths), log(1 - p) computed stably, alpha = 0 against
+"""The paper's simple baselines (minidpo/methods/baselines.py): Preferred-FT and Unlikelihood against their naive
+formulas (value and gradient, both batch layouts, both log-prob paths), log(1 - p) computed stably, alpha = 0 against
 Preferred-FT, and a short resumable run of each."""
 
 import json

@@ -60,7 +60,7 @@ def test_reward_never_drops_as_n_grows_and_separate_calls_agree_with_the_sweep(s
     rewards = [r["reward"] for r in sweep]
     assert all(a <= b for a, b in zip(rewards, rewards[1:])), rewards
     assert rewards[-1] > rewards[0]  # with 8 tries some prompt gets a better completion
-    for n, per_prompt in zip(ns[1:], sweep[1:]):  # per prompt too, not only on average
+    for _, per_prompt in zip(ns[1:], sweep[1:]):  # per prompt too, not only on average
         assert all(a <= b for a, b in zip(sweep[0]["scores"], per_prompt["scores"]))
     single = best_of_n(model, tok, VowelScorer(), prompts, 5, CFG)
     assert single["completions"] == sweep[3]["completions"] and single["reward"] == sweep[3]["reward"]

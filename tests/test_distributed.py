@@ -46,8 +46,8 @@ def test_a_non_integer_world_size_is_named(monkeypatch):
         setup_distributed()
 
 
-# Each rank runs this as its own process; it imports minidpo.training.distributed without the package's __init__ (which loads
-# the whole library): torch alone is enough, and the test stays quick.
+# Each rank runs this as its own process; it imports minidpo.training.distributed without the package's __init__ (which
+# loads the whole library): torch alone is enough, and the test stays quick.
 WORKER = textwrap.dedent("""
     import json, os, sys, time, types
     pkg = types.ModuleType("minidpo")

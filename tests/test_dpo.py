@@ -1,5 +1,6 @@
-"""Tests for minidpo/methods/dpo.py: the DPO-family losses' invariants, their one validation rule set, metrics, the stacked
-chosen/rejected forward (naive and fused), and unique batching (one forward per distinct sequence) equal to pairs."""
+"""Tests for minidpo/methods/dpo.py: the DPO-family losses' invariants, their one validation rule set, metrics, the
+stacked chosen/rejected forward (naive and fused), and unique batching (one forward per distinct sequence) equal to
+pairs."""
 
 import math
 

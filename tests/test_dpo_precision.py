@@ -1,7 +1,7 @@
 """DPO training steps under bf16 autocast and torch.compile on the CPU track the fp32 eager ones.
 
-A random tiny GPT (minidpo.model.gpt.GPT) with a LoRA adapter (minidpo.model.lora.apply_lora) takes a few AdamW steps of the
-DPO loss on one unique batch (two prompts, 4 and 3 completions, 9 pairs); the loss curves are compared.
+A random tiny GPT (minidpo.model.gpt.GPT) with a LoRA adapter (minidpo.model.lora.apply_lora) takes a few AdamW steps of
+the DPO loss on one unique batch (two prompts, 4 and 3 completions, 9 pairs); the loss curves are compared.
 """
 
 import copy

@@ -154,7 +154,8 @@ def test_curves_put_one_quantity_on_each_axis(tmp_path, stage):
         assert [label for label, _, _ in panels["learned reward model's score (normalized)"]] == ["training samples"]
         assert "KL-penalized reward (reward - kl_coef * KL)" in panels
     else:
-        assert [label for label, _, _ in panels["implicit reward margin, nats"]] == ["chosen - rejected, training pairs"]
+        assert [label for label, _, _ in panels["implicit reward margin, nats"]] == [
+            "chosen - rejected, training pairs"]
         assert "log ref - log pi on DPO's pairs, nats" in panels and len(panels[KL]) == 1
 
 

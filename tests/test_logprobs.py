@@ -1,5 +1,5 @@
-"""Tests for minidpo/methods/logprobs.py (the plain path) and minidpo/methods/fused_logprobs.py (the kernels): fused log-probs equal
-the naive log_softmax + gather, in value and gradient, including -inf logits."""
+"""Tests for minidpo/methods/logprobs.py (the plain path) and minidpo/methods/fused_logprobs.py (the kernels): fused
+log-probs equal the naive log_softmax + gather, in value and gradient, including -inf logits."""
 
 import math
 
@@ -225,7 +225,7 @@ def test_inplace_backward_gives_the_same_gradient_in_the_logits_own_storage(dtyp
     for inplace in (False, True):
         logits = hidden @ weight.t()  # an intermediate, as lm_head's output is
         seen = []
-        logits.register_hook(lambda grad: seen.append(grad))
+        logits.register_hook(seen.append)
         (fused_token_logps(logits, targets, inplace_backward=inplace) * torch.arange(10.).view(2, 5)).sum().backward()
         if inplace:
             assert seen[0].untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()

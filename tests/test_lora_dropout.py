@@ -26,7 +26,8 @@ def test_lora_dropout_is_on_in_every_training_step_and_off_in_every_rollout(tmp_
             seen.append((torch.is_grad_enabled(), self.training))
         return forward(self, x)
     monkeypatch.setattr(lora_mod.LoRALinear, "forward", spy)
-    cfg = RLOOConfig(sampling=SamplingConfig(min_new_tokens=2, max_new_tokens=4), k=2, prompts_per_step=2, kl_coef=0.1, seed=1)
+    cfg = RLOOConfig(sampling=SamplingConfig(min_new_tokens=2, max_new_tokens=4), k=2, prompts_per_step=2, kl_coef=0.1,
+                     seed=1)
     train_rloo(model, tok, VowelScorer(), prompts, cfg,
                TrainRun(LoopConfig(steps=2, lr=1e-2, log_every=1, label="rloo"), tmp_path), Runtime())
     assert {(True, True), (False, False)} == set(seen)

@@ -56,8 +56,10 @@ def test_mlp_activation_is_gelu_tanh_form_not_erf():
     C = TINY.n_embd
     mlp = MLP(TINY)
     with torch.no_grad():  # identity in, identity out: the MLP then computes its activation alone
-        mlp.c_fc.weight.copy_(torch.eye(4 * C, C)); mlp.c_fc.bias.zero_()
-        mlp.c_proj.weight.copy_(torch.eye(C, 4 * C)); mlp.c_proj.bias.zero_()
+        mlp.c_fc.weight.copy_(torch.eye(4 * C, C))
+        mlp.c_fc.bias.zero_()
+        mlp.c_proj.weight.copy_(torch.eye(C, 4 * C))
+        mlp.c_proj.bias.zero_()
         x = torch.linspace(-4, 4, C)[None]
         y = mlp(x)
     tanh_form = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))

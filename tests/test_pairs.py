@@ -1,5 +1,5 @@
-"""Tests for minidpo/dataset/pairs.py and minidpo/dataset/pairs_cache.py: both pair modes, the config checks, the pairs file and
-its cache, on the shipped IMDB sample."""
+"""Tests for minidpo/dataset/pairs.py and minidpo/dataset/pairs_cache.py: both pair modes, the config checks, the pairs
+file and its cache, on the shipped IMDB sample."""
 
 import hashlib
 import itertools
@@ -145,7 +145,8 @@ def test_generated_pairs_are_reproducible_and_change_with_the_seed(prompts, tok)
 
 
 def test_completion_ends_at_first_eot_which_ids_keep_and_text_drops(prompts, tok):
-    cfg = PairsConfig(sampling=SamplingConfig(min_new_tokens=3, max_new_tokens=8), length_per_batch=False, batch_size=16)
+    cfg = PairsConfig(sampling=SamplingConfig(min_new_tokens=3, max_new_tokens=8), length_per_batch=False,
+                      batch_size=16)
     pairs = build_pairs(cfg, prompts[:3], tok, model=eot_loving_gpt(), scorer=len_scorer)
     assert pairs
     for x in pairs:
@@ -155,7 +156,8 @@ def test_completion_ends_at_first_eot_which_ids_keep_and_text_drops(prompts, tok
 
 def test_budget_is_drawn_per_batch_and_shared_by_a_prompts_completions(prompts, tok):
     # random tiny GPT virtually never emits eot, so every completion uses its whole budget
-    cfg = PairsConfig(sampling=SamplingConfig(min_new_tokens=2, max_new_tokens=9), n_completions=2, batch_size=2, seed=4)
+    cfg = PairsConfig(sampling=SamplingConfig(min_new_tokens=2, max_new_tokens=9), n_completions=2, batch_size=2,
+                      seed=4)
     pairs = build_pairs(cfg, prompts, tok, model=gpt2_vocab_gpt(), scorer=len_scorer)
     for x in pairs:
         assert len(x.chosen_ids) == len(x.rejected_ids)
@@ -176,7 +178,8 @@ def test_identical_completions_never_form_a_pair_and_are_reported(prompts, tok):
     def impure_scorer(texts):  # a scorer that is not a function of the text, e.g. batch-dependent rounding
         return [float(next(counter)) for _ in texts]
 
-    cfg = PairsConfig(sampling=SamplingConfig(min_new_tokens=2, max_new_tokens=3, temperature=0.0), batch_size=8)  # greedy: 4 equal samples
+    # greedy: 4 equal samples
+    cfg = PairsConfig(sampling=SamplingConfig(min_new_tokens=2, max_new_tokens=3, temperature=0.0), batch_size=8)
     lines: list[str] = []
     pairs = build_pairs(cfg, prompts[:2], tok, model=gpt2_vocab_gpt(), scorer=impure_scorer, log=lines.append)
     assert pairs == []
@@ -188,7 +191,8 @@ def test_scorer_object_with_score_method_and_bad_scores(prompts, tok):
         def score(self, texts):
             return torch.tensor(len_scorer(texts))
 
-    cfg = PairsConfig(sampling=SamplingConfig(min_new_tokens=1, max_new_tokens=2), batch_size=4, pairing="best_vs_worst")
+    cfg = PairsConfig(sampling=SamplingConfig(min_new_tokens=1, max_new_tokens=2), batch_size=4,
+                      pairing="best_vs_worst")
     pairs = build_pairs(cfg, prompts[:2], tok, model=gpt2_vocab_gpt(), scorer=Classifier())
     assert len(pairs) <= 2 and all(x.chosen_score > x.rejected_score for x in pairs)
     with pytest.raises(ValueError, match="one finite score per text"):
@@ -230,14 +234,16 @@ def test_pairs_config_rejects_bad_values_with_a_config_error_naming_the_field(ba
 
 
 def test_pairs_config_accepts_the_edge_values_that_mean_off_or_greedy():
-    cfg = PairsConfig(sampling=SamplingConfig(temperature=0.0, top_k=0, top_p=1.0, min_new_tokens=1, max_new_tokens=1), n_completions=2, batch_size=1)
+    cfg = PairsConfig(sampling=SamplingConfig(temperature=0.0, top_k=0, top_p=1.0, min_new_tokens=1, max_new_tokens=1),
+                      n_completions=2, batch_size=1)
     assert cfg.sampling.top_k == 0 and cfg.sampling.top_p == 1.0
 
 
 def test_top_k_zero_samples_like_top_k_off(prompts, tok):
     cfg = PairsConfig(sampling=SamplingConfig(min_new_tokens=2, max_new_tokens=3), batch_size=8, seed=3)
     off = build_pairs(cfg, prompts[:2], tok, model=gpt2_vocab_gpt(), scorer=len_scorer)
-    assert build_pairs(replace(cfg, sampling=replace(cfg.sampling, top_k=0)), prompts[:2], tok, model=gpt2_vocab_gpt(), scorer=len_scorer) == off
+    assert build_pairs(replace(cfg, sampling=replace(cfg.sampling, top_k=0)), prompts[:2], tok, model=gpt2_vocab_gpt(),
+                       scorer=len_scorer) == off
 
 
 def test_labels_mode_needs_reviews_and_generated_mode_needs_model(prompts, tok):

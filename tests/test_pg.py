@@ -181,7 +181,8 @@ def tiny_setup():
 
 def run(tmp, steps, crash_at=None, target_kl=0.01):
     model, tok, prompts = tiny_setup()
-    cfg = RLOOConfig(sampling=SamplingConfig(min_new_tokens=2, max_new_tokens=5), k=3, prompts_per_step=2, kl_coef=0.1, target_kl=target_kl, horizon=20, seed=1)
+    cfg = RLOOConfig(sampling=SamplingConfig(min_new_tokens=2, max_new_tokens=5), k=3, prompts_per_step=2, kl_coef=0.1,
+                     target_kl=target_kl, horizon=20, seed=1)
     loop = LoopConfig(steps=steps, lr=1e-2, grad_accum=2, log_every=1, checkpoint_every=1, label="rloo")
 
     def crash(step):
@@ -244,13 +245,14 @@ def test_completion_logps_are_of_the_sampler_with_end_of_text_forbidden_fused_eq
     rows = [p + c for p, c in zip(prompts, completions)]
     ids = torch.full((2, 8), eot)
     mask = torch.zeros(2, 8, dtype=torch.bool)
-    for b, (p, c) in enumerate(zip(prompts, completions)):
+    for b, (p, _) in enumerate(zip(prompts, completions)):
         ids[b, :len(rows[b])] = torch.tensor(rows[b])
         mask[b, len(p):len(rows[b])] = True
     lens = torch.tensor([3, 1])
     out = {}
     for mode in ("naive", "fused"):
-        cfg = RLOOConfig(sampling=SamplingConfig(min_new_tokens=2, max_new_tokens=5, eot_id=eot, temperature=temperature), logprobs=mode)
+        cfg = RLOOConfig(sampling=SamplingConfig(min_new_tokens=2, max_new_tokens=5, eot_id=eot,
+                                                 temperature=temperature), logprobs=mode)
         model.zero_grad()
         out[mode] = completion_logps(model, ids, mask, mode, cfg.sampling, lens, small_logits=True)
         out[mode].sum().backward()

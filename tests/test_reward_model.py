@@ -1,6 +1,6 @@
-"""The learned reward model (minidpo/methods/reward_model.py): the Bradley-Terry loss against its formula and its invariants,
-accuracy, where the head reads, padding invariance, a fit on separable pairs, resume, save/load, the stage cache, and
-the scorer interface that RLOO's rollouts call."""
+"""The learned reward model (minidpo/methods/reward_model.py): the Bradley-Terry loss against its formula and its
+invariants, accuracy, where the head reads, padding invariance, a fit on separable pairs, resume, save/load, the stage
+cache, and the scorer interface that RLOO's rollouts call."""
 
 import math
 import random
@@ -63,36 +63,37 @@ def tiny_rm(seed: int = 0) -> RewardModel:
 @SETTINGS
 @given(rewards)
 def test_bradley_terry_loss_equals_minus_log_sigmoid_of_the_margin(rs):
-    w, l = torch.tensor(rs, dtype=f64).T
-    expected = -torch.log(torch.sigmoid(w - l)).mean()
-    torch.testing.assert_close(bradley_terry_loss(w, l), expected, rtol=1e-9, atol=1e-12)
+    win, lose = torch.tensor(rs, dtype=f64).T
+    expected = -torch.log(torch.sigmoid(win - lose)).mean()
+    torch.testing.assert_close(bradley_terry_loss(win, lose), expected, rtol=1e-9, atol=1e-12)
 
 
 @SETTINGS
 @given(rewards, st.floats(-1e3, 1e3))
 def test_bradley_terry_loss_is_unchanged_by_a_constant_added_to_both_rewards(rs, c):
-    w, l = torch.tensor(rs, dtype=f64).T
-    torch.testing.assert_close(bradley_terry_loss(w + c, l + c), bradley_terry_loss(w, l), rtol=1e-9, atol=1e-9)
+    win, lose = torch.tensor(rs, dtype=f64).T
+    torch.testing.assert_close(bradley_terry_loss(win + c, lose + c), bradley_terry_loss(win, lose),
+                               rtol=1e-9, atol=1e-9)
 
 
 @SETTINGS
 @given(rewards, st.floats(1e-3, 5.0))
 def test_raising_the_chosen_reward_lowers_the_loss_and_the_gradients_have_opposite_signs(rs, step):
-    w, l = (t.clone().requires_grad_(True) for t in torch.tensor(rs, dtype=f64).T)
-    loss = bradley_terry_loss(w, l)
-    gw, gl = torch.autograd.grad(loss, (w, l))
+    win, lose = (t.clone().requires_grad_(True) for t in torch.tensor(rs, dtype=f64).T)
+    loss = bradley_terry_loss(win, lose)
+    gw, gl = torch.autograd.grad(loss, (win, lose))
     assert bool((gw < 0).all()) and bool((gl > 0).all())
     torch.testing.assert_close(gw, -gl)  # the loss depends on r_w - r_l only
     # naive gradient: d/dr_w = -sigmoid(r_l - r_w) / P
-    torch.testing.assert_close(gw, -torch.sigmoid(l - w).detach() / len(rs))
-    assert bradley_terry_loss(w.detach() + step, l.detach()) < loss.detach()
+    torch.testing.assert_close(gw, -torch.sigmoid(lose - win).detach() / len(rs))
+    assert bradley_terry_loss(win.detach() + step, lose.detach()) < loss.detach()
 
 
 @SETTINGS
 @given(st.lists(st.tuples(st.integers(-3, 3), st.integers(-3, 3)), min_size=1, max_size=20))
 def test_pair_accuracy_counts_strictly_higher_chosen_rewards_ties_wrong(rs):
-    w, l = torch.tensor(rs, dtype=f64).T
-    assert float(pair_accuracy(w, l)) == pytest.approx(sum(a > b for a, b in rs) / len(rs))
+    win, lose = torch.tensor(rs, dtype=f64).T
+    assert float(pair_accuracy(win, lose)) == pytest.approx(sum(a > b for a, b in rs) / len(rs))
 
 
 @SETTINGS
@@ -147,8 +148,8 @@ def toy_data() -> PairData:
 def fit(run_dir, steps: int = 40):
     batch_config = BatchConfig(mode="unique", prompts=4, max_length=16)
     loop = LoopConfig(steps=steps, lr=2e-2, log_every=10)
-    return train_reward_model(tiny_gpt(), toy_data(), LoRAConfig(rank=2, alpha=4.0), batch_config, TrainRun(loop, run_dir),
-                              Runtime())
+    return train_reward_model(tiny_gpt(), toy_data(), LoRAConfig(rank=2, alpha=4.0), batch_config,
+                              TrainRun(loop, run_dir), Runtime())
 
 
 def test_a_reward_model_fitted_on_separable_pairs_ranks_held_out_pairs_right_and_resumes(tmp_path):

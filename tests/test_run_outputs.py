@@ -40,11 +40,12 @@ def test_a_step_evaluation_is_made_before_that_step_checkpoint(tmp_path, monkeyp
         return real_save(self, step, *a, **k)
     monkeypatch.setattr(Checkpointer, "save", save)
     with pytest.raises(KeyboardInterrupt):
-        train_loop(Training(cfg, params, get_batch, step_fn), Checkpointer(tmp_path / "c", params), on_step_end=evaluated.append)
+        train_loop(Training(cfg, params, get_batch, step_fn), Checkpointer(tmp_path / "c", params),
+                   on_step_end=evaluated.append)
     assert evaluated == [1, 2]
     monkeypatch.setattr(Checkpointer, "save", real_save)
-    train_loop(Training(cfg, params, get_batch, step_fn), Checkpointer(tmp_path / "c", params), on_step_end=evaluated.append,
-               resume=True)
+    train_loop(Training(cfg, params, get_batch, step_fn), Checkpointer(tmp_path / "c", params),
+               on_step_end=evaluated.append, resume=True)
     assert evaluated == [1, 2, 2, 3]
 
 

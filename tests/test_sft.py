@@ -1,5 +1,5 @@
-"""minidpo.methods.sft: the packed review stream, random training windows (every offset possible, the last token included),
-the deterministic evaluation loss, and a short SFT run that learns."""
+"""minidpo.methods.sft: the packed review stream, random training windows (every offset possible, the last token
+included), the deterministic evaluation loss, and a short SFT run that learns."""
 
 import pytest
 import torch

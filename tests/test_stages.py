@@ -86,7 +86,8 @@ def test_precomputed_reference_equals_the_disabled_adapter_forward_and_is_reused
     assert set(ref) == {0, 1, 2}
     again = precompute_reference(model, data, cfg, tmp_path, Runtime(autocast=NO_AUTOCAST, log=said.append))
     assert "reusing" in said[-1] and torch.equal(again[0], ref[0])
-    precompute_reference(model, PairData(pairs, [], groups, "fp2"), cfg, tmp_path, Runtime(autocast=NO_AUTOCAST, log=said.append))
+    precompute_reference(model, PairData(pairs, [], groups, "fp2"), cfg, tmp_path,
+                         Runtime(autocast=NO_AUTOCAST, log=said.append))
     assert "precomputing" in said[-1]  # other pairs: rebuilt
     apply_lora(model, rank=2, alpha=4)
     with torch.no_grad():

@@ -60,7 +60,8 @@ def test_resumed_loop_ends_bit_identical_to_an_uninterrupted_one(tmp_path):
             crashed.append(step)
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        train_loop(Training(partial, params, get_batch, step_fn), Checkpointer(tmp_path / "b", params), on_step_end=crash_after_8)
+        train_loop(Training(partial, params, get_batch, step_fn), Checkpointer(tmp_path / "b", params),
+                   on_step_end=crash_after_8)
     assert crashed == [9]
     model, params, get_batch, step_fn = make_problem(seed=123)  # different init: everything must come from disk
     train_loop(Training(cfg, params, get_batch, step_fn), Checkpointer(tmp_path / "b", params), resume=True)
@@ -120,7 +121,8 @@ def test_loop_config_rejects_each_bad_value_naming_its_field(field, value):
 
 
 class FakeClock:
-    """Stands in for `time` inside minidpo.training.trainer: each step_fn call advances it by the step's set duration."""
+    """Stands in for `time` inside minidpo.training.trainer: each step_fn call advances it by the step's set
+    duration."""
 
     def __init__(self):
         self.t = 0.0
@@ -154,8 +156,8 @@ def test_summary_throughput_covers_the_whole_run_also_across_a_resume(tmp_path, 
     cfg = LoopConfig(steps=8, lr=0.01, log_every=4, checkpoint_every=4)
     params, get_batch, step_fn = timed_problem(clock, slow_then_fast)
     lines = []
-    straight = train_loop(Training(cfg, params, get_batch, step_fn), Checkpointer(tmp_path / "a", params), tmp_path / "log",
-                          log=lines.append)
+    straight = train_loop(Training(cfg, params, get_batch, step_fn), Checkpointer(tmp_path / "a", params),
+                          tmp_path / "log", log=lines.append)
     window = [json.loads(line) for line in (tmp_path / "log").read_text().splitlines()][-1]
     assert window["tokens_per_s"] == pytest.approx(32 / 0.4) and window["pairs_per_s"] == pytest.approx(8 / 0.4)
     assert straight["tokens_per_s"] == pytest.approx(64 / 4.4) and straight["pairs_per_s"] == pytest.approx(16 / 4.4)
@@ -197,8 +199,8 @@ def test_log_lines_go_to_the_given_log_with_the_configured_metrics_and_nothing_i
     cfg = LoopConfig(steps=4, lr=0.01, log_every=2, label="rloo", show=(("reward", "reward", "{:.3f}"),),
                      item_name="sequences")
     lines = []
-    summary = train_loop(Training(cfg, params, get_batch, rloo_like), Checkpointer(tmp_path, params), tmp_path / "log.jsonl",
-                         log=lines.append)
+    summary = train_loop(Training(cfg, params, get_batch, rloo_like), Checkpointer(tmp_path, params),
+                         tmp_path / "log.jsonl", log=lines.append)
     assert len(lines) == 2 and lines[-1].startswith("[rloo] step     4/4 | loss ")
     assert "| reward 0.500 |" in lines[-1] and "sequences/s" in lines[-1] and " ms | eta " in lines[-1]
     assert summary["sequences_per_s"] > 0 and "pairs_per_s" not in summary

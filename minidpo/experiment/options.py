@@ -134,7 +134,8 @@ def build_configs(cfg, sweeps: dict[str, str]) -> RunConfigs:
         unlikelihood=tuple(component(UnlikelihoodConfig, {"unlikelihood_alpha": "unlikelihood_alpha_sweep"
                                                           if cfg.unlikelihood_alpha_sweep else "unlikelihood_alpha"},
                                      alpha=a) for a in alphas),
-        orpo=tuple(component(ORPOConfig, {"orpo_lambda": "orpo_lambda_sweep" if cfg.orpo_lambda_sweep else "orpo_lambda"},
+        orpo=tuple(component(ORPOConfig, {"orpo_lambda": "orpo_lambda_sweep"
+                                          if cfg.orpo_lambda_sweep else "orpo_lambda"},
                              lambda_=x) for x in lambdas),
         rm_loop=component(LoopConfig, {"steps": "rm_steps", "lr": "rm_lr"}, steps=cfg.rm_steps, lr=cfg.rm_lr,
                           label="reward-model", **loop),

@@ -4,10 +4,11 @@ the checks that every path is usable before any work starts.
 
 `--device auto` picks CUDA, then Apple's MPS, then the CPU. `--dtype auto` is bf16 autocast on CUDA and on a CPU
 with AMX-BF16 or AVX512-BF16 (where oneDNN's bf16 kernels run several times faster than fp32; without them bf16
-autocast on CPU is slower than fp32), fp32 elsewhere. `--model auto` picks the official GPT-2 (124M) when it is in the cache or can be downloaded, else the
-small model bundled in data/tiny-imdb-gpt2/ (the caller then applies the tiny preset's settings and says so).
-`--data auto` picks the full IMDB set in the cache, else the sample shipped in data/. Every choice is reported back
-so that summary.json can record what was really used. Nothing here prints: notes are returned to the caller.
+autocast on CPU is slower than fp32), fp32 elsewhere. `--model auto` picks the official GPT-2 (124M) when it is in the
+cache or can be downloaded, else the small model bundled in data/tiny-imdb-gpt2/ (the caller then applies the tiny
+preset's settings and says so). `--data auto` picks the full IMDB set in the cache, else the sample shipped in data/.
+Every choice is reported back so that summary.json can record what was really used. Nothing here prints: notes are
+returned to the caller.
 """
 
 import os
@@ -144,7 +145,8 @@ def imdb_source(name: str) -> tuple[Path, str]:
         if full.is_file():
             return full, f"[data] using the full IMDB set at {full}"
         return Path(IMDB_SAMPLE_PATH), (f"[data] {full} not found: using the shipped sample; "
-                                        "`python -c 'import minidpo.dataset.imdb as m; m.download_imdb()'` gets the full set")
+                                        "`python -c 'import minidpo.dataset.imdb as m; m.download_imdb()'` "
+                                        "gets the full set")
     if name == "sample":
         return Path(IMDB_SAMPLE_PATH), ""
     path = Path(name)

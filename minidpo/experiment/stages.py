@@ -239,8 +239,8 @@ def precompute_reference(model: torch.nn.Module, data: PairData, cfg: ReferenceC
 def sft_stage(model: GPT, model_desc: str, reviews: Reviews, tok: Tokenizer, configs: RunConfigs, out: Path,
               runtime: Runtime) -> tuple[GPT, str]:
     """SFT on review text (configs.sft_loop, configs.sft, configs.lora), folded into the weights: (the model that is
-    both the reference and every method's start, what run.json records as its base). Without SFT the loaded model itself;
-    `random` weights are saved so a sampler can find them again."""
+    both the reference and every method's start, what run.json records as its base). Without SFT the loaded model
+    itself; `random` weights are saved so a sampler can find them again."""
     device, loop, cfg = next(model.parameters()).device, configs.sft_loop, configs.sft
     if loop is None:
         if model_desc.startswith("random(") and is_main():

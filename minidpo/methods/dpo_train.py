@@ -15,8 +15,8 @@ Two ways to batch (--batching):
   those sequence log-probs. The loss and gradient equal the pairwise computation over the same pairs
   (tests/test_dpo.py); only the work differs.
 
-The reference is the policy with its adapter disabled (`minidpo.model.lora.lora_disabled`), which is exactly the starting
-policy because the adapter starts at B = 0 (checked with `adapters_are_zero` before the first step), or cached
+The reference is the policy with its adapter disabled (`minidpo.model.lora.lora_disabled`), which is exactly the
+starting policy because the adapter starts at B = 0 (checked with `adapters_are_zero` before the first step), or cached
 sequence log-probs of the same weights computed before training (--precompute-ref).
 """
 

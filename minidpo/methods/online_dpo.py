@@ -1,7 +1,7 @@
 """
 Online DPO: the DPO loss on pairs that the CURRENT policy samples at every step, instead of on pairs that the
-reference sampled once before training. The loss, beta, pairing and reference are DPO's (minidpo/methods/dpo.py); only where
-the pairs come from changes.
+reference sampled once before training. The loss, beta, pairing and reference are DPO's (minidpo/methods/dpo.py); only
+where the pairs come from changes.
 
 References: Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback" (OAIF, arXiv:2402.04792): each
 step, sample responses from the current policy, let an annotator pick the preferred one, take a DPO step against the
@@ -14,8 +14,8 @@ so its loss scores the samples under distributions other than the one they were 
 (log softmax(logits / T), policy and reference alike, as TRL's RLOOTrainer does for its KL), so every log-prob in
 the loss is of the sampler that produced the samples, online DPO and RLOO use the same log-probs
 (minidpo/methods/rollout.py), and the logged `kl` is the sampled KL of that sampler. At T = 1 the two choices agree.
-With K > 2 samples per prompt every distinct-score pair is used, as offline (`minidpo.dataset.pairs.preference_pairs`), and
-each completion is scored once however many pairs it is in (`minidpo.methods.dpo.pair_logps`).
+With K > 2 samples per prompt every distinct-score pair is used, as offline (`minidpo.dataset.pairs.preference_pairs`),
+and each completion is scored once however many pairs it is in (`minidpo.methods.dpo.pair_logps`).
 
 Why offline pairs can fall short. DPO's loss is minimized by pi* ~ ref * exp(r / beta) only where the pairs put
 weight; the pairs are the reference's samples, so what the policy does on sequences the reference rarely sampled is
@@ -27,8 +27,8 @@ Online pairs gained several times what offline pairs did at equal beta on the ti
 "Tuning RLOO and online DPO").
 
 One step (per micro-batch, `prompts_per_step` prompts on each process):
-1. rollout, no gradient (`minidpo.methods.rollout.sample_rollout`): K completions per prompt from the current policy, their
-   classifier scores and the reference's log-probs.
+1. rollout, no gradient (`minidpo.methods.rollout.sample_rollout`): K completions per prompt from the current policy,
+   their classifier scores and the reference's log-probs.
 2. pairs (`rollout_pairs`): within each prompt, every (higher score, lower score) pair of its completions.
 3. loss, with gradient (`online_dpo_loss`): the policy's log-probs of the K completions, then DPO's loss over the
    pairs. No reward model is learned and no advantage is formed: the classifier's scores only order the samples.

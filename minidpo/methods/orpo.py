@@ -74,11 +74,12 @@ def orpo_step(model: torch.nn.Module, batch: tuple, cfg: ORPOConfig,
     keep = u["response_mask"] * u["attention_mask"]                       # (N, T)
     logps = completion_logps(model, u["ids"], keep, batch_config.logprobs)  # (N,) log p(y|x), summed
     lengths = (keep[:, 1:] != 0).sum(-1)                                  # (N,) completion tokens scored
-    w, l = u["chosen_index"], u["rejected_index"]                         # (P,) each
-    loss, nll, ratio = orpo_loss(logps[w], lengths[w], logps[l], lengths[l], cfg.lambda_)
+    chosen, rejected = u["chosen_index"], u["rejected_index"]             # (P,) each
+    loss, nll, ratio = orpo_loss(logps[chosen], lengths[chosen], logps[rejected], lengths[rejected], cfg.lambda_)
     metrics = {"nll/token": nll.detach(), "log_odds_ratio": ratio.detach().float().mean(),
                "accuracy": (ratio.detach() > 0).float().mean(),
-               "logps/chosen": logps[w].detach().float().mean(), "logps/rejected": logps[l].detach().float().mean()}
+               "logps/chosen": logps[chosen].detach().float().mean(),
+               "logps/rejected": logps[rejected].detach().float().mean()}
     return loss, metrics, n_tokens, n_pairs
 
 

@@ -17,8 +17,8 @@ trained fully. The head has no bias: the Bradley-Terry loss depends on r(y_w) - 
 no gradient.
 
 As a reward for RL. `RewardModelScorer` has the interface every method uses for its reward (`scorer.score(texts)`:
-minidpo.rollout.sample_rollout scores prompt text + completion text, and so do minidpo.methods.evaluate and best-of-N): it
-tokenizes the texts, right-pads them, and returns the normalized reward (r - mean) / std, mean and std measured on
+minidpo.rollout.sample_rollout scores prompt text + completion text, and so do minidpo.methods.evaluate and best-of-N):
+it tokenizes the texts, right-pads them, and returns the normalized reward (r - mean) / std, mean and std measured on
 the distinct completions of the training pairs (the reference's samples, Ziegler et al.'s normalization), so a KL
 coefficient means the same for every reward model. `score_ids` scores token ids directly.
 

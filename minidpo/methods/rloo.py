@@ -6,8 +6,8 @@ derivation, is in minidpo/methods/pg.py).
 References: Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human
 Feedback in LLMs" (arXiv:2402.14740), and TRL's RLOOTrainer (one update per batch of samples, the whole completion
 one action, reward = score - kl_coef * sum_t (log pi - log ref)); the response lengths follow TRL's gpt2-sentiment
-example (a budget per prompt from LengthSampler(min_new_tokens, max_new_tokens)); the loop is minidpo.training.trainer's,
-shared with SFT and DPO.
+example (a budget per prompt from LengthSampler(min_new_tokens, max_new_tokens)); the loop is
+minidpo.training.trainer's, shared with SFT and DPO.
 
 One step (per micro-batch, `prompts_per_step` prompts on each process):
 1. rollout, no gradient (`minidpo.methods.rollout.sample_rollout`): the CURRENT policy samples K completions per prompt,

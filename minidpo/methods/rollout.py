@@ -1,11 +1,11 @@
 """
-On-policy sampling, shared by the two methods that learn from the policy's own samples: RLOO (minidpo/methods/rloo.py) and
-online DPO (minidpo/methods/online_dpo.py). Both follow TRL's RLOOTrainer and OnlineDPOTrainer: each step the CURRENT policy
-samples K completions per prompt and the reward model scores them. Every log-prob here is of the distribution the
-samples came from (the tempered policy, end-of-text forbidden before min_new_tokens), as in TRL's RLOOTrainer; TRL
-1.16's OnlineDPOTrainer instead scores its tempered samples with untempered log-probs (see minidpo/methods/online_dpo.py for
-why minidpo tempers both policy and reference). Sampling and scoring run in eval mode (no LoRA dropout), as TRL
-generates under model.eval(); each training step runs in train mode.
+On-policy sampling, shared by the two methods that learn from the policy's own samples: RLOO (minidpo/methods/rloo.py)
+and online DPO (minidpo/methods/online_dpo.py). Both follow TRL's RLOOTrainer and OnlineDPOTrainer: each step the
+CURRENT policy samples K completions per prompt and the reward model scores them. Every log-prob here is of the
+distribution the samples came from (the tempered policy, end-of-text forbidden before min_new_tokens), as in TRL's
+RLOOTrainer; TRL 1.16's OnlineDPOTrainer instead scores its tempered samples with untempered log-probs (see
+minidpo/methods/online_dpo.py for why minidpo tempers both policy and reference). Sampling and scoring run in eval mode
+(no LoRA dropout), as TRL generates under model.eval(); each training step runs in train mode.
 
 One rollout (`sample_rollout`), no gradient: the policy samples K completions per prompt from left-padded prompts,
 all in one generate call up to the largest budget; each row is then cut at its prompt's budget (the same

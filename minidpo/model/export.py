@@ -10,8 +10,8 @@ References:
    so `PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), out_dir)` loads the adapter.
 
 `save_hf` wants plain weights: a model still carrying LoRA layers is refused (fold the adapter in first with
-`minidpo.model.lora.remove_lora(model, merge=True)`, or export just the adapter with `export_peft`). Every file is written
-atomically (minidpo.fileio), so an interrupted export never leaves a half-written file under its final name.
+`minidpo.model.lora.remove_lora(model, merge=True)`, or export just the adapter with `export_peft`). Every file is
+written atomically (minidpo.fileio), so an interrupted export never leaves a half-written file under its final name.
 """
 
 import os

@@ -6,8 +6,8 @@ Reference: openai/gpt-2 download_model.py (the seven files per model, from
 `https://openaipublic.blob.core.windows.net/gpt-2/models/<size>/<file>`). The pins come from public sources, never
 from a guess. 124M: sizes and sha256 values as a public download script pins them; of those, the checkpoint and
 hparams.json hashes reproduce here from the files' known contents, encoder.json and vocab.bpe equal tiktoken's pins
-(minidpo.model.tokenizer), and the data shard's size and hash are also published by an independent project; the index and
-meta hashes have that one source. 124M and 355M sizes: rasbt/LLMs-from-scratch's tests, which compare them with the
+(minidpo.model.tokenizer), and the data shard's size and hash are also published by an independent project; the index
+and meta hashes have that one source. 124M and 355M sizes: rasbt/LLMs-from-scratch's tests, which compare them with the
 server's Content-Length. No sha256 was found for any 355M file, nor anything for 774M and 1558M. A file without a
 pinned sha256 is still guarded at load: the data shard by the CRC32C of every tensor (minidpo.formats.tf_bundle, on by
 default), the index by its block CRCs, hparams.json by its checks in minidpo.model.weights.

@@ -7,8 +7,8 @@ GPT2LMHeadModel (state-dict names, config.json keys, Conv1D weights stored [in, 
 
 `load_gpt2(source)` accepts:
 1. an OpenAI release directory: hparams.json + model.ckpt.index + model.ckpt.data-00000-of-00001, read by
-   minidpo.formats.tf_bundle (no TensorFlow), every tensor's CRC32C checked unless `verify=False` (likewise the zip CRC32s
-   of a pytorch_model.bin; safetensors has no checksum);
+   minidpo.formats.tf_bundle (no TensorFlow), every tensor's CRC32C checked unless `verify=False` (likewise the zip
+   CRC32s of a pytorch_model.bin; safetensors has no checksum);
 2. a `model.safetensors` file (read by minidpo.formats.safetensors: memory-mapped, no needless copies);
 3. a `pytorch_model.bin` (torch.load with weights_only=True);
 4. a directory with config.json and one of those two files;

@@ -44,8 +44,8 @@ MEAN_COLUMNS = ["method", "setting", "step", "seeds", "reward", "reward_se", "kl
 METHOD_LABELS = {"dpo": "DPO", "online-dpo": "online DPO", "rlhf": "RLHF (RLOO on the learned reward)",
                  "rloo": "RLOO on the true reward (PPO-GT)", "preferred-ft": "Preferred-FT",
                  "unlikelihood": "Unlikelihood", "orpo": "ORPO", "best-of-n": "best-of-N (KL bound)"}
-MARKERS = {"dpo": "o", "online-dpo": "D", "rlhf": "P", "rloo": "s", "preferred-ft": "v", "unlikelihood": "X", "orpo": "h",
-           "best-of-n": "^"}
+MARKERS = {"dpo": "o", "online-dpo": "D", "rlhf": "P", "rloo": "s", "preferred-ft": "v", "unlikelihood": "X",
+           "orpo": "h", "best-of-n": "^"}
 
 
 def append_point(run_dir: Path, point: dict) -> None:
@@ -291,7 +291,7 @@ def group_by(points: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict
 def write_envelopes(out: Path, points: list[dict]) -> None:
     """envelope.csv (each method's envelope vertices per seed) and equal_kl.csv (readings at EQUAL_KLS)."""
     rows = []
-    for (method, seed), mine in group_by(points, ("method", "seed")).items():
+    for mine in group_by(points, ("method", "seed")).values():
         rows += [{**p, "kl": point_kl(p)} for p in envelope(mine)[0]]
     write_csv(out / "envelope.csv", rows, ENVELOPE_COLUMNS)
     table = equal_kl_table(points)

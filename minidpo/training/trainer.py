@@ -6,9 +6,9 @@ References: llm.c's train_gpt2.py (every step logs loss, ms and tokens/s), nanoG
 accumulation), PyTorch's DistributedDataParallel for the gradient all-reduce (`minidpo.training.distributed`).
 
 Exact resume. Batches are a pure function of (step, micro_step, rank): the caller's `get_batch` derives them from the
-seed, so the data position is just the step number. A checkpoint (`minidpo.training.checkpoint`) holds the trainable tensors,
-the optimizer and scheduler state, every RNG state, the step and the caller's own state (`Training.state`, e.g. an
-adaptive KL coefficient); resuming restores all of it, so a run killed at any moment and resumed from its last
+seed, so the data position is just the step number. A checkpoint (`minidpo.training.checkpoint`) holds the trainable
+tensors, the optimizer and scheduler state, every RNG state, the step and the caller's own state (`Training.state`, e.g.
+an adaptive KL coefficient); resuming restores all of it, so a run killed at any moment and resumed from its last
 checkpoint ends bit-identical to an uninterrupted run (on the same device and thread count).
 
 Throughput and ETA. Step times exclude the caller's `on_step_end` (evaluations) and checkpoint writes. The summary's
