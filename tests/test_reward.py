@@ -141,4 +141,6 @@ def test_logistic_regression_ends_at_a_stationary_point_of_its_objective(seed, l
     w, b = w.clone().requires_grad_(), b.clone().requires_grad_()
     loss = torch.nn.functional.binary_cross_entropy_with_logits(X @ w + b, y) + 0.5 * l2 * (w**2).sum()
     loss.backward()
-    assert w.grad.abs().max() < 1e-4 and b.grad.abs().max() < 1e-4
+    # stationary up to float32: L-BFGS stops when a step changes the float32 loss by less than its resolution, which
+    # leaves gradients up to a few 1e-4 on some draws (seed 134217727, l2 0.01: 2e-4); an unconverged fit is ~1e-1
+    assert w.grad.abs().max() < 1e-3 and b.grad.abs().max() < 1e-3
