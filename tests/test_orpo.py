@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_baselines import some_pairs, tiny_policy  # the same stand-ins as the baselines' tests
 
 from minidpo.config import ConfigError
 from minidpo.dataset.batching import PairData, collate_pairs, collate_unique, prompt_groups
@@ -176,26 +177,6 @@ def test_train_py_flag_errors_name_the_flag_and_a_compare_sweeps_lambda():
 
 # ----------------------------------------------------------------------------- the step and a run
 
-def tiny_policy(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(block_size=32, vocab_size=V, n_layer=2, n_head=2, n_embd=32))
-    apply_lora(model, rank=2, alpha=4.0, targets=("attn.c_attn", "mlp.c_fc"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora_B"):
-                p.normal_(0, 0.2)
-    return model
-
-
-def some_pairs() -> list[Pair]:
-    """Two prompts, each with every pairing of three completions (rows repeat across pairs, as in the data)."""
-    out = []
-    for prompt, comps in (([1, 2, 3], [[4, 5, 6, V - 1], [7, 8], [9, 10, 11, 12, 13]]),
-                          ([14, 15], [[16, 17, 18], [19, V - 1], [20, 21, 22, 23]])):
-        for i in range(3):
-            for j in range(i + 1, 3):
-                out.append(Pair("p", "c", "r", prompt, comps[i], comps[j], 1.0, 0.0))
-    return out
 
 
 def naive_token_list(model: GPT, prompt: list[int], completion: list[int]) -> torch.Tensor:
