@@ -204,9 +204,12 @@ def main() -> int:
     unknown = [n for n in names if n not in {a[0] for a in ARMS}]
     if unknown:
         p.error(f"--arms: unknown {unknown}; choose among {', '.join(a[0] for a in ARMS)}")
+    protocol = Path(args.protocol) if args.protocol else None
+    if protocol is not None and not (protocol / "frontier.csv").is_file():
+        p.error(f"--protocol {protocol}: no frontier.csv there (a finished --preset tiny-fig2 run writes it); run "
+                f"the arms without --protocol and add it with --table-only once that run has finished")
     out = (ROOT / args.out) if not Path(args.out).is_absolute() else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    protocol = Path(args.protocol) if args.protocol else None
     failed = []
     if not args.table_only:
         for name, _, flags in ARMS:
