@@ -9,7 +9,7 @@ config, its loss and step, its train function) and one entry here; its sweep's f
 """
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 from minidpo.methods.baselines import train_baseline
@@ -53,11 +53,6 @@ def kl_name(rloo) -> str:
             else f"target_kl={number_name(rloo.target_kl)}")
 
 
-def rl_run(run, label: str):
-    """The TrainRun with its loop labelled `label` (RLOO's log lines name the reward they train on)."""
-    return replace(run, loop=replace(run.loop, label=label))
-
-
 METHODS = (
     Method("dpo", "DPO's loss on pairs sampled once from the reference and ranked by the reward (the paper's)",
            "beta_sweep", lambda configs: configs.dpo, beta_name,
@@ -72,12 +67,12 @@ METHODS = (
     Method("rlhf", "RLOO on a reward model learned from DPO's pairs (Bradley-Terry): RLHF proper, the paper's PPO",
            "kl_coef_sweep", lambda configs: configs.rloo, kl_name,
            lambda ctx, rloo, run: train_rloo(ctx.model, ctx.tok, ctx.reward_model, ctx.prompts.train, rloo,
-                                             rl_run(run, "rlhf"), ctx.runtime),
+                                             run, ctx.runtime, label="rlhf"),
            reward_model=True, rl_loop=True),
     Method("rloo", "REINFORCE with a leave-one-out baseline on the KL-penalized true reward (the paper's PPO-GT)",
            "kl_coef_sweep", lambda configs: configs.rloo, kl_name,
            lambda ctx, rloo, run: train_rloo(ctx.model, ctx.tok, ctx.scorer, ctx.prompts.train, rloo,
-                                             rl_run(run, "rloo"), ctx.runtime),
+                                             run, ctx.runtime),
            rl_loop=True),
     Method("preferred-ft", "supervised fine-tuning on the chosen completion of each of DPO's pairs", None,
            lambda configs: (None,), lambda _: "sft",

@@ -34,7 +34,7 @@ from minidpo.model.generate import generate  # noqa: E402
 from minidpo.model.gpt import GPT, GPTConfig  # noqa: E402
 from minidpo.model.tokenizer import Tokenizer  # noqa: E402
 from minidpo.training.runtime import Runtime  # noqa: E402
-from minidpo.training.trainer import LoopConfig, append_jsonl  # noqa: E402
+from minidpo.training.trainer import LoopConfig, TrainRun, append_jsonl  # noqa: E402
 
 REPORT_WINDOWS = 800  # the held-out figure in data/README.md: the first 800 test windows, as for the old model
 
@@ -122,8 +122,8 @@ def main(argv: list[str]) -> None:
         curve.unlink()  # a fresh run: the old curve would be mixed in
     t_start = time.perf_counter()
     windows = SFTConfig(batch_size=cfg.batch_size, block_size=cfg.block_size, seed=cfg.seed)
-    run_sft(model, train_stream, windows, loop, Runtime(device, amp), work,
-            resume=cfg.resume, on_step_end=evaluate)
+    run_sft(model, train_stream, windows, TrainRun(loop, work, on_step_end=evaluate, resume=cfg.resume),
+            Runtime(device, amp))
     train_s = time.perf_counter() - t_start
     model.eval()
     test_loss = eval_loss(model, test_stream, cfg.block_size, batch_size=16, max_batches=REPORT_WINDOWS // 16)

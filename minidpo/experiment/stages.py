@@ -259,7 +259,7 @@ def sft_stage(model: GPT, model_desc: str, reviews: Reviews, tok: Tokenizer, con
             p.requires_grad_(True)
     stream = pack_texts([r.text for r in reviews.train], tok)
     windows = replace(cfg, block_size=min(cfg.block_size, model.config.block_size))
-    run_sft(model, stream, windows, loop, runtime, out, resume=True)
+    run_sft(model, stream, windows, TrainRun(loop, out), runtime)
     if cfg.lora:
         remove_lora(model, merge=True)
     for p in model.parameters():

@@ -23,7 +23,7 @@ otherwise make the term -inf and stop training.
 """
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
@@ -33,7 +33,7 @@ from minidpo.dataset.batching import PairData
 from minidpo.methods.offline_train import BatchConfig, as_unique, make_batch_fn
 from minidpo.methods.scoring import completion_logps, token_logps
 from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import Training, TrainRun, train_loop, trainable_adapter
+from minidpo.training.trainer import TrainRun, train_loop, trainable_adapter
 
 UL_FLOOR = 1e-5  # smallest 1 - p the unlikelihood term uses (Welleck et al.'s clamp)
 LN2 = math.log(2.0)
@@ -156,9 +156,8 @@ def train_baseline(model: torch.nn.Module, data: PairData, method: str, batch_co
             return unlikelihood_step(model, batch, ul, batch_config)
 
     setting = "sft" if method == "preferred-ft" else f"alpha={ul.alpha:g}"
-    show = PREFERRED_FT_SHOW if method == "preferred-ft" else UNLIKELIHOOD_SHOW
-    loop = replace(run.loop, label=f"{method} {setting}", show=show)
-    settings = {"method": method, "batch": asdict(batch_config), "steps": loop.steps, "lr": loop.lr,
+    settings = {"method": method, "batch": asdict(batch_config),
                 **({"unlikelihood": asdict(ul)} if method == "unlikelihood" else {})}
-    training = Training(loop, params, make_batch_fn(data, batch_config, runtime), step_fn)
-    return train_loop(training, **run.loop_args(params, settings, runtime.log))
+    return train_loop(run, params, make_batch_fn(data, batch_config, runtime), step_fn, settings, log=runtime.log,
+                      label=f"{method} {setting}",
+                      show=PREFERRED_FT_SHOW if method == "preferred-ft" else UNLIKELIHOOD_SHOW)

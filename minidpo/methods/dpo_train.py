@@ -20,7 +20,7 @@ starting policy because the adapter starts at B = 0 (checked with `adapters_are_
 sequence log-probs of the same weights computed before training (--precompute-ref).
 """
 
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from functools import partial
 
 import torch
@@ -31,7 +31,7 @@ from minidpo.methods.dpo import DPOConfig, concatenated_forward, dpo_step_loss, 
 from minidpo.methods.offline_train import BatchConfig, make_batch_fn
 from minidpo.methods.scoring import completion_logps
 from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import Training, TrainRun, train_loop, trainable_adapter
+from minidpo.training.trainer import TrainRun, train_loop, trainable_adapter
 
 
 def cached_reference(cache: dict[int, Tensor], groups: list[int]) -> dict[str, Tensor]:
@@ -74,8 +74,7 @@ def train_dpo(model: torch.nn.Module, data: PairData, dpo: DPOConfig, batch_conf
     params = trainable_adapter(model, "train_dpo")
     if compile:  # the transformer body only: compiling the whole step on a CPU took minutes, this about 45 s
         model.hidden_states = torch.compile(model.hidden_states)
-    loop = replace(run.loop, label=f"dpo beta={dpo.beta:g}")
-    settings = {"dpo": asdict(dpo), "batch": asdict(batch_config), "steps": loop.steps, "lr": loop.lr}
     step = partial(dpo_step, model, dpo=dpo, batch_config=batch_config, reference_cache=reference_cache)
-    training = Training(loop, params, make_batch_fn(data, batch_config, runtime), step, autocast=runtime.autocast)
-    return train_loop(training, **run.loop_args(params, settings, runtime.log))
+    return train_loop(run, params, make_batch_fn(data, batch_config, runtime), step,
+                      {"dpo": asdict(dpo), "batch": asdict(batch_config)}, autocast=runtime.autocast, log=runtime.log,
+                      label=f"dpo beta={dpo.beta:g}")

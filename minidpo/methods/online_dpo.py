@@ -36,7 +36,7 @@ One step (per micro-batch, `prompts_per_step` prompts on each process):
 
 import math
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import ContextManager
 
 import torch
@@ -47,7 +47,7 @@ from minidpo.dataset.pairs import PAIRINGS, preference_pairs
 from minidpo.methods.dpo import DPOConfig, dpo_step_loss, pair_logps
 from minidpo.methods.rollout import Rollout, RolloutConfig, make_rollout_fn, policy_logps
 from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import Training, TrainRun, train_loop, trainable_adapter
+from minidpo.training.trainer import TrainRun, train_loop, trainable_adapter
 
 # (metric key, short label, format) for the progress line (LoopConfig.show)
 ONLINE_DPO_SHOW = (("reward", "reward", "{:.3f}"), ("kl/sampled", "kl", "{:.3f}"),
@@ -116,7 +116,5 @@ def train_online_dpo(model: torch.nn.Module, tokenizer, scorer, prompts: list, d
         loss, metrics, log_ratio = online_dpo_loss(model, rollout, dpo, cfg, runtime.autocast)
         return loss, metrics, rollout.n_tokens, log_ratio.numel()
 
-    loop = replace(run.loop, show=ONLINE_DPO_SHOW, item_name="completions", label=f"online-dpo beta={dpo.beta:g}")
-    settings = {"dpo": asdict(dpo), "online": asdict(cfg), "steps": loop.steps, "lr": loop.lr}
-    training = Training(loop, params, get_batch, step_fn)
-    return train_loop(training, **run.loop_args(params, settings, runtime.log))
+    return train_loop(run, params, get_batch, step_fn, {"dpo": asdict(dpo), "online": asdict(cfg)}, log=runtime.log,
+                      label=f"online-dpo beta={dpo.beta:g}", show=ONLINE_DPO_SHOW, item_name="completions")

@@ -31,7 +31,7 @@ import copy
 import json
 import math
 from contextlib import nullcontext
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, ContextManager, Sequence
 
@@ -50,7 +50,7 @@ from minidpo.model.tokenizer import EOT_ID
 from minidpo.progress import Log, quiet
 from minidpo.training.distributed import barrier, is_main
 from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import Training, TrainRun, train_loop
+from minidpo.training.trainer import TrainRun, train_loop
 
 FORMAT = "minidpo-reward-model-v1"
 # (metric key, short label, format) for the progress line (LoopConfig.show); TRL's RewardTrainer names
@@ -204,11 +204,9 @@ def train_reward_model(reference: GPT, data: PairData, lora: LoRAConfig, batch_c
         with runtime.autocast:
             return reward_model_step(rm, batch)
 
-    settings = {"method": "reward-model", "lora": asdict(lora), "batch": asdict(batch_config), "steps": run.loop.steps,
-                "lr": run.loop.lr}
-    loop = replace(run.loop, label="reward-model", show=REWARD_MODEL_SHOW)
-    training = Training(loop, params, make_batch_fn(data, batch_config, runtime), step_fn)
-    summary = train_loop(training, **run.loop_args(params, settings, runtime.log))
+    summary = train_loop(run, params, make_batch_fn(data, batch_config, runtime), step_fn,
+                         {"method": "reward-model", "lora": asdict(lora), "batch": asdict(batch_config)},
+                         log=runtime.log, label="reward-model", show=REWARD_MODEL_SHOW)
     mean, std = fit_normalization(rm, data.train, batch_config.max_length, batch_config.pad_id)
     accuracy = (heldout_accuracy(rm, data.heldout, batch_config.max_length, batch_config.pad_id) if data.heldout
                 else None)

@@ -26,7 +26,7 @@ adaptive kl_coef is updated at the end of each optimizer step inside the step it
 
 import math
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import ContextManager
 
 import torch
@@ -37,7 +37,7 @@ from minidpo.config import require
 from minidpo.methods.pg import RLOO_SHOW, adaptive_kl_coef, kl_penalized_rewards, policy_gradient_loss, rloo_advantages
 from minidpo.methods.rollout import Rollout, RolloutConfig, make_rollout_fn, policy_logps
 from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import Training, TrainRun, train_loop, trainable_adapter
+from minidpo.training.trainer import TrainRun, train_loop, trainable_adapter
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class KLController:
 
 
 def train_rloo(model: torch.nn.Module, tokenizer, scorer, prompts: list, cfg: RLOOConfig, run: TrainRun,
-               runtime: Runtime) -> dict:
+               runtime: Runtime, label: str = "rloo") -> dict:
     """Train the model's fresh LoRA adapter (B = 0: the caller applies it) with RLOO; returns the last logged
     metrics, the final kl_coef and the training seconds. The caller evaluates afterwards, as for every method."""
     get_batch = make_rollout_fn(model, tokenizer, scorer, prompts, cfg, run.loop.grad_accum, runtime)
@@ -117,9 +117,7 @@ def train_rloo(model: torch.nn.Module, tokenizer, scorer, prompts: list, cfg: RL
         kl.observe(log_ratio, rollout.micro)  # after the loss: this step used the previous coefficient
         return loss, metrics, rollout.n_tokens, log_ratio.numel()
 
-    loop = replace(run.loop, show=RLOO_SHOW, item_name="completions", label=f"{run.loop.label} "
-                   + (f"kl_coef={cfg.kl_coef:g}" if cfg.target_kl is None else f"target_kl={cfg.target_kl:g}"))
-    settings = {"rloo": asdict(cfg), "steps": loop.steps, "lr": loop.lr}
-    training = Training(loop, params, get_batch, step_fn, state=kl)
-    summary = train_loop(training, **run.loop_args(params, settings, runtime.log))
+    setting = f"kl_coef={cfg.kl_coef:g}" if cfg.target_kl is None else f"target_kl={cfg.target_kl:g}"
+    summary = train_loop(run, params, get_batch, step_fn, {"rloo": asdict(cfg)}, state=kl, log=runtime.log,
+                         label=f"{label} {setting}", show=RLOO_SHOW, item_name="completions")
     return {**summary, "kl_coef": kl.value}

@@ -11,9 +11,7 @@ offset 0 .. len(stream) - block_size - 1 is possible, so every token of the stre
 a target (nanoGPT's `randint(len(data) - block_size)` draws the same range).
 """
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -23,9 +21,8 @@ from minidpo.dataset.batching import batch_seed
 from minidpo.methods.fused_logprobs import fused_token_logps
 from minidpo.model.gpt import GPT
 from minidpo.model.tokenizer import Tokenizer
-from minidpo.training.checkpoint import Checkpointer
 from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import LoopConfig, Training, train_loop, trainable_parameters
+from minidpo.training.trainer import TrainRun, train_loop, trainable_parameters
 
 
 def pack_texts(texts: list[str], tokenizer: Tokenizer) -> Tensor:
@@ -94,10 +91,9 @@ class SFTConfig:
         require(self.block_size >= 2, "block_size", f"must be >= 2, got {self.block_size}")
 
 
-def run_sft(model: GPT, stream: Tensor, cfg: SFTConfig, loop: LoopConfig, runtime: Runtime, out_dir: Path | None = None,
-            resume: bool = False, on_step_end: Callable[[int], None] | None = None) -> dict[str, float]:
+def run_sft(model: GPT, stream: Tensor, cfg: SFTConfig, run: TrainRun, runtime: Runtime) -> dict[str, float]:
     """Train every parameter that requires grad (all of them, or only LoRA's) on random windows of `stream`
-    (cfg.batch_size windows of cfg.block_size tokens a step); out_dir: log.jsonl and sft_checkpoint/ (None: none).
+    (cfg.batch_size windows of cfg.block_size tokens a step); run.run_dir: log.jsonl and sft_checkpoint/.
 
     `runtime.autocast` (e.g. torch.autocast("cpu", dtype=torch.bfloat16)) is entered anew for every step's forward. Not
     around the loop: autocast caches its bf16 copy of each weight until the outermost region exits, so a loop
@@ -123,7 +119,4 @@ def run_sft(model: GPT, stream: Tensor, cfg: SFTConfig, loop: LoopConfig, runtim
             loss = lm_loss(model, x, y)
         return loss, {}, x.numel()
 
-    ckpt = Checkpointer(out_dir / "sft_checkpoint", params) if out_dir is not None else None
-    log_path = out_dir / "log.jsonl" if out_dir is not None else None
-    return train_loop(Training(loop, params, get_batch, step_fn), ckpt, log_path, on_step_end, resume=resume,
-                      log=runtime.log)
+    return train_loop(replace(run, checkpoint="sft_checkpoint"), params, get_batch, step_fn, log=runtime.log)
