@@ -59,6 +59,7 @@ from minidpo.experiment.stages import (
 from minidpo.fileio import atomic_write_json
 from minidpo.formats.download import cache_dir
 from minidpo.model.tokenizer import Tokenizer
+from minidpo.registry import BY_NAME, STYLES
 from minidpo.training.distributed import is_main, setup_distributed, teardown
 from minidpo.training.frontier import write_frontier
 from minidpo.training.run_folder import run_folder
@@ -212,22 +213,22 @@ def load_config(argv: list[str]) -> tuple[TrainConfig, set[str]]:
                                  "every method it lists, so drop --method (or list that method in --compare)", "method")
     if cfg.resume is not None:
         cfg = resumed_config(cfg, given)
-    cfg.configs  # noqa: B018 (built here, so a bad option fails before any work)
-    check_export_merged(cfg)
+    configs = cfg.configs  # built here, so a bad option fails before any work
+    check_export_merged(cfg, configs)
     return cfg, set(given)
 
 
-def check_export_merged(cfg: TrainConfig) -> None:
+def check_export_merged(cfg: TrainConfig, configs: RunConfigs) -> None:
     """--export-merged writes one merged model to one path, so it takes a run of one method at one setting with one
     seed: with several, the models would overwrite each other (or a --compare would fail after all its work)."""
     if cfg.export_merged is None:
         return
-    runs = method_runs(cfg.configs, Path(cfg.out_dir))
+    runs = method_runs(configs, Path(cfg.out_dir))
     if len(runs) > 1:
         raise config.ConfigError(f"--export-merged writes one model, and this run trains {len(runs)} (--compare or a "
                             "sweep): run the one method and setting to export on its own with --export-merged, or "
                             "merge a sub-run's adapter_peft/ with PEFT", "export_merged")
-    if cfg.configs.seeds and resumes_one_seed(cfg) is None:
+    if configs.seeds and resumes_one_seed(cfg) is None:
         raise config.ConfigError(f"--export-merged writes one model, and --seeds {cfg.seeds} trains one per seed: run "
                             f"without it, then export one seed with --resume {Path(cfg.out_dir) / 'seed_<s>'} "
                             "--export-merged PATH", "export_merged")
@@ -284,7 +285,8 @@ def keep_recorded(cfg: TrainConfig, device: torch.device, unused: frozenset[str]
         stored = None  # the folder's check says what is wrong with it
     if stored is None:
         return cfg
-    unused = set(unused) | ({"rm_steps", "rm_lr"} if "rlhf" not in cfg.configs.compare else set())
+    unused = set(unused) | ({"rm_steps", "rm_lr"} if not any(BY_NAME[m].reward_model for m in cfg.configs.compare)
+                            else set())
     autocast_of = lambda name: choose_dtype(device, name)[0]  # noqa: E731
     if stored.dtype in ("auto", *DTYPES) and autocast_of(stored.dtype) == autocast_of(cfg.dtype):
         unused.add("dtype")
@@ -420,7 +422,7 @@ def report(ctx: RunContext, cfg: TrainConfig, runs: list, model_desc: str, data_
                         ctx.reward_model_info)
     atomic_write_json(ctx.out / "summary.json", summary)
     if wants_frontier(cfg):
-        write_frontier(ctx.out, [{**p, "seed": cfg.seed} for r in runs for p in r.frontier], ctx.runtime.log)
+        write_frontier(ctx.out, [{**p, "seed": cfg.seed} for r in runs for p in r.frontier], ctx.runtime.log, STYLES)
     if cfg.export_merged:
         export_merged(ctx.model, Path(cfg.export_merged), ctx.runtime.log)
     ctx.runtime.log(result_lines(runs[-1], summary, ctx.out))
@@ -460,7 +462,7 @@ def run_seeds(cfg: TrainConfig, given: set[str], runtime: Runtime, precision: st
             run(replace(cfg, seed=s, out_dir=str(sub_out), resume=resume, overwrite=False), settled, runtime, precision)
         if is_main():
             points, per_seed = gather_seeds(out, seeds)
-            write_frontier(out, points, runtime.log)
+            write_frontier(out, points, runtime.log, STYLES)
             atomic_write_json(out / "summary.json", seeds_summary(per_seed, points))
             means = out / "frontier_mean.csv"  # write_frontier makes it only from points measured over several seeds
             runtime.log(f"wrote {out / 'summary.json'} and {means} (mean and standard error over seeds {cfg.seeds})"

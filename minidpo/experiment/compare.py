@@ -122,7 +122,7 @@ def finish_run(ctx: RunContext, method: Method, setting, run_dir: Path, summary:
 def write_run(ctx: RunContext, result: RunResult, run_dir: Path) -> None:
     """A trained run's files (rank 0): curves.png, the adapter (minidpo's and PEFT's layout), run.json (what
     sample.py needs) and result.json."""
-    plot_curves(run_dir, ctx.runtime.log)
+    plot_curves(run_dir, ctx.runtime.log, learned_reward=BY_NAME[result.method].reward_model)
     save_lora(ctx.model, run_dir / "adapter")
     base = model_source(ctx.base)
     export_peft(ctx.model, run_dir / "adapter_peft", base_model_name_or_path=base)

@@ -154,7 +154,7 @@ SEED_MAX = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 def seed_limit(methods: list[Method], ns: list[int]) -> int:
     """The largest seed whose derived seeds still fit SEED_MAX: evaluation samples with seed + 1, and best-of-N's
     round j with seed + 1 + j (j < max N), so a seed near the top would train and then fail at evaluation."""
-    return SEED_MAX - (max(ns) if any(m.sweep == "best_of_n" for m in methods) else 1)
+    return SEED_MAX - (max(ns) if any(m.seeds_rounds for m in methods) else 1)
 
 
 ONLINE_DPO_FLAGS = {"k": "completions_per_prompt", "prompts_per_step": "batch_prompts",

@@ -40,12 +40,6 @@ from minidpo.stats import mean_and_se
 COLUMNS = ["method", "setting", "step", "kl", "kl_bound", "kl_sampled", "reward", "seed", "reward_se", "kl_se"]
 MEAN_COLUMNS = ["method", "setting", "step", "seeds", "reward", "reward_se", "kl", "kl_se", "kl_sampled",
                 "kl_sampled_se", "kl_bound"]
-# the order of the legend and the colours (the paper's Figure 2 methods and ours)
-METHOD_LABELS = {"dpo": "DPO", "online-dpo": "online DPO", "rlhf": "RLHF (RLOO on the learned reward)",
-                 "rloo": "RLOO on the true reward (PPO-GT)", "preferred-ft": "Preferred-FT",
-                 "unlikelihood": "Unlikelihood", "orpo": "ORPO", "best-of-n": "best-of-N (KL bound)"}
-MARKERS = {"dpo": "o", "online-dpo": "D", "rlhf": "P", "rloo": "s", "preferred-ft": "v", "unlikelihood": "X",
-           "orpo": "h", "best-of-n": "^"}
 
 
 def append_point(run_dir: Path, point: dict) -> None:
@@ -82,15 +76,15 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
             w.writerows({k: r.get(k) for k in columns} for r in rows)
 
 
-def write_frontier(out: Path, points: list[dict], log: Log = quiet) -> Path:
+def write_frontier(out: Path, points: list[dict], log: Log = quiet, styles: dict | None = None) -> Path:
     """frontier.csv (and frontier_mean.csv when some point was measured over several seeds; frontier.png when
-    matplotlib is installed) from every run's points."""
+    matplotlib is installed, `styles` as plot_frontier's) from every run's points."""
     write_csv(out / "frontier.csv", points, COLUMNS)
     means = aggregate_points(points)
     if any(m["seeds"] > 1 for m in means):
         write_csv(out / "frontier_mean.csv", means, MEAN_COLUMNS)
     write_envelopes(out, points)
-    plot_frontier(out, log)
+    plot_frontier(out, log, styles)
     return out / "frontier.csv"
 
 
@@ -151,41 +145,46 @@ def pyplot(log: Log, what: str):
     return plt
 
 
-def plot_frontier(out: str | Path, log: Log = quiet) -> Path | None:
+def plot_frontier(out: str | Path, log: Log = quiet, styles: dict[str, tuple[str, str]] | None = None
+                  ) -> Path | None:
     """frontier.png from out/frontier.csv, in the style of the paper's Figure 2 (left): KL(policy || reference) on
     x, reward on y, one colour per method, a point per setting and evaluation step (means over seeds, with standard
-    error bars when there are several), the reference (KL 0) once, in black."""
-    out = Path(out)
-    plt = pyplot(log, f"{out / 'frontier.png'} (then: python -c \"import minidpo.training.frontier as f; "
-                      f"f.plot_frontier('{out}')\")")
+    error bars when there are several), the reference (KL 0) once, in black. `styles`: {method: (legend label,
+    marker)} in legend order (minidpo.registry.STYLES). A method whose points hold a KL bound (best-of-N) is one
+    line over its settings."""
+    out, styles = Path(out), styles or {}
+    plt = pyplot(log, f"{out / 'frontier.png'} (then: python -c \"import minidpo.training.frontier as f, "
+                      f"minidpo.registry as r; f.plot_frontier('{out}', styles=r.STYLES)\")")
     if plt is None:
         return None
     points = read_frontier(out)
     rows = [r for r in aggregate_points(points) if r["reward"] is not None and r["kl"] is not None]
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     colours = plt.get_cmap("tab10")
-    order = list(METHOD_LABELS) + sorted({r["method"] for r in rows} - set(METHOD_LABELS))
-    reference = [r for r in rows if r["kl"] == 0.0 and r["method"] != "best-of-n"]
+    order = list(styles) + sorted({r["method"] for r in rows} - set(styles))
+    reference = [r for r in rows if r["kl"] == 0.0 and r["kl_bound"] is None]
     if reference:
         ax.plot([0.0], [sum(r["reward"] for r in reference) / len(reference)], "*", color="black", markersize=11,
                 label="reference", zorder=3)
     for method in (m for m in order if any(r["method"] == m for r in rows)):
         mine = [r for r in rows if r["method"] == method]
-        colour, marker = colours(order.index(method) % 10), MARKERS.get(method, "o")  # a method keeps its colour
+        colour = colours(order.index(method) % 10)  # a method keeps its colour
+        label, marker = styles.get(method, (method, "o"))
+        bound = any(r["kl_bound"] is not None for r in mine)
         for setting in dict.fromkeys(r["setting"] for r in mine):
             line = sorted((r for r in mine if r["setting"] == setting), key=lambda r: (r["step"], r["kl"]))
-            if method == "best-of-n":
+            if bound:
                 line = sorted(mine, key=lambda r: r["kl"])  # one line over N
             ax.plot([r["kl"] for r in line], [r["reward"] for r in line], "-", color=colour, alpha=0.3, lw=1)
-            if method == "best-of-n":
+            if bound:
                 break
-        shown = [r for r in mine if not (r["kl"] == 0.0 and method != "best-of-n")]
+        shown = [r for r in mine if not (r["kl"] == 0.0 and not bound)]
         errors = any(r["seeds"] > 1 for r in shown)
         ax.errorbar([r["kl"] for r in shown], [r["reward"] for r in shown],
                     yerr=[r["reward_se"] or 0.0 for r in shown] if errors else None,
                     xerr=[r["kl_se"] or 0.0 for r in shown] if errors else None,
                     fmt=marker, color=colour, markersize=5, capsize=2, elinewidth=0.8,
-                    label=METHOD_LABELS.get(method, method))
+                    label=label)
         xs, ys = mean_envelope([p for p in points if p["method"] == method])
         ax.plot(xs, ys, "-", color=colour, lw=1.8, alpha=0.9)
     if rows:
