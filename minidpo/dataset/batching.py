@@ -49,10 +49,6 @@ def batch_seed(seed: int, *parts: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-# -----------------------------------------------------------------------------
-# which pairs, in which order
-
-
 def split_pairs(pairs: Sequence[Pair]) -> tuple[list[Pair], list[Pair]]:
     """(training pairs, held-out pairs): held out = prompts cut from test-split reviews."""
     return [p for p in pairs if p.split != "test"], [p for p in pairs if p.split == "test"]
@@ -106,10 +102,6 @@ def group_indices(n_groups: int, start: int, count: int, seed: int) -> list[int]
     """pair_indices over prompt groups: a step takes `count` whole prompts (every pair of each), and the stream
     over groups is the same function as over pairs, so resuming at step s resumes at item s * count."""
     return pair_indices(n_groups, start, count, seed)
-
-
-# -----------------------------------------------------------------------------
-# collation
 
 
 def _check_fit(pairs: Sequence[Pair], max_length: int, who: str) -> None:

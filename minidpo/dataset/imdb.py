@@ -74,10 +74,6 @@ class Review:
     text: str  # `<br />` already turned into "\n"
 
 
-# -----------------------------------------------------------------------------
-# member names and text
-
-
 def parse_member(name: str) -> tuple[str, str, int, int] | None:
     """Map a path like 'aclImdb/train/pos/12_8.txt' to ("train", "pos", 12, 8).
 
@@ -124,11 +120,7 @@ def clean_text(raw: bytes, name: str) -> str:
     return _BR_RE.sub("\n", text)
 
 
-# -----------------------------------------------------------------------------
-# raw readers: yield (member name, split, label, id, rating, bytes) for the wanted (split, label) pairs
-
-
-RawReview = tuple[str, str, str, int, int, bytes]
+RawReview = tuple[str, str, str, int, int, bytes]  # (member name, split, label, id, rating, bytes)
 
 
 def _is_readme(name: str) -> bool:
@@ -274,10 +266,6 @@ def iter_raw_reviews(source: str | os.PathLike, wanted: Iterable[tuple[str, str]
     if promise is None and notes.get("readme", b"").startswith(STANFORD_README_START):
         promise = STANFORD_COUNTS, "Stanford's README in it (Large Movie Review Dataset v1.0)"
     check_counts(path, counts, promise)
-
-
-# -----------------------------------------------------------------------------
-# public API
 
 
 def load_imdb(source: str | os.PathLike, split: str = "train", labels: Iterable[str] = ("pos", "neg")) -> list[Review]:

@@ -36,10 +36,6 @@ _SCORES = ("chosen_score", "rejected_score")
 _NAMES = {f.name for f in fields(Pair)}
 
 
-# -----------------------------------------------------------------------------
-# fingerprints
-
-
 def fingerprint(inputs: dict) -> str:
     """sha256 of the canonical JSON of `inputs` (sorted keys, no spaces, no NaN)."""
     blob = json.dumps(inputs, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
@@ -68,10 +64,6 @@ def pairs_fingerprint(cfg: PairsConfig, prompts: Sequence[Prompt], model_id: str
     """Identity of a pairs file's inputs. The prompt ids stand for the data, prompt seed and prompt lengths."""
     return fingerprint({"format": FORMAT, "config": asdict(cfg), "prompts": [[p.split, p.ids] for p in prompts],
                         "model": model_id, "scorer": scorer_id, "data": data_id})
-
-
-# -----------------------------------------------------------------------------
-# the file
 
 
 class PairsFileError(ValueError):

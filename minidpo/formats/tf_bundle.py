@@ -41,8 +41,6 @@ class BundleError(ValueError):
     pass
 
 
-# --------------------------------------------------------------------------- CRC32C
-
 def _byte_table() -> np.ndarray:
     """CRC32C of every single byte, the classic table: t[b] = 8 reflected shift-and-xor steps of b."""
     t = np.arange(256, dtype=np.uint32)
@@ -147,8 +145,6 @@ def unmask_crc(masked: int) -> int:
     return ((rot >> 17) | (rot << 15)) & 0xFFFFFFFF
 
 
-# --------------------------------------------------------------------------- varints and protobuf
-
 def read_varint(buf: bytes, pos: int) -> tuple[int, int]:
     """(value, position after it). Naive: sum((buf[pos + i] & 0x7F) << 7 i) up to the first byte below 0x80."""
     result, shift = 0, 0
@@ -192,8 +188,6 @@ def parse_message(buf: bytes) -> dict[int, list]:
 def _int64(v: int) -> int:  # int64 fields are two's complement varints
     return v - (1 << 64) if v >= 1 << 63 else v
 
-
-# --------------------------------------------------------------------------- SSTable
 
 def read_block(data: bytes, offset: int, size: int, path: Path) -> bytes:
     """Block contents at a BlockHandle, after checking its trailer (compression flag and masked CRC32C)."""
@@ -253,8 +247,6 @@ def read_table(path: Path) -> list[tuple[bytes, bytes]]:
         out.extend(block_entries(read_block(data, offset, size, path), path))
     return out
 
-
-# --------------------------------------------------------------------------- tensor bundle
 
 @dataclass
 class BundleEntry:

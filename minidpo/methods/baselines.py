@@ -55,8 +55,6 @@ class UnlikelihoodConfig:
                 f"must be in (0, 1), got {self.floor}")
 
 
-# ----------------------------------------------------------------------------- the math
-
 def log1mexp(x: Tensor) -> Tensor:
     """log(1 - exp(x)) for x <= 0, accurate everywhere (Maechler 2012, "Accurately Computing log(1 - exp(-|a|))"):
     log(-expm1(x)) for x > -ln 2, log1p(-exp(x)) otherwise. Naive equivalent: torch.log(1 - torch.exp(x)), which
@@ -96,14 +94,10 @@ def unlikelihood_loss(chosen_logps: Tensor, rejected_unlikelihood: Tensor, alpha
     return -(chosen_logps + alpha * rejected_unlikelihood)
 
 
-# ----------------------------------------------------------------------------- log-probs of a batch
-
 def per_row(values: Tensor, row: Tensor, n_rows: int) -> Tensor:
     """(n_rows,) sums of per-token values (M,) by row; naive: [values[row == n].sum() for n in range(n_rows)]."""
     return torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, row, values)
 
-
-# ----------------------------------------------------------------------------- the steps
 
 def preferred_ft_step(model: torch.nn.Module, batch: tuple, batch_config: BatchConfig) -> tuple[Tensor, dict, int, int]:
     """One Preferred-FT micro-batch (make_batch_fn's tuple): only the sequences that are some pair's chosen side
@@ -136,8 +130,6 @@ def unlikelihood_step(model: torch.nn.Module, batch: tuple, cfg: UnlikelihoodCon
                "unlikelihood/rejected": rejected.detach().float().mean()}
     return loss, metrics, n_tokens, n_pairs
 
-
-# ----------------------------------------------------------------------------- one run
 
 def train_baseline(model: torch.nn.Module, data: PairData, method: str, batch_config: BatchConfig, run: TrainRun,
                    runtime: Runtime, unlikelihood: UnlikelihoodConfig | None = None) -> dict:

@@ -112,8 +112,6 @@ def preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor,
     }
 
 
-# ----------------------------------------------------------------------------- forward passes
-
 def _check_right_padded(attention_mask: Tensor, name: str) -> None:
     # Checked only where it is free: on a GPU this would be a host sync every step.
     if attention_mask.device.type == "cpu" and bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
@@ -191,8 +189,6 @@ def reference_forward(model: nn.Module, batch: dict[str, Tensor], logprobs: str 
     with torch.no_grad(), (lora_disabled(model) if lora_layers(model) else nullcontext()):
         return forward(model, batch, logprobs)
 
-
-# ----------------------------------------------------------------------------- the step's loss
 
 def dpo_step_loss(policy_out: dict[str, Tensor], reference_out: dict[str, Tensor] | None,
                   cfg: DPOConfig) -> tuple[Tensor, dict[str, Tensor]]:

@@ -4,31 +4,24 @@ Evaluation of a trained policy against its reference: reward, KL, and (for DPO) 
 Reference: Rafailov et al. 2023, sec. 6.1 and Figure 2 (left): on held-out IMDb prompts, the expected reward of
 completions sampled from the policy itself is plotted against the sequence-level KL(policy || reference).
 
-What is measured, exactly. Each side draws one completion per prompt by plain ancestral sampling: temperature 1, no
-top-k, no top-p (`sample_plain`). Lengths are the only constraint: at most max_new_tokens tokens, end-of-text
-forbidden while fewer than min_new_tokens have been generated, and a completion ends at its first end-of-text, which
-counts as one of its tokens. Write pi~ and ref~ for these two samplers: at generated step t < min_new_tokens the
-model's next-token distribution with end-of-text removed and the rest renormalized, the unmodified one after that.
-- reward: the classifier's P(positive) of prompt + completion text, averaged over prompts ("reward_se": its
-  standard error over prompts). The reference's completions use the same generator seed as the policy's (common
-  random numbers), so the two rewards differ less by chance.
+What is measured. Each side draws one completion per prompt by plain ancestral sampling (temperature 1, no top-k:
+`sample_plain`), at most max_new_tokens long, end-of-text forbidden before min_new_tokens. Write pi~ and ref~ for
+these two samplers: at step t < min_new_tokens the model's next-token distribution without end-of-text,
+renormalized, the unmodified one after that.
+- reward: the classifier's P(positive) of prompt + completion text, averaged over prompts. The reference's
+  completions use the policy's generator seed (common random numbers), so the two rewards differ less by chance.
 - kl_exact: for y ~ pi~(.|x), the sum over y's generated positions t of the exact KL over the vocabulary,
       sum_v pi~_t(v) (log pi~_t(v) - log ref~_t(v)),
   averaged over prompts.
 - kl_sampled: the sampled log-ratio log pi~(y|x) - log ref~(y|x) of the same completions, averaged over prompts.
-Both are unbiased estimates of the same number: KL(pi~(.|x) || ref~(.|x)) between the two samplers actually used,
-averaged over prompts (a completion's length is decided by its own tokens, so the sequence KL splits into these
-per-position terms). kl_exact replaces each of kl_sampled's per-token terms by its expectation given the prefix,
-so every term is >= 0 and the variance is usually much lower. With min_new_tokens = 0 this is the KL of the models'
-own distributions, the paper's quantity. Top-k and temperature are kept out of evaluation: with top-k the two
-samplers' supports differ (their top-50 sets differ at nearly every position), so the KL between what was sampled
-would be infinite; top-k is for data generation (preference pairs) only. Each "_se" is the standard error of the
-mean over prompts (None with fewer than two prompts).
+Both are unbiased estimates of KL(pi~(.|x) || ref~(.|x)); kl_exact replaces each per-token term of kl_sampled by
+its expectation given the prefix, so every term is >= 0 and the variance is much lower. With min_new_tokens = 0
+this is the paper's quantity. Top-k is kept out of evaluation: the two samplers' top-k sets differ at nearly every
+position, so the KL between them would be infinite. Each "_se" is the standard error of the mean over prompts.
 
-The reference is the policy with its LoRA adapter disabled (`lora_disabled`), which is exactly the model training
-started from as long as the adapter was created at B = 0 (minidpo merges an SFT adapter before adding a new one).
-The same `evaluate` serves every method; those without an implicit reward (all but DPO) pass no heldout_pairs or
-beta, and "reward_accuracy" is None. The sampler is minidpo/model/completions.py's, shared with pairs and rollouts.
+The reference is the policy with its LoRA adapter disabled (`lora_disabled`), exactly the starting model as long as
+the adapter was created at B = 0. Methods without an implicit reward (all but DPO's family) pass no heldout_pairs
+or beta, and "reward_accuracy" is None.
 """
 
 from contextlib import nullcontext

@@ -1,27 +1,17 @@
 """
 RLOO training: the policy samples K completions of each prompt, the sentiment classifier scores them, and the LoRA
 adapter takes a REINFORCE step with a leave-one-out baseline on the KL-penalized reward (the math, with its
-derivation, is in minidpo/methods/pg.py).
+derivation, is in minidpo/methods/pg.py; the rollouts in minidpo/methods/rollout.py).
 
 References: Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human
 Feedback in LLMs" (arXiv:2402.14740), and TRL's RLOOTrainer (one update per batch of samples, the whole completion
-one action, reward = score - kl_coef * sum_t (log pi - log ref)); the response lengths follow TRL's gpt2-sentiment
-example (a budget per prompt from LengthSampler(min_new_tokens, max_new_tokens)); the loop is
-minidpo.training.trainer's, shared with SFT and DPO.
-
-One step (per micro-batch, `prompts_per_step` prompts on each process):
-1. rollout, no gradient (`minidpo.methods.rollout.sample_rollout`): the CURRENT policy samples K completions per prompt,
-   the classifier scores them, the reference scores them (log-probs of the sampled, tempered distribution).
-2. loss, with gradient (`rloo_loss`): the policy's sequence log-probs of the same rows, the KL-penalized reward
-   (policy log-probs detached), the leave-one-out advantages, the REINFORCE surrogate.
+one action, reward = score - kl_coef * sum_t (log pi - log ref)).
 
 Sampling at a temperature below 1 (the tiny preset's 0.7), with every log-prob of the tempered policy (still
-on-policy, as TRL does), cuts the score-function estimate's noise; what is learned carries over to the
-temperature-1 evaluation (the tuning runs: bench/README.md, "Tuning RLOO and online DPO").
+on-policy, as TRL does), cuts the score-function estimate's noise (bench/README.md, "Tuning RLOO and online DPO").
 
-Exact resume: rollouts are pure functions of (seed, step, micro, rank) and the weights (minidpo/methods/rollout.py); the
-adaptive kl_coef is updated at the end of each optimizer step inside the step itself, and saved in the checkpoint
-(the loop's `LoopState`), so a resumed run continues with the coefficient it had.
+Exact resume: the adaptive kl_coef is updated inside each step and saved in the checkpoint (the loop's
+`LoopState`), so a resumed run continues with the coefficient it had.
 """
 
 import math

@@ -19,6 +19,7 @@ from torch import Tensor
 from minidpo.config import require
 from minidpo.dataset.batching import batch_seed
 from minidpo.methods.fused_logprobs import fused_token_logps
+from minidpo.model.completions import eval_mode
 from minidpo.model.gpt import GPT
 from minidpo.model.tokenizer import Tokenizer
 from minidpo.training.runtime import Runtime
@@ -41,7 +42,8 @@ def random_windows(stream: Tensor, batch_size: int, block_size: int, seed: int) 
     y = stream[s + 1:s + block_size + 1]; the last start puts stream[-1] in y.
     """
     if len(stream) < block_size + 1:
-        raise ValueError(f"a window needs block_size + 1 = {block_size + 1} tokens, the stream has {len(stream)}")
+        raise ValueError(f"a window needs at least block_size + 1 = {block_size + 1} tokens, the stream has "
+                         f"{len(stream)}")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(stream) - block_size, (batch_size,), generator=g)  # high is exclusive
     windows = torch.stack([stream[s:s + block_size + 1] for s in starts.tolist()]).long()  # (B, block_size + 1)
@@ -64,19 +66,16 @@ def lm_loss(model: GPT, x: Tensor, y: Tensor) -> Tensor:
 def eval_loss(model: GPT, stream: Tensor, block_size: int, batch_size: int = 8, max_batches: int = 20,
               device: str | torch.device = "cpu") -> float:
     """Mean loss over consecutive non-overlapping windows from the start of `stream` (deterministic)."""
-    was_training = model.training
-    model.eval()
     n = min(max_batches * batch_size, (len(stream) - 1) // block_size)
     if n == 0:
         raise ValueError(f"evaluation stream of {len(stream)} tokens is shorter than one block of {block_size}")
-    total, count = 0.0, 0
-    for i in range(0, n, batch_size):
-        rows = range(i, min(i + batch_size, n))
-        w = torch.stack([stream[r * block_size:r * block_size + block_size + 1] for r in rows]).long().to(device)
-        total += lm_loss(model, w[:, :-1], w[:, 1:]).item() * len(rows)
-        count += len(rows)
-    model.train(was_training)
-    return total / count
+    total = 0.0
+    with eval_mode(model):
+        for i in range(0, n, batch_size):
+            rows = range(i, min(i + batch_size, n))
+            w = torch.stack([stream[r * block_size:r * block_size + block_size + 1] for r in rows]).long().to(device)
+            total += lm_loss(model, w[:, :-1], w[:, 1:]).item() * len(rows)
+    return total / n
 
 
 @dataclass(frozen=True)
@@ -104,8 +103,6 @@ def run_sft(model: GPT, stream: Tensor, cfg: SFTConfig, run: TrainRun, runtime: 
         raise RuntimeError("run_sft: called inside a torch.autocast region, whose weight-cast cache would freeze "
                            "the weights every forward sees; pass the context as "
                            "run_sft(..., runtime=Runtime(autocast=...))")
-    if len(stream) < cfg.block_size + 1:
-        raise ValueError(f"SFT needs at least block_size + 1 = {cfg.block_size + 1} tokens of text, got {len(stream)}")
     model.train()
     params = trainable_parameters(model)
 

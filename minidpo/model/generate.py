@@ -68,8 +68,6 @@ def active_top_p(top_p: float | None) -> float | None:
     return top_p if top_p is not None and top_p < 1.0 else None
 
 
-# ---------------------------------------------------------------------------------------------------- sampling
-
 def softmax_weights(logits: Tensor, temperature: float, overwrite: bool = False) -> Tensor:
     """float32 softmax(logits / T) over the last dimension.
 
@@ -172,8 +170,6 @@ def sample_naive(logits: Tensor, temperature: float = 1.0, top_k: int | None = N
         logits = logits.masked_fill(drop, -float("inf"))
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator).squeeze(-1)
 
-
-# ---------------------------------------------------------------------------------------------------- decoding
 
 def prefill(model: GPT, idx: Tensor, key_mask: Tensor | None) -> Tensor:
     """Run the whole prompt (B, T) through the model, filling its cache; logits of the last position (B, V)."""

@@ -128,8 +128,6 @@ class LoRALinear(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha:g}, dropout={self.dropout_p:g}, merged={self.merged}"
 
 
-# ---------------------------------------------------------------------------------------------- model-level API
-
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """Every LoRALinear of the model, by module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
@@ -274,8 +272,6 @@ def lora_config_of(model: nn.Module) -> LoRAConfig:
     config = getattr(model, "lora_config", None)
     return LoRAConfig(rank, alpha, dropout, config.targets if config is not None else tuple(layers))
 
-
-# ---------------------------------------------------------------------------------------------- save / load
 
 def save_lora(model: nn.Module, path: str | Path) -> Path:
     """Write `path/adapter.safetensors` and `path/adapter_config.json` (each atomically); returns the directory."""

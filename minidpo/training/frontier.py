@@ -202,9 +202,6 @@ def plot_frontier(out: str | Path, log: Log = quiet, styles: dict[str, tuple[str
     return out / "frontier.png"
 
 
-# -----------------------------------------------------------------------------
-# the upper envelope of each method, read at equal KL
-
 EQUAL_KLS = (2.5, 5.0, 10.0)
 ENVELOPE_COLUMNS = ["method", "seed", "kl", "reward", "reward_se", "kl_se", "setting", "step"]
 EQUAL_KL_COLUMNS = ["method", "other", "kl", "reward", "reward_se", "seeds", "verdict"]
