@@ -3,8 +3,7 @@ minidpo end to end: the DPO paper's IMDb experiment (Rafailov et al. 2023, sec. 
 
     python train.py                          # GPT-2 124M + full IMDB when available, else the bundled model (tiny)
     python train.py --preset tiny            # bundled small model + shipped IMDB sample, minutes on a CPU
-    python train.py --preset tiny --method dpo --out-dir out/tiny-dpo     # the paper's offline DPO
-                                                                          # (the tiny preset's method)
+    python train.py --preset tiny --method dpo --out-dir out/tiny-dpo     # the paper's offline DPO (tiny's method)
     python train.py --preset tiny --method rloo --out-dir out/tiny-rloo   # the policy-gradient (RL) baseline instead
     python train.py --preset tiny --method online-dpo --out-dir out/tiny-online   # DPO on the policy's own samples
     python train.py --preset tiny --compare dpo,online-dpo,rlhf,rloo,best-of-n --out-dir out/tiny-compare  # -> frontier
@@ -14,11 +13,10 @@ minidpo end to end: the DPO paper's IMDb experiment (Rafailov et al. 2023, sec. 
 
 The story: 1. the model (official GPT-2, a path, the bundled model, or random init); 2. optional SFT on review text,
 folded into the weights, so the SFT model is the reference; 3. a sentiment classifier (the reward); 4. preference
-pairs: the reference samples completions of 2-8 token review prefixes and the classifier ranks them; 5. a method
-trains a fresh LoRA adapter: DPO on the pairs, or online DPO (the same loss on pairs the policy samples as it trains),
-or RLOO (REINFORCE with a leave-one-out baseline and a KL penalty) on its own samples, or best-of-N, which trains
-nothing; 6. evaluation on held-out test prompts: reward and KL(policy || reference) of plain samples; 7. the report:
-summary.json and the reward-KL frontier. Every stage is cached, and every run is checked against its folder's settings.
+pairs: the reference samples completions of 2-8 token review prefixes and the classifier ranks them; 5. each method
+trains a fresh LoRA adapter (best-of-N trains nothing); 6. evaluation on held-out test prompts: reward and
+KL(policy || reference) of plain samples; 7. the report: summary.json and the reward-KL frontier. Every stage is
+cached, and every run is checked against its folder's settings.
 """
 
 import csv
@@ -167,8 +165,7 @@ class TrainConfig:
 
     @cached_property
     def configs(self) -> RunConfigs:
-        """The component configs this run will use, built once per config: building them checks every option
-        before any work (a replace() is a new config, built anew)."""
+        """The component configs this run will use, built (and so every option checked) once per config."""
         return build_configs(self, COMPARE_SWEEPS)
 
 
@@ -274,10 +271,9 @@ def with_tiny_defaults(cfg: TrainConfig, given: set[str]) -> TrainConfig:
 
 def keep_recorded(cfg: TrainConfig, device: torch.device, unused: frozenset[str] = frozenset()) -> TrainConfig:
     """cfg with the values recorded in its --out-dir for the options that cannot change this run's results, so a
-    run into its own folder with another value of one of them continues there instead of being refused as other
-    settings: `unused` (the caller's: --seed beside --seeds), the reward model's options when no method trains one,
-    and a --dtype that means the same precision here as the recorded one (fp32, and auto where it resolves to fp32).
-    Options that change results are left to the folder's check."""
+    run into its own folder continues there instead of being refused: `unused` (the caller's: --seed beside
+    --seeds), the reward model's options when no method trains one, and a --dtype that means the same precision here
+    as the recorded one. Options that change results are left to the folder's check."""
     try:
         raw = None if cfg.resume is not None or cfg.overwrite else read_settings(cfg.out_dir)
         stored = config.config_from_dict(TrainConfig, raw, "config.json") if raw is not None else None
@@ -429,9 +425,8 @@ def report(ctx: RunContext, cfg: TrainConfig, runs: list, model_desc: str, data_
 
 
 def run_seeds(cfg: TrainConfig, given: set[str], runtime: Runtime, precision: str) -> None:
-    """--seeds: the whole run once per seed into out_dir/seed_<s>/ (each with its own prompts, pairs, reward model
-    and adapters), then frontier.csv (a `seed` column), frontier_mean.csv and frontier.png (means with standard-error
-    bars) and a summary.json of every seed with the mean and standard error per method and setting."""
+    """--seeds: the whole run once per seed into out_dir/seed_<s>/, then frontier.csv (a `seed` column),
+    frontier_mean.csv, frontier.png and a summary.json with the mean and standard error per method and setting."""
     cfg = keep_recorded(cfg, runtime.device, frozenset({"seed"}))  # each seed's folder records its own seed
     out, seeds = Path(cfg.out_dir), cfg.configs.seeds
     if is_main():
@@ -493,9 +488,8 @@ def missing_seed_outputs(cfg: TrainConfig, out: Path) -> list[str]:
 
 
 def gather_seeds(out: Path, seeds: tuple[int, ...]) -> tuple[list[dict], dict[int, dict]]:
-    """(every seed's frontier points, each tagged with its seed; {seed: its summary.json}). Only a seed's own rows
-    count, and a summary over seeds found in a seed's folder (a --seeds run started inside it) is refused: the
-    means are over the seeds asked for, each once."""
+    """(every seed's frontier points, each tagged with its seed; {seed: its summary.json}). A summary over seeds
+    found in a seed's folder (a --seeds run started inside it) is refused: the means are over each seed once."""
     points, per_seed = [], {}
     for s in seeds:
         sub = out / f"seed_{s}"

@@ -2,20 +2,14 @@
 Resumable, verified HTTP downloads with nothing but the standard library (urllib).
 
 References: RFC 9110 sec. 14 (range requests: `Range: bytes=N-`, answers `206 Partial Content` with
-`Content-Range: bytes N-M/TOTAL`, or `416` when N is past the end) and the resume scheme of
-openai/gpt-2's download_model.py / wget -c: data goes to `<dest>.part`, a later call continues from
-the bytes already there, and only a complete, size- (and optionally sha256-) checked file is renamed
-to `<dest>` in one atomic `os.replace`. A failure therefore never destroys a finished file, and never
-leaves a half-written file under the final name.
+`Content-Range: bytes N-M/TOTAL`, or `416` when N is past the end) and the resume scheme of openai/gpt-2's
+download_model.py / wget -c: data goes to `<dest>.part`, a later call continues from the bytes already there, and
+only a complete, checked file is renamed to `<dest>` in one atomic `os.replace`.
 
-What is checked, so that nothing corrupt gets in silently: the length the server announces
-(Content-Length / Content-Range; a body whose end the server does not mark is refused unless the caller
-pins a size or sha256), the caller's pinned size and sha256 (a sha256 failure, e.g. after resuming a
-`.part` that was not a prefix of the file, discards the bytes and downloads once more from zero), that
-the body is not an HTML page (an error or login page served with status 200), and a file already at
-`<dest>`: it is re-checked against the pins on every call and replaced by a fresh download when it fails.
-
-Where files live: `cache_dir()` is `$MINIDPO_CACHE` if that variable is set, else `~/.cache/minidpo`.
+Checked: the length the server announces (a body whose end the server does not mark is refused unless the caller
+pins a size or sha256), the caller's pinned size and sha256 (a sha256 failure discards the bytes and downloads once
+more from zero), that the body is not an HTML page, and a file already at `<dest>`, re-checked against the pins on
+every call. `cache_dir()` is `$MINIDPO_CACHE` if that variable is set, else `~/.cache/minidpo`.
 """
 
 from __future__ import annotations

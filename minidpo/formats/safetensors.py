@@ -6,14 +6,11 @@ Reference: the format spec in huggingface/safetensors (README, "Format"):
     N bytes: a UTF-8 JSON object {name: {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}, ...,
              optionally "__metadata__": {str: str}}; it may be padded with trailing spaces
     rest:    the byte buffer; offsets are relative to its start, tensors are little-endian and C-contiguous.
-The reader memory-maps the file and views each tensor straight out of the map (no read into a Python bytes object,
-no copy until the caller moves the tensor to another device or dtype). The writer is atomic: it writes a temporary
-file beside the target and renames it over, so a crash never leaves a half-written checkpoint.
+The reader memory-maps the file and views each tensor straight out of the map; the writer is atomic.
 
 The header is validated as the reference implementation does (safetensors' Metadata::validate) before any byte is
 used: every field has the right JSON type, shapes are non-negative, and the tensors' byte ranges, sorted, tile the
-data section exactly, with no overlap (one tensor reading another's bytes), no hole and nothing after the last one.
-Every error is a SafetensorsError naming the file and the tensor or key.
+data section exactly. Every error is a SafetensorsError naming the file and the tensor or key.
 """
 
 import json

@@ -30,7 +30,8 @@ from torch import Tensor
 
 from minidpo.config import require
 from minidpo.dataset.batching import PairData
-from minidpo.methods.offline_train import BatchConfig, as_unique, make_batch_fn
+from minidpo.methods.dpo import as_unique
+from minidpo.methods.offline_train import BatchConfig, make_batch_fn
 from minidpo.methods.scoring import completion_logps, token_logps
 from minidpo.training.runtime import Runtime
 from minidpo.training.trainer import TrainRun, train_loop, trainable_adapter

@@ -1,23 +1,20 @@
 """
 One DPO training run: a fresh LoRA adapter on the reference weights, batches of preference pairs, the DPO loss with
-the reference passed in explicitly. Evaluation on held-out prompts follows in experiment/compare.py, the same for
-every method.
+the reference passed in explicitly.
 
 Reference: Rafailov et al. 2023, "Direct Preference Optimization" (arXiv:2305.18290), eq. 7; the step follows
 TRL's DPOTrainer (same loss and metric names), the loop llm.c's train_gpt2.py (see minidpo.training.trainer).
 
 Two ways to batch (--batching):
-- "pairs": a micro-batch is `pairs` preference pairs drawn from an endless shuffled stream; each pair's prompt and
-  both completions are forwarded (what TRL does).
+- "pairs": a micro-batch is `pairs` preference pairs; each pair's prompt and both completions are forwarded (TRL).
 - "unique" (default): a micro-batch is `prompts` whole prompts with all their pairs. With K completions per prompt
-  and "all" pairing a prompt has up to K(K-1)/2 pairs but only K distinct sequences, so each distinct (prompt,
-  completion) is forwarded once for the policy and once for the reference, and every pair's loss is formed from
-  those sequence log-probs. The loss and gradient equal the pairwise computation over the same pairs
-  (tests/test_dpo.py); only the work differs.
+  a prompt has up to K(K-1)/2 pairs but only K distinct sequences, so each distinct (prompt, completion) is
+  forwarded once for the policy and once for the reference, and every pair's loss is formed from those sequence
+  log-probs. Loss and gradient equal the pairwise computation (tests/test_dpo.py); only the work differs.
 
-The reference is the policy with its adapter disabled (`minidpo.model.lora.lora_disabled`), which is exactly the
-starting policy because the adapter starts at B = 0 (checked with `adapters_are_zero` before the first step), or cached
-sequence log-probs of the same weights computed before training (--precompute-ref).
+The reference is the policy with its adapter disabled (`minidpo.model.lora.lora_disabled`), exactly the starting
+policy because the adapter starts at B = 0, or sequence log-probs of the same weights cached before training
+(--precompute-ref).
 """
 
 from dataclasses import asdict

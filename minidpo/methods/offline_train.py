@@ -16,13 +16,8 @@ second, so a loss is written once, against the unique layout.
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
-
 from minidpo.config import require
 from minidpo.dataset.batching import PairData, collate_pairs, collate_unique, group_indices, pair_indices
-from minidpo.methods.dpo import BATCH_KEYS, UNIQUE_KEYS
 from minidpo.methods.logprobs import LOGPROBS
 from minidpo.model.tokenizer import EOT_ID
 from minidpo.training.runtime import Runtime
@@ -79,24 +74,3 @@ def make_batch_fn(data: PairData, cfg: BatchConfig, runtime: Runtime) -> Callabl
         return idx, {k: v.to(device, non_blocking=True) for k, v in batch.items()}, n_tokens, len(pairs)
     return get_batch
 
-
-def as_unique(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A batch in the unique layout (ids, attention_mask, response_mask (N, T); chosen_index, rejected_index (P,)).
-
-    A unique batch is returned as is. A pairs batch (chosen_*/rejected_* (B, t)) becomes N = 2B rows, chosen rows
-    first, both sides right-padded to the longer T. Naive equivalent: rows = chosen rows + rejected rows,
-    chosen_index = [0..B-1], rejected_index = [B..2B-1].
-    """
-    if all(k in batch for k in UNIQUE_KEYS):
-        return batch
-    missing = [k for k in BATCH_KEYS if k not in batch]
-    if missing:
-        raise KeyError(f"as_unique: batch lacks {missing}; expected the keys {UNIQUE_KEYS} (unique batching) or "
-                       f"{BATCH_KEYS} (pairs batching)")
-    B = batch["chosen_ids"].size(0)
-    T = max(batch["chosen_ids"].size(1), batch["rejected_ids"].size(1))
-    stack = lambda k: torch.cat([F.pad(batch[f"{s}_{k}"], (0, T - batch[f"{s}_{k}"].size(1)))  # noqa: E731
-                                 for s in ("chosen", "rejected")])  # (2B, T); pad columns are masked out
-    index = torch.arange(B, device=batch["chosen_ids"].device)  # (B,)
-    return {"ids": stack("ids"), "attention_mask": stack("attention_mask"), "response_mask": stack("response_mask"),
-            "chosen_index": index, "rejected_index": index + B}

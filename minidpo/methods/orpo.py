@@ -11,11 +11,8 @@ Reference: Hong, Lee and Thorne 2024, "ORPO: Monolithic Preference Optimization 
 P(y|x) is the length-averaged likelihood (eq. 4), and L_SFT is the negative log-likelihood of the chosen completion
 (eq. 2). Hugging Face TRL's ORPOTrainer computes the same (`odds_ratio_loss`, with the weight lambda named `beta`,
 default 0.1, this module's default too); tests/test_orpo.py checks this loss against both on the same inputs.
-
-Here, as for the paper's baselines (minidpo/methods/baselines.py), ORPO trains a fresh LoRA adapter on DPO's
-offline pairs and batches (minidpo/methods/offline_train.py); the adapter disabled is only what evaluation measures
-the KL against. L_SFT is the mean NLL per chosen completion token over the batch, Preferred-FT's loss, so at
-lambda = 0 ORPO is Preferred-FT.
+ORPO trains a fresh LoRA adapter on DPO's offline pairs and batches; L_SFT is Preferred-FT's loss, so at lambda = 0
+ORPO is Preferred-FT.
 """
 
 import math
@@ -28,7 +25,8 @@ from torch import Tensor
 from minidpo.config import require
 from minidpo.dataset.batching import PairData
 from minidpo.methods.baselines import log1mexp, preferred_ft_loss
-from minidpo.methods.offline_train import BatchConfig, as_unique, make_batch_fn
+from minidpo.methods.dpo import as_unique
+from minidpo.methods.offline_train import BatchConfig, make_batch_fn
 from minidpo.methods.scoring import completion_logps
 from minidpo.training.runtime import Runtime
 from minidpo.training.trainer import TrainRun, train_loop, trainable_adapter

@@ -37,7 +37,8 @@ from torch import Tensor
 from minidpo.dataset.batching import PairData, collate_unique, unique_sequences
 from minidpo.dataset.pairs import Pair
 from minidpo.formats.safetensors import SafetensorsError, load_file, load_metadata, save_file
-from minidpo.methods.offline_train import BatchConfig, as_unique, make_batch_fn
+from minidpo.methods.dpo import as_unique
+from minidpo.methods.offline_train import BatchConfig, make_batch_fn
 from minidpo.model.completions import eval_mode
 from minidpo.model.gpt import GPT
 from minidpo.model.lora import LoRAConfig, apply_lora, lora_config_of, lora_state_dict

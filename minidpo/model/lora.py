@@ -11,13 +11,7 @@ weights*: the pretrained weights plus anything already folded into them. That is
 adapter starts at zero (B = 0; `adapters_are_zero` checks it where training starts), because then policy ==
 reference at step 0; see TRL issues #4723 and #6591 for what goes wrong otherwise. Hence the workflow: SFT adapter ->
 `remove_lora(model, merge=True)` (plain nn.Linear weights that now contain it: the reference) -> fresh `apply_lora`.
-Folding: `merge_lora` (W += dW, layers kept), `unmerge_lora` (undo it), `remove_lora(model, merge)` (plain
-nn.Linear again, the adapter folded in or dropped). `apply_lora` refuses a model that still has LoRA layers, and
-`lora_disabled` a merged one (disabling cannot un-add a merged delta exactly).
-
-On disk (`save_lora`): a directory holding `adapter.safetensors` (the `lora_state_dict` keys, e.g.
-`transformer.h.0.attn.c_attn.lora_A`) and `adapter_config.json` (format, rank, alpha, dropout, targets).
-Hugging Face's layouts (a PEFT adapter, a merged model) are written by minidpo/model/export.py.
+`lora_disabled` refuses a merged model (disabling cannot un-add a merged delta exactly).
 """
 
 import json
@@ -104,9 +98,6 @@ class LoRALinear(nn.Module):
         return (self.lora_B @ self.lora_A) * self.scaling
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.disabled and self.merged:
-            raise RuntimeError("LoRALinear is disabled but merged: its base weight still contains the adapter; "
-                               "call unmerge_lora(model) before lora_disabled(model)")
         if self.disabled or self.merged:  # merged: the delta already lives in base.weight
             return self.base(x)
         lora = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)  # (..., in) -> (..., r) -> (..., out)

@@ -1,22 +1,10 @@
 """
 Training curves of one run: curves.png from the run's log.jsonl (and its evaluation points, points.jsonl).
 
-One quantity per panel, its y axis labelled with what it is, each drawn from whatever the run logged
-(minidpo.training.trainer writes one JSON line per logging window, with TRL's metric names, so each method has its
-own keys); a panel nothing was logged for is left out:
-- loss: "loss" (every method);
-- P(positive): the classifier's reward of the training samples ("reward", RLOO and online DPO) and of held-out
-  samples at each evaluation step (points.jsonl);
-- the learned reward model's normalized score of RLHF's training samples (its "reward": not a probability);
-- the KL-penalized reward RLOO maximizes ("rlhf_reward": reward - kl_coef * KL, in the units of its reward);
-- DPO's implicit reward margin in nats ("rewards/margins": beta * the log-ratio margin of chosen over rejected);
-- the reward model's margin on its training pairs ("margin", score of chosen - rejected);
-- KL(policy || reference): sampled on the training samples ("kl/sampled") and exact at each evaluation
-  (points.jsonl);
-- log ref - log pi on DPO's pairs ("logratio/ref_minus_policy", which estimates KL(reference || policy)).
-A series of a few points is drawn with markers, so a run that logged once or four times still shows them. A run
-resumed after a kill logs some steps twice; the last line of each step wins. matplotlib is optional: without it the
-figure is skipped with a one-line how-to.
+One quantity per panel (PANELS), its y axis labelled with what it is, each drawn from whatever the run logged
+(minidpo.training.trainer writes TRL's metric names, so each method has its own keys); a panel nothing was logged
+for is left out. A series of a few points is drawn with markers. A run resumed after a kill logs some steps twice;
+the last line of each step wins. matplotlib is optional: without it the figure is skipped with a one-line how-to.
 """
 
 import json

@@ -3,29 +3,24 @@ The reward-vs-KL frontier: the DPO paper's Figure 2 (left), Rafailov et al. 2023
 
 Every evaluation of every run (DPO at each beta, RLOO at each kl_coef, best-of-N at each N) is one point: the mean
 reward of samples on held-out prompts against KL(policy || reference). A run's points are appended to
-`<run_dir>/points.jsonl` as they are measured, so a killed and resumed run keeps the points from before the kill;
-`frontier.csv` gathers every run's points with a `method` column (and a `seed` column when runs are repeated over
-seeds), and `frontier.png` draws them in the paper's style: KL on x, reward on y, one colour per method, a point per
-setting and evaluation step (joined by a faint line per setting, from the reference's own point at KL 0).
+`<run_dir>/points.jsonl` as they are measured, so a resumed run keeps the points from before a kill; `frontier.csv`
+gathers every run's points with a `method` column (and `seed`), and `frontier.png` draws them in the paper's style.
 
-Seeds. The paper's figure shows single runs. With several seeds (`seed` set on the points), `aggregate_points`
-gives, for each (method, setting, step), the mean of reward and KL over seeds and its standard error
-std(ddof=1) / sqrt(n); the plot draws those means with error bars in both directions, and frontier_mean.csv holds
-them, so a gap between two methods can be read against the noise of the runs themselves.
+Seeds. With several seeds, `aggregate_points` gives, for each (method, setting, step), the mean of reward and KL
+over seeds and its standard error std(ddof=1) / sqrt(n) (frontier_mean.csv; error bars in the plot), so a gap
+between two methods can be read against the noise of the runs themselves.
 
-The paper's reading (sec. 6.1: every policy evaluated "after each 100 training steps", every checkpoint of every
-run a point). A method's frontier is its upper envelope: over all its settings and evaluated checkpoints (the
-reference, KL 0, included: it is every run's step 0), the best reward reached at or below each KL. `envelope`
-gives its vertices for one seed; `envelope_reward` reads it at a KL, linear between vertices, flat after the last
-vertex up to the largest KL the method reached, and undefined beyond that (never extrapolated). Each seed's
-envelope is read on its own and the readings averaged over seeds (mean +- standard error), since the envelope of
-noisy points is biased upward alike for every method: `envelope.csv` holds the vertices (with each point's own
-standard error over prompts), `equal_kl.csv` each method's reading at EQUAL_KLS and, for every pair of methods,
-the difference paired by seed with its standard error and whether it exceeds two of them.
+The paper's reading (sec. 6.1: every checkpoint of every run a point). A method's frontier is its upper envelope:
+over all its settings and evaluated checkpoints (the reference, KL 0, included), the best reward reached at or below
+each KL. `envelope` gives its vertices for one seed; `envelope_reward` reads it at a KL, linear between vertices,
+flat after the last vertex up to the largest KL the method reached, undefined beyond (never extrapolated). Each
+seed's envelope is read on its own and the readings averaged over seeds, since the envelope of noisy points is
+biased upward alike for every method: `envelope.csv` holds the vertices, `equal_kl.csv` each method's reading at
+EQUAL_KLS and, for every pair of methods, the difference paired by seed with its standard error.
 
 Best-of-N is not an autoregressive policy, so its KL is not measured but bounded: KL(best-of-N || reference) <=
 log N - (N - 1) / N (Stiennon et al. 2020; Beirami et al. 2024): its points hold that bound as `kl_bound` (their `kl`
-is empty), and the plot places them at it, labelled "KL bound".
+is empty), and the plot places them at it.
 """
 
 import csv

@@ -1,17 +1,10 @@
 """
-Run folders that never mislabel results: a folder's outputs belong to the settings recorded in it.
-
-- `check_out_dir` compares the settings of a new run with those recorded in the folder (its config.json) and refuses
-  a mismatch with one message naming the differing options and the ways on (--resume, a new --out-dir,
-  --overwrite); `--overwrite` removes only the files minidpo writes.
-- `mark_finished` / `is_finished`: a finished run says so in its summary.json, so `--resume` can leave it alone.
-- `resume_overrides`: which options a resumed run may change (e.g. more steps) and which it ignores.
-- `OutDirLock`: one run per folder at a time (an advisory flock on <out_dir>/.lock, released by the kernel even
-  when the holder is killed), so two runs never adopt each other's checkpoints or temporary files.
-- `to_portable` / `from_portable`: paths stored in run outputs, relative to the run folder when inside it, so a
-  folder works from any directory and after it is moved.
-
-The model is the experiment-tracking convention of e.g. nanoGPT's out_dir + ckpt.pt config, made strict.
+Run folders that never mislabel results: a folder's outputs belong to the settings recorded in it (its config.json).
+A new run with other settings is refused with one message naming the differing options and the ways on (--resume,
+a new --out-dir, --overwrite, which removes only the files minidpo writes); a finished run says so in its
+summary.json; `OutDirLock` lets one run at a time use a folder (an advisory flock, released by the kernel even when
+the holder is killed); paths stored in outputs are relative to the run folder when inside it, so a folder can move.
+The model is nanoGPT's out_dir + ckpt.pt config, made strict.
 """
 
 import fcntl
