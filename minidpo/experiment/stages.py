@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from minidpo.dataset.batching import PairData, collate_unique, fit_pairs, group_indices, prompt_groups, split_pairs
+from minidpo.dataset.batching import PairData, collate_unique, fit_pairs, prompt_groups, split_pairs, stream_indices
 from minidpo.dataset.imdb import load_imdb
 from minidpo.dataset.pairs import build_pairs
 from minidpo.dataset.pairs_cache import (
@@ -204,7 +204,7 @@ def precompute_reference(model: torch.nn.Module, data: PairData, cfg: ReferenceC
     Returns {group index: (N_g,) log-probs in collate_unique's sequence order} (fields "logps" and "logps_mean"
     stacked as (2, N_g)). Saves DPO the reference forward of every step.
     """
-    used = sorted(set(group_indices(len(data.groups), 0, cfg.groups_needed, cfg.seed)))
+    used = sorted(set(stream_indices(len(data.groups), 0, cfg.groups_needed, cfg.seed)))
     path = out / "reference_logps.safetensors"
     fp = fingerprint({"model": module_fingerprint(model), "pairs": data.fingerprint, "groups": used,
                       "max_length": cfg.max_length, "logprobs": cfg.logprobs})

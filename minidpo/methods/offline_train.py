@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from minidpo.config import require
-from minidpo.dataset.batching import PairData, collate_pairs, collate_unique, group_indices, pair_indices
+from minidpo.dataset.batching import PairData, collate_pairs, collate_unique, stream_indices
 from minidpo.methods.logprobs import LOGPROBS
 from minidpo.model.tokenizer import EOT_ID
 from minidpo.training.runtime import Runtime
@@ -61,12 +61,12 @@ def make_batch_fn(data: PairData, cfg: BatchConfig, runtime: Runtime) -> Callabl
     def get_batch(step: int, micro: int):
         slot = (step * cfg.grad_accum + micro) * world + rank
         if cfg.mode == "unique":
-            idx = group_indices(len(data.groups), slot * cfg.prompts, cfg.prompts, cfg.seed)
+            idx = stream_indices(len(data.groups), slot * cfg.prompts, cfg.prompts, cfg.seed)
             pairs = [data.train[i] for g in idx for i in data.groups[g]]
             batch = collate_unique(pairs, cfg.max_length, pad_id=cfg.pad_id)
             n_tokens = int(batch["attention_mask"].sum())
         else:
-            idx = pair_indices(len(data.train), slot * cfg.pairs, cfg.pairs, cfg.seed)
+            idx = stream_indices(len(data.train), slot * cfg.pairs, cfg.pairs, cfg.seed)
             pairs = [data.train[i] for i in idx]
             batch = collate_pairs(pairs, cfg.max_length, pad_id=cfg.pad_id)
             n_tokens = int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())

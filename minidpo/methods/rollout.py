@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from minidpo.config import require
-from minidpo.dataset.batching import batch_seed, pair_indices
+from minidpo.dataset.batching import batch_seed, stream_indices
 from minidpo.dataset.length_sampler import LengthSampler
 from minidpo.methods.logprobs import LOGPROBS
 from minidpo.methods.scoring import completion_logps
@@ -120,7 +120,7 @@ def make_rollout_fn(model: torch.nn.Module, tokenizer, scorer, prompts: list, cf
 
     def get_batch(step: int, micro: int) -> Rollout:
         slot = (step * grad_accum + micro) * world + rank
-        chosen = [prompts[i] for i in pair_indices(len(prompts), slot * P, P, cfg.seed)]
+        chosen = [prompts[i] for i in stream_indices(len(prompts), slot * P, P, cfg.seed)]
         s = cfg.sampling
         budgets = LengthSampler(s.min_new_tokens, s.max_new_tokens, seed=batch_seed(cfg.seed, slot, 1)).sample(P)
         g = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, slot, 2))

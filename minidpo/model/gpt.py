@@ -9,7 +9,7 @@ References:
    (`transformer.h.0.attn.c_attn.weight`, ...) so checkpoints map one to one, except that every projection is an
    `nn.Linear` ([out, in]) where OpenAI and Hugging Face store Conv1D ([in, out]).
 3) gpt-fast (PyTorch team) for the KV cache: allocated once per `generate` call instead of growing by
-   concatenation. The generation loop itself (`prefill`, `decode_one_token`, `sample`, `generate`) is in
+   concatenation. The generation loop itself (`decode`, `sample`, `generate`) is in
    generate.py, which imports this file (never the reverse).
 
 Padding. `attention_mask` ([B, T], 1 for a real token, 0 for a pad) makes left- and right-padded batches exact: a real
