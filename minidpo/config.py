@@ -128,11 +128,8 @@ def build_config(cls: type[T], argv: list[str], presets: dict[str, dict[str, Any
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """The `# comment` after each field in the class source, and `# ---` section lines: {field: help text}.
-
-    The comment a reader sees next to a field in the code is the help the user sees in --help, so the two cannot
-    drift apart.
-    """
+    """{field: the `# comment` after it in the class source}: the comment a reader sees next to a field is the help
+    the user sees in --help, so the two cannot drift apart."""
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
@@ -182,11 +179,8 @@ def _matches_type(value: Any, typ: Any) -> bool:
 
 
 def config_from_dict(cls: type[T], stored: Any, source: str) -> T:
-    """A config from a dict read back from disk (a run's config.json), type-checked field by field.
-
-    A resumed run must be exactly the run that was started, so an unknown key, a missing one or a value of the wrong
-    type (`"steps": "16"`) is rejected naming `source` and the key, before any work.
-    """
+    """A config from a dict read back from disk (a run's config.json): an unknown key, a missing one or a value of
+    the wrong type (`"steps": "16"`) is rejected naming `source` and the key, so a resumed run is the one started."""
     if not isinstance(stored, dict):
         raise ConfigError(f"{source}: expected a JSON object of settings, got {type(stored).__name__}")
     types_by_name = field_types(cls)

@@ -88,11 +88,8 @@ def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
 
 def stream_indices(n: int, start: int, count: int, seed: int) -> list[int]:
     """Items start..start+count-1 of an endless stream of shuffled epochs over range(n) (pairs, or prompt groups:
-    a step takes `count` whole prompts).
-
-    Naive equivalent: concatenate randperm_e(n) for e = 0, 1, 2, ... (each epoch seeded by (seed, e)) and slice.
-    A pure function of its arguments, so the data position of a resumed run is just its step number.
-    """
+    a step takes `count` whole prompts). Naive equivalent: concatenate randperm_e(n) for e = 0, 1, 2, ... (each
+    epoch seeded by (seed, e)) and slice."""
     if n < 1 or start < 0 or count < 0:
         raise ValueError(f"stream_indices: need n >= 1 items, start >= 0, count >= 0; got n={n}, start={start}, "
                          f"count={count}")
@@ -160,12 +157,9 @@ def unique_sequences(pairs: Sequence[Pair]) -> tuple[list[tuple[list[int], list[
 
 
 def collate_unique(pairs: Sequence[Pair], max_length: int, *, pad_id: int = EOT_ID) -> dict[str, Tensor]:
-    """One row per distinct (prompt, completion) sequence, and for each pair the rows of its two sides:
-
-    ids, attention_mask, response_mask: (N, T) long, right-padded as in collate_pairs (response_mask is 1 on the
-    completion's tokens, a final eot included, after truncation to max_length); chosen_index, rejected_index: (P,)
-    long indices into the N rows. Row chosen_index[i] equals collate_pairs's chosen row i, and likewise rejected.
-    Naive equivalent: collate_pairs, then keep the first copy of each repeated row and point the pairs at it.
+    """One row per distinct (prompt, completion) sequence: ids, attention_mask, response_mask (N, T), right-padded as
+    in collate_pairs, and chosen_index, rejected_index (P,) into the N rows. Naive equivalent: collate_pairs, then
+    keep the first copy of each repeated row and point the pairs at it.
     """
     rows, chosen, rejected = unique_sequences(pairs)
     T = max(_length(prompt, completion, max_length) for prompt, completion in rows)

@@ -123,10 +123,6 @@ def clean_text(raw: bytes, name: str) -> str:
 RawReview = tuple[str, str, str, int, int, bytes]  # (member name, split, label, id, rating, bytes)
 
 
-def _is_readme(name: str) -> bool:
-    return name.replace("\\", "/").strip("/").removeprefix("./") in ("aclImdb/README", "README")
-
-
 def _iter_tarball(path: Path, wanted: set[tuple[str, str]], notes: dict) -> Iterator[RawReview]:
     # one sequential pass over the gzip stream; members we do not want are skipped without reading
     if path.stat().st_size == 0:
@@ -138,7 +134,7 @@ def _iter_tarball(path: Path, wanted: set[tuple[str, str]], notes: dict) -> Iter
                 for member in tf:
                     if not member.isfile():
                         continue
-                    if _is_readme(member.name):
+                    if member.name.replace("\\", "/").strip("/").removeprefix("./") in ("aclImdb/README", "README"):
                         notes["readme"] = tf.extractfile(member).read(len(STANFORD_README_START))
                         continue
                     parsed = parse_member(member.name)
@@ -208,17 +204,12 @@ def read_manifest(path: Path) -> dict:
     return dict(m, reviews=counts)
 
 
-def is_cached_download(path: Path) -> bool:
-    """Whether `path` is the copy download_imdb installs (`<cache_dir()>/aclImdb_v1.tar.gz`)."""
-    return path.resolve() == (cache_dir() / IMDB_FILENAME).resolve()
-
-
 def check_identity(kind: str, path: Path) -> tuple[dict[tuple[str, str], int], str] | None:
     """Before reading: a manifest's or the cache's file must be the exact file. Returns the counts promised
     so far (manifest or cached download) and who promises them, else None."""
     if kind != "tarball":
         return None
-    if is_cached_download(path):
+    if path.resolve() == (cache_dir() / IMDB_FILENAME).resolve():  # the copy download_imdb installs
         problem = file_problem(path, IMDB_SIZE, IMDB_SHA256)
         if problem is not None:
             raise ImdbError(f"IMDB tarball {str(path)!r}: {problem} (Stanford's aclImdb_v1.tar.gz, which "
@@ -249,11 +240,8 @@ def check_counts(path: Path, counts: dict[tuple[str, str], int], promise: tuple[
 
 
 def iter_raw_reviews(source: str | os.PathLike, wanted: Iterable[tuple[str, str]]) -> Iterator[RawReview]:
-    """Yield every review file of the wanted (split, label) pairs as raw bytes, in storage order.
-
-    After the last one, the counts per wanted folder are checked against the source's promise (see the
-    module docstring); the error comes at the end of the pass, so a caller sees it before using the data.
-    """
+    """Yield every review file of the wanted (split, label) pairs as raw bytes, in storage order; after the last
+    one, the counts per wanted folder are checked against the source's promise (see the module docstring)."""
     wanted = set(wanted)
     kind, path = resolve_source(source)
     promise = check_identity(kind, path)
@@ -315,12 +303,9 @@ def default_imdb_source(log: Log = quiet) -> Path:
 
 
 def download_imdb(dest: str | os.PathLike | None = None, url: str = IMDB_URL, log: Log = quiet) -> Path:
-    """Download aclImdb_v1.tar.gz to `dest` (a file path or a directory; default: the cache dir).
-
-    The work (progress bar, resume, length check, sha256, atomic rename, offline error) is done by
-    minidpo.formats.download.download_file; a copy already there is re-checked and replaced if it fails. The published
-    size and sha256 are checked for Stanford's URL and for the cache (where load_imdb expects Stanford's exact
-    file), so only an explicit `dest` can take other bytes from a mirror or a test server.
+    """Download aclImdb_v1.tar.gz to `dest` (a file path or a directory; default: the cache dir) with
+    minidpo.formats.download.download_file. The published size and sha256 are checked for Stanford's URL and for the
+    cache, so only an explicit `dest` can take other bytes from a mirror or a test server.
     """
     pinned = url == IMDB_URL or dest is None
     dest = Path(dest).expanduser() if dest is not None else cache_dir()

@@ -32,10 +32,6 @@ class LengthSampler:
     length distribution. To reproduce TRL exactly, pass `max_value - 1`.
 
     Naive equivalent of one draw: random.Random(seed).randint(min_value, max_value).
-
-        lengths = LengthSampler(2, 8, seed=0)
-        lengths()          # -> an int in 2..8
-        lengths.sample(4)  # -> a list of 4 ints in 2..8
     """
 
     def __init__(self, min_value: int, max_value: int, seed: int | None = None) -> None:

@@ -134,12 +134,6 @@ def score_all(scorer: Scorer | Any, texts: list[str], batch_size: int, log: Log 
     return scores
 
 
-def distinct_pairs(pairs: Sequence[Pair]) -> tuple[list[Pair], int]:
-    """(pairs whose chosen and rejected ids differ, how many did not). Naive: [p for p in pairs if c != r]."""
-    kept = [p for p in pairs if p.chosen_ids != p.rejected_ids]
-    return kept, len(pairs) - len(kept)
-
-
 def build_pairs(cfg: PairsConfig, prompts: Sequence[Prompt], tokenizer: Any, model: nn.Module | None = None,
                 scorer: Scorer | Any = None, reviews: Sequence[Any] | None = None, log: Log = quiet) -> list[Pair]:
     """Pairs for every prompt, in prompt order. generated mode needs model and scorer; labels mode, reviews.
@@ -156,11 +150,11 @@ def build_pairs(cfg: PairsConfig, prompts: Sequence[Prompt], tokenizer: Any, mod
             raise ValueError("build_pairs: mode 'generated' needs model= (the reference policy) and scorer= "
                              "(e.g. a reward.SentimentClassifier)")
         pairs = generated_pairs(cfg, prompts, tokenizer, model, scorer, log)
-    pairs, n_same = distinct_pairs(pairs)
-    if n_same:
-        log(f"pairs: dropped {n_same} of {len(pairs) + n_same} pairs whose chosen and rejected completions are the "
-            f"same tokens (they would train at loss ln 2 with zero gradient)")
-    return pairs
+    kept = [p for p in pairs if p.chosen_ids != p.rejected_ids]
+    if len(kept) < len(pairs):
+        log(f"pairs: dropped {len(pairs) - len(kept)} of {len(pairs)} pairs whose chosen and rejected completions are "
+            f"the same tokens (they would train at loss ln 2 with zero gradient)")
+    return kept
 
 
 def generated_pairs(cfg: PairsConfig, prompts: Sequence[Prompt], tokenizer: Any, model: nn.Module,

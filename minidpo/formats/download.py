@@ -242,15 +242,11 @@ def _fetch(url: str, dest: Path, part: Path, expected_size: int | None, desc: st
 def download_file(url: str, dest: str | os.PathLike, expected_size: int | None = None, sha256: str | None = None,
                   desc: str | None = None, retries: int = 3, timeout: float = TIMEOUT_S, allow_html: bool = False,
                   log: Log = quiet) -> Path:
-    """Download `url` to `dest` and return `dest`; a no-op if `dest` already exists and passes the pins.
-
-    Bytes land in `<dest>.part` first. An interrupted transfer is resumed with an HTTP Range request, in this
-    call (up to `retries` more attempts, each continuing where the last stopped) or in a later one; a server
-    that ignores Range (200 instead of 206) makes it restart from zero. The size is checked against the
-    server's Content-Length / Content-Range total and `expected_size`, then `sha256` if given; a sha256
-    failure discards the bytes and downloads once more from zero. Only then is the file renamed to `dest`
-    atomically. An existing `dest` that fails the pins stays in place until a good copy replaces it. An HTML
-    body is refused unless `allow_html`. Raises DownloadError with the URL and `dest` in its message.
+    """Download `url` to `dest` and return `dest`; a no-op if `dest` already exists and passes the pins (see the
+    module docstring). An interrupted transfer is resumed with an HTTP Range request, in this call (up to `retries`
+    more attempts) or in a later one; a server that ignores Range makes it restart from zero. An existing `dest`
+    that fails the pins stays in place until a good copy replaces it. An HTML body is refused unless `allow_html`.
+    Raises DownloadError with the URL and `dest` in its message.
     """
     dest = Path(dest).expanduser()
     part = part_path(dest)

@@ -14,6 +14,7 @@ data section exactly. Every error is a SafetensorsError naming the file and the 
 """
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -97,18 +98,11 @@ def _check_entry(path: Path, name: str, info: object) -> tuple[int, int]:
         raise SafetensorsError(f"{path}: tensor {name!r}: 'data_offsets' must be two non-negative integers "
                                f"[begin, end], got {offsets!r}")
     begin, end = offsets
-    nbytes = _numel(shape) * DTYPES[dtype].itemsize
+    nbytes = math.prod(shape) * DTYPES[dtype].itemsize
     if end - begin != nbytes:
         raise SafetensorsError(f"{path}: tensor {name!r} with shape {shape} and dtype {dtype} needs {nbytes} bytes "
                                f"but has data_offsets [{begin}, {end}] (truncated or corrupt file)")
     return begin, end
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def load_file(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:

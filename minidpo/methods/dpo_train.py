@@ -39,12 +39,9 @@ def cached_reference(cache: dict[int, Tensor], groups: list[int]) -> dict[str, T
 
 def dpo_step(model: torch.nn.Module, batch: tuple, dpo: DPOConfig, batch_config: BatchConfig,
              reference_cache: dict[int, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor], int, int]:
-    """One DPO micro-batch: policy log-probs (with grad), reference log-probs (passed in explicitly), the loss.
-
-    This is the training step: a reader can follow it from here to `minidpo.methods.scoring.completion_logps` (the
-    naive log_softmax + gather, or the fused kernels) and to the loss `minidpo.methods.dpo.dpo_loss`, and back
-    through backward. A unique batch forwards each distinct sequence once (N rows) and gathers every pair's two
-    from them; naive equivalent: `concatenated_forward` over each pair's chosen and rejected rows.
+    """One DPO micro-batch: policy log-probs (with grad), reference log-probs (passed in explicitly), the loss
+    (`minidpo.methods.dpo.dpo_loss` through dpo_step_loss). A unique batch forwards each distinct sequence once (N
+    rows) and gathers every pair's two from them; naive equivalent: `concatenated_forward` over each pair's rows.
     """
     model.train()  # LoRA dropout on in every training step; evaluation and sampling run in eval mode
     idx, tensors, n_tokens, n_pairs = batch

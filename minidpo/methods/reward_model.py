@@ -270,12 +270,9 @@ def load_reward_model(body: GPT, path: str | Path) -> RewardModel:
 
 def cached_reward_model(path: Path, fp: str, reference: GPT, build: Callable[[], tuple[RewardModel, dict]],
                         log: Log = quiet) -> tuple[RewardModel, dict]:
-    """The reward model stage: reuse `path` when its metadata fingerprint is `fp`, else build() and save it.
-
-    fp must cover everything the model depends on (reference weights, pairs fingerprint, LoRA, batch and loop
-    settings). Call it on every rank (not inside rank_zero_first: training all-reduces across ranks). Returns (model,
-    info) with info {"heldout_accuracy", "normalization", "train"} as stored in the file's metadata ("train": the
-    loop summary's finite numbers), so a reused model reports exactly what the run that trained it reported.
+    """The reward model stage: reuse `path` when its metadata fingerprint is `fp` (which covers everything the model
+    depends on), else build() and save it. Call it on every rank (training all-reduces). Returns (model, info) as
+    stored in the file's metadata, so a reused model reports exactly what the run that trained it reported.
     """
     if path.is_file():
         try:

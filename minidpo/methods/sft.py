@@ -53,10 +53,9 @@ def random_windows(stream: Tensor, batch_size: int, block_size: int, seed: int) 
 def lm_loss(model: GPT, x: Tensor, y: Tensor) -> Tensor:
     """Mean next-token cross-entropy; naive equivalent: F.cross_entropy(model(x).float().flatten(0, 1), y.flatten()).
 
-    The [B, T, V] logits stay in the model's compute dtype (bf16 under autocast): the fused kernel takes each row's
-    logsumexp in fp32, chunk by chunk, and writes the gradient into the logits' own storage. Measured on a 2-core
-    AMX CPU (bench/sft_speed.py), this is most of the gap between a bf16 and an fp32 step: an fp32 copy of
-    [B, T, 50257] and a second [B, T, V] gradient buffer cost more than the whole transformer body.
+    The [B, T, V] logits stay in the model's compute dtype: the fused kernel takes each row's logsumexp in fp32 and
+    writes the gradient into the logits' own storage (an fp32 copy and a second [B, T, V] buffer cost more than the
+    whole transformer body: bench/sft_speed.py).
     """
     logits = model(x)  # (B, T, V)
     return -fused_token_logps(logits, y, inplace_backward=logits.requires_grad).mean()

@@ -27,11 +27,6 @@ from torch.utils.weak import WeakIdKeyDictionary
 _CACHE = WeakIdKeyDictionary()
 
 
-def autocast_dtype_now(device_type: str) -> torch.dtype | None:
-    """The dtype autocast casts matmul inputs to on this device type, or None outside autocast."""
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-
-
 def autocast_weight(weight: Tensor) -> Tensor:
     """weight as autocast would hand it to a matmul, cached across calls while weight is frozen and unchanged.
 
@@ -39,7 +34,8 @@ def autocast_weight(weight: Tensor) -> Tensor:
     """
     if torch.compiler.is_compiling():
         return weight  # a traced graph casts (and can hoist the cast) itself; a Python-side cache cannot be traced
-    dtype = autocast_dtype_now(weight.device.type)
+    device = weight.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     if dtype is None or weight.dtype != torch.float32 or weight.requires_grad:
         return weight  # not ours to cache: fp32 math, already half precision, or autocast's per-step cache applies
     key = (weight.data_ptr(), weight._version, dtype)

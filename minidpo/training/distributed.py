@@ -83,10 +83,7 @@ def _env_int(name: str, default: int) -> int:
 @contextmanager
 def rank_zero_first() -> Iterator[None]:
     """`with rank_zero_first(): build()`: rank 0 runs the block first, then the other ranks (which then read the
-    cache rank 0 wrote).
-
-    Naive equivalent: the block on every rank at once, each generating the same artifact, or racing to write it.
-    If rank 0 fails, every rank raises instead of waiting forever at a barrier that rank 0 never reaches.
+    cache rank 0 wrote). If rank 0 fails, every rank raises instead of waiting forever at a barrier.
     """
     if not dist.is_initialized():
         yield

@@ -215,11 +215,8 @@ def is_finished(out_dir: str | os.PathLike) -> bool:
 
 
 def resume_overrides(stored: dict, given: dict, safe: Iterable[str] = RESUME_SAFE) -> tuple[dict, list[str]]:
-    """(the resumed run's settings, the given options that were ignored).
-
-    A resumed run keeps its recorded settings; of the options given on the command line only those in `safe` (such
-    as more steps) replace them, and the others that differ are returned for the caller to report.
-    """
+    """(the resumed run's settings, the given options that were ignored): of the options given on the command line
+    only those in `safe` (such as more steps) replace the recorded ones."""
     safe = set(safe)
     merged = dict(stored)
     ignored = []

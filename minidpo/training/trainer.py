@@ -22,6 +22,7 @@ import math
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -121,12 +122,6 @@ class StepClock:
         return per_step * steps_left
 
 
-def print_on_main(msg: str) -> None:
-    """The default log of train_loop: the progress lines, printed by rank 0 only."""
-    if is_main():
-        print(msg, flush=True)
-
-
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """The parameters a method trains, by name: those with requires_grad (the LoRA adapters, or every weight in
     SFT); what train_loop and the checkpoint take."""
@@ -186,7 +181,7 @@ def train_loop(run: TrainRun, params: dict[str, Tensor], get_batch: Callable[[in
     """
     t_session = time.perf_counter()
     cfg = replace(run.loop, **shown)
-    say = (log if log is not None else print_on_main) if is_main() else quiet
+    say = (log if log is not None else partial(print, flush=True)) if is_main() else quiet
     checkpointer = log_path = None
     if run.run_dir is not None:
         run_dir = Path(run.run_dir)
