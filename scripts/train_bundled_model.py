@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minidpo.config import build_config, require, run_program  # noqa: E402
 from minidpo.dataset.imdb import load_imdb  # noqa: E402
-from minidpo.experiment.resolve import autocast_dtype  # noqa: E402
+from minidpo.experiment.resolve import choose_dtype  # noqa: E402
 from minidpo.methods.sft import SFTConfig, eval_loss, pack_texts, run_sft  # noqa: E402
 from minidpo.model.export import save_hf  # noqa: E402
 from minidpo.model.generate import generate  # noqa: E402
@@ -98,7 +98,7 @@ def main(argv: list[str]) -> None:
     print(f"data: {len(train_stream):,} train tokens, {len(test_stream):,} test tokens "
           f"({time.perf_counter() - t0:.0f} s to read)", flush=True)
     device = torch.device("cpu")
-    dtype = autocast_dtype(device, cfg.dtype)
+    dtype = choose_dtype(device, cfg.dtype)[0]
     print(f"precision: {'bf16 autocast' if dtype else 'fp32'} (--dtype {cfg.dtype})", flush=True)
     amp = torch.autocast("cpu", dtype=dtype) if dtype is not None else nullcontext()
 

@@ -11,18 +11,14 @@ Stanford's layout, inside `aclImdb_v1.tar.gz`:
     aclImdb/train/unsup/<id>_0.txt                      unlabelled, rating 0
     aclImdb/README, aclImdb/imdb.vocab, aclImdb/{train,test}/urls_*.txt, ...  (ignored here)
 
-A gzip stream cannot be seeked, so the tarball is read in ONE sequential pass (`tarfile` mode "r|")
-that keeps only the wanted members; nothing is extracted to disk.
+The tarball is read in ONE sequential pass (a gzip stream cannot be seeked); nothing is extracted to disk.
 
-Nothing corrupt gets in silently. `tarfile` alone takes a cut stream for the end of the archive, so the pass
-reads on to the gzip trailer, where the CRC32 and length of the whole stream are checked (RFC 1952). Then the
-number of reviews per wanted folder is compared with what the source promises: the shipped sample's manifest
-(`data/imdb_sample.manifest.json`, written by scripts/make_imdb_sample.py), or Stanford's counts (12,500 per
-labelled folder, 50,000 unsup) for an archive that carries Stanford's README. The copy that download_imdb
-installs in the cache must also be Stanford's exact file (size and sha256); a user's own tarball may
-legitimately differ (a repack without the .feat files) and is checked by CRC and counts only.
-A review that is not valid UTF-8 is an error naming the member: Stanford's files all are, so such a file
-means a damaged or foreign archive, and replacing bytes would feed invented text to the tokenizer.
+Nothing corrupt gets in silently. The pass reads on to the gzip trailer, where the CRC32 and length of the whole
+stream are checked (RFC 1952), since `tarfile` alone takes a cut stream for the end of the archive. Then the number
+of reviews per wanted folder is compared with what the source promises: the shipped sample's manifest, or
+Stanford's counts for an archive that carries Stanford's README. The cached download must also be Stanford's exact
+file (size and sha256). A review that is not valid UTF-8 is an error naming the member: replacing bytes would feed
+invented text to the tokenizer.
 """
 
 from __future__ import annotations
@@ -286,20 +282,6 @@ def load_imdb(source: str | os.PathLike, split: str = "train", labels: Iterable[
         raise ImdbError(f"IMDB source {str(source)!r}: no reviews found under {split}/{missing[0]}/")
     reviews.sort(key=lambda r: (order[r.label], r.id))
     return reviews
-
-
-def default_imdb_source(log: Log = quiet) -> Path:
-    """The full set `<cache>/aclImdb_v1.tar.gz` if it was downloaded, else the ~1,000-review shipped sample.
-
-    It says through `log` which one was picked, since results on the sample are not comparable to the paper's.
-    """
-    full = cache_dir() / IMDB_FILENAME
-    if full.is_file():
-        log(f"imdb: using the full set at {full}")
-        return full
-    log(f"imdb: {full} not found, using the shipped sample {IMDB_SAMPLE_PATH} (~1,000 reviews); run "
-        "`python -c 'import minidpo.dataset.imdb as m; m.download_imdb()'` for the full set")
-    return IMDB_SAMPLE_PATH
 
 
 def download_imdb(dest: str | os.PathLike | None = None, url: str = IMDB_URL, log: Log = quiet) -> Path:

@@ -1,10 +1,9 @@
 """
 Uniform integer lengths for prompts and responses in the IMDb sentiment experiment.
 
-Reference: Rafailov et al. 2023, "Direct Preference Optimization" sec. 6.1 / appendix C.1: prompts are
-prefixes of IMDb reviews of 2-8 tokens, and the policy writes a completion of a sampled length. The
-design mirrors TRL's `LengthSampler` (trl/core.py, used by its gpt2-sentiment PPO example, which the
-DPO authors followed), with one deliberate difference, documented on the class.
+Reference: Rafailov et al. 2023, "Direct Preference Optimization" sec. 6.1 / appendix C.1 (prompts of 2-8 tokens,
+completions of a sampled length), after TRL's `LengthSampler` (trl/core.py, its gpt2-sentiment PPO example), with
+one deliberate difference, documented on the class.
 """
 
 from __future__ import annotations

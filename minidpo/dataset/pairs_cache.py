@@ -2,14 +2,9 @@
 The pairs file (pairs.jsonl): a cache of build_pairs's output, keyed by a fingerprint of every input.
 
 Format: JSON Lines (https://jsonlines.org), UTF-8. Line 1 is a header {"format", "fingerprint", "n_pairs",
-"sha256"}: sha256 (FIPS 180-4) is the hex digest of every byte after the header line, so a file cut short by a
-full disk or a killed copy, or edited by hand, is detected before any pair is used. Then one Pair per line.
-
-The fingerprint is the sha256 of a canonical JSON of every input (config, prompt ids, model, classifier and data
-identities). `cached_pairs` reuses the file when the fingerprint matches and the file reads back whole; otherwise
-(missing, inputs changed, damaged, another format version) it rebuilds it and says why in one line. Writes go
-through minidpo.fileio: a uniquely named temporary file, fsync, rename, so a crash leaves the old file or the new
-one, never half of either.
+"sha256"}: sha256 (FIPS 180-4) is the hex digest of every byte after the header line, so a file cut short or edited
+by hand is detected before any pair is used. Then one Pair per line. The fingerprint is the sha256 of a canonical
+JSON of every input (config, prompt ids, model, classifier and data identities).
 """
 
 import hashlib

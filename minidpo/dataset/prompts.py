@@ -5,10 +5,8 @@ Reference: Rafailov et al. 2023, "Direct Preference Optimization" (arXiv:2305.18
 "x is a prefix of a movie review from the IMDb dataset", 2-8 tokens long, following TRL's gpt2-sentiment notebook
 (`input_size = LengthSampler(2, 8)`; ours includes the 8, see minidpo.dataset.length_sampler).
 
-Each prompt comes from a distinct review, visited in a seeded random order, and remembers where it was cut from
-(`Prompt.review`, "train/pos/123") and its split: prompts cut from test-split reviews are held out. Distinct
-reviews can still open alike ("This is", "I love"), so a test prompt whose token ids equal a training prompt's is
-skipped (`exclude`): evaluation never scores a completion of a prompt that a method trained on.
+Each prompt comes from a distinct review and remembers where it was cut from and its split: prompts cut from
+test-split reviews are held out, and a test prompt whose token ids equal a training prompt's is skipped.
 """
 
 import random

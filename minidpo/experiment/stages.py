@@ -1,15 +1,12 @@
 """
 The cached stages between the model and training in train.py: the model, optional SFT, the IMDB data, the prompts,
 the reward classifier, the preference pairs and (optionally) the reference log-probs, and RLHF's learned reward
-model.
+model (Rafailov et al. 2023, sec. 6.1: prompts are 2-8 token prefixes of IMDb reviews, the reference samples
+completions, a sentiment classifier ranks them into preference pairs).
 
-Each stage takes its own small config and returns a typed result; nothing here reads train.py's flat config. Each
-cached stage is keyed by a fingerprint of everything it depends on and reused when that has not changed, so a resumed
-run or a sweep never rebuilds what it already has. Under torchrun, rank 0 builds a stage first and the other ranks
-then read its cache (`rank_zero_first`), so every rank trains on identical pairs.
-
-Reference: Rafailov et al. 2023, sec. 6.1: prompts are 2-8 token prefixes of IMDb reviews, the reference samples
-completions, a sentiment classifier ranks them into preference pairs.
+Each stage takes its own small config and returns a typed result. Each cached stage is keyed by a fingerprint of
+everything it depends on, so a resumed run or a sweep never rebuilds what it already has. Under torchrun, rank 0
+builds a stage first and the other ranks then read its cache (`rank_zero_first`).
 """
 
 import hashlib

@@ -1,16 +1,7 @@
 """
-The batches of the offline preference pairs, shared by every method that trains on them: DPO
-(minidpo/methods/dpo_train.py), the paper's baselines (Preferred-FT and Unlikelihood, minidpo/methods/baselines.py)
-and the learned reward model (minidpo/methods/reward_model.py).
-
-Reference: Rafailov et al. 2023, "Direct Preference Optimization" (arXiv:2305.18290), sec. 6.1 and Figure 2: every
-method sees the same preference pairs, so the batches are DPO's own (`make_batch_fn`: the same pairs, order and
-steps), and only the loss differs. The loop is minidpo.training.trainer's (AdamW, warmup + cosine, accumulation,
-clipping, logging, checkpoints, exact resume).
-
-A batch comes in one of the two layouts of minidpo.dataset.batching: "pairs" (chosen_* and rejected_* rows) or "unique"
-(each distinct sequence once, with chosen_index / rejected_index per pair). `as_unique` turns the first into the
-second, so a loss is written once, against the unique layout.
+The batches of the offline preference pairs, shared by every method that trains on them: DPO, the paper's
+baselines, ORPO and the learned reward model. Every method sees the same pairs, order and steps (Rafailov et al.
+2023, sec. 6.1 and Figure 2), and only the loss differs.
 """
 
 from dataclasses import dataclass

@@ -2,13 +2,9 @@
 Everything about ranks in one place: starting and ending the process group under torchrun, who is rank 0, waiting
 for each other, building a shared artifact once, and averaging gradients.
 
-References: PyTorch's torch.distributed (init_process_group reads MASTER_ADDR/PORT, RANK and WORLD_SIZE that torchrun
-sets) and DistributedDataParallel, whose gradient all-reduce `average_gradients` reproduces for the few trainable
-(LoRA) tensors: one flat buffer, one all_reduce, divide by the world size. Backends as PyTorch recommends: nccl when
-every process has a GPU, gloo on CPU.
-
-Without torchrun (WORLD_SIZE unset or 1) nothing is initialized and every function here is the single-process no-op,
-so the same code runs both ways.
+References: PyTorch's torch.distributed and DistributedDataParallel, whose gradient all-reduce `average_gradients`
+reproduces for the few trainable (LoRA) tensors: one flat buffer, one all_reduce, divide by the world size. nccl
+when every process has a GPU, gloo on CPU. Without torchrun every function here is the single-process no-op.
 """
 
 import os
