@@ -217,24 +217,23 @@ def load_config(argv: list[str]) -> tuple[TrainConfig, set[str]]:
 
 def check_export_merged(cfg: TrainConfig, configs: RunConfigs) -> None:
     """--export-merged writes one merged model to one path, so it takes a run of one method at one setting with one
-    seed: with several, the models would overwrite each other (or a --compare would fail after all its work)."""
+    seed, refused here before any work otherwise."""
     if cfg.export_merged is None:
         return
     runs = method_runs(configs, Path(cfg.out_dir))
     if len(runs) > 1:
         raise config.ConfigError(f"--export-merged writes one model, and this run trains {len(runs)} (--compare or a "
-                            "sweep): run the one method and setting to export on its own with --export-merged, or "
-                            "merge a sub-run's adapter_peft/ with PEFT", "export_merged")
+                                 "sweep): run the one method and setting to export on its own with --export-merged, or "
+                                 "merge a sub-run's adapter_peft/ with PEFT", "export_merged")
     if configs.seeds and resumes_one_seed(cfg) is None:
         raise config.ConfigError(f"--export-merged writes one model, and --seeds {cfg.seeds} trains one per seed: run "
-                            f"without it, then export one seed with --resume {Path(cfg.out_dir) / 'seed_<s>'} "
-                            "--export-merged PATH", "export_merged")
+                                 f"without it, then export one seed with --resume {Path(cfg.out_dir) / 'seed_<s>'} "
+                                 "--export-merged PATH", "export_merged")
 
 
 def resumes_one_seed(cfg: TrainConfig) -> Path | None:
     """The folder of the --seeds run when cfg resumes one of its seeds' folders (seed_<s>, inside a folder whose
-    config.json records the same --seeds), else None. A seed's folder records --seeds too, yet holds one run with one
-    seed: it resumes as that run, never as a new --seeds run inside it."""
+    config.json records the same --seeds), else None: such a folder resumes as that one seed's run."""
     if cfg.resume is None or not cfg.seeds or Path(cfg.resume).name != f"seed_{cfg.seed}":
         return None
     top = Path(cfg.resume).resolve().parent
@@ -343,20 +342,19 @@ def run(cfg: TrainConfig, given: set[str], runtime: Runtime, precision: str) -> 
     with enter_run_folder(cfg, out) as folder:
         if folder.finished:
             runtime.log(f"{out} already holds this run, finished; its outputs stay as they are (--overwrite to run it "
-                   f"again). {sample_hint(out).capitalize()}")
+                        f"again). {sample_hint(out).capitalize()}")
             return
         if folder.repairing:  # every sub-run resumes at its last step: nothing is trained again
             runtime.log(f"{out} holds this run, finished, without {', '.join(missing_outputs(cfg, out))}: making them")
         torch.manual_seed(cfg.seed)
         world = f" x{runtime.world}" if runtime.world > 1 else ""
-        runtime.log(f"minidpo: device {runtime.device}{world}, {precision}, model "
-               f"{model_desc}, out_dir {out}")
+        runtime.log(f"minidpo: device {runtime.device}{world}, {precision}, model {model_desc}, out_dir {out}")
         if data_note:
             runtime.log(data_note)
         t0 = time.perf_counter()
         reviews = load_reviews(data_src)
         runtime.log(f"[data] {data_src}: {len(reviews.train):,} train / {len(reviews.test):,} test reviews "
-               f"({time.perf_counter() - t0:.1f} s)")
+                    f"({time.perf_counter() - t0:.1f} s)")
         # 2. optional SFT, folded into the weights: the reference
         model, base = sft_stage(model, model_desc, reviews, tok, configs, out, runtime)
         # 3. the reward: a sentiment classifier
@@ -402,14 +400,10 @@ def wants_frontier(cfg: TrainConfig) -> bool:
 
 
 def missing_outputs(cfg: TrainConfig, out: Path) -> list[str]:
-    """What a finished run in `out` lacks of what this command writes (a kill between its summary and its last
-    output, or a file deleted since): frontier.csv, or the --export-merged model."""
-    missing = []
-    if wants_frontier(cfg) and not (out / "frontier.csv").is_file():
-        missing.append(str(out / "frontier.csv"))
-    if cfg.export_merged and not (Path(cfg.export_merged) / "model.safetensors").is_file():
-        missing.append(str(Path(cfg.export_merged) / "model.safetensors"))
-    return missing
+    """What a finished run in `out` lacks of what this command writes: frontier.csv, or the --export-merged model."""
+    files = [out / "frontier.csv"] if wants_frontier(cfg) else []
+    files += [Path(cfg.export_merged) / "model.safetensors"] if cfg.export_merged else []
+    return [str(f) for f in files if not f.is_file()]
 
 
 def report(ctx: RunContext, cfg: TrainConfig, runs: list, model_desc: str, data_src: Path, seconds: float) -> None:
@@ -444,11 +438,11 @@ def run_seeds(cfg: TrainConfig, given: set[str], runtime: Runtime, precision: st
                     missing=lambda o: missing_seed_outputs(cfg, o)) as folder:
         if folder.finished:
             runtime.log(f"{out} already holds this run over seeds {cfg.seeds}, finished; its outputs stay as they are "
-                   "(--overwrite to run it again)")
+                        "(--overwrite to run it again)")
             return
         if folder.repairing:  # every seed is finished: nothing is trained again
             runtime.log(f"{out} holds this run over seeds {cfg.seeds}, finished, without "
-                   f"{', '.join(missing_seed_outputs(cfg, out))}: making them")
+                        f"{', '.join(missing_seed_outputs(cfg, out))}: making them")
         settled = set(config.field_types(TrainConfig))  # every option is decided above, for every seed alike
         for s in seeds:
             sub_out = out / f"seed_{s}"
@@ -461,8 +455,8 @@ def run_seeds(cfg: TrainConfig, given: set[str], runtime: Runtime, precision: st
             atomic_write_json(out / "summary.json", seeds_summary(per_seed, points))
             means = out / "frontier_mean.csv"  # write_frontier makes it only from points measured over several seeds
             runtime.log(f"wrote {out / 'summary.json'} and {means} (mean and standard error over seeds {cfg.seeds})"
-                   if len(seeds) > 1 else f"wrote {out / 'summary.json'} (one seed, {cfg.seeds}: no mean or "
-                   f"standard error to take, so no {means.name})")
+                        if len(seeds) > 1 else f"wrote {out / 'summary.json'} (one seed, {cfg.seeds}: no mean or "
+                        f"standard error to take, so no {means.name})")
 
 
 def check_seed_folders(cfg: TrainConfig, out: Path) -> None:
@@ -480,8 +474,8 @@ def check_seed_folders(cfg: TrainConfig, out: Path) -> None:
 
 
 def missing_seed_outputs(cfg: TrainConfig, out: Path) -> list[str]:
-    """What a finished --seeds run in `out` lacks (deleted since, or a kill before the last write): a seed's
-    summary.json, or the top frontier.csv and frontier_mean.csv that gather the seeds."""
+    """What a finished --seeds run in `out` lacks: a seed's summary.json, or the top frontier.csv and
+    frontier_mean.csv that gather the seeds."""
     files = [out / f"seed_{s}" / "summary.json" for s in cfg.configs.seeds] + [out / "frontier.csv"]
     files += [out / "frontier_mean.csv"] if len(cfg.configs.seeds) > 1 else []
     return [str(f) for f in files if not f.is_file()]

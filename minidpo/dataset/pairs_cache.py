@@ -164,11 +164,8 @@ def load_pairs(path: str | os.PathLike) -> list[Pair]:
 
 def cached_pairs(path: str | os.PathLike, fingerprint: str, build_fn: Callable[[], list[Pair]],
                  log: Log = quiet) -> list[Pair]:
-    """Load `path` if its fingerprint matches and it reads back whole; else build_fn(), save and return it.
-
-    A damaged file is not an error here: the file is a cache of its inputs, so it is rebuilt (and overwritten
-    only once the new one is complete), with one line through `log` naming the file and the problem.
-    """
+    """Load `path` if its fingerprint matches and it reads back whole; else build_fn(), save and return it (a
+    damaged file is a cache to rebuild, said in one line through `log`)."""
     path = Path(path)
     why = "not found"
     if path.exists():

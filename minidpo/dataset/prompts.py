@@ -35,11 +35,9 @@ def make_prompts(reviews: Sequence[Any], tokenizer: Any, n: int | None = None, m
                  exclude: Sequence[Prompt] = ()) -> list[Prompt]:
     """n prompts, each the first k tokens of a distinct review, k ~ LengthSampler(min_len, max_len, seed).
 
-    Reviews are visited in a seeded random order; one with no token after its k-th is skipped (its prefix would be
-    the whole review, leaving nothing that a completion continues), and so is one whose prefix has the token ids
-    of a prompt in `exclude` (the training prompts, for held-out ones). n=None: one prompt per usable review.
-    Naive equivalent: [prefix(r, k) for r in shuffled(reviews) if len(tokens(r)) > k and prefix(r, k) not in
-    exclude][:n], one k drawn per review.
+    Reviews are visited in a seeded random order; one with no token after its k-th is skipped, and so is one whose
+    prefix has the token ids of a prompt in `exclude`. n=None: one prompt per usable review. Naive equivalent:
+    [prefix(r, k) for r in shuffled(reviews) if len(tokens(r)) > k and prefix(r, k) not in exclude][:n].
     """
     if n is not None and n < 0:
         raise ValueError(f"make_prompts: n must be >= 0, got {n}")

@@ -19,8 +19,9 @@ from dataclasses import replace
 
 import torch
 
-from minidpo.methods.evaluate import EvalConfig, reference_of, sample_plain
+from minidpo.methods.evaluate import EvalConfig, sample_plain
 from minidpo.model.completions import response_text
+from minidpo.model.lora import reference_of
 from minidpo.progress import Log, quiet
 
 

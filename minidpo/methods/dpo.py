@@ -24,7 +24,6 @@ Loss names, defaults and metric names follow Hugging Face TRL's DPOTrainer so nu
 """
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +33,7 @@ from torch import Tensor
 
 from minidpo.config import require
 from minidpo.methods.scoring import completion_logps
-from minidpo.model.lora import lora_disabled, lora_layers
+from minidpo.model.lora import reference_of
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
 
@@ -168,7 +167,7 @@ def reference_forward(model: nn.Module, batch: dict[str, Tensor], logprobs: str 
     """
     unique = "ids" in batch if unique is None else unique
     forward = sequence_forward if unique else concatenated_forward
-    with torch.no_grad(), (lora_disabled(model) if lora_layers(model) else nullcontext()):
+    with torch.no_grad(), reference_of(model):
         return forward(model, batch, logprobs)
 
 

@@ -24,9 +24,8 @@ the adapter was created at B = 0. Methods without an implicit reward (all but DP
 or beta, and "reward_accuracy" is None.
 """
 
-from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import ContextManager, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -39,7 +38,7 @@ from minidpo.methods.dpo import concatenated_forward
 from minidpo.model.completions import eval_mode, response_text, sample_completions, sampler_logits
 from minidpo.model.generate import SamplingConfig
 from minidpo.model.gpt import GPT
-from minidpo.model.lora import lora_disabled, lora_layers
+from minidpo.model.lora import reference_of
 from minidpo.stats import mean_and_se
 
 
@@ -64,11 +63,6 @@ class EvalConfig:
 class KLEstimates(NamedTuple):
     exact: Tensor    # (N,) sum over generated positions of the exact per-position KL(pi~ || ref~)
     sampled: Tensor  # (N,) log pi~(y|x) - log ref~(y|x) of each completion y
-
-
-def reference_of(model: torch.nn.Module) -> ContextManager:
-    """The reference: the model with its adapter disabled; a model without one is its own reference."""
-    return lora_disabled(model) if lora_layers(model) else nullcontext(model)
 
 
 def sample_plain(model: GPT, tok, prompts: Sequence[Prompt], cfg: EvalConfig) -> list[list[int]]:
@@ -173,9 +167,7 @@ def evaluate(model: GPT, tok, scorer, prompts: Sequence[Prompt], cfg: EvalConfig
              reference: bool | Sequence[list[int]] = True) -> dict:
     """{"policy": {reward, reward_se, kl_exact, kl_exact_se, kl_sampled, kl_sampled_se}, "reward_accuracy": float
     or None (no pairs or no beta), and unless `reference` is False: "reference": {reward, reward_se}, "examples":
-    three side-by-side texts}. `reference` may be the reference's completions from `sample_reference` (same prompts
-    and cfg), which skips resampling them. `tok` needs eot_id, pad and decode; the model must hold tok.eot_id in its
-    vocabulary."""
+    three side-by-side texts}. `reference` may be the reference's completions from `sample_reference`."""
     if not prompts:
         raise ValueError("evaluate: no prompts given")
     cached = None if isinstance(reference, bool) else reference

@@ -41,10 +41,7 @@ class BatchConfig:
 
 def make_batch_fn(data: PairData, cfg: BatchConfig, runtime: Runtime) -> Callable[[int, int], tuple]:
     """get_batch(step, micro) -> (group or pair indices, tensors on runtime.device, real tokens, pairs) for this
-    process (runtime.rank).
-
-    A pure function of its arguments (the seed is in cfg), so a resumed run's data position is just its step.
-    """
+    process (runtime.rank): a pure function of its arguments, so a resumed run's data position is just its step."""
     if not data.train:
         raise ValueError("make_batch_fn: no training pairs")
     rank, world, device = runtime.rank, runtime.world, runtime.device

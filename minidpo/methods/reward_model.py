@@ -165,11 +165,8 @@ def fit_normalization(rm: RewardModel, pairs: Sequence[Pair], max_length: int, p
 
 def train_reward_model(reference: GPT, data: PairData, lora: LoRAConfig, batch_config: BatchConfig, run: TrainRun,
                        runtime: Runtime) -> tuple[RewardModel, dict]:
-    """Fit a reward model on data.train with the Bradley-Terry loss on DPO's batches, resumable from
-    run.run_dir/checkpoint; then fit its normalization on the training pairs and measure its held-out accuracy.
-
-    `reference` is not modified: the body is a copy. Returns (the reward model, {"heldout_accuracy": float or None
-    without held-out pairs, "normalization": {"mean", "std"}, "train": the loop's summary}).
+    """Fit a reward model (on a copy of `reference`) on data.train with the Bradley-Terry loss on DPO's batches, then
+    its normalization on the training pairs; returns (it, {"heldout_accuracy", "normalization", "train"}).
     """
     torch.manual_seed(batch_config.seed)
     body = apply_lora(copy.deepcopy(reference), lora)

@@ -93,10 +93,9 @@ def run_sft(model: GPT, stream: Tensor, cfg: SFTConfig, run: TrainRun, runtime: 
     """Train every parameter that requires grad (all of them, or only LoRA's) on random windows of `stream`
     (cfg.batch_size windows of cfg.block_size tokens a step); run.run_dir: log.jsonl and sft_checkpoint/.
 
-    `runtime.autocast` (e.g. torch.autocast("cpu", dtype=torch.bfloat16)) is entered anew for every step's forward. Not
-    around the loop: autocast caches its bf16 copy of each weight until the outermost region exits, so a loop
-    inside one region would train the fp32 weights while every forward kept using the step-0 copies (the loss
-    stalls near its initial value). Called inside an autocast region, run_sft refuses for that reason.
+    `runtime.autocast` is entered anew for every step's forward, not around the loop: autocast caches its bf16 copy
+    of each trained weight until the outermost region exits, so every forward would keep using the step-0 copies.
+    Called inside an autocast region, run_sft refuses for that reason.
     """
     if any(torch.is_autocast_enabled(t) for t in ("cpu", "cuda")):
         raise RuntimeError("run_sft: called inside a torch.autocast region, whose weight-cast cache would freeze "

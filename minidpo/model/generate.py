@@ -67,11 +67,8 @@ def active_top_p(top_p: float | None) -> float | None:
 
 
 def softmax_weights(logits: Tensor, temperature: float, overwrite: bool = False) -> Tensor:
-    """float32 softmax(logits / T) over the last dimension.
-
-    torch.softmax is one fused kernel that finishes each row while it is in cache, where max, subtract, exp and
-    sum as separate ops would stream the whole (B, V) tensor from memory four times. `overwrite=True` divides
-    by T in the logits' own memory: a fresh (B, V) buffer per token costs page faults on a CPU."""
+    """float32 softmax(logits / T) over the last dimension, one fused kernel (separate max, subtract, exp and sum
+    would stream the (B, V) tensor four times). `overwrite=True` divides by T in the logits' own memory."""
     x = logits.float()
     if temperature != 1.0:
         # (x - max) / T, not x / T: at a tiny T a finite logit over T overflows to inf (inf - inf = NaN weights, and

@@ -75,12 +75,8 @@ def cache_problems(name: str, directory: Path, base: str) -> dict[str, str]:
 
 def download_gpt2(name: str = "124M", dest_dir: str | os.PathLike | None = None, base_url: str | None = None,
                   log: Log = quiet) -> Path:
-    """Fetch OpenAI's release files of GPT-2 `name` into `dest_dir` (default gpt2_cache_dir(name)); returns it.
-
-    Files come from `<base>/<size>/<file>` (base: see release_url). A file already there is re-checked against its
-    pins and fetched again if it fails; partial ones are resumed; each new file is checked before it is renamed into
-    place (minidpo.formats.download.download_file).
-    """
+    """Fetch OpenAI's release files of GPT-2 `name` from `<release_url()>/<size>/<file>` into `dest_dir` (default
+    gpt2_cache_dir(name)) with minidpo.formats.download.download_file; returns it."""
     if name not in SIZE_OF:
         raise ValueError(f"unknown GPT-2 model {name!r}; expected one of {', '.join(SIZE_OF)}")
     size = SIZE_OF[name]

@@ -1,10 +1,9 @@
 """
 Low-rank adapters (LoRA) for the GPT of model/gpt.py, written by hand.
 
-References:
-1) Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models": freeze W and learn dW = B @ A * (alpha / r)
-   with A (r, in) random and B (out, r) zero, so training starts exactly at the base model (Sec. 4.1).
-2) microsoft/loralib for the API: LoRALinear, mark_only_lora_as_trainable, lora_state_dict, merged weights.
+References: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models": freeze W and learn
+dW = B @ A * (alpha / r) with A (r, in) random and B (out, r) zero, so training starts exactly at the base model
+(Sec. 4.1); microsoft/loralib for the API (LoRALinear, mark_only_lora_as_trainable, lora_state_dict, merging).
 
 Which reference does DPO use? `lora_disabled(model)` switches every adapter off, so the model computes its *base
 weights*: the pretrained weights plus anything already folded into them. That is the right DPO reference only if the
@@ -16,7 +15,7 @@ reference at step 0; see TRL issues #4723 and #6591 for what goes wrong otherwis
 
 import json
 import math
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -209,10 +208,7 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 def remove_lora(model: nn.Module, merge: bool) -> nn.Module:
     """Replace every LoRALinear by its plain nn.Linear: with merge=True the adapter is folded in (e.g. SFT before
-    a DPO adapter, or a merged export), with merge=False it is dropped (back to the reference).
-
-    The base parameters stay frozen (as apply_lora left them); a later apply_lora freezes them anyway.
-    """
+    a DPO adapter, or a merged export), with merge=False it is dropped (back to the reference)."""
     for name, layer in _require_lora(model, "remove_lora").items():
         if merge:
             layer.merge()
@@ -226,12 +222,8 @@ def remove_lora(model: nn.Module, merge: bool) -> nn.Module:
 
 @contextmanager
 def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside this block the model computes exactly its base weights (adapters off): the DPO reference.
-
-    The reference is the base weights, which equals the policy at step 0 only when every adapter started at
-    B = 0 (see the module docstring). A merged model is refused rather than unmerged temporarily, because
-    W + dW - dW is not bit-exact W.
-    """
+    """Inside this block the model computes exactly its base weights (adapters off): the DPO reference. A merged
+    model is refused rather than unmerged temporarily, because W + dW - dW is not bit-exact W."""
     layers = _require_lora(model, "lora_disabled")
     merged = [n for n, layer in layers.items() if layer.merged]
     if merged:
@@ -245,6 +237,11 @@ def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for n, layer in layers.items():
             layer.disabled = previous[n]
+
+
+def reference_of(model: nn.Module) -> AbstractContextManager:
+    """The reference: the model with its adapter disabled; a model without one is its own reference."""
+    return lora_disabled(model) if lora_layers(model) else nullcontext(model)
 
 
 def adapters_are_zero(model: nn.Module) -> bool:

@@ -97,11 +97,8 @@ def check_settings(directory: Path, stored: dict, settings: dict) -> None:
 
 
 class Checkpointer:
-    """Save and load the checkpoint in `directory` for the tensors in `named_params`.
-
-    `settings` (plain JSON values) records what the run was made with; when given, `load` refuses a checkpoint
-    recorded with other settings (RunConflict naming them), so a folder is never resumed under another run's name.
-    """
+    """Save and load the checkpoint in `directory` for the tensors in `named_params`. `settings` (plain JSON values)
+    records what the run was made with; when given, `load` refuses a checkpoint recorded with other settings."""
 
     def __init__(self, directory: str | Path, named_params: dict[str, Tensor], settings: dict | None = None):
         self.dir = Path(directory)

@@ -37,11 +37,8 @@ def barrier() -> None:
 
 
 def setup_distributed(device: str = "auto") -> tuple[int, int, str | None]:
-    """(rank, world size, device override) under torchrun; (0, 1, None) otherwise.
-
-    nccl with one GPU per local rank when CUDA is available (and `device` does not ask for the CPU), else gloo with
-    the CPU cores shared out between the local processes so that they do not oversubscribe them.
-    """
+    """(rank, world size, device override) under torchrun; (0, 1, None) otherwise. nccl with one GPU per local rank
+    when CUDA is available, else gloo with the CPU cores shared out between the local processes."""
     world = _env_int("WORLD_SIZE", 1)
     if world == 1:
         return 0, 1, None
@@ -101,9 +98,7 @@ def rank_zero_first() -> Iterator[None]:
 
 def average_gradients(params: Sequence[Tensor], extras: Sequence[Tensor] = ()) -> list[Tensor]:
     """All-reduce the mean gradient over ranks in one flat buffer (what DDP computes), and with it the mean of
-    `extras` (0-dim values such as the step's loss and metrics, so that every rank sees the same loss and a NaN on
-    one rank stops all of them). Returns the averaged extras; a no-op returning `extras` when not distributed.
-
+    `extras` (the step's loss and metrics, so a NaN on one rank stops all of them); returns the averaged extras.
     Naive equivalent: `for p in params: dist.all_reduce(p.grad); p.grad /= world` plus one all_reduce per extra.
     """
     if not dist.is_initialized() or dist.get_world_size() == 1:

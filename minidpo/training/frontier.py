@@ -108,11 +108,9 @@ def _number(v) -> float:
 
 def aggregate_points(points: list[dict]) -> list[dict]:
     """One row per (method, setting, step), in order of first appearance: "seeds" (how many points), the mean of
-    reward, kl, kl_sampled and kl_bound over them and each mean's standard error ("_se": std(ddof=1) / sqrt(n), None
-    for one seed). A missing or NaN value (best-of-N has no kl_sampled and no kl, the others no kl_bound) is left out
-    of its mean (None if none is left).
-
-    Naive equivalent per group and key: statistics.mean(v) and statistics.stdev(v) / sqrt(len(v)).
+    reward, kl, kl_sampled and kl_bound over them and each mean's standard error ("_se", None for one seed); a missing
+    or NaN value is left out of its mean. Naive equivalent per group and key: statistics.mean(v) and
+    statistics.stdev(v) / sqrt(len(v)).
     """
     groups: dict[tuple, list[dict]] = {}
     for p in points:

@@ -146,11 +146,9 @@ def run_state(out_dir: str | os.PathLike) -> RunState:
 
 def check_out_dir(out_dir: str | os.PathLike, settings: dict, resume: bool = False, overwrite: bool = False,
                   exclude: Iterable[str] = NOT_SETTINGS, safe: Iterable[str] = RESUME_SAFE) -> RunState:
-    """Check that a run with `settings` may write into out_dir, before anything is written there.
-
-    A folder made with other settings (those in `exclude` aside; with `resume`, those in `safe` too) is refused
-    with one RunConflict naming the differing options; `overwrite` first removes the earlier run's outputs (only
-    files minidpo writes). Returns what the folder holds, so the caller can tell a finished run from one to continue.
+    """Check that a run with `settings` may write into out_dir, before anything is written there: a folder made with
+    other settings (those in `exclude` aside; with `resume`, those in `safe` too) is refused with one RunConflict;
+    `overwrite` first removes the earlier run's outputs. Returns what the folder holds.
     """
     out = Path(out_dir)
     if resume and overwrite:

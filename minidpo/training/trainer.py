@@ -1,20 +1,18 @@
 """
-One training loop for every stage (SFT, DPO, RLOO): AdamW, linear warmup then cosine decay, gradient accumulation,
-gradient clipping, data-parallel gradient averaging, a log line every few steps, checkpoints and exact resume.
+One training loop for every stage (SFT, DPO, RLOO, ...): AdamW, linear warmup then cosine decay, gradient
+accumulation, gradient clipping, data-parallel gradient averaging, a log line every few steps, checkpoints and exact
+resume.
 
 References: llm.c's train_gpt2.py (every step logs loss, ms and tokens/s), nanoGPT's train.py (warmup + cosine,
 accumulation), PyTorch's DistributedDataParallel for the gradient all-reduce (`minidpo.training.distributed`).
 
-Exact resume. Batches are a pure function of (step, micro_step, rank): the caller's `get_batch` derives them from the
-seed, so the data position is just the step number. A checkpoint (`minidpo.training.checkpoint`) holds the trainable
-tensors, the optimizer and scheduler state, every RNG state, the step and the caller's own state (`state`, e.g.
-an adaptive KL coefficient); resuming restores all of it, so a run killed at any moment and resumed from its last
-checkpoint ends bit-identical to an uninterrupted run (on the same device and thread count).
+Exact resume. Batches are a pure function of (step, micro_step, rank), so the data position is just the step number.
+A checkpoint (`minidpo.training.checkpoint`) holds the trainable tensors, the optimizer and scheduler state, every RNG
+state, the step and the caller's own state (e.g. an adaptive KL coefficient), so a run killed at any moment and
+resumed from its last checkpoint ends bit-identical to an uninterrupted run (on the same device and thread count).
 
-Throughput and ETA. Step times exclude the caller's `on_step_end` (evaluations) and checkpoint writes. The summary's
-tokens/s and items/s cover the whole run (totals are carried in the checkpoint across resumes); the log line's cover
-its logging window; the ETA uses an exponential moving average of recent step times, skipping each session's first
-step (allocator and kernel warm-up), so it settles instead of swinging with a whole-run average.
+Step times exclude the caller's `on_step_end` (evaluations) and checkpoint writes; the summary's throughput covers
+the whole run (totals are carried in the checkpoint across resumes), the log line's its logging window.
 """
 
 import json
@@ -123,8 +121,7 @@ class StepClock:
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """The parameters a method trains, by name: those with requires_grad (the LoRA adapters, or every weight in
-    SFT); what train_loop and the checkpoint take."""
+    """The parameters a method trains (those with requires_grad), by name: what train_loop and the checkpoint take."""
     return {k: p for k, p in model.named_parameters() if p.requires_grad}
 
 
@@ -140,8 +137,7 @@ def make_optimizer(cfg: LoopConfig, trainable: list[Tensor]):
 
 
 class LoopState(Protocol):
-    """A method's own state beyond the weights (RLOO's adaptive kl_coef): saved with each checkpoint, given back on
-    resume."""
+    """A method's own state beyond the weights (RLOO's adaptive kl_coef), saved with each checkpoint."""
 
     def state(self) -> dict: ...
 
