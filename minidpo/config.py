@@ -70,11 +70,6 @@ def parse_value(flag: str, raw: str, typ: Any) -> Any:
     raise ConfigError(f"--{flag}: unsupported field type {typ}")
 
 
-def closest(name: str, choices: list[str]) -> str:
-    match = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
-    return f"; did you mean --{match[0]}?" if match else ""
-
-
 def parse_overrides(argv: list[str], types_by_name: dict[str, Any]) -> dict[str, Any]:
     """Turn ['--beta', '0.2', '--no-sft', ...] into {'beta': 0.2, 'sft': False, ...}."""
     out: dict[str, Any] = {}
@@ -90,7 +85,8 @@ def parse_overrides(argv: list[str], types_by_name: dict[str, Any]) -> dict[str,
             name, negated = name[3:], True
         if name not in types_by_name:
             flags = [n.replace("_", "-") for n in types_by_name]
-            raise ConfigError(f"unknown option --{key}{closest(key.replace('_', '-'), flags)}")
+            match = difflib.get_close_matches(key.replace("_", "-"), flags, n=1, cutoff=0.5)
+            raise ConfigError(f"unknown option --{key}" + (f"; did you mean --{match[0]}?" if match else ""))
         typ = types_by_name[name]
         flag = name.replace("_", "-")
         if negated:

@@ -129,18 +129,13 @@ def read_settings(out_dir: str | os.PathLike) -> dict | None:
     return stored
 
 
-def has_outputs(out_dir: Path) -> bool:
-    """Whether out_dir holds anything minidpo writes (besides the lock)."""
-    if not out_dir.is_dir():
-        return False
-    return any(p.name in RUN_OUTPUTS or (subrun_folder(p.name) and p.is_dir()) for p in out_dir.iterdir())
-
-
 def run_state(out_dir: str | os.PathLike) -> RunState:
     out = Path(out_dir)
     stored = read_settings(out)
-    if stored is None:
-        return RunState("unfinished" if has_outputs(out) else "empty")
+    if stored is None:  # unfinished when it holds anything minidpo writes (besides the lock)
+        ours = out.is_dir() and any(p.name in RUN_OUTPUTS or (subrun_folder(p.name) and p.is_dir())
+                                    for p in out.iterdir())
+        return RunState("unfinished" if ours else "empty")
     return RunState("finished" if is_finished(out) else "unfinished", stored)
 
 
