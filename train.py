@@ -3,8 +3,7 @@ minidpo end to end: the DPO paper's IMDb experiment (Rafailov et al. 2023, sec. 
 
     python train.py                          # GPT-2 124M + full IMDB when available, else the bundled model (tiny)
     python train.py --preset tiny            # bundled small model + shipped IMDB sample, minutes on a CPU
-    python train.py --preset tiny --method dpo --out-dir out/tiny-dpo     # the paper's offline DPO
-                                                                          # (the tiny preset's method)
+    python train.py --preset tiny --method dpo --out-dir out/tiny-dpo     # the paper's offline DPO (tiny's method)
     python train.py --preset tiny --method rloo --out-dir out/tiny-rloo   # the policy-gradient (RL) baseline instead
     python train.py --preset tiny --method online-dpo --out-dir out/tiny-online   # DPO on the policy's own samples
     python train.py --preset tiny --compare dpo,online-dpo,rlhf,rloo,best-of-n --out-dir out/tiny-compare  # -> frontier
@@ -14,11 +13,10 @@ minidpo end to end: the DPO paper's IMDb experiment (Rafailov et al. 2023, sec. 
 
 The story: 1. the model (official GPT-2, a path, the bundled model, or random init); 2. optional SFT on review text,
 folded into the weights, so the SFT model is the reference; 3. a sentiment classifier (the reward); 4. preference
-pairs: the reference samples completions of 2-8 token review prefixes and the classifier ranks them; 5. a method
-trains a fresh LoRA adapter: DPO on the pairs, or online DPO (the same loss on pairs the policy samples as it trains),
-or RLOO (REINFORCE with a leave-one-out baseline and a KL penalty) on its own samples, or best-of-N, which trains
-nothing; 6. evaluation on held-out test prompts: reward and KL(policy || reference) of plain samples; 7. the report:
-summary.json and the reward-KL frontier. Every stage is cached, and every run is checked against its folder's settings.
+pairs: the reference samples completions of 2-8 token review prefixes and the classifier ranks them; 5. each method
+trains a fresh LoRA adapter (best-of-N trains nothing); 6. evaluation on held-out test prompts: reward and
+KL(policy || reference) of plain samples; 7. the report: summary.json and the reward-KL frontier. Every stage is
+cached, and every run is checked against its folder's settings.
 """
 
 import csv
@@ -59,6 +57,7 @@ from minidpo.experiment.stages import (
 from minidpo.fileio import atomic_write_json
 from minidpo.formats.download import cache_dir
 from minidpo.model.tokenizer import Tokenizer
+from minidpo.registry import BY_NAME, STYLES
 from minidpo.training.distributed import is_main, setup_distributed, teardown
 from minidpo.training.frontier import write_frontier
 from minidpo.training.run_folder import run_folder
@@ -166,8 +165,7 @@ class TrainConfig:
 
     @cached_property
     def configs(self) -> RunConfigs:
-        """The component configs this run will use, built once per config: building them checks every option
-        before any work (a replace() is a new config, built anew)."""
+        """The component configs this run will use, built (and so every option checked) once per config."""
         return build_configs(self, COMPARE_SWEEPS)
 
 
@@ -212,31 +210,30 @@ def load_config(argv: list[str]) -> tuple[TrainConfig, set[str]]:
                                  "every method it lists, so drop --method (or list that method in --compare)", "method")
     if cfg.resume is not None:
         cfg = resumed_config(cfg, given)
-    cfg.configs  # noqa: B018 (built here, so a bad option fails before any work)
-    check_export_merged(cfg)
+    configs = cfg.configs  # built here, so a bad option fails before any work
+    check_export_merged(cfg, configs)
     return cfg, set(given)
 
 
-def check_export_merged(cfg: TrainConfig) -> None:
+def check_export_merged(cfg: TrainConfig, configs: RunConfigs) -> None:
     """--export-merged writes one merged model to one path, so it takes a run of one method at one setting with one
-    seed: with several, the models would overwrite each other (or a --compare would fail after all its work)."""
+    seed, refused here before any work otherwise."""
     if cfg.export_merged is None:
         return
-    runs = method_runs(cfg.configs, Path(cfg.out_dir))
+    runs = method_runs(configs, Path(cfg.out_dir))
     if len(runs) > 1:
         raise config.ConfigError(f"--export-merged writes one model, and this run trains {len(runs)} (--compare or a "
-                            "sweep): run the one method and setting to export on its own with --export-merged, or "
-                            "merge a sub-run's adapter_peft/ with PEFT", "export_merged")
-    if cfg.configs.seeds and resumes_one_seed(cfg) is None:
+                                 "sweep): run the one method and setting to export on its own with --export-merged, or "
+                                 "merge a sub-run's adapter_peft/ with PEFT", "export_merged")
+    if configs.seeds and resumes_one_seed(cfg) is None:
         raise config.ConfigError(f"--export-merged writes one model, and --seeds {cfg.seeds} trains one per seed: run "
-                            f"without it, then export one seed with --resume {Path(cfg.out_dir) / 'seed_<s>'} "
-                            "--export-merged PATH", "export_merged")
+                                 f"without it, then export one seed with --resume {Path(cfg.out_dir) / 'seed_<s>'} "
+                                 "--export-merged PATH", "export_merged")
 
 
 def resumes_one_seed(cfg: TrainConfig) -> Path | None:
     """The folder of the --seeds run when cfg resumes one of its seeds' folders (seed_<s>, inside a folder whose
-    config.json records the same --seeds), else None. A seed's folder records --seeds too, yet holds one run with one
-    seed: it resumes as that run, never as a new --seeds run inside it."""
+    config.json records the same --seeds), else None: such a folder resumes as that one seed's run."""
     if cfg.resume is None or not cfg.seeds or Path(cfg.resume).name != f"seed_{cfg.seed}":
         return None
     top = Path(cfg.resume).resolve().parent
@@ -273,10 +270,9 @@ def with_tiny_defaults(cfg: TrainConfig, given: set[str]) -> TrainConfig:
 
 def keep_recorded(cfg: TrainConfig, device: torch.device, unused: frozenset[str] = frozenset()) -> TrainConfig:
     """cfg with the values recorded in its --out-dir for the options that cannot change this run's results, so a
-    run into its own folder with another value of one of them continues there instead of being refused as other
-    settings: `unused` (the caller's: --seed beside --seeds), the reward model's options when no method trains one,
-    and a --dtype that means the same precision here as the recorded one (fp32, and auto where it resolves to fp32).
-    Options that change results are left to the folder's check."""
+    run into its own folder continues there instead of being refused: `unused` (the caller's: --seed beside
+    --seeds), the reward model's options when no method trains one, and a --dtype that means the same precision here
+    as the recorded one. Options that change results are left to the folder's check."""
     try:
         raw = None if cfg.resume is not None or cfg.overwrite else read_settings(cfg.out_dir)
         stored = config.config_from_dict(TrainConfig, raw, "config.json") if raw is not None else None
@@ -284,7 +280,8 @@ def keep_recorded(cfg: TrainConfig, device: torch.device, unused: frozenset[str]
         stored = None  # the folder's check says what is wrong with it
     if stored is None:
         return cfg
-    unused = set(unused) | ({"rm_steps", "rm_lr"} if "rlhf" not in cfg.configs.compare else set())
+    unused = set(unused) | ({"rm_steps", "rm_lr"} if not any(BY_NAME[m].reward_model for m in cfg.configs.compare)
+                            else set())
     autocast_of = lambda name: choose_dtype(device, name)[0]  # noqa: E731
     if stored.dtype in ("auto", *DTYPES) and autocast_of(stored.dtype) == autocast_of(cfg.dtype):
         unused.add("dtype")
@@ -345,20 +342,19 @@ def run(cfg: TrainConfig, given: set[str], runtime: Runtime, precision: str) -> 
     with enter_run_folder(cfg, out) as folder:
         if folder.finished:
             runtime.log(f"{out} already holds this run, finished; its outputs stay as they are (--overwrite to run it "
-                   f"again). {sample_hint(out).capitalize()}")
+                        f"again). {sample_hint(out).capitalize()}")
             return
         if folder.repairing:  # every sub-run resumes at its last step: nothing is trained again
             runtime.log(f"{out} holds this run, finished, without {', '.join(missing_outputs(cfg, out))}: making them")
         torch.manual_seed(cfg.seed)
         world = f" x{runtime.world}" if runtime.world > 1 else ""
-        runtime.log(f"minidpo: device {runtime.device}{world}, {precision}, model "
-               f"{model_desc}, out_dir {out}")
+        runtime.log(f"minidpo: device {runtime.device}{world}, {precision}, model {model_desc}, out_dir {out}")
         if data_note:
             runtime.log(data_note)
         t0 = time.perf_counter()
         reviews = load_reviews(data_src)
         runtime.log(f"[data] {data_src}: {len(reviews.train):,} train / {len(reviews.test):,} test reviews "
-               f"({time.perf_counter() - t0:.1f} s)")
+                    f"({time.perf_counter() - t0:.1f} s)")
         # 2. optional SFT, folded into the weights: the reference
         model, base = sft_stage(model, model_desc, reviews, tok, configs, out, runtime)
         # 3. the reward: a sentiment classifier
@@ -404,14 +400,10 @@ def wants_frontier(cfg: TrainConfig) -> bool:
 
 
 def missing_outputs(cfg: TrainConfig, out: Path) -> list[str]:
-    """What a finished run in `out` lacks of what this command writes (a kill between its summary and its last
-    output, or a file deleted since): frontier.csv, or the --export-merged model."""
-    missing = []
-    if wants_frontier(cfg) and not (out / "frontier.csv").is_file():
-        missing.append(str(out / "frontier.csv"))
-    if cfg.export_merged and not (Path(cfg.export_merged) / "model.safetensors").is_file():
-        missing.append(str(Path(cfg.export_merged) / "model.safetensors"))
-    return missing
+    """What a finished run in `out` lacks of what this command writes: frontier.csv, or the --export-merged model."""
+    files = [out / "frontier.csv"] if wants_frontier(cfg) else []
+    files += [Path(cfg.export_merged) / "model.safetensors"] if cfg.export_merged else []
+    return [str(f) for f in files if not f.is_file()]
 
 
 def report(ctx: RunContext, cfg: TrainConfig, runs: list, model_desc: str, data_src: Path, seconds: float) -> None:
@@ -420,16 +412,15 @@ def report(ctx: RunContext, cfg: TrainConfig, runs: list, model_desc: str, data_
                         ctx.reward_model_info)
     atomic_write_json(ctx.out / "summary.json", summary)
     if wants_frontier(cfg):
-        write_frontier(ctx.out, [{**p, "seed": cfg.seed} for r in runs for p in r.frontier], ctx.runtime.log)
+        write_frontier(ctx.out, [{**p, "seed": cfg.seed} for r in runs for p in r.frontier], ctx.runtime.log, STYLES)
     if cfg.export_merged:
         export_merged(ctx.model, Path(cfg.export_merged), ctx.runtime.log)
     ctx.runtime.log(result_lines(runs[-1], summary, ctx.out))
 
 
 def run_seeds(cfg: TrainConfig, given: set[str], runtime: Runtime, precision: str) -> None:
-    """--seeds: the whole run once per seed into out_dir/seed_<s>/ (each with its own prompts, pairs, reward model
-    and adapters), then frontier.csv (a `seed` column), frontier_mean.csv and frontier.png (means with standard-error
-    bars) and a summary.json of every seed with the mean and standard error per method and setting."""
+    """--seeds: the whole run once per seed into out_dir/seed_<s>/, then frontier.csv (a `seed` column),
+    frontier_mean.csv, frontier.png and a summary.json with the mean and standard error per method and setting."""
     cfg = keep_recorded(cfg, runtime.device, frozenset({"seed"}))  # each seed's folder records its own seed
     out, seeds = Path(cfg.out_dir), cfg.configs.seeds
     if is_main():
@@ -447,11 +438,11 @@ def run_seeds(cfg: TrainConfig, given: set[str], runtime: Runtime, precision: st
                     missing=lambda o: missing_seed_outputs(cfg, o)) as folder:
         if folder.finished:
             runtime.log(f"{out} already holds this run over seeds {cfg.seeds}, finished; its outputs stay as they are "
-                   "(--overwrite to run it again)")
+                        "(--overwrite to run it again)")
             return
         if folder.repairing:  # every seed is finished: nothing is trained again
             runtime.log(f"{out} holds this run over seeds {cfg.seeds}, finished, without "
-                   f"{', '.join(missing_seed_outputs(cfg, out))}: making them")
+                        f"{', '.join(missing_seed_outputs(cfg, out))}: making them")
         settled = set(config.field_types(TrainConfig))  # every option is decided above, for every seed alike
         for s in seeds:
             sub_out = out / f"seed_{s}"
@@ -460,12 +451,12 @@ def run_seeds(cfg: TrainConfig, given: set[str], runtime: Runtime, precision: st
             run(replace(cfg, seed=s, out_dir=str(sub_out), resume=resume, overwrite=False), settled, runtime, precision)
         if is_main():
             points, per_seed = gather_seeds(out, seeds)
-            write_frontier(out, points, runtime.log)
+            write_frontier(out, points, runtime.log, STYLES)
             atomic_write_json(out / "summary.json", seeds_summary(per_seed, points))
             means = out / "frontier_mean.csv"  # write_frontier makes it only from points measured over several seeds
             runtime.log(f"wrote {out / 'summary.json'} and {means} (mean and standard error over seeds {cfg.seeds})"
-                   if len(seeds) > 1 else f"wrote {out / 'summary.json'} (one seed, {cfg.seeds}: no mean or "
-                   f"standard error to take, so no {means.name})")
+                        if len(seeds) > 1 else f"wrote {out / 'summary.json'} (one seed, {cfg.seeds}: no mean or "
+                        f"standard error to take, so no {means.name})")
 
 
 def check_seed_folders(cfg: TrainConfig, out: Path) -> None:
@@ -483,17 +474,16 @@ def check_seed_folders(cfg: TrainConfig, out: Path) -> None:
 
 
 def missing_seed_outputs(cfg: TrainConfig, out: Path) -> list[str]:
-    """What a finished --seeds run in `out` lacks (deleted since, or a kill before the last write): a seed's
-    summary.json, or the top frontier.csv and frontier_mean.csv that gather the seeds."""
+    """What a finished --seeds run in `out` lacks: a seed's summary.json, or the top frontier.csv and
+    frontier_mean.csv that gather the seeds."""
     files = [out / f"seed_{s}" / "summary.json" for s in cfg.configs.seeds] + [out / "frontier.csv"]
     files += [out / "frontier_mean.csv"] if len(cfg.configs.seeds) > 1 else []
     return [str(f) for f in files if not f.is_file()]
 
 
 def gather_seeds(out: Path, seeds: tuple[int, ...]) -> tuple[list[dict], dict[int, dict]]:
-    """(every seed's frontier points, each tagged with its seed; {seed: its summary.json}). Only a seed's own rows
-    count, and a summary over seeds found in a seed's folder (a --seeds run started inside it) is refused: the
-    means are over the seeds asked for, each once."""
+    """(every seed's frontier points, each tagged with its seed; {seed: its summary.json}). A summary over seeds
+    found in a seed's folder (a --seeds run started inside it) is refused: the means are over each seed once."""
     points, per_seed = [], {}
     for s in seeds:
         sub = out / f"seed_{s}"

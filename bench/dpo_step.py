@@ -173,7 +173,7 @@ def run_minidpo(a: argparse.Namespace, v: dict, work: Path) -> dict:
     from minidpo.model.cast_cache import cache_weight_casts
     from minidpo.model.lora import apply_lora
     from minidpo.model.weights import load_gpt2
-    from minidpo.training.trainer import LoopConfig, Training, train_loop
+    from minidpo.training.trainer import LoopConfig, TrainRun, train_loop
 
     device = torch.device(a.device)
     amp = torch.bfloat16 if a.dtype == "bf16" else None  # as train.py: bf16 autocast, fp32 weights
@@ -218,7 +218,7 @@ def run_minidpo(a: argparse.Namespace, v: dict, work: Path) -> dict:
 
     loop = LoopConfig(steps=a.warmup + a.steps, lr=a.lr, warmup_steps=0, weight_decay=0.0, grad_accum=1,
                       grad_clip=1.0, log_every=10 ** 9, checkpoint_every=0, label=f"bench {a.child}")
-    train_loop(Training(loop, params, get_batch, step_fn), on_step_end=lambda step: ends.append(sync(a.device)),
+    train_loop(TrainRun(loop, on_step_end=lambda step: ends.append(sync(a.device))), params, get_batch, step_fn,
                log=lambda line: None)
     return dict(times=[e - s for s, e in zip(starts, ends)], base_mb=first["base"], peak_mb=mem_peak(a.device),
                 logps=first["logps"])

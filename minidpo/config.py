@@ -24,24 +24,19 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A bad flag or value; the message is meant to be shown to the user as is.
+    """A bad flag or value; the message is meant to be shown to the user as is. `field` names the config field at
+    fault (when known), so a program can map it to its own flag name; `detail` is the message without it."""
 
-    `field` names the config field at fault (when known), so a program can map it to its own flag name.
-    """
-
-    def __init__(self, message: str, field: str | None = None):
+    def __init__(self, message: str, field: str | None = None, detail: str | None = None):
         super().__init__(message)
-        self.field = field
-        self.detail = message
+        self.field, self.detail = field, detail if detail is not None else message
 
 
 def require(ok: bool, field: str, detail: str) -> None:
     """Raise ConfigError("<field> <detail>") unless ok. Components check their own config with this, e.g.
     `require(rank >= 1, "rank", f"must be >= 1, got {rank}")`; train.py re-labels `field` as its flag."""
     if not ok:
-        err = ConfigError(f"{field} {detail}", field)
-        err.detail = detail
-        raise err
+        raise ConfigError(f"{field} {detail}", field, detail)
 
 
 def field_types(cls: type) -> dict[str, Any]:
@@ -65,24 +60,14 @@ def parse_value(flag: str, raw: str, typ: Any) -> Any:
         if low in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"--{flag} expects true or false, got {raw!r}")
-    if typ is int:
+    if typ in (int, float):
         try:
-            return int(raw)
+            return typ(raw)
         except ValueError:
-            raise ConfigError(f"--{flag} expects an integer, got {raw!r}") from None
-    if typ is float:
-        try:
-            return float(raw)
-        except ValueError:
-            raise ConfigError(f"--{flag} expects a number, got {raw!r}") from None
+            raise ConfigError(f"--{flag} expects {'an integer' if typ is int else 'a number'}, got {raw!r}") from None
     if typ is str:
         return raw
     raise ConfigError(f"--{flag}: unsupported field type {typ}")
-
-
-def closest(name: str, choices: list[str]) -> str:
-    match = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
-    return f"; did you mean --{match[0]}?" if match else ""
 
 
 def parse_overrides(argv: list[str], types_by_name: dict[str, Any]) -> dict[str, Any]:
@@ -100,7 +85,8 @@ def parse_overrides(argv: list[str], types_by_name: dict[str, Any]) -> dict[str,
             name, negated = name[3:], True
         if name not in types_by_name:
             flags = [n.replace("_", "-") for n in types_by_name]
-            raise ConfigError(f"unknown option --{key}{closest(key.replace('_', '-'), flags)}")
+            match = difflib.get_close_matches(key.replace("_", "-"), flags, n=1, cutoff=0.5)
+            raise ConfigError(f"unknown option --{key}" + (f"; did you mean --{match[0]}?" if match else ""))
         typ = types_by_name[name]
         flag = name.replace("_", "-")
         if negated:
@@ -120,16 +106,14 @@ def parse_overrides(argv: list[str], types_by_name: dict[str, Any]) -> dict[str,
     return out
 
 
-def build_config(cls: type[T], argv: list[str], presets: dict[str, dict[str, Any]] | None = None,
-                 preset_flag: str = "preset") -> T:
+def build_config(cls: type[T], argv: list[str], presets: dict[str, dict[str, Any]] | None = None) -> T:
     """Defaults, then the preset named by --preset (if any), then every other flag, then cls.validate()."""
-    types_by_name = field_types(cls)
-    overrides = parse_overrides(argv, types_by_name)
+    overrides = parse_overrides(argv, field_types(cls))
     values: dict[str, Any] = {}
-    if presets is not None and overrides.get(preset_flag) is not None:
-        name = overrides[preset_flag]
+    if presets is not None and overrides.get("preset") is not None:
+        name = overrides["preset"]
         if name not in presets:
-            raise ConfigError(f"--{preset_flag} must be one of {', '.join(presets)}, got {name!r}")
+            raise ConfigError(f"--preset must be one of {', '.join(presets)}, got {name!r}")
         values.update(presets[name])
     values.update(overrides)
     cfg = cls(**values)
@@ -140,11 +124,8 @@ def build_config(cls: type[T], argv: list[str], presets: dict[str, dict[str, Any
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """The `# comment` after each field in the class source, and `# ---` section lines: {field: help text}.
-
-    The comment a reader sees next to a field in the code is the help the user sees in --help, so the two cannot
-    drift apart.
-    """
+    """{field: the `# comment` after it in the class source}: the comment a reader sees next to a field is the help
+    the user sees in --help, so the two cannot drift apart."""
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
@@ -194,11 +175,8 @@ def _matches_type(value: Any, typ: Any) -> bool:
 
 
 def config_from_dict(cls: type[T], stored: Any, source: str) -> T:
-    """A config from a dict read back from disk (a run's config.json), type-checked field by field.
-
-    A resumed run must be exactly the run that was started, so an unknown key, a missing one or a value of the wrong
-    type (`"steps": "16"`) is rejected naming `source` and the key, before any work.
-    """
+    """A config from a dict read back from disk (a run's config.json): an unknown key, a missing one or a value of
+    the wrong type (`"steps": "16"`) is rejected naming `source` and the key, so a resumed run is the one started."""
     if not isinstance(stored, dict):
         raise ConfigError(f"{source}: expected a JSON object of settings, got {type(stored).__name__}")
     types_by_name = field_types(cls)
@@ -249,15 +227,14 @@ def parse_list(field: str, raw: str | None, typ: type) -> list:
     return items
 
 
-def preset_named(argv: list[str], presets: dict[str, dict[str, Any]] | None,
-                 preset_flag: str = "preset") -> tuple[str, dict[str, Any]] | None:
-    """(name, its values and the preset flag's own) of the preset `--preset NAME` (or `--preset=NAME`) in argv
-    names, if it names one."""
+def preset_named(argv: list[str], presets: dict[str, dict[str, Any]] | None) -> tuple[str, dict[str, Any]] | None:
+    """(name, its values and --preset's own) of the preset `--preset NAME` (or `--preset=NAME`) in argv names, if
+    it names one."""
     for i, arg in enumerate(argv):
-        name = argv[i + 1] if arg == f"--{preset_flag}" and i + 1 < len(argv) else \
-            arg.partition("=")[2] if arg.startswith(f"--{preset_flag}=") else None
+        name = argv[i + 1] if arg == "--preset" and i + 1 < len(argv) else \
+            arg.partition("=")[2] if arg.startswith("--preset=") else None
         if presets and name in presets:
-            return name, {preset_flag: name, **presets[name]}
+            return name, {"preset": name, **presets[name]}
     return None
 
 

@@ -15,12 +15,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
-def temp_path(path: str | os.PathLike) -> Path:
-    """A fresh temporary name beside `path`: `<name>.<pid>.<random>.tmp`."""
-    path = Path(path)
-    return path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write; on success fsync it and rename it to `path`; on error delete it.
@@ -28,7 +22,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     Naive equivalent: write to `path` directly (and leave a truncated file behind if interrupted).
     """
     path = Path(path)
-    tmp = temp_path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -44,10 +38,6 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Strict JSON (NaN and infinity are refused, so every file we write parses with any JSON reader)."""
-    atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode("utf-8"))

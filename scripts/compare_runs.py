@@ -5,7 +5,9 @@ Are two train.py output folders the same run? Every file under either folder is 
   *_seconds, *_per_s such as tokens_per_s and pairs_per_s, ms_per_step, eta) and each folder's own path replaced
   by one placeholder (config.json records --out-dir), as is the checkout each ran from when given (summary.json
   records the path of the bundled data);
-- .safetensors (adapters, merged models, cached reference log-probs): byte-identical;
+- .safetensors (adapters, merged models, cached reference log-probs, the reward model): byte-identical, or else
+  the same tensor bytes and header, with each JSON-valued metadata entry compared parsed and without its timing
+  fields (reward_model.safetensors records its training summary, wall-clock times included);
 - .pt (checkpoints: optimizer state, RNG states, the loop's totals): byte-identical, or else equal after loading,
   the checksummed payload unpacked (its sha256 covers the timing fields, its file list the names of temporary
   files), the same timing fields removed, and the global Python and numpy RNG states left out: minidpo neither
@@ -73,6 +75,21 @@ def same_checkpoint(a: Path, b: Path) -> bool:
     return equal(body(a), body(b))
 
 
+def same_safetensors(a: Path, b: Path) -> bool:
+    def split(path: Path):
+        raw = path.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + n])
+        meta = header.pop("__metadata__", {})
+        for k, v in meta.items():
+            try:
+                meta[k] = drop_timing(json.loads(v))
+            except ValueError:
+                pass  # a plain string
+        return header, meta, raw[8 + n:]
+    return split(a) == split(b)
+
+
 def differences(before: Path, after: Path, sources: tuple[Path | None, Path | None] = (None, None)
                 ) -> tuple[list[str], int]:
     names = {p.relative_to(before) for p in before.rglob("*") if p.is_file()}
@@ -90,6 +107,8 @@ def differences(before: Path, after: Path, sources: tuple[Path | None, Path | No
             same = parsed(a, before, sources[0]) == parsed(b, after, sources[1])
         elif name.suffix == ".pt":
             same = a.read_bytes() == b.read_bytes() or same_checkpoint(a, b)
+        elif name.suffix == ".safetensors":
+            same = a.read_bytes() == b.read_bytes() or same_safetensors(a, b)
         else:
             same = a.read_bytes() == b.read_bytes()
         if not same:

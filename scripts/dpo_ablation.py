@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from minidpo.registry import STYLES  # noqa: E402
 from minidpo.stats import mean_and_se  # noqa: E402
 from minidpo.training.frontier import envelope, envelope_reward, group_by, write_frontier  # noqa: E402
 
@@ -86,7 +87,7 @@ def run_sft_arm(out: Path) -> int:
         summary = json.loads((dpo / "summary.json").read_text())
         accuracy += list(summary["implicit_reward_accuracy"].get("dpo", {}).values())
         sft_final.append(json.loads((sft / "result.json").read_text())["policy"])
-    write_frontier(folder, points)
+    write_frontier(folder, points, styles=STYLES)
     stat = lambda v: dict(zip(("mean", "se"), mean_and_se(v)), seeds=len(v))  # noqa: E731
     (folder / "summary.json").write_text(json.dumps({
         "finished": True, "seeds": RUN["seeds"], "implicit_reward_accuracy": {"dpo": {"beta=0.1": stat(accuracy)}},

@@ -27,14 +27,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minidpo.config import build_config, require, run_program  # noqa: E402
 from minidpo.dataset.imdb import load_imdb  # noqa: E402
-from minidpo.experiment.resolve import autocast_dtype  # noqa: E402
+from minidpo.experiment.resolve import choose_dtype  # noqa: E402
 from minidpo.methods.sft import SFTConfig, eval_loss, pack_texts, run_sft  # noqa: E402
 from minidpo.model.export import save_hf  # noqa: E402
 from minidpo.model.generate import generate  # noqa: E402
 from minidpo.model.gpt import GPT, GPTConfig  # noqa: E402
 from minidpo.model.tokenizer import Tokenizer  # noqa: E402
 from minidpo.training.runtime import Runtime  # noqa: E402
-from minidpo.training.trainer import LoopConfig, append_jsonl  # noqa: E402
+from minidpo.training.trainer import LoopConfig, TrainRun, append_jsonl  # noqa: E402
 
 REPORT_WINDOWS = 800  # the held-out figure in data/README.md: the first 800 test windows, as for the old model
 
@@ -98,7 +98,7 @@ def main(argv: list[str]) -> None:
     print(f"data: {len(train_stream):,} train tokens, {len(test_stream):,} test tokens "
           f"({time.perf_counter() - t0:.0f} s to read)", flush=True)
     device = torch.device("cpu")
-    dtype = autocast_dtype(device, cfg.dtype)
+    dtype = choose_dtype(device, cfg.dtype)[0]
     print(f"precision: {'bf16 autocast' if dtype else 'fp32'} (--dtype {cfg.dtype})", flush=True)
     amp = torch.autocast("cpu", dtype=dtype) if dtype is not None else nullcontext()
 
@@ -122,8 +122,8 @@ def main(argv: list[str]) -> None:
         curve.unlink()  # a fresh run: the old curve would be mixed in
     t_start = time.perf_counter()
     windows = SFTConfig(batch_size=cfg.batch_size, block_size=cfg.block_size, seed=cfg.seed)
-    run_sft(model, train_stream, windows, loop, Runtime(device, amp), work,
-            resume=cfg.resume, on_step_end=evaluate)
+    run_sft(model, train_stream, windows, TrainRun(loop, work, on_step_end=evaluate, resume=cfg.resume),
+            Runtime(device, amp))
     train_s = time.perf_counter() - t_start
     model.eval()
     test_loss = eval_loss(model, test_stream, cfg.block_size, batch_size=16, max_batches=REPORT_WINDOWS // 16)

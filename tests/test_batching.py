@@ -13,10 +13,9 @@ from minidpo.dataset.batching import (
     collate_pairs,
     collate_unique,
     fit_pairs,
-    group_indices,
-    pair_indices,
     prompt_groups,
     split_pairs,
+    stream_indices,
 )
 from minidpo.dataset.pairs import Pair, preference_pairs
 from minidpo.methods.dpo import concatenated_forward
@@ -103,18 +102,17 @@ def test_prompt_groups_partition_the_pairs_by_split_and_prompt_in_order_of_first
 @SETTINGS
 @given(st.integers(1, 12), st.integers(0, 40), st.integers(0, 30), st.integers(0, 30), st.integers(0, 3))
 def test_index_stream_slices_compose_and_every_epoch_is_a_permutation(n, start, a, b, seed):
-    whole = pair_indices(n, start, a + b, seed)
-    assert whole == pair_indices(n, start, a, seed) + pair_indices(n, start + a, b, seed)  # resume = same stream
-    assert group_indices(n, start, a + b, seed) == whole
-    stream = pair_indices(n, 0, 3 * n, seed)
+    whole = stream_indices(n, start, a + b, seed)
+    assert whole == stream_indices(n, start, a, seed) + stream_indices(n, start + a, b, seed)  # resume = same stream
+    stream = stream_indices(n, 0, 3 * n, seed)
     assert all(sorted(stream[e * n:(e + 1) * n]) == list(range(n)) for e in range(3))
 
 
 def test_index_stream_depends_on_the_seed_and_refuses_nothing_to_draw():
-    assert pair_indices(50, 0, 50, 0) != pair_indices(50, 0, 50, 1)
-    assert pair_indices(50, 0, 50, 0) != pair_indices(50, 50, 50, 0)  # epochs differ
+    assert stream_indices(50, 0, 50, 0) != stream_indices(50, 0, 50, 1)
+    assert stream_indices(50, 0, 50, 0) != stream_indices(50, 50, 50, 0)  # epochs differ
     with pytest.raises(ValueError, match="n >= 1"):
-        group_indices(0, 0, 4, 0)
+        stream_indices(0, 0, 4, 0)
 
 
 # ----------------------------------------------------------------------------- collate_pairs
@@ -143,12 +141,6 @@ def test_collate_masks_are_exact_and_no_response_is_empty(shapes, max_length, pa
             assert ids[b, n:].tolist() == [pad_id] * (T - n)
             assert attn[b].tolist() == [1] * n + [0] * (T - n)
             assert resp[b].tolist() == [0] * n_p + [1] * len(response) + [0] * (T - n)
-
-
-def test_collate_refuses_pairs_that_fit_pairs_would_drop():
-    for collate in (collate_pairs, collate_unique):
-        with pytest.raises(ValueError, match="fit_pairs"):
-            collate([make_pair(2, 2, 2), make_pair(5, 2, 2)], max_length=5)
 
 
 def test_collated_batch_gives_dpo_the_naive_response_logprob():

@@ -22,7 +22,7 @@ from minidpo.model.generate import generate
 from minidpo.model.gpt import GPT, GPTConfig
 from minidpo.model.lora import apply_lora
 from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import LoopConfig
+from minidpo.training.trainer import LoopConfig, TrainRun
 
 ROOT = Path(__file__).resolve().parent.parent
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
@@ -86,7 +86,7 @@ def test_sft_under_bf16_lowers_the_loss_of_a_fixed_batch():
             return float(nn.functional.cross_entropy(model(x[:, :-1]).float().flatten(0, 1), x[0, 1:]))
 
     before = loss()
-    run_sft(model, stream, SFTConfig(batch_size=4, block_size=15), loop, Runtime(autocast=amp))
+    run_sft(model, stream, SFTConfig(batch_size=4, block_size=15), TrainRun(loop), Runtime(autocast=amp))
     assert loss() < 0.5 * before
 
 

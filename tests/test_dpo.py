@@ -331,11 +331,8 @@ def test_concatenated_forward_ignores_pad_and_prompt_token_scores(model, logprob
     assert concatenated_forward(model, no_resp, logprobs)["chosen_logps"].abs().max() == 0
 
 
-def test_concatenated_forward_rejects_left_padding_missing_keys_and_unknown_logprobs(model):
+def test_concatenated_forward_rejects_missing_keys_and_unknown_logprobs(model):
     batch = make_batch()
-    left = dict(batch, chosen_attention_mask=batch["chosen_attention_mask"].flip(-1))
-    with pytest.raises(ValueError, match="right-padded"):
-        concatenated_forward(model, left)
     with pytest.raises(KeyError, match="rejected_response_mask"):
         concatenated_forward(model, {k: v for k, v in batch.items() if k != "rejected_response_mask"})
     with pytest.raises(ValueError, match="naive"):

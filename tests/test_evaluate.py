@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minidpo.config import ConfigError
-from minidpo.dataset.batching import pair_indices
+from minidpo.dataset.batching import stream_indices
 from minidpo.dataset.pairs import Pair
 from minidpo.dataset.prompts import Prompt
 from minidpo.methods.evaluate import (
@@ -294,10 +294,10 @@ def test_implicit_reward_accuracy_runs_in_fp32_under_a_bf16_autocast(monkeypatch
 @settings(max_examples=50, deadline=None)
 @given(st.integers(1, 40), st.integers(0, 200), st.integers(1, 90), st.integers(0, 100))
 def test_batch_order_is_a_pure_function_with_every_epoch_a_permutation(n, start, count, seed):
-    a = pair_indices(n, start, count, seed)
-    assert a == pair_indices(n, start, count, seed)
+    a = stream_indices(n, start, count, seed)
+    assert a == stream_indices(n, start, count, seed)
     assert all(0 <= i < n for i in a)
-    stream = pair_indices(n, 0, start + count, seed)
+    stream = stream_indices(n, 0, start + count, seed)
     assert stream[start:] == a  # slicing the endless stream anywhere gives the same items
     for e in range(len(stream) // n):
         assert sorted(stream[e * n:(e + 1) * n]) == list(range(n))
@@ -305,6 +305,6 @@ def test_batch_order_is_a_pure_function_with_every_epoch_a_permutation(n, start,
 
 def test_data_parallel_ranks_split_exactly_the_single_process_batch():
     n, per_rank, world = 37, 3, 2
-    single = pair_indices(n, 5 * per_rank * world, per_rank * world, seed=1)  # step 5, one process, batch 6
-    ranks = [pair_indices(n, (5 * world + r) * per_rank, per_rank, seed=1) for r in range(world)]
+    single = stream_indices(n, 5 * per_rank * world, per_rank * world, seed=1)  # step 5, one process, batch 6
+    ranks = [stream_indices(n, (5 * world + r) * per_rank, per_rank, seed=1) for r in range(world)]
     assert ranks[0] + ranks[1] == single

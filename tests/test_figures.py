@@ -146,7 +146,7 @@ def write_run_log(run_dir, stage: str, steps: tuple[int, ...]) -> None:
 @pytest.mark.parametrize("stage", ["rlhf kl_coef=0.05", "dpo beta=0.1"])
 def test_curves_put_one_quantity_on_each_axis(tmp_path, stage):
     write_run_log(tmp_path, stage, (2, 4, 6, 8))
-    panels = curve_series(tmp_path)
+    panels = curve_series(tmp_path, learned_reward=stage.startswith("rlhf"))
     # the classifier's P(positive) of held-out samples stands alone: not beside the learned reward model's
     # normalized score (RLHF's training reward) nor DPO's implicit margin in nats
     assert [label for label, _, _ in panels[PROB]] == ["evaluation (held-out)"]
@@ -168,10 +168,10 @@ def test_curves_png_labels_each_axis_with_its_quantity_and_marks_series_of_few_p
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)  # keep the figure plot_curves draws, to read it back
     write_run_log(tmp_path, "rlhf kl_coef=0.05", steps)
-    assert plot_curves(tmp_path) == tmp_path / "curves.png"
+    assert plot_curves(tmp_path, learned_reward=True) == tmp_path / "curves.png"
     axes = [ax for ax in figures[0].axes if ax.get_visible() and ax.lines]
     labels = [ax.get_ylabel() for ax in axes]
-    assert sorted(labels) == sorted(curve_series(tmp_path)) and len(set(labels)) == len(labels)
+    assert sorted(labels) == sorted(curve_series(tmp_path, learned_reward=True)) and len(set(labels)) == len(labels)
     assert all(line.get_marker() not in ("", "None", None) for ax in axes for line in ax.lines)
     plt.close("all")
 

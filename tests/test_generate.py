@@ -168,9 +168,6 @@ def test_sampling_does_not_modify_the_callers_logits():
     ({"top_p": 1.5}, "top_p"), ({"top_p": float("nan")}, "top_p"),
 ])
 def test_bad_sampling_settings_raise_a_value_error_naming_the_field(kw, field):
-    for fn in (sample, sample_naive):
-        with pytest.raises(ValueError, match=field):
-            fn(torch.zeros(2, 5), **kw)
     with pytest.raises(ConfigError) as err:
         SamplingConfig(**kw)
     assert err.value.field == field

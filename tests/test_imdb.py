@@ -23,7 +23,6 @@ from minidpo.dataset.imdb import (
     IMDB_SIZE,
     RATINGS,
     ImdbError,
-    default_imdb_source,
     download_imdb,
     load_imdb,
     manifest_path,
@@ -285,18 +284,19 @@ def test_parse_member_ignores_files_outside_review_folders():
 
 
 def test_default_source_is_the_sample_without_a_cached_full_set(tmp_path, monkeypatch):
+    from minidpo.experiment.resolve import imdb_source
     monkeypatch.setenv("MINIDPO_CACHE", str(tmp_path))
-    said = []
-    assert default_imdb_source(said.append) == IMDB_SAMPLE_PATH
-    assert "sample" in said[0]
+    path, note = imdb_source("auto")
+    assert path == IMDB_SAMPLE_PATH and "sample" in note
 
 
 def test_default_source_is_the_cached_full_set_when_present(tmp_path, monkeypatch):
+    from minidpo.experiment.resolve import imdb_source
     monkeypatch.setenv("MINIDPO_CACHE", str(tmp_path))
     (tmp_path / IMDB_FILENAME).write_bytes(b"")
-    said = []
-    assert default_imdb_source(said.append) == tmp_path / IMDB_FILENAME
-    assert "full set" in said[0]
+    path, note = imdb_source("auto")
+    assert path == tmp_path / IMDB_FILENAME
+    assert "full IMDB set" in note
 
 
 def test_make_sample_is_byte_identical_across_runs_and_loadable(tmp_path):

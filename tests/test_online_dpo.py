@@ -21,7 +21,7 @@ from minidpo.model.gpt import GPT, GPTConfig
 from minidpo.model.lora import apply_lora, lora_state_dict
 from minidpo.model.tokenizer import Tokenizer
 from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import LoopConfig, Training, TrainRun, train_loop
+from minidpo.training.trainer import LoopConfig, TrainRun, train_loop
 
 SETTINGS = settings(max_examples=25, deadline=None)
 # few distinct values, so that ties (which must never form a pair) are common
@@ -140,7 +140,7 @@ def test_logged_pair_metrics_average_over_micro_batches_with_real_pairs_only(tmp
         acc = torch.tensor(1.0 if batch == 0 else nan)
         return loss * (1.0 if batch == 0 else 0.0), {"rewards/accuracies": acc, "reward": torch.tensor(0.5)}, 1
     cfg = LoopConfig(steps=1, lr=0.1, grad_accum=2, warmup_steps=0, log_every=1)
-    out = train_loop(Training(cfg, {"w": w}, lambda step, micro: micro, step_fn), log=lambda m: None)
+    out = train_loop(TrainRun(cfg), {"w": w}, lambda step, micro: micro, step_fn, log=lambda m: None)
     assert out["rewards/accuracies"] == 1.0 and out["reward"] == 0.5
 
 

@@ -8,7 +8,6 @@ import torch
 from minidpo.config import ConfigError
 from minidpo.experiment.resolve import (
     BUNDLED_MODEL,
-    autocast_dtype,
     check_model_name,
     check_writable,
     choose_dtype,
@@ -93,10 +92,10 @@ def test_a_device_that_does_not_exist_is_one_message(name):
 
 def test_dtype_names_map_to_autocast_dtypes():
     cpu = torch.device("cpu")
-    assert autocast_dtype(cpu, "fp32") is None
-    assert autocast_dtype(cpu, "bf16") is torch.bfloat16
+    assert choose_dtype(cpu, "fp32")[0] is None
+    assert choose_dtype(cpu, "bf16")[0] is torch.bfloat16
     with pytest.raises(ConfigError, match="--dtype"):
-        autocast_dtype(cpu, "fp8")
+        choose_dtype(cpu, "fp8")
 
 
 @pytest.mark.parametrize("flags, expected", [

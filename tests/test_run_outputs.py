@@ -12,7 +12,7 @@ import torch
 import train
 from minidpo.training.checkpoint import Checkpointer
 from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import LoopConfig, Training, train_loop
+from minidpo.training.trainer import LoopConfig, TrainRun, train_loop
 
 
 def make_problem():
@@ -40,12 +40,10 @@ def test_a_step_evaluation_is_made_before_that_step_checkpoint(tmp_path, monkeyp
         return real_save(self, step, *a, **k)
     monkeypatch.setattr(Checkpointer, "save", save)
     with pytest.raises(KeyboardInterrupt):
-        train_loop(Training(cfg, params, get_batch, step_fn), Checkpointer(tmp_path / "c", params),
-                   on_step_end=evaluated.append)
+        train_loop(TrainRun(cfg, tmp_path / "c", on_step_end=evaluated.append), params, get_batch, step_fn)
     assert evaluated == [1, 2]
     monkeypatch.setattr(Checkpointer, "save", real_save)
-    train_loop(Training(cfg, params, get_batch, step_fn), Checkpointer(tmp_path / "c", params),
-               on_step_end=evaluated.append, resume=True)
+    train_loop(TrainRun(cfg, tmp_path / "c", on_step_end=evaluated.append), params, get_batch, step_fn)
     assert evaluated == [1, 2, 2, 3]
 
 
@@ -98,8 +96,8 @@ def test_a_sub_run_checkpoint_made_with_other_settings_is_refused_in_one_line_be
     configs, record = settings_of(base)
     method, setting, run_dir = [r for r in method_runs(configs, out) if r[0].name == "online-dpo"][0]
     params, get_batch, step_fn = make_problem()
-    ckpt = Checkpointer(run_dir / "checkpoint", params, checkpoint_settings(configs, record, method, setting))
-    train_loop(Training(LoopConfig(steps=1, lr=0.1, warmup_steps=0), params, get_batch, step_fn), ckpt)
+    train_loop(TrainRun(LoopConfig(steps=1, lr=0.1, warmup_steps=0), run_dir,
+                        settings=checkpoint_settings(configs, record, method, setting)), params, get_batch, step_fn)
     check_checkpoints(configs, record, out)  # the same settings: fine
     for extra, named in ((["--lora-alpha", "64"], "run.lora_alpha=16.0"), (["--steps", "9"], "steps=80"),
                          (["--gen-temperature", "0.5"], "run.gen_temperature=0.7")):

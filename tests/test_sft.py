@@ -10,7 +10,7 @@ from minidpo.dataset.batching import batch_seed
 from minidpo.methods.sft import SFTConfig, eval_loss, lm_loss, pack_texts, random_windows, run_sft
 from minidpo.model.gpt import GPT, GPTConfig
 from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import LoopConfig
+from minidpo.training.trainer import LoopConfig, TrainRun
 
 
 class LetterTokenizer:
@@ -98,8 +98,8 @@ def test_run_sft_lowers_the_loss_on_a_repetitive_stream():
     model = tiny_model(vocab=6)
     before = eval_loss(model, stream, block_size=12)
     lines = []
-    run_sft(model, stream, SFTConfig(batch_size=4, block_size=12), LoopConfig(steps=30, lr=1e-2, log_every=10,
-            label="sft"), Runtime(log=lines.append))
+    run_sft(model, stream, SFTConfig(batch_size=4, block_size=12),
+            TrainRun(LoopConfig(steps=30, lr=1e-2, log_every=10, label="sft")), Runtime(log=lines.append))
     assert eval_loss(model, stream, block_size=12) < 0.5 * before
     assert lines  # progress goes to the log given, not to stdout
 
@@ -107,4 +107,4 @@ def test_run_sft_lowers_the_loss_on_a_repetitive_stream():
 def test_run_sft_refuses_a_stream_shorter_than_one_window():
     with pytest.raises(ValueError, match="at least"):
         run_sft(tiny_model(), torch.arange(12, dtype=torch.int32), SFTConfig(batch_size=1, block_size=12),
-                LoopConfig(steps=1, lr=1e-3), Runtime())
+                TrainRun(LoopConfig(steps=1, lr=1e-3)), Runtime())

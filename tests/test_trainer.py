@@ -9,8 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minidpo.training.checkpoint import Checkpointer
-from minidpo.training.trainer import LoopConfig, NonFiniteLoss, Training, lr_lambda, train_loop
+from minidpo.training.trainer import LoopConfig, NonFiniteLoss, TrainRun, lr_lambda, train_loop
 
 
 @settings(max_examples=50, deadline=None)
@@ -47,7 +46,7 @@ def make_problem(seed: int = 0):
 def test_resumed_loop_ends_bit_identical_to_an_uninterrupted_one(tmp_path):
     cfg = LoopConfig(steps=12, lr=0.05, warmup_steps=3, grad_accum=2, log_every=100, checkpoint_every=4)
     model, params, get_batch, step_fn = make_problem()
-    train_loop(Training(cfg, params, get_batch, step_fn), Checkpointer(tmp_path / "a", params))
+    train_loop(TrainRun(cfg, tmp_path / "a"), params, get_batch, step_fn)
     straight = {k: v.detach().clone() for k, v in params.items()}
 
     # a second run dies right after step 9 (its last checkpoint is step 8), then resumes from disk
@@ -60,11 +59,10 @@ def test_resumed_loop_ends_bit_identical_to_an_uninterrupted_one(tmp_path):
             crashed.append(step)
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        train_loop(Training(partial, params, get_batch, step_fn), Checkpointer(tmp_path / "b", params),
-                   on_step_end=crash_after_8)
+        train_loop(TrainRun(partial, tmp_path / "b", on_step_end=crash_after_8), params, get_batch, step_fn)
     assert crashed == [9]
     model, params, get_batch, step_fn = make_problem(seed=123)  # different init: everything must come from disk
-    train_loop(Training(cfg, params, get_batch, step_fn), Checkpointer(tmp_path / "b", params), resume=True)
+    train_loop(TrainRun(cfg, tmp_path / "b"), params, get_batch, step_fn)
     for k in straight:
         assert torch.equal(params[k].detach(), straight[k]), k
 
@@ -80,16 +78,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
     def count(_):
         exploding.calls += 1
-    ckpt = Checkpointer(tmp_path, params)
     with pytest.raises(NonFiniteLoss, match=r"loss is (inf|nan) at step 6/10.*last good checkpoint \(step 4\)"):
-        train_loop(Training(cfg, params, get_batch, exploding), ckpt, on_step_end=count)
-    saved = torch.load(tmp_path / "state.pt", weights_only=True)
+        train_loop(TrainRun(cfg, tmp_path, on_step_end=count), params, get_batch, exploding)
+    saved = torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=True)
     assert saved["step"] == 4
     weights_at_failure = {k: v.detach().clone() for k, v in params.items()}
     # the weights were not touched by the bad step: a fresh model resumed from step 4 and run one good step
     # would differ, but the state on disk must be the step-4 state, finite
     from minidpo.formats.safetensors import load_file
-    on_disk = load_file(tmp_path / saved["trainable"])
+    on_disk = load_file(tmp_path / "checkpoint" / saved["trainable"])
     assert all(torch.isfinite(v).all() for v in on_disk.values())
     assert all(torch.isfinite(v).all() for v in weights_at_failure.values())
 
@@ -104,7 +101,7 @@ def test_non_finite_loss_before_any_checkpoint_promises_none(tmp_path):
     nan_at_3.calls = 0
     cfg = LoopConfig(steps=10, lr=0.01, log_every=100, checkpoint_every=0)
     with pytest.raises(NonFiniteLoss, match=r"at step 3/10; .*no checkpoint was written yet"):
-        train_loop(Training(cfg, params, get_batch, nan_at_3), Checkpointer(tmp_path, params), log=lambda m: None)
+        train_loop(TrainRun(cfg, tmp_path), params, get_batch, nan_at_3, log=lambda m: None)
 
 
 @pytest.mark.parametrize("field,value", [
@@ -156,9 +153,8 @@ def test_summary_throughput_covers_the_whole_run_also_across_a_resume(tmp_path, 
     cfg = LoopConfig(steps=8, lr=0.01, log_every=4, checkpoint_every=4)
     params, get_batch, step_fn = timed_problem(clock, slow_then_fast)
     lines = []
-    straight = train_loop(Training(cfg, params, get_batch, step_fn), Checkpointer(tmp_path / "a", params),
-                          tmp_path / "log", log=lines.append)
-    window = [json.loads(line) for line in (tmp_path / "log").read_text().splitlines()][-1]
+    straight = train_loop(TrainRun(cfg, tmp_path / "a"), params, get_batch, step_fn, log=lines.append)
+    window = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()][-1]
     assert window["tokens_per_s"] == pytest.approx(32 / 0.4) and window["pairs_per_s"] == pytest.approx(8 / 0.4)
     assert straight["tokens_per_s"] == pytest.approx(64 / 4.4) and straight["pairs_per_s"] == pytest.approx(16 / 4.4)
     assert straight["ms_per_step"] == pytest.approx(550) and straight["steps"] == 8
@@ -167,11 +163,10 @@ def test_summary_throughput_covers_the_whole_run_also_across_a_resume(tmp_path, 
 
     params, get_batch, step_fn = timed_problem(clock, slow_then_fast)
     with pytest.raises(KeyboardInterrupt):
-        train_loop(Training(cfg, params, get_batch, step_fn), Checkpointer(tmp_path / "b", params), log=lines.append,
-                   on_step_end=lambda s: (_ for _ in ()).throw(KeyboardInterrupt) if s == 6 else None)
+        train_loop(TrainRun(cfg, tmp_path / "b", on_step_end=lambda s: (_ for _ in ()).throw(KeyboardInterrupt)
+                            if s == 6 else None), params, get_batch, step_fn, log=lines.append)
     params, get_batch, step_fn = timed_problem(clock, slow_then_fast)
-    resumed = train_loop(Training(cfg, params, get_batch, step_fn), Checkpointer(tmp_path / "b", params), resume=True,
-                         log=lines.append)
+    resumed = train_loop(TrainRun(cfg, tmp_path / "b"), params, get_batch, step_fn, log=lines.append)
     assert resumed["steps_this_session"] == 4 and resumed["steps"] == 8
     for key in ("tokens_per_s", "pairs_per_s", "ms_per_step", "final_loss"):
         assert resumed[key] == pytest.approx(straight[key]), key
@@ -199,16 +194,15 @@ def test_log_lines_go_to_the_given_log_with_the_configured_metrics_and_nothing_i
     cfg = LoopConfig(steps=4, lr=0.01, log_every=2, label="rloo", show=(("reward", "reward", "{:.3f}"),),
                      item_name="sequences")
     lines = []
-    summary = train_loop(Training(cfg, params, get_batch, rloo_like), Checkpointer(tmp_path, params),
-                         tmp_path / "log.jsonl", log=lines.append)
+    summary = train_loop(TrainRun(cfg, tmp_path), params, get_batch, rloo_like, log=lines.append)
     assert len(lines) == 2 and lines[-1].startswith("[rloo] step     4/4 | loss ")
     assert "| reward 0.500 |" in lines[-1] and "sequences/s" in lines[-1] and " ms | eta " in lines[-1]
     assert summary["sequences_per_s"] > 0 and "pairs_per_s" not in summary
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4] and records[-1]["kl/sampled"] is None  # strict JSON: NaN -> null
-    train_loop(Training(LoopConfig(**{**cfg.__dict__, "steps": 6}), params, get_batch, rloo_like),
-               Checkpointer(tmp_path, params), tmp_path / "log.jsonl", resume=True, log=lines.append)
-    assert lines[2] == f"[rloo] resumed from {tmp_path} at step 4/6"
+    train_loop(TrainRun(LoopConfig(**{**cfg.__dict__, "steps": 6}), tmp_path), params, get_batch, rloo_like,
+               log=lines.append)
+    assert lines[2] == f"[rloo] resumed from {tmp_path / 'checkpoint'} at step 4/6"
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 3  # appended to
     assert capsys.readouterr().out == ""
 
@@ -229,8 +223,8 @@ def test_caller_state_is_saved_with_the_checkpoint_and_restored_on_resume(tmp_pa
                 raise KeyboardInterrupt
         cfg = LoopConfig(steps=8, lr=0.05, log_every=100, checkpoint_every=3)
         state = SimpleNamespace(state=lambda: dict(coef), load=coef.update)  # a LoopState
-        train_loop(Training(cfg, params, get_batch, scaled, state), Checkpointer(directory, params), on_step_end=crash,
-                   log=lambda m: None, resume=True)
+        train_loop(TrainRun(cfg, directory, on_step_end=crash), params, get_batch, scaled, state=state,
+                   log=lambda m: None)
         return params, coef["value"]
     straight, coef = run(tmp_path / "a")
     with pytest.raises(KeyboardInterrupt):
@@ -245,7 +239,7 @@ def test_each_logged_lr_is_the_rate_that_step_used(tmp_path):
     step's: with peak 5e-4 and 10 warmup steps, step 1 ran at 5e-5."""
     model, params, get_batch, step_fn = make_problem()
     cfg = LoopConfig(steps=12, lr=5e-4, warmup_steps=10, log_every=1)
-    train_loop(Training(cfg, params, get_batch, step_fn), None, tmp_path / "log.jsonl")
+    train_loop(TrainRun(cfg, tmp_path), params, get_batch, step_fn)
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert records[0]["step"] == 1 and records[0]["lr"] == pytest.approx(5e-5)
     assert [r["lr"] for r in records] == pytest.approx([5e-4 * lr_lambda(r["step"] - 1, 10, 12, cfg.min_lr_ratio)

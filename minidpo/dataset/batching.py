@@ -15,7 +15,7 @@ must be a valid id of the model's vocabulary (the embedding still looks padded p
 default is GPT-2's end-of-text, so a model with a smaller vocabulary must pass its own. Response masks are over id
 positions: minidpo.methods.dpo shifts them to score token t with the logits at t - 1.
 
-Data order: `pair_indices` / `group_indices` are pure functions of (start, count, seed), the items start..start +
+Data order: `stream_indices` is a pure function of (start, count, seed), the items start..start +
 count - 1 of an endless stream of shuffled epochs, so a resumed run's data position is just its step number.
 """
 
@@ -47,10 +47,6 @@ def batch_seed(seed: int, *parts: int) -> int:
     """A 63-bit seed that is a pure function of its inputs, so every batch can be rebuilt on resume."""
     digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-# -----------------------------------------------------------------------------
-# which pairs, in which order
 
 
 def split_pairs(pairs: Sequence[Pair]) -> tuple[list[Pair], list[Pair]]:
@@ -90,33 +86,14 @@ def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(torch.randperm(n, generator=g).tolist())
 
 
-def pair_indices(n: int, start: int, count: int, seed: int) -> list[int]:
-    """Items start..start+count-1 of an endless stream of shuffled epochs over range(n).
-
-    Naive equivalent: concatenate randperm_e(n) for e = 0, 1, 2, ... (each epoch seeded by (seed, e)) and slice.
-    A pure function of its arguments, so the data position of a resumed run is just its step number.
-    """
+def stream_indices(n: int, start: int, count: int, seed: int) -> list[int]:
+    """Items start..start+count-1 of an endless stream of shuffled epochs over range(n) (pairs, or prompt groups:
+    a step takes `count` whole prompts). Naive equivalent: concatenate randperm_e(n) for e = 0, 1, 2, ... (each
+    epoch seeded by (seed, e)) and slice."""
     if n < 1 or start < 0 or count < 0:
-        raise ValueError(f"pair_indices: need n >= 1 items, start >= 0, count >= 0; got n={n}, start={start}, "
+        raise ValueError(f"stream_indices: need n >= 1 items, start >= 0, count >= 0; got n={n}, start={start}, "
                          f"count={count}")
     return [_epoch_order(n, seed, k // n)[k % n] for k in range(start, start + count)]
-
-
-def group_indices(n_groups: int, start: int, count: int, seed: int) -> list[int]:
-    """pair_indices over prompt groups: a step takes `count` whole prompts (every pair of each), and the stream
-    over groups is the same function as over pairs, so resuming at step s resumes at item s * count."""
-    return pair_indices(n_groups, start, count, seed)
-
-
-# -----------------------------------------------------------------------------
-# collation
-
-
-def _check_fit(pairs: Sequence[Pair], max_length: int, who: str) -> None:
-    bad = [i for i, p in enumerate(pairs) if not _fits(p, max_length)]
-    if not pairs or bad:
-        raise ValueError(f"{who}: got {len(pairs)} pairs, {len(bad)} of them (e.g. index {bad[:1]}) leave "
-                         f"no response within max_length={max_length}; filter with fit_pairs first")
 
 
 def _pad_rows(rows: list[tuple[list[int], list[int]]], max_length: int, T: int,
@@ -147,7 +124,6 @@ def collate_pairs(pairs: Sequence[Pair], max_length: int, *, pad_id: int = EOT_I
     ids = seq + [pad_id] * (T - len(seq)); attention_mask = [1] * len(seq) + [0] * (T - len(seq));
     response_mask = 1 on seq[len(prompt):] only.
     """
-    _check_fit(pairs, max_length, "collate_pairs")
     T = max(_length(p.prompt_ids, getattr(p, f"{s}_ids"), max_length) for p in pairs for s in SIDES)
     batch = {}
     for side in SIDES:
@@ -181,14 +157,10 @@ def unique_sequences(pairs: Sequence[Pair]) -> tuple[list[tuple[list[int], list[
 
 
 def collate_unique(pairs: Sequence[Pair], max_length: int, *, pad_id: int = EOT_ID) -> dict[str, Tensor]:
-    """One row per distinct (prompt, completion) sequence, and for each pair the rows of its two sides:
-
-    ids, attention_mask, response_mask: (N, T) long, right-padded as in collate_pairs (response_mask is 1 on the
-    completion's tokens, a final eot included, after truncation to max_length); chosen_index, rejected_index: (P,)
-    long indices into the N rows. Row chosen_index[i] equals collate_pairs's chosen row i, and likewise rejected.
-    Naive equivalent: collate_pairs, then keep the first copy of each repeated row and point the pairs at it.
+    """One row per distinct (prompt, completion) sequence: ids, attention_mask, response_mask (N, T), right-padded as
+    in collate_pairs, and chosen_index, rejected_index (P,) into the N rows. Naive equivalent: collate_pairs, then
+    keep the first copy of each repeated row and point the pairs at it.
     """
-    _check_fit(pairs, max_length, "collate_unique")
     rows, chosen, rejected = unique_sequences(pairs)
     T = max(_length(prompt, completion, max_length) for prompt, completion in rows)
     ids, attention, response = _pad_rows(rows, max_length, T, pad_id)

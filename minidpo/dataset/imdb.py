@@ -11,18 +11,14 @@ Stanford's layout, inside `aclImdb_v1.tar.gz`:
     aclImdb/train/unsup/<id>_0.txt                      unlabelled, rating 0
     aclImdb/README, aclImdb/imdb.vocab, aclImdb/{train,test}/urls_*.txt, ...  (ignored here)
 
-A gzip stream cannot be seeked, so the tarball is read in ONE sequential pass (`tarfile` mode "r|")
-that keeps only the wanted members; nothing is extracted to disk.
+The tarball is read in ONE sequential pass (a gzip stream cannot be seeked); nothing is extracted to disk.
 
-Nothing corrupt gets in silently. `tarfile` alone takes a cut stream for the end of the archive, so the pass
-reads on to the gzip trailer, where the CRC32 and length of the whole stream are checked (RFC 1952). Then the
-number of reviews per wanted folder is compared with what the source promises: the shipped sample's manifest
-(`data/imdb_sample.manifest.json`, written by scripts/make_imdb_sample.py), or Stanford's counts (12,500 per
-labelled folder, 50,000 unsup) for an archive that carries Stanford's README. The copy that download_imdb
-installs in the cache must also be Stanford's exact file (size and sha256); a user's own tarball may
-legitimately differ (a repack without the .feat files) and is checked by CRC and counts only.
-A review that is not valid UTF-8 is an error naming the member: Stanford's files all are, so such a file
-means a damaged or foreign archive, and replacing bytes would feed invented text to the tokenizer.
+Nothing corrupt gets in silently. The pass reads on to the gzip trailer, where the CRC32 and length of the whole
+stream are checked (RFC 1952), since `tarfile` alone takes a cut stream for the end of the archive. Then the number
+of reviews per wanted folder is compared with what the source promises: the shipped sample's manifest, or
+Stanford's counts for an archive that carries Stanford's README. The cached download must also be Stanford's exact
+file (size and sha256). A review that is not valid UTF-8 is an error naming the member: replacing bytes would feed
+invented text to the tokenizer.
 """
 
 from __future__ import annotations
@@ -74,10 +70,6 @@ class Review:
     text: str  # `<br />` already turned into "\n"
 
 
-# -----------------------------------------------------------------------------
-# member names and text
-
-
 def parse_member(name: str) -> tuple[str, str, int, int] | None:
     """Map a path like 'aclImdb/train/pos/12_8.txt' to ("train", "pos", 12, 8).
 
@@ -124,15 +116,7 @@ def clean_text(raw: bytes, name: str) -> str:
     return _BR_RE.sub("\n", text)
 
 
-# -----------------------------------------------------------------------------
-# raw readers: yield (member name, split, label, id, rating, bytes) for the wanted (split, label) pairs
-
-
-RawReview = tuple[str, str, str, int, int, bytes]
-
-
-def _is_readme(name: str) -> bool:
-    return name.replace("\\", "/").strip("/").removeprefix("./") in ("aclImdb/README", "README")
+RawReview = tuple[str, str, str, int, int, bytes]  # (member name, split, label, id, rating, bytes)
 
 
 def _iter_tarball(path: Path, wanted: set[tuple[str, str]], notes: dict) -> Iterator[RawReview]:
@@ -146,7 +130,7 @@ def _iter_tarball(path: Path, wanted: set[tuple[str, str]], notes: dict) -> Iter
                 for member in tf:
                     if not member.isfile():
                         continue
-                    if _is_readme(member.name):
+                    if member.name.replace("\\", "/").strip("/").removeprefix("./") in ("aclImdb/README", "README"):
                         notes["readme"] = tf.extractfile(member).read(len(STANFORD_README_START))
                         continue
                     parsed = parse_member(member.name)
@@ -216,17 +200,12 @@ def read_manifest(path: Path) -> dict:
     return dict(m, reviews=counts)
 
 
-def is_cached_download(path: Path) -> bool:
-    """Whether `path` is the copy download_imdb installs (`<cache_dir()>/aclImdb_v1.tar.gz`)."""
-    return path.resolve() == (cache_dir() / IMDB_FILENAME).resolve()
-
-
 def check_identity(kind: str, path: Path) -> tuple[dict[tuple[str, str], int], str] | None:
     """Before reading: a manifest's or the cache's file must be the exact file. Returns the counts promised
     so far (manifest or cached download) and who promises them, else None."""
     if kind != "tarball":
         return None
-    if is_cached_download(path):
+    if path.resolve() == (cache_dir() / IMDB_FILENAME).resolve():  # the copy download_imdb installs
         problem = file_problem(path, IMDB_SIZE, IMDB_SHA256)
         if problem is not None:
             raise ImdbError(f"IMDB tarball {str(path)!r}: {problem} (Stanford's aclImdb_v1.tar.gz, which "
@@ -257,11 +236,8 @@ def check_counts(path: Path, counts: dict[tuple[str, str], int], promise: tuple[
 
 
 def iter_raw_reviews(source: str | os.PathLike, wanted: Iterable[tuple[str, str]]) -> Iterator[RawReview]:
-    """Yield every review file of the wanted (split, label) pairs as raw bytes, in storage order.
-
-    After the last one, the counts per wanted folder are checked against the source's promise (see the
-    module docstring); the error comes at the end of the pass, so a caller sees it before using the data.
-    """
+    """Yield every review file of the wanted (split, label) pairs as raw bytes, in storage order; after the last
+    one, the counts per wanted folder are checked against the source's promise (see the module docstring)."""
     wanted = set(wanted)
     kind, path = resolve_source(source)
     promise = check_identity(kind, path)
@@ -274,10 +250,6 @@ def iter_raw_reviews(source: str | os.PathLike, wanted: Iterable[tuple[str, str]
     if promise is None and notes.get("readme", b"").startswith(STANFORD_README_START):
         promise = STANFORD_COUNTS, "Stanford's README in it (Large Movie Review Dataset v1.0)"
     check_counts(path, counts, promise)
-
-
-# -----------------------------------------------------------------------------
-# public API
 
 
 def load_imdb(source: str | os.PathLike, split: str = "train", labels: Iterable[str] = ("pos", "neg")) -> list[Review]:
@@ -312,27 +284,10 @@ def load_imdb(source: str | os.PathLike, split: str = "train", labels: Iterable[
     return reviews
 
 
-def default_imdb_source(log: Log = quiet) -> Path:
-    """The full set `<cache>/aclImdb_v1.tar.gz` if it was downloaded, else the ~1,000-review shipped sample.
-
-    It says through `log` which one was picked, since results on the sample are not comparable to the paper's.
-    """
-    full = cache_dir() / IMDB_FILENAME
-    if full.is_file():
-        log(f"imdb: using the full set at {full}")
-        return full
-    log(f"imdb: {full} not found, using the shipped sample {IMDB_SAMPLE_PATH} (~1,000 reviews); run "
-        "`python -c 'import minidpo.dataset.imdb as m; m.download_imdb()'` for the full set")
-    return IMDB_SAMPLE_PATH
-
-
 def download_imdb(dest: str | os.PathLike | None = None, url: str = IMDB_URL, log: Log = quiet) -> Path:
-    """Download aclImdb_v1.tar.gz to `dest` (a file path or a directory; default: the cache dir).
-
-    The work (progress bar, resume, length check, sha256, atomic rename, offline error) is done by
-    minidpo.formats.download.download_file; a copy already there is re-checked and replaced if it fails. The published
-    size and sha256 are checked for Stanford's URL and for the cache (where load_imdb expects Stanford's exact
-    file), so only an explicit `dest` can take other bytes from a mirror or a test server.
+    """Download aclImdb_v1.tar.gz to `dest` (a file path or a directory; default: the cache dir) with
+    minidpo.formats.download.download_file. The published size and sha256 are checked for Stanford's URL and for the
+    cache, so only an explicit `dest` can take other bytes from a mirror or a test server.
     """
     pinned = url == IMDB_URL or dest is None
     dest = Path(dest).expanduser() if dest is not None else cache_dir()

@@ -1,10 +1,9 @@
 """
 Uniform integer lengths for prompts and responses in the IMDb sentiment experiment.
 
-Reference: Rafailov et al. 2023, "Direct Preference Optimization" sec. 6.1 / appendix C.1: prompts are
-prefixes of IMDb reviews of 2-8 tokens, and the policy writes a completion of a sampled length. The
-design mirrors TRL's `LengthSampler` (trl/core.py, used by its gpt2-sentiment PPO example, which the
-DPO authors followed), with one deliberate difference, documented on the class.
+Reference: Rafailov et al. 2023, "Direct Preference Optimization" sec. 6.1 / appendix C.1 (prompts of 2-8 tokens,
+completions of a sampled length), after TRL's `LengthSampler` (trl/core.py, its gpt2-sentiment PPO example), with
+one deliberate difference, documented on the class.
 """
 
 from __future__ import annotations
@@ -32,10 +31,6 @@ class LengthSampler:
     length distribution. To reproduce TRL exactly, pass `max_value - 1`.
 
     Naive equivalent of one draw: random.Random(seed).randint(min_value, max_value).
-
-        lengths = LengthSampler(2, 8, seed=0)
-        lengths()          # -> an int in 2..8
-        lengths.sample(4)  # -> a list of 4 ints in 2..8
     """
 
     def __init__(self, min_value: int, max_value: int, seed: int | None = None) -> None:

@@ -8,21 +8,15 @@ higher score, rejected = lower) pair, so 6 pairs per prompt. Default completion 
 TRL's gpt2-sentiment notebook (`output_length_sampler = LengthSampler(4, 16)`), the setup that experiment built on.
 
 Two modes (PairsConfig.mode):
-- "generated", the paper's. Each generate call holds whole prompts (all n completions of a prompt share a call) and
-  draws one response budget L ~ LengthSampler(min_new_tokens, max_new_tokens) (length_per_batch=True), so lengths
-  vary over the dataset but the completions that get compared have the same budget and the classifier cannot
-  simply prefer the longer one. End-of-text is forbidden before min_new_tokens, so a completion has
-  min_new_tokens..L tokens before its eot. A completion ends at its first eot: the text excludes it, the ids KEEP
-  it, so DPO also learns where to stop. The classifier scores prompt + completion (it saw full reviews).
+- "generated", the paper's. All n completions of a prompt share a generate call and one response budget
+  L ~ LengthSampler(min_new_tokens, max_new_tokens), so the completions compared have the same budget and the
+  classifier cannot simply prefer the longer one. A completion ends at its first eot: the text excludes it, the ids
+  KEEP it, so DPO also learns where to stop. The classifier scores prompt + completion (it saw full reviews).
 - "labels", no model or classifier: prompt = first k tokens of a review; chosen = tokens k..k+m-1 of a random
-  positive review, rejected = the same token range of a random negative one (same m for both, m ~
-  LengthSampler(min_new, max_new)), drawn from the prompt's own split so held-out pairs never reuse training text.
-  Starting at offset k makes the continuation look like what follows a k-token prefix (mid-review, no capital
-  letter); it is not a fluent continuation of THIS prompt, so this mode teaches sentiment, not coherence.
-  Scores are the labels: 1.0 chosen, 0.0 rejected.
+  positive review, rejected = the same token range of a random negative one, drawn from the prompt's own split so
+  held-out pairs never reuse training text. This mode teaches sentiment, not coherence. Scores are the labels.
 
-A pair whose two completions are the same tokens is dropped (it trains at loss ln 2 with zero gradient). The pairs
-file and its fingerprints live in minidpo.dataset.pairs_cache, batches in minidpo.dataset.batching.
+A pair whose two completions are the same tokens is dropped (it trains at loss ln 2 with zero gradient).
 """
 
 import math
@@ -79,10 +73,6 @@ class PairsConfig:
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         require(0.0 <= self.min_margin < 1.0, "min_margin",
                 f"must be in [0, 1) (scores are P(positive)), got {self.min_margin}")
-
-
-# -----------------------------------------------------------------------------
-# generated mode: sample, score, rank
 
 
 def preference_pairs(scores: Sequence[float], pairing: str = "all") -> list[tuple[int, int]]:
@@ -144,12 +134,6 @@ def score_all(scorer: Scorer | Any, texts: list[str], batch_size: int, log: Log 
     return scores
 
 
-def distinct_pairs(pairs: Sequence[Pair]) -> tuple[list[Pair], int]:
-    """(pairs whose chosen and rejected ids differ, how many did not). Naive: [p for p in pairs if c != r]."""
-    kept = [p for p in pairs if p.chosen_ids != p.rejected_ids]
-    return kept, len(pairs) - len(kept)
-
-
 def build_pairs(cfg: PairsConfig, prompts: Sequence[Prompt], tokenizer: Any, model: nn.Module | None = None,
                 scorer: Scorer | Any = None, reviews: Sequence[Any] | None = None, log: Log = quiet) -> list[Pair]:
     """Pairs for every prompt, in prompt order. generated mode needs model and scorer; labels mode, reviews.
@@ -166,11 +150,11 @@ def build_pairs(cfg: PairsConfig, prompts: Sequence[Prompt], tokenizer: Any, mod
             raise ValueError("build_pairs: mode 'generated' needs model= (the reference policy) and scorer= "
                              "(e.g. a reward.SentimentClassifier)")
         pairs = generated_pairs(cfg, prompts, tokenizer, model, scorer, log)
-    pairs, n_same = distinct_pairs(pairs)
-    if n_same:
-        log(f"pairs: dropped {n_same} of {len(pairs) + n_same} pairs whose chosen and rejected completions are the "
-            f"same tokens (they would train at loss ln 2 with zero gradient)")
-    return pairs
+    kept = [p for p in pairs if p.chosen_ids != p.rejected_ids]
+    if len(kept) < len(pairs):
+        log(f"pairs: dropped {len(pairs) - len(kept)} of {len(pairs)} pairs whose chosen and rejected completions are "
+            f"the same tokens (they would train at loss ln 2 with zero gradient)")
+    return kept
 
 
 def generated_pairs(cfg: PairsConfig, prompts: Sequence[Prompt], tokenizer: Any, model: nn.Module,
@@ -190,10 +174,6 @@ def generated_pairs(cfg: PairsConfig, prompts: Sequence[Prompt], tokenizer: Any,
                 continue
             pairs.append(Pair(p.text, ts[i], ts[j], p.ids, comps[i], comps[j], s[i], s[j], p.split))
     return pairs
-
-
-# -----------------------------------------------------------------------------
-# labels mode
 
 
 def label_pairs(cfg: PairsConfig, prompts: Sequence[Prompt], tokenizer: Any, reviews: Sequence[Any],

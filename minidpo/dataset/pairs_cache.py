@@ -2,14 +2,9 @@
 The pairs file (pairs.jsonl): a cache of build_pairs's output, keyed by a fingerprint of every input.
 
 Format: JSON Lines (https://jsonlines.org), UTF-8. Line 1 is a header {"format", "fingerprint", "n_pairs",
-"sha256"}: sha256 (FIPS 180-4) is the hex digest of every byte after the header line, so a file cut short by a
-full disk or a killed copy, or edited by hand, is detected before any pair is used. Then one Pair per line.
-
-The fingerprint is the sha256 of a canonical JSON of every input (config, prompt ids, model, classifier and data
-identities). `cached_pairs` reuses the file when the fingerprint matches and the file reads back whole; otherwise
-(missing, inputs changed, damaged, another format version) it rebuilds it and says why in one line. Writes go
-through minidpo.fileio: a uniquely named temporary file, fsync, rename, so a crash leaves the old file or the new
-one, never half of either.
+"sha256"}: sha256 (FIPS 180-4) is the hex digest of every byte after the header line, so a file cut short or edited
+by hand is detected before any pair is used. Then one Pair per line. The fingerprint is the sha256 of a canonical
+JSON of every input (config, prompt ids, model, classifier and data identities).
 """
 
 import hashlib
@@ -34,10 +29,6 @@ _TEXT = ("prompt", "chosen", "rejected", "split")
 _IDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 _SCORES = ("chosen_score", "rejected_score")
 _NAMES = {f.name for f in fields(Pair)}
-
-
-# -----------------------------------------------------------------------------
-# fingerprints
 
 
 def fingerprint(inputs: dict) -> str:
@@ -68,10 +59,6 @@ def pairs_fingerprint(cfg: PairsConfig, prompts: Sequence[Prompt], model_id: str
     """Identity of a pairs file's inputs. The prompt ids stand for the data, prompt seed and prompt lengths."""
     return fingerprint({"format": FORMAT, "config": asdict(cfg), "prompts": [[p.split, p.ids] for p in prompts],
                         "model": model_id, "scorer": scorer_id, "data": data_id})
-
-
-# -----------------------------------------------------------------------------
-# the file
 
 
 class PairsFileError(ValueError):
@@ -177,11 +164,8 @@ def load_pairs(path: str | os.PathLike) -> list[Pair]:
 
 def cached_pairs(path: str | os.PathLike, fingerprint: str, build_fn: Callable[[], list[Pair]],
                  log: Log = quiet) -> list[Pair]:
-    """Load `path` if its fingerprint matches and it reads back whole; else build_fn(), save and return it.
-
-    A damaged file is not an error here: the file is a cache of its inputs, so it is rebuilt (and overwritten
-    only once the new one is complete), with one line through `log` naming the file and the problem.
-    """
+    """Load `path` if its fingerprint matches and it reads back whole; else build_fn(), save and return it (a
+    damaged file is a cache to rebuild, said in one line through `log`)."""
     path = Path(path)
     why = "not found"
     if path.exists():

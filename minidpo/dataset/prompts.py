@@ -5,10 +5,8 @@ Reference: Rafailov et al. 2023, "Direct Preference Optimization" (arXiv:2305.18
 "x is a prefix of a movie review from the IMDb dataset", 2-8 tokens long, following TRL's gpt2-sentiment notebook
 (`input_size = LengthSampler(2, 8)`; ours includes the 8, see minidpo.dataset.length_sampler).
 
-Each prompt comes from a distinct review, visited in a seeded random order, and remembers where it was cut from
-(`Prompt.review`, "train/pos/123") and its split: prompts cut from test-split reviews are held out. Distinct
-reviews can still open alike ("This is", "I love"), so a test prompt whose token ids equal a training prompt's is
-skipped (`exclude`): evaluation never scores a completion of a prompt that a method trained on.
+Each prompt comes from a distinct review and remembers where it was cut from and its split: prompts cut from
+test-split reviews are held out, and a test prompt whose token ids equal a training prompt's is skipped.
 """
 
 import random
@@ -37,11 +35,9 @@ def make_prompts(reviews: Sequence[Any], tokenizer: Any, n: int | None = None, m
                  exclude: Sequence[Prompt] = ()) -> list[Prompt]:
     """n prompts, each the first k tokens of a distinct review, k ~ LengthSampler(min_len, max_len, seed).
 
-    Reviews are visited in a seeded random order; one with no token after its k-th is skipped (its prefix would be
-    the whole review, leaving nothing that a completion continues), and so is one whose prefix has the token ids
-    of a prompt in `exclude` (the training prompts, for held-out ones). n=None: one prompt per usable review.
-    Naive equivalent: [prefix(r, k) for r in shuffled(reviews) if len(tokens(r)) > k and prefix(r, k) not in
-    exclude][:n], one k drawn per review.
+    Reviews are visited in a seeded random order; one with no token after its k-th is skipped, and so is one whose
+    prefix has the token ids of a prompt in `exclude`. n=None: one prompt per usable review. Naive equivalent:
+    [prefix(r, k) for r in shuffled(reviews) if len(tokens(r)) > k and prefix(r, k) not in exclude][:n].
     """
     if n is not None and n < 0:
         raise ValueError(f"make_prompts: n must be >= 0, got {n}")

@@ -94,11 +94,6 @@ def nb_log_count_ratio(X: Tensor, y: Tensor, alpha: float) -> Tensor:
     return (torch.log(p / p.sum()) - torch.log(q / q.sum())).float()
 
 
-def scale_columns(X: Tensor, r: Tensor) -> Tensor:
-    """X * r for sparse CSR X [N, dim] and dense r [dim]. Naive equivalent: X.to_dense() * r[None, :]."""
-    return _csr(X.crow_indices(), X.col_indices(), X.values() * r[X.col_indices()], tuple(X.shape))
-
-
 def fit_logistic_regression(X: Tensor, y: Tensor, l2: float, max_iter: int) -> tuple[Tensor, Tensor]:
     """Full-batch L-BFGS on L2-regularized logistic regression; returns (w [dim], b [1]).
 
@@ -172,7 +167,8 @@ class SentimentClassifier:
         y = labels_to_tensor(labels, len(texts))
         X = hashed_features(texts, self.dim)
         r = nb_log_count_ratio(X, y, self.alpha)
-        w, b = fit_logistic_regression(scale_columns(X, r), y, self.l2, self.max_iter)
+        scaled = _csr(X.crow_indices(), X.col_indices(), X.values() * r[X.col_indices()], tuple(X.shape))  # X * r
+        w, b = fit_logistic_regression(scaled, y, self.l2, self.max_iter)
         self.weight, self.bias = r * w, b
         self.fit_seconds = time.perf_counter() - t0
         return self

@@ -1,16 +1,11 @@
 """
-The methods on one frontier: DPO (offline, the paper's, and online), RLHF (RLOO on a reward model learned from the
-pairs: the paper's PPO), RLOO on the true reward (the paper's PPO-GT), Preferred-FT, Unlikelihood and best-of-N, each
-run at each of its settings against the same reference, reward classifier, prompts and evaluation (the DPO paper's
-Figure 2, left).
+The methods on one frontier (the DPO paper's Figure 2, left): each run at each of its settings against the same
+reference, reward classifier, prompts and evaluation.
 
-`method_runs` lists (method, setting, folder) for a run or a `--compare`; train.py's `run` trains each with a fresh
-LoRA adapter (`start_run`), calling the method's own train function from its registry entry (minidpo/registry.py;
-each feeds the one loop its parameters, batches and step), then the one epilogue (`finish_run`) evaluates it like
-every other (`evaluate_trained`) and `write_run` writes its adapter, run.json and curves.png; the adapter is then
-dropped so the next run starts from the same reference weights. The pairs and the reward model RLHF needs are
-cached stages (experiment/stages.py `ensure_pairs`, `ensure_reward_model`), built once before any adapter is on the
-reference; evaluation keeps the classifier for every method.
+`method_runs` lists (method, setting, folder) for a run or a `--compare`; train.py's `run` gives each a fresh LoRA
+adapter (`start_run`), calls the method's own train function from its registry entry (minidpo/registry.py), then
+the one epilogue (`finish_run`) evaluates it like every other and writes its adapter, run.json and curves.png; the
+adapter is then dropped so the next run starts from the same reference weights.
 """
 
 from dataclasses import asdict, is_dataclass
@@ -109,28 +104,22 @@ def finish_run(ctx: RunContext, method: Method, setting, run_dir: Path, summary:
     when more runs follow."""
     loop = method_loop(ctx.configs, method)
     result = evaluate_trained(ctx, method, setting, run_dir, loop.steps, summary)
-    if is_main():
-        write_run(ctx, result, run_dir)
+    if is_main():  # curves.png, the adapter (minidpo's and PEFT's layout), run.json (what sample.py needs), result.json
+        plot_curves(run_dir, ctx.runtime.log, learned_reward=method.reward_model)
+        save_lora(ctx.model, run_dir / "adapter")
+        base = model_source(ctx.base)
+        export_peft(ctx.model, run_dir / "adapter_peft", base_model_name_or_path=base)
+        if ctx.base in ("sft_model", "base_model"):  # stored relative to the run folder, so the folder can move
+            base = to_portable(ctx.out / ctx.base, run_dir, within=ctx.out)
+        atomic_write_json(run_dir / "run.json", {"adapter": "adapter", "policy_base": base, "method": result.method,
+                                                 "setting": result.setting})
+        atomic_write_json(run_dir / "result.json", asdict(result))
     barrier()
     if run_dir != ctx.out:  # more runs follow (a sweep or --compare); a single run keeps it for --export-merged
         remove_lora(ctx.model, merge=False)  # back to the reference for the next run
         for p in ctx.model.parameters():
             p.requires_grad_(False)
     return result
-
-
-def write_run(ctx: RunContext, result: RunResult, run_dir: Path) -> None:
-    """A trained run's files (rank 0): curves.png, the adapter (minidpo's and PEFT's layout), run.json (what
-    sample.py needs) and result.json."""
-    plot_curves(run_dir, ctx.runtime.log)
-    save_lora(ctx.model, run_dir / "adapter")
-    base = model_source(ctx.base)
-    export_peft(ctx.model, run_dir / "adapter_peft", base_model_name_or_path=base)
-    if ctx.base in ("sft_model", "base_model"):  # stored relative to the run folder, so the folder can move
-        base = to_portable(ctx.out / ctx.base, run_dir, within=ctx.out)
-    atomic_write_json(run_dir / "run.json", {"adapter": "adapter", "policy_base": base, "method": result.method,
-                                             "setting": result.setting})
-    atomic_write_json(run_dir / "result.json", asdict(result))
 
 
 def periodic_eval(ctx: RunContext, method: Method, setting, run_dir: Path, steps: int, beta: float | None):

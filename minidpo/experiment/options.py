@@ -64,17 +64,16 @@ def build_configs(cfg, sweeps: dict[str, str]) -> RunConfigs:
                              prompts_per_step=cfg.batch_prompts, logprobs=cfg.logprobs, seed=cfg.seed,
                              pairing=cfg.pairing)
     sweeps = sweeps if compare else {}
-    betas = parse_list("beta_sweep", cfg.beta_sweep or sweeps.get("beta_sweep"), float) or [cfg.beta]
+
+    def sweep(field: str, single: float) -> list[float]:  # the flag's values, --compare's default ones, or one
+        return parse_list(field, getattr(cfg, field) or sweeps.get(field), float) or [single]
+    betas = sweep("beta_sweep", cfg.beta)
     targets = parse_list("target_kl_sweep", cfg.target_kl_sweep, float)
     require_flag(not (targets and (cfg.kl_coef_sweep or cfg.target_kl is not None)), "target_kl_sweep",
                  "sweeps the adaptive controller's target from --kl-coef: drop --kl-coef-sweep and --target-kl")
-    kl_coefs = [] if targets else (parse_list("kl_coef_sweep", cfg.kl_coef_sweep or sweeps.get("kl_coef_sweep"),
-                                              float) or [cfg.kl_coef])
-    alphas = parse_list("unlikelihood_alpha_sweep",
-                        cfg.unlikelihood_alpha_sweep or sweeps.get("unlikelihood_alpha_sweep"),
-                        float) or [cfg.unlikelihood_alpha]
-    lambdas = parse_list("orpo_lambda_sweep", cfg.orpo_lambda_sweep or sweeps.get("orpo_lambda_sweep"),
-                         float) or [cfg.orpo_lambda]
+    kl_coefs = [] if targets else sweep("kl_coef_sweep", cfg.kl_coef)
+    alphas = sweep("unlikelihood_alpha_sweep", cfg.unlikelihood_alpha)
+    lambdas = sweep("orpo_lambda_sweep", cfg.orpo_lambda)
     seeds = parse_list("seeds", cfg.seeds, int)
     require_flag(all(s >= 0 for s in seeds), "seeds", f"values must be >= 0, got {cfg.seeds}")
     ns = parse_list("best_of_n", cfg.best_of_n, int)
@@ -154,7 +153,7 @@ SEED_MAX = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 def seed_limit(methods: list[Method], ns: list[int]) -> int:
     """The largest seed whose derived seeds still fit SEED_MAX: evaluation samples with seed + 1, and best-of-N's
     round j with seed + 1 + j (j < max N), so a seed near the top would train and then fail at evaluation."""
-    return SEED_MAX - (max(ns) if any(m.sweep == "best_of_n" for m in methods) else 1)
+    return SEED_MAX - (max(ns) if any(m.seeds_rounds for m in methods) else 1)
 
 
 ONLINE_DPO_FLAGS = {"k": "completions_per_prompt", "prompts_per_step": "batch_prompts",

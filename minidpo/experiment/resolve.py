@@ -86,11 +86,6 @@ def slow_dtype_warning(device: torch.device, dtype: torch.dtype | None, flags: s
             "fp32 (--dtype auto or fp32 is faster here)")
 
 
-def autocast_dtype(device: torch.device, name: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for --dtype (None: fp32); see `choose_dtype` for the reason behind it."""
-    return choose_dtype(device, name)[0]
-
-
 def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 

@@ -1,15 +1,12 @@
 """
 The cached stages between the model and training in train.py: the model, optional SFT, the IMDB data, the prompts,
 the reward classifier, the preference pairs and (optionally) the reference log-probs, and RLHF's learned reward
-model.
+model (Rafailov et al. 2023, sec. 6.1: prompts are 2-8 token prefixes of IMDb reviews, the reference samples
+completions, a sentiment classifier ranks them into preference pairs).
 
-Each stage takes its own small config and returns a typed result; nothing here reads train.py's flat config. Each
-cached stage is keyed by a fingerprint of everything it depends on and reused when that has not changed, so a resumed
-run or a sweep never rebuilds what it already has. Under torchrun, rank 0 builds a stage first and the other ranks
-then read its cache (`rank_zero_first`), so every rank trains on identical pairs.
-
-Reference: Rafailov et al. 2023, sec. 6.1: prompts are 2-8 token prefixes of IMDb reviews, the reference samples
-completions, a sentiment classifier ranks them into preference pairs.
+Each stage takes its own small config and returns a typed result. Each cached stage is keyed by a fingerprint of
+everything it depends on, so a resumed run or a sweep never rebuilds what it already has. Under torchrun, rank 0
+builds a stage first and the other ranks then read its cache (`rank_zero_first`).
 """
 
 import hashlib
@@ -21,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from minidpo.dataset.batching import PairData, collate_unique, fit_pairs, group_indices, prompt_groups, split_pairs
+from minidpo.dataset.batching import PairData, collate_unique, fit_pairs, prompt_groups, split_pairs, stream_indices
 from minidpo.dataset.imdb import load_imdb
 from minidpo.dataset.pairs import build_pairs
 from minidpo.dataset.pairs_cache import (
@@ -204,7 +201,7 @@ def precompute_reference(model: torch.nn.Module, data: PairData, cfg: ReferenceC
     Returns {group index: (N_g,) log-probs in collate_unique's sequence order} (fields "logps" and "logps_mean"
     stacked as (2, N_g)). Saves DPO the reference forward of every step.
     """
-    used = sorted(set(group_indices(len(data.groups), 0, cfg.groups_needed, cfg.seed)))
+    used = sorted(set(stream_indices(len(data.groups), 0, cfg.groups_needed, cfg.seed)))
     path = out / "reference_logps.safetensors"
     fp = fingerprint({"model": module_fingerprint(model), "pairs": data.fingerprint, "groups": used,
                       "max_length": cfg.max_length, "logprobs": cfg.logprobs})
@@ -259,7 +256,7 @@ def sft_stage(model: GPT, model_desc: str, reviews: Reviews, tok: Tokenizer, con
             p.requires_grad_(True)
     stream = pack_texts([r.text for r in reviews.train], tok)
     windows = replace(cfg, block_size=min(cfg.block_size, model.config.block_size))
-    run_sft(model, stream, windows, loop, runtime, out, resume=True)
+    run_sft(model, stream, windows, TrainRun(loop, out), runtime)
     if cfg.lora:
         remove_lora(model, merge=True)
     for p in model.parameters():

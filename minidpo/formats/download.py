@@ -2,20 +2,14 @@
 Resumable, verified HTTP downloads with nothing but the standard library (urllib).
 
 References: RFC 9110 sec. 14 (range requests: `Range: bytes=N-`, answers `206 Partial Content` with
-`Content-Range: bytes N-M/TOTAL`, or `416` when N is past the end) and the resume scheme of
-openai/gpt-2's download_model.py / wget -c: data goes to `<dest>.part`, a later call continues from
-the bytes already there, and only a complete, size- (and optionally sha256-) checked file is renamed
-to `<dest>` in one atomic `os.replace`. A failure therefore never destroys a finished file, and never
-leaves a half-written file under the final name.
+`Content-Range: bytes N-M/TOTAL`, or `416` when N is past the end) and the resume scheme of openai/gpt-2's
+download_model.py / wget -c: data goes to `<dest>.part`, a later call continues from the bytes already there, and
+only a complete, checked file is renamed to `<dest>` in one atomic `os.replace`.
 
-What is checked, so that nothing corrupt gets in silently: the length the server announces
-(Content-Length / Content-Range; a body whose end the server does not mark is refused unless the caller
-pins a size or sha256), the caller's pinned size and sha256 (a sha256 failure, e.g. after resuming a
-`.part` that was not a prefix of the file, discards the bytes and downloads once more from zero), that
-the body is not an HTML page (an error or login page served with status 200), and a file already at
-`<dest>`: it is re-checked against the pins on every call and replaced by a fresh download when it fails.
-
-Where files live: `cache_dir()` is `$MINIDPO_CACHE` if that variable is set, else `~/.cache/minidpo`.
+Checked: the length the server announces (a body whose end the server does not mark is refused unless the caller
+pins a size or sha256), the caller's pinned size and sha256 (a sha256 failure discards the bytes and downloads once
+more from zero), that the body is not an HTML page, and a file already at `<dest>`, re-checked against the pins on
+every call. `cache_dir()` is `$MINIDPO_CACHE` if that variable is set, else `~/.cache/minidpo`.
 """
 
 from __future__ import annotations
@@ -248,15 +242,11 @@ def _fetch(url: str, dest: Path, part: Path, expected_size: int | None, desc: st
 def download_file(url: str, dest: str | os.PathLike, expected_size: int | None = None, sha256: str | None = None,
                   desc: str | None = None, retries: int = 3, timeout: float = TIMEOUT_S, allow_html: bool = False,
                   log: Log = quiet) -> Path:
-    """Download `url` to `dest` and return `dest`; a no-op if `dest` already exists and passes the pins.
-
-    Bytes land in `<dest>.part` first. An interrupted transfer is resumed with an HTTP Range request, in this
-    call (up to `retries` more attempts, each continuing where the last stopped) or in a later one; a server
-    that ignores Range (200 instead of 206) makes it restart from zero. The size is checked against the
-    server's Content-Length / Content-Range total and `expected_size`, then `sha256` if given; a sha256
-    failure discards the bytes and downloads once more from zero. Only then is the file renamed to `dest`
-    atomically. An existing `dest` that fails the pins stays in place until a good copy replaces it. An HTML
-    body is refused unless `allow_html`. Raises DownloadError with the URL and `dest` in its message.
+    """Download `url` to `dest` and return `dest`; a no-op if `dest` already exists and passes the pins (see the
+    module docstring). An interrupted transfer is resumed with an HTTP Range request, in this call (up to `retries`
+    more attempts) or in a later one; a server that ignores Range makes it restart from zero. An existing `dest`
+    that fails the pins stays in place until a good copy replaces it. An HTML body is refused unless `allow_html`.
+    Raises DownloadError with the URL and `dest` in its message.
     """
     dest = Path(dest).expanduser()
     part = part_path(dest)

@@ -6,17 +6,15 @@ Reference: the format spec in huggingface/safetensors (README, "Format"):
     N bytes: a UTF-8 JSON object {name: {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}, ...,
              optionally "__metadata__": {str: str}}; it may be padded with trailing spaces
     rest:    the byte buffer; offsets are relative to its start, tensors are little-endian and C-contiguous.
-The reader memory-maps the file and views each tensor straight out of the map (no read into a Python bytes object,
-no copy until the caller moves the tensor to another device or dtype). The writer is atomic: it writes a temporary
-file beside the target and renames it over, so a crash never leaves a half-written checkpoint.
+The reader memory-maps the file and views each tensor straight out of the map; the writer is atomic.
 
 The header is validated as the reference implementation does (safetensors' Metadata::validate) before any byte is
 used: every field has the right JSON type, shapes are non-negative, and the tensors' byte ranges, sorted, tile the
-data section exactly, with no overlap (one tensor reading another's bytes), no hole and nothing after the last one.
-Every error is a SafetensorsError naming the file and the tensor or key.
+data section exactly. Every error is a SafetensorsError naming the file and the tensor or key.
 """
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -100,18 +98,11 @@ def _check_entry(path: Path, name: str, info: object) -> tuple[int, int]:
         raise SafetensorsError(f"{path}: tensor {name!r}: 'data_offsets' must be two non-negative integers "
                                f"[begin, end], got {offsets!r}")
     begin, end = offsets
-    nbytes = _numel(shape) * DTYPES[dtype].itemsize
+    nbytes = math.prod(shape) * DTYPES[dtype].itemsize
     if end - begin != nbytes:
         raise SafetensorsError(f"{path}: tensor {name!r} with shape {shape} and dtype {dtype} needs {nbytes} bytes "
                                f"but has data_offsets [{begin}, {end}] (truncated or corrupt file)")
     return begin, end
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def load_file(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:

@@ -7,15 +7,12 @@ References (TensorFlow sources):
    {tensor name: BundleEntryProto}; the empty key "" holds the BundleHeaderProto. Tensors are raw little-endian bytes
    in `<prefix>.data-<shard:05d>-of-<num_shards:05d>` at [offset, offset + size), with a masked CRC32C of the bytes.
 2) tensorflow/core/protobuf/tensor_bundle.proto (BundleHeaderProto: num_shards=1, endianness=2; BundleEntryProto:
-   dtype=1, shape=2, shard_id=3, offset=4, size=5, crc32c=6 fixed32, slices=7) and tensor_shape.proto (dim=2 {size=1}).
-   Protobuf wire format: each field is a varint key (field_number << 3 | wire_type) and a value: varint (0),
-   fixed64 (1), length-delimited (2) or fixed32 (5). Varints are 7 bits per byte, little-endian, high bit = "more".
-3) tsl/lib/io/{format,block,table}.cc, LevelDB's SSTable: a 48-byte footer (metaindex and index BlockHandles as
-   varint (offset, size) pairs, zero padding, magic 0xdb4775248b80fb57); each block is followed by a 5-byte trailer
-   (compression type: 0 none, 1 snappy; masked CRC32C of block + type). A block is a run of entries
-   (varint shared, varint non_shared, varint value_len, key suffix, value; keys are prefix-compressed against the
-   previous key), then uint32 restart offsets (entries that store their key in full) and their uint32 count. The
-   index block maps keys to the BlockHandles of the data blocks.
+   dtype=1, shape=2, shard_id=3, offset=4, size=5, crc32c=6 fixed32, slices=7) and tensor_shape.proto (dim=2 {size=1}),
+   in protobuf's wire format (varint keys field_number << 3 | wire_type; varints of 7 bits per byte).
+3) tsl/lib/io/{format,block,table}.cc, LevelDB's SSTable: a 48-byte footer (metaindex and index BlockHandles,
+   magic 0xdb4775248b80fb57); each block is followed by a 5-byte trailer (compression type; masked CRC32C of block +
+   type). A block is a run of prefix-compressed entries (varint shared, varint non_shared, varint value_len, key
+   suffix, value), then uint32 restart offsets and their count. The index block maps keys to the data blocks.
 4) CRC32C (Castagnoli, reflected polynomial 0x82F63B78; RFC 3720 sec. B.4) and LevelDB's crc32c::Mask.
 """
 
@@ -40,8 +37,6 @@ TF_DTYPES = {1: torch.float32, 2: torch.float64, 3: torch.int32, 4: torch.uint8,
 class BundleError(ValueError):
     pass
 
-
-# --------------------------------------------------------------------------- CRC32C
 
 def _byte_table() -> np.ndarray:
     """CRC32C of every single byte, the classic table: t[b] = 8 reflected shift-and-xor steps of b."""
@@ -147,8 +142,6 @@ def unmask_crc(masked: int) -> int:
     return ((rot >> 17) | (rot << 15)) & 0xFFFFFFFF
 
 
-# --------------------------------------------------------------------------- varints and protobuf
-
 def read_varint(buf: bytes, pos: int) -> tuple[int, int]:
     """(value, position after it). Naive: sum((buf[pos + i] & 0x7F) << 7 i) up to the first byte below 0x80."""
     result, shift = 0, 0
@@ -192,8 +185,6 @@ def parse_message(buf: bytes) -> dict[int, list]:
 def _int64(v: int) -> int:  # int64 fields are two's complement varints
     return v - (1 << 64) if v >= 1 << 63 else v
 
-
-# --------------------------------------------------------------------------- SSTable
 
 def read_block(data: bytes, offset: int, size: int, path: Path) -> bytes:
     """Block contents at a BlockHandle, after checking its trailer (compression flag and masked CRC32C)."""
@@ -253,8 +244,6 @@ def read_table(path: Path) -> list[tuple[bytes, bytes]]:
         out.extend(block_entries(read_block(data, offset, size, path), path))
     return out
 
-
-# --------------------------------------------------------------------------- tensor bundle
 
 @dataclass
 class BundleEntry:

@@ -23,17 +23,18 @@ otherwise make the term -inf and stop training.
 """
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
 
 from minidpo.config import require
 from minidpo.dataset.batching import PairData
-from minidpo.methods.offline_train import BatchConfig, as_unique, make_batch_fn
+from minidpo.methods.dpo import as_unique
+from minidpo.methods.offline_train import BatchConfig, make_batch_fn
 from minidpo.methods.scoring import completion_logps, token_logps
 from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import Training, TrainRun, train_loop, trainable_adapter
+from minidpo.training.trainer import TrainRun, train_loop, trainable_adapter
 
 UL_FLOOR = 1e-5  # smallest 1 - p the unlikelihood term uses (Welleck et al.'s clamp)
 LN2 = math.log(2.0)
@@ -54,8 +55,6 @@ class UnlikelihoodConfig:
         require(math.isfinite(self.floor) and 0 < self.floor < 1, "unlikelihood_floor",
                 f"must be in (0, 1), got {self.floor}")
 
-
-# ----------------------------------------------------------------------------- the math
 
 def log1mexp(x: Tensor) -> Tensor:
     """log(1 - exp(x)) for x <= 0, accurate everywhere (Maechler 2012, "Accurately Computing log(1 - exp(-|a|))"):
@@ -96,14 +95,10 @@ def unlikelihood_loss(chosen_logps: Tensor, rejected_unlikelihood: Tensor, alpha
     return -(chosen_logps + alpha * rejected_unlikelihood)
 
 
-# ----------------------------------------------------------------------------- log-probs of a batch
-
 def per_row(values: Tensor, row: Tensor, n_rows: int) -> Tensor:
     """(n_rows,) sums of per-token values (M,) by row; naive: [values[row == n].sum() for n in range(n_rows)]."""
     return torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, row, values)
 
-
-# ----------------------------------------------------------------------------- the steps
 
 def preferred_ft_step(model: torch.nn.Module, batch: tuple, batch_config: BatchConfig) -> tuple[Tensor, dict, int, int]:
     """One Preferred-FT micro-batch (make_batch_fn's tuple): only the sequences that are some pair's chosen side
@@ -137,8 +132,6 @@ def unlikelihood_step(model: torch.nn.Module, batch: tuple, cfg: UnlikelihoodCon
     return loss, metrics, n_tokens, n_pairs
 
 
-# ----------------------------------------------------------------------------- one run
-
 def train_baseline(model: torch.nn.Module, data: PairData, method: str, batch_config: BatchConfig, run: TrainRun,
                    runtime: Runtime, unlikelihood: UnlikelihoodConfig | None = None) -> dict:
     """Train the model's fresh LoRA adapter (B = 0: the caller applies it, so the adapter disabled is the reference
@@ -156,9 +149,8 @@ def train_baseline(model: torch.nn.Module, data: PairData, method: str, batch_co
             return unlikelihood_step(model, batch, ul, batch_config)
 
     setting = "sft" if method == "preferred-ft" else f"alpha={ul.alpha:g}"
-    show = PREFERRED_FT_SHOW if method == "preferred-ft" else UNLIKELIHOOD_SHOW
-    loop = replace(run.loop, label=f"{method} {setting}", show=show)
-    settings = {"method": method, "batch": asdict(batch_config), "steps": loop.steps, "lr": loop.lr,
+    settings = {"method": method, "batch": asdict(batch_config),
                 **({"unlikelihood": asdict(ul)} if method == "unlikelihood" else {})}
-    training = Training(loop, params, make_batch_fn(data, batch_config, runtime), step_fn)
-    return train_loop(training, **run.loop_args(params, settings, runtime.log))
+    return train_loop(run, params, make_batch_fn(data, batch_config, runtime), step_fn, settings, log=runtime.log,
+                      label=f"{method} {setting}",
+                      show=PREFERRED_FT_SHOW if method == "preferred-ft" else UNLIKELIHOOD_SHOW)

@@ -8,13 +8,10 @@ on the best-of-n alignment policy" (arXiv:2401.01879): that number is an upper b
 no two samples tie), so it is reported as `kl_bound`; Gao et al. 2023, "Scaling Laws for Reward Model
 Overoptimization", for best-of-N as the baseline of RL against a learned reward.
 
-Measured like the other methods: completions come from evaluation's sampler (`minidpo.methods.evaluate.sample_plain`,
-same lengths, temperature, top-k) on the same held-out prompts, and the reward is the classifier's P(positive) of
-prompt + completion, averaged over prompts. Round j draws one completion per prompt with generator seed
-cfg.seed + j, so:
-- round 0 is exactly the reference sample that evaluation scores: best-of-1's reward is the reference reward;
-- the samples of best-of-n are the first n rounds of best-of-n' for every n' > n, so the kept reward of a prompt,
-  and the mean, can only grow with n (`best_of_n_sweep` samples max(ns) rounds once and reads every n from them).
+Measured like the other methods, with evaluation's sampler on the same held-out prompts. Round j draws one
+completion per prompt with generator seed cfg.seed + j, so round 0 is exactly the reference sample that evaluation
+scores, and the samples of best-of-n are the first n rounds of best-of-n' for every n' > n: the kept reward can only
+grow with n (`best_of_n_sweep` samples max(ns) rounds once and reads every n from them).
 """
 
 import math
@@ -22,8 +19,9 @@ from dataclasses import replace
 
 import torch
 
-from minidpo.methods.evaluate import EvalConfig, reference_of, sample_plain
+from minidpo.methods.evaluate import EvalConfig, sample_plain
 from minidpo.model.completions import response_text
+from minidpo.model.lora import reference_of
 from minidpo.progress import Log, quiet
 
 

@@ -24,7 +24,6 @@ Loss names, defaults and metric names follow Hugging Face TRL's DPOTrainer so nu
 """
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -34,12 +33,9 @@ from torch import Tensor
 
 from minidpo.config import require
 from minidpo.methods.scoring import completion_logps
-from minidpo.model.lora import lora_disabled, lora_layers
+from minidpo.model.lora import reference_of
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
-BATCH_KEYS = ("chosen_ids", "chosen_attention_mask", "chosen_response_mask",
-              "rejected_ids", "rejected_attention_mask", "rejected_response_mask")
-UNIQUE_KEYS = ("ids", "attention_mask", "response_mask", "chosen_index", "rejected_index")
 
 
 @dataclass(frozen=True)
@@ -112,28 +108,22 @@ def preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor,
     }
 
 
-# ----------------------------------------------------------------------------- forward passes
+def as_unique(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A batch in the unique layout (ids, attention_mask, response_mask (N, T); chosen_index, rejected_index (P,)).
 
-def _check_right_padded(attention_mask: Tensor, name: str) -> None:
-    # Checked only where it is free: on a GPU this would be a host sync every step.
-    if attention_mask.device.type == "cpu" and bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
-        raise ValueError(f"batch[{name!r}] must be right-padded (ones then zeros); left padding would shift the "
-                         "positions of real tokens")
-
-
-def _check_keys(batch: dict[str, Tensor], keys: tuple[str, ...], who: str) -> None:
-    missing = [k for k in keys if k not in batch]
-    if missing:
-        raise KeyError(f"{who}: batch lacks {missing}; expected keys {keys}")
-
-
-def _check_shapes(batch: dict[str, Tensor], prefix: str, who: str) -> None:
-    ids = batch[f"{prefix}ids"]
-    for k in (f"{prefix}attention_mask", f"{prefix}response_mask"):
-        if batch[k].shape != ids.shape:
-            raise ValueError(f"{who}: batch[{k!r}] has shape {tuple(batch[k].shape)}, expected "
-                             f"{tuple(ids.shape)} like batch['{prefix}ids']")
-    _check_right_padded(batch[f"{prefix}attention_mask"], f"{prefix}attention_mask")
+    A unique batch is returned as is. A pairs batch (chosen_*/rejected_* (B, t)) becomes N = 2B rows, chosen rows
+    first, both sides right-padded to the longer T. Naive equivalent: rows = chosen rows + rejected rows,
+    chosen_index = [0..B-1], rejected_index = [B..2B-1].
+    """
+    if "ids" in batch:
+        return batch
+    B = batch["chosen_ids"].size(0)
+    T = max(batch["chosen_ids"].size(1), batch["rejected_ids"].size(1))
+    stack = lambda k: torch.cat([F.pad(batch[f"{s}_{k}"], (0, T - batch[f"{s}_{k}"].size(1)))  # noqa: E731
+                                 for s in ("chosen", "rejected")])  # (2B, T); pad columns are masked out
+    index = torch.arange(B, device=batch["chosen_ids"].device)  # (B,)
+    return {"ids": stack("ids"), "attention_mask": stack("attention_mask"), "response_mask": stack("response_mask"),
+            "chosen_index": index, "rejected_index": index + B}
 
 
 def _scores(model: nn.Module, ids: Tensor, keep: Tensor, logprobs: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -150,18 +140,9 @@ def concatenated_forward(model: nn.Module, batch: dict[str, Tensor], logprobs: s
     (length-averaged, for IPO) and chosen_num_tokens, rejected_num_tokens (B,). Naive equivalent per side:
     minidpo.methods.logprobs.sequence_logps(model(ids), ids, response_mask * attention_mask).
     """
-    _check_keys(batch, BATCH_KEYS, "concatenated_forward")
-    for side in ("chosen_", "rejected_"):
-        _check_shapes(batch, side, "concatenated_forward")
     B = batch["chosen_ids"].size(0)
-    if batch["rejected_ids"].size(0) != B:
-        raise ValueError("concatenated_forward: chosen_ids and rejected_ids must have the same batch size")
-    T = max(batch["chosen_ids"].size(1), batch["rejected_ids"].size(1))
-    pad = lambda x: F.pad(x, (0, T - x.size(1)))  # noqa: E731, (B, t) -> (B, T); pad positions are masked out
-    ids = torch.cat([pad(batch["chosen_ids"]), pad(batch["rejected_ids"])])  # (2B, T)
-    keep = torch.cat([pad(batch[f"{s}_response_mask"] * batch[f"{s}_attention_mask"])
-                      for s in ("chosen", "rejected")])                      # (2B, T)
-    total, mean, n = _scores(model, ids, keep, logprobs)                     # (2B,) each
+    u = as_unique(batch)  # (2B, T): chosen rows, then rejected rows
+    total, mean, n = _scores(model, u["ids"], u["response_mask"] * u["attention_mask"], logprobs)  # (2B,) each
     return {"chosen_logps": total[:B], "rejected_logps": total[B:], "chosen_logps_mean": mean[:B],
             "rejected_logps_mean": mean[B:], "chosen_num_tokens": n[:B], "rejected_num_tokens": n[B:]}
 
@@ -172,8 +153,6 @@ def sequence_forward(model: nn.Module, batch: dict[str, Tensor], logprobs: str =
     Returns logps (sums over response tokens), logps_mean (length-averaged) and num_tokens, each (N,).
     Naive equivalent: minidpo.methods.logprobs.sequence_logps(model(ids), ids, response_mask * attention_mask).
     """
-    _check_keys(batch, UNIQUE_KEYS, "sequence_forward")
-    _check_shapes(batch, "", "sequence_forward")
     total, mean, n = _scores(model, batch["ids"], batch["response_mask"] * batch["attention_mask"], logprobs)
     return {"logps": total, "logps_mean": mean, "num_tokens": n}
 
@@ -188,11 +167,9 @@ def reference_forward(model: nn.Module, batch: dict[str, Tensor], logprobs: str 
     """
     unique = "ids" in batch if unique is None else unique
     forward = sequence_forward if unique else concatenated_forward
-    with torch.no_grad(), (lora_disabled(model) if lora_layers(model) else nullcontext()):
+    with torch.no_grad(), reference_of(model):
         return forward(model, batch, logprobs)
 
-
-# ----------------------------------------------------------------------------- the step's loss
 
 def dpo_step_loss(policy_out: dict[str, Tensor], reference_out: dict[str, Tensor] | None,
                   cfg: DPOConfig) -> tuple[Tensor, dict[str, Tensor]]:

@@ -1,26 +1,23 @@
 """
 One DPO training run: a fresh LoRA adapter on the reference weights, batches of preference pairs, the DPO loss with
-the reference passed in explicitly. Evaluation on held-out prompts follows in experiment/compare.py, the same for
-every method.
+the reference passed in explicitly.
 
 Reference: Rafailov et al. 2023, "Direct Preference Optimization" (arXiv:2305.18290), eq. 7; the step follows
 TRL's DPOTrainer (same loss and metric names), the loop llm.c's train_gpt2.py (see minidpo.training.trainer).
 
 Two ways to batch (--batching):
-- "pairs": a micro-batch is `pairs` preference pairs drawn from an endless shuffled stream; each pair's prompt and
-  both completions are forwarded (what TRL does).
+- "pairs": a micro-batch is `pairs` preference pairs; each pair's prompt and both completions are forwarded (TRL).
 - "unique" (default): a micro-batch is `prompts` whole prompts with all their pairs. With K completions per prompt
-  and "all" pairing a prompt has up to K(K-1)/2 pairs but only K distinct sequences, so each distinct (prompt,
-  completion) is forwarded once for the policy and once for the reference, and every pair's loss is formed from
-  those sequence log-probs. The loss and gradient equal the pairwise computation over the same pairs
-  (tests/test_dpo.py); only the work differs.
+  a prompt has up to K(K-1)/2 pairs but only K distinct sequences, so each distinct (prompt, completion) is
+  forwarded once for the policy and once for the reference, and every pair's loss is formed from those sequence
+  log-probs. Loss and gradient equal the pairwise computation (tests/test_dpo.py); only the work differs.
 
-The reference is the policy with its adapter disabled (`minidpo.model.lora.lora_disabled`), which is exactly the
-starting policy because the adapter starts at B = 0 (checked with `adapters_are_zero` before the first step), or cached
-sequence log-probs of the same weights computed before training (--precompute-ref).
+The reference is the policy with its adapter disabled (`minidpo.model.lora.lora_disabled`), exactly the starting
+policy because the adapter starts at B = 0, or sequence log-probs of the same weights cached before training
+(--precompute-ref).
 """
 
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from functools import partial
 
 import torch
@@ -31,7 +28,7 @@ from minidpo.methods.dpo import DPOConfig, concatenated_forward, dpo_step_loss, 
 from minidpo.methods.offline_train import BatchConfig, make_batch_fn
 from minidpo.methods.scoring import completion_logps
 from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import Training, TrainRun, train_loop, trainable_adapter
+from minidpo.training.trainer import TrainRun, train_loop, trainable_adapter
 
 
 def cached_reference(cache: dict[int, Tensor], groups: list[int]) -> dict[str, Tensor]:
@@ -42,12 +39,9 @@ def cached_reference(cache: dict[int, Tensor], groups: list[int]) -> dict[str, T
 
 def dpo_step(model: torch.nn.Module, batch: tuple, dpo: DPOConfig, batch_config: BatchConfig,
              reference_cache: dict[int, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor], int, int]:
-    """One DPO micro-batch: policy log-probs (with grad), reference log-probs (passed in explicitly), the loss.
-
-    This is the training step: a reader can follow it from here to `minidpo.methods.scoring.completion_logps` (the
-    naive log_softmax + gather, or the fused kernels) and to the loss `minidpo.methods.dpo.dpo_loss`, and back
-    through backward. A unique batch forwards each distinct sequence once (N rows) and gathers every pair's two
-    from them; naive equivalent: `concatenated_forward` over each pair's chosen and rejected rows.
+    """One DPO micro-batch: policy log-probs (with grad), reference log-probs (passed in explicitly), the loss
+    (`minidpo.methods.dpo.dpo_loss` through dpo_step_loss). A unique batch forwards each distinct sequence once (N
+    rows) and gathers every pair's two from them; naive equivalent: `concatenated_forward` over each pair's rows.
     """
     model.train()  # LoRA dropout on in every training step; evaluation and sampling run in eval mode
     idx, tensors, n_tokens, n_pairs = batch
@@ -74,8 +68,7 @@ def train_dpo(model: torch.nn.Module, data: PairData, dpo: DPOConfig, batch_conf
     params = trainable_adapter(model, "train_dpo")
     if compile:  # the transformer body only: compiling the whole step on a CPU took minutes, this about 45 s
         model.hidden_states = torch.compile(model.hidden_states)
-    loop = replace(run.loop, label=f"dpo beta={dpo.beta:g}")
-    settings = {"dpo": asdict(dpo), "batch": asdict(batch_config), "steps": loop.steps, "lr": loop.lr}
     step = partial(dpo_step, model, dpo=dpo, batch_config=batch_config, reference_cache=reference_cache)
-    training = Training(loop, params, make_batch_fn(data, batch_config, runtime), step, autocast=runtime.autocast)
-    return train_loop(training, **run.loop_args(params, settings, runtime.log))
+    return train_loop(run, params, make_batch_fn(data, batch_config, runtime), step,
+                      {"dpo": asdict(dpo), "batch": asdict(batch_config)}, autocast=runtime.autocast, log=runtime.log,
+                      label=f"dpo beta={dpo.beta:g}")

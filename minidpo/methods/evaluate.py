@@ -4,36 +4,28 @@ Evaluation of a trained policy against its reference: reward, KL, and (for DPO) 
 Reference: Rafailov et al. 2023, sec. 6.1 and Figure 2 (left): on held-out IMDb prompts, the expected reward of
 completions sampled from the policy itself is plotted against the sequence-level KL(policy || reference).
 
-What is measured, exactly. Each side draws one completion per prompt by plain ancestral sampling: temperature 1, no
-top-k, no top-p (`sample_plain`). Lengths are the only constraint: at most max_new_tokens tokens, end-of-text
-forbidden while fewer than min_new_tokens have been generated, and a completion ends at its first end-of-text, which
-counts as one of its tokens. Write pi~ and ref~ for these two samplers: at generated step t < min_new_tokens the
-model's next-token distribution with end-of-text removed and the rest renormalized, the unmodified one after that.
-- reward: the classifier's P(positive) of prompt + completion text, averaged over prompts ("reward_se": its
-  standard error over prompts). The reference's completions use the same generator seed as the policy's (common
-  random numbers), so the two rewards differ less by chance.
+What is measured. Each side draws one completion per prompt by plain ancestral sampling (temperature 1, no top-k:
+`sample_plain`), at most max_new_tokens long, end-of-text forbidden before min_new_tokens. Write pi~ and ref~ for
+these two samplers: at step t < min_new_tokens the model's next-token distribution without end-of-text,
+renormalized, the unmodified one after that.
+- reward: the classifier's P(positive) of prompt + completion text, averaged over prompts. The reference's
+  completions use the policy's generator seed (common random numbers), so the two rewards differ less by chance.
 - kl_exact: for y ~ pi~(.|x), the sum over y's generated positions t of the exact KL over the vocabulary,
       sum_v pi~_t(v) (log pi~_t(v) - log ref~_t(v)),
   averaged over prompts.
 - kl_sampled: the sampled log-ratio log pi~(y|x) - log ref~(y|x) of the same completions, averaged over prompts.
-Both are unbiased estimates of the same number: KL(pi~(.|x) || ref~(.|x)) between the two samplers actually used,
-averaged over prompts (a completion's length is decided by its own tokens, so the sequence KL splits into these
-per-position terms). kl_exact replaces each of kl_sampled's per-token terms by its expectation given the prefix,
-so every term is >= 0 and the variance is usually much lower. With min_new_tokens = 0 this is the KL of the models'
-own distributions, the paper's quantity. Top-k and temperature are kept out of evaluation: with top-k the two
-samplers' supports differ (their top-50 sets differ at nearly every position), so the KL between what was sampled
-would be infinite; top-k is for data generation (preference pairs) only. Each "_se" is the standard error of the
-mean over prompts (None with fewer than two prompts).
+Both are unbiased estimates of KL(pi~(.|x) || ref~(.|x)); kl_exact replaces each per-token term of kl_sampled by
+its expectation given the prefix, so every term is >= 0 and the variance is much lower. With min_new_tokens = 0
+this is the paper's quantity. Top-k is kept out of evaluation: the two samplers' top-k sets differ at nearly every
+position, so the KL between them would be infinite. Each "_se" is the standard error of the mean over prompts.
 
-The reference is the policy with its LoRA adapter disabled (`lora_disabled`), which is exactly the model training
-started from as long as the adapter was created at B = 0 (minidpo merges an SFT adapter before adding a new one).
-The same `evaluate` serves every method; those without an implicit reward (all but DPO) pass no heldout_pairs or
-beta, and "reward_accuracy" is None. The sampler is minidpo/model/completions.py's, shared with pairs and rollouts.
+The reference is the policy with its LoRA adapter disabled (`lora_disabled`), exactly the starting model as long as
+the adapter was created at B = 0. Methods without an implicit reward (all but DPO's family) pass no heldout_pairs
+or beta, and "reward_accuracy" is None.
 """
 
-from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import ContextManager, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -46,7 +38,7 @@ from minidpo.methods.dpo import concatenated_forward
 from minidpo.model.completions import eval_mode, response_text, sample_completions, sampler_logits
 from minidpo.model.generate import SamplingConfig
 from minidpo.model.gpt import GPT
-from minidpo.model.lora import lora_disabled, lora_layers
+from minidpo.model.lora import reference_of
 from minidpo.stats import mean_and_se
 
 
@@ -71,11 +63,6 @@ class EvalConfig:
 class KLEstimates(NamedTuple):
     exact: Tensor    # (N,) sum over generated positions of the exact per-position KL(pi~ || ref~)
     sampled: Tensor  # (N,) log pi~(y|x) - log ref~(y|x) of each completion y
-
-
-def reference_of(model: torch.nn.Module) -> ContextManager:
-    """The reference: the model with its adapter disabled; a model without one is its own reference."""
-    return lora_disabled(model) if lora_layers(model) else nullcontext(model)
 
 
 def sample_plain(model: GPT, tok, prompts: Sequence[Prompt], cfg: EvalConfig) -> list[list[int]]:
@@ -180,9 +167,7 @@ def evaluate(model: GPT, tok, scorer, prompts: Sequence[Prompt], cfg: EvalConfig
              reference: bool | Sequence[list[int]] = True) -> dict:
     """{"policy": {reward, reward_se, kl_exact, kl_exact_se, kl_sampled, kl_sampled_se}, "reward_accuracy": float
     or None (no pairs or no beta), and unless `reference` is False: "reference": {reward, reward_se}, "examples":
-    three side-by-side texts}. `reference` may be the reference's completions from `sample_reference` (same prompts
-    and cfg), which skips resampling them. `tok` needs eot_id, pad and decode; the model must hold tok.eot_id in its
-    vocabulary."""
+    three side-by-side texts}. `reference` may be the reference's completions from `sample_reference`."""
     if not prompts:
         raise ValueError("evaluate: no prompts given")
     cached = None if isinstance(reference, bool) else reference

@@ -39,11 +39,8 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def default_chunk_rows(V: int, device: torch.device) -> int:
-    """Rows of V logits handled at once.
-
-    ~4M elements (16 MB in fp32) on CPU: small next to [B, T, V], in L3 cache for the few passes over it, and
-    few enough chunks that per-op overhead stays small; ~16M on a GPU, where each chunk costs kernel launches.
-    """
+    """Rows of V logits handled at once: ~4M elements (16 MB in fp32) on CPU, in L3 cache for the few passes over
+    it; ~16M on a GPU, where each chunk costs kernel launches."""
     budget = 1 << 24 if device.type == "cuda" else 1 << 22
     return max(1, budget // V)
 
@@ -93,11 +90,9 @@ def _target_logps(x: Tensor, targets: Tensor, rows: int) -> tuple[Tensor, Tensor
 def _repair_lse_(lse: Tensor, logits_of: Callable[[Tensor], Tensor]) -> None:
     """Recompute, as logits_of(rows).logsumexp(-1), the rows of lse (N,) that x[target] - logp left non-finite.
 
-    A -inf target logit (a banned token; or the safe target 0 of an ignored row whose logit 0 is -inf) makes
-    x[target] - logp = NaN, and backward's exp(logits - lse) would then turn the whole row's gradient into NaN where
-    the naive log_softmax + gather gives finite values. Such rows are rare, so they are found and fixed here rather
-    than paying an argmax pass over every row (which would double the forward's time). Costs one host sync on an
-    accelerator.
+    A -inf target logit (a banned token, or the safe target 0 of an ignored row) makes x[target] - logp = NaN, and
+    backward's exp(logits - lse) would turn the whole row's gradient into NaN. Such rows are rare, so they are fixed
+    here rather than paying an argmax pass over every row. Costs one host sync on an accelerator.
     """
     bad = (~torch.isfinite(lse)).nonzero().squeeze(1)  # (n_bad,)
     if bad.numel():
@@ -167,10 +162,8 @@ def fused_token_logps(logits: Tensor, targets: Tensor, chunk_rows: int | None = 
     targets == -100. `chunk_rows` rows of V are processed at a time (default: `default_chunk_rows`).
     Contiguous logits (what lm_head returns) are never copied; others are reshaped, which copies them.
 
-    inplace_backward=True writes the gradient into the logits' own storage (as Liger-Kernel does), so backward
-    allocates no [B, T, V] buffer at all. The logits are destroyed by backward: only for logits that nothing else
-    reads afterwards, such as lm_head's output (its matmul saves its inputs, not its output). If another autograd
-    node did save them, autograd's version check raises instead of computing a wrong gradient.
+    inplace_backward=True writes the gradient into the logits' own storage (as Liger-Kernel does): only for logits
+    that nothing else reads afterwards, such as lm_head's output; autograd's version check raises otherwise.
     """
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"fused_token_logps: chunk_rows must be None or >= 1, got {chunk_rows}")

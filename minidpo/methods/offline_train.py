@@ -1,28 +1,14 @@
 """
-The batches of the offline preference pairs, shared by every method that trains on them: DPO
-(minidpo/methods/dpo_train.py), the paper's baselines (Preferred-FT and Unlikelihood, minidpo/methods/baselines.py)
-and the learned reward model (minidpo/methods/reward_model.py).
-
-Reference: Rafailov et al. 2023, "Direct Preference Optimization" (arXiv:2305.18290), sec. 6.1 and Figure 2: every
-method sees the same preference pairs, so the batches are DPO's own (`make_batch_fn`: the same pairs, order and
-steps), and only the loss differs. The loop is minidpo.training.trainer's (AdamW, warmup + cosine, accumulation,
-clipping, logging, checkpoints, exact resume).
-
-A batch comes in one of the two layouts of minidpo.dataset.batching: "pairs" (chosen_* and rejected_* rows) or "unique"
-(each distinct sequence once, with chosen_index / rejected_index per pair). `as_unique` turns the first into the
-second, so a loss is written once, against the unique layout.
+The batches of the offline preference pairs, shared by every method that trains on them: DPO, the paper's
+baselines, ORPO and the learned reward model. Every method sees the same pairs, order and steps (Rafailov et al.
+2023, sec. 6.1 and Figure 2), and only the loss differs.
 """
 
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
-
 from minidpo.config import require
-from minidpo.dataset.batching import PairData, collate_pairs, collate_unique, group_indices, pair_indices
-from minidpo.methods.dpo import BATCH_KEYS, UNIQUE_KEYS
+from minidpo.dataset.batching import PairData, collate_pairs, collate_unique, stream_indices
 from minidpo.methods.logprobs import LOGPROBS
 from minidpo.model.tokenizer import EOT_ID
 from minidpo.training.runtime import Runtime
@@ -55,10 +41,7 @@ class BatchConfig:
 
 def make_batch_fn(data: PairData, cfg: BatchConfig, runtime: Runtime) -> Callable[[int, int], tuple]:
     """get_batch(step, micro) -> (group or pair indices, tensors on runtime.device, real tokens, pairs) for this
-    process (runtime.rank).
-
-    A pure function of its arguments (the seed is in cfg), so a resumed run's data position is just its step.
-    """
+    process (runtime.rank): a pure function of its arguments, so a resumed run's data position is just its step."""
     if not data.train:
         raise ValueError("make_batch_fn: no training pairs")
     rank, world, device = runtime.rank, runtime.world, runtime.device
@@ -66,12 +49,12 @@ def make_batch_fn(data: PairData, cfg: BatchConfig, runtime: Runtime) -> Callabl
     def get_batch(step: int, micro: int):
         slot = (step * cfg.grad_accum + micro) * world + rank
         if cfg.mode == "unique":
-            idx = group_indices(len(data.groups), slot * cfg.prompts, cfg.prompts, cfg.seed)
+            idx = stream_indices(len(data.groups), slot * cfg.prompts, cfg.prompts, cfg.seed)
             pairs = [data.train[i] for g in idx for i in data.groups[g]]
             batch = collate_unique(pairs, cfg.max_length, pad_id=cfg.pad_id)
             n_tokens = int(batch["attention_mask"].sum())
         else:
-            idx = pair_indices(len(data.train), slot * cfg.pairs, cfg.pairs, cfg.seed)
+            idx = stream_indices(len(data.train), slot * cfg.pairs, cfg.pairs, cfg.seed)
             pairs = [data.train[i] for i in idx]
             batch = collate_pairs(pairs, cfg.max_length, pad_id=cfg.pad_id)
             n_tokens = int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
@@ -79,24 +62,3 @@ def make_batch_fn(data: PairData, cfg: BatchConfig, runtime: Runtime) -> Callabl
         return idx, {k: v.to(device, non_blocking=True) for k, v in batch.items()}, n_tokens, len(pairs)
     return get_batch
 
-
-def as_unique(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A batch in the unique layout (ids, attention_mask, response_mask (N, T); chosen_index, rejected_index (P,)).
-
-    A unique batch is returned as is. A pairs batch (chosen_*/rejected_* (B, t)) becomes N = 2B rows, chosen rows
-    first, both sides right-padded to the longer T. Naive equivalent: rows = chosen rows + rejected rows,
-    chosen_index = [0..B-1], rejected_index = [B..2B-1].
-    """
-    if all(k in batch for k in UNIQUE_KEYS):
-        return batch
-    missing = [k for k in BATCH_KEYS if k not in batch]
-    if missing:
-        raise KeyError(f"as_unique: batch lacks {missing}; expected the keys {UNIQUE_KEYS} (unique batching) or "
-                       f"{BATCH_KEYS} (pairs batching)")
-    B = batch["chosen_ids"].size(0)
-    T = max(batch["chosen_ids"].size(1), batch["rejected_ids"].size(1))
-    stack = lambda k: torch.cat([F.pad(batch[f"{s}_{k}"], (0, T - batch[f"{s}_{k}"].size(1)))  # noqa: E731
-                                 for s in ("chosen", "rejected")])  # (2B, T); pad columns are masked out
-    index = torch.arange(B, device=batch["chosen_ids"].device)  # (B,)
-    return {"ids": stack("ids"), "attention_mask": stack("attention_mask"), "response_mask": stack("response_mask"),
-            "chosen_index": index, "rejected_index": index + B}

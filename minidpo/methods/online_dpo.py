@@ -9,34 +9,23 @@ fixed reference; TRL's OnlineDPOTrainer. The annotator here is the sentiment cla
 experiment (Rafailov et al. 2023, sec. 6.1).
 
 Temperature: where minidpo differs from TRL. Both sample the training completions at temperature T. TRL 1.16's
-OnlineDPOTrainer then takes the log-probs of policy and reference from the untempered logits (log softmax(logits)),
-so its loss scores the samples under distributions other than the one they were drawn from. minidpo tempers both
-(log softmax(logits / T), policy and reference alike, as TRL's RLOOTrainer does for its KL), so every log-prob in
-the loss is of the sampler that produced the samples, online DPO and RLOO use the same log-probs
-(minidpo/methods/rollout.py), and the logged `kl` is the sampled KL of that sampler. At T = 1 the two choices agree.
-With K > 2 samples per prompt every distinct-score pair is used, as offline (`minidpo.dataset.pairs.preference_pairs`),
-and each completion is scored once however many pairs it is in (`minidpo.methods.dpo.pair_logps`).
+OnlineDPOTrainer then takes the log-probs of policy and reference from the untempered logits, so its loss scores the
+samples under distributions other than the one they were drawn from. minidpo tempers both (log softmax(logits / T),
+as TRL's RLOOTrainer does for its KL), so every log-prob in the loss is of the sampler that produced the samples and
+online DPO and RLOO share their rollouts (minidpo/methods/rollout.py). At T = 1 the two choices agree.
 
 Why offline pairs can fall short. DPO's loss is minimized by pi* ~ ref * exp(r / beta) only where the pairs put
-weight; the pairs are the reference's samples, so what the policy does on sequences the reference rarely sampled is
-left to generalization. As the policy moves, its own samples drift away from the pairs: the loss keeps improving on
-sequences the policy no longer produces. Online pairs follow the policy, the way RLOO's samples do (the rollouts are
-minidpo/methods/rollout.py's, shared with RLOO).
+weight; the pairs are the reference's samples, so as the policy moves, its own samples drift away from them and the
+loss keeps improving on sequences the policy no longer produces. Online pairs follow the policy, as RLOO's samples do.
 
-Online pairs gained several times what offline pairs did at equal beta on the tiny preset (bench/README.md,
-"Tuning RLOO and online DPO").
-
-One step (per micro-batch, `prompts_per_step` prompts on each process):
-1. rollout, no gradient (`minidpo.methods.rollout.sample_rollout`): K completions per prompt from the current policy,
-   their classifier scores and the reference's log-probs.
-2. pairs (`rollout_pairs`): within each prompt, every (higher score, lower score) pair of its completions.
-3. loss, with gradient (`online_dpo_loss`): the policy's log-probs of the K completions, then DPO's loss over the
-   pairs. No reward model is learned and no advantage is formed: the classifier's scores only order the samples.
+One step: K completions per prompt from the current policy with their classifier scores and the reference's
+log-probs (no gradient); every (higher score, lower score) pair within a prompt (`rollout_pairs`); the policy's
+log-probs of the K completions and DPO's loss over the pairs (`online_dpo_loss`). The scores only order the samples.
 """
 
 import math
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import ContextManager
 
 import torch
@@ -47,7 +36,7 @@ from minidpo.dataset.pairs import PAIRINGS, preference_pairs
 from minidpo.methods.dpo import DPOConfig, dpo_step_loss, pair_logps
 from minidpo.methods.rollout import Rollout, RolloutConfig, make_rollout_fn, policy_logps
 from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import Training, TrainRun, train_loop, trainable_adapter
+from minidpo.training.trainer import TrainRun, train_loop, trainable_adapter
 
 # (metric key, short label, format) for the progress line (LoopConfig.show)
 ONLINE_DPO_SHOW = (("reward", "reward", "{:.3f}"), ("kl/sampled", "kl", "{:.3f}"),
@@ -116,7 +105,5 @@ def train_online_dpo(model: torch.nn.Module, tokenizer, scorer, prompts: list, d
         loss, metrics, log_ratio = online_dpo_loss(model, rollout, dpo, cfg, runtime.autocast)
         return loss, metrics, rollout.n_tokens, log_ratio.numel()
 
-    loop = replace(run.loop, show=ONLINE_DPO_SHOW, item_name="completions", label=f"online-dpo beta={dpo.beta:g}")
-    settings = {"dpo": asdict(dpo), "online": asdict(cfg), "steps": loop.steps, "lr": loop.lr}
-    training = Training(loop, params, get_batch, step_fn)
-    return train_loop(training, **run.loop_args(params, settings, runtime.log))
+    return train_loop(run, params, get_batch, step_fn, {"dpo": asdict(dpo), "online": asdict(cfg)}, log=runtime.log,
+                      label=f"online-dpo beta={dpo.beta:g}", show=ONLINE_DPO_SHOW, item_name="completions")

@@ -11,15 +11,12 @@ Reference: Hong, Lee and Thorne 2024, "ORPO: Monolithic Preference Optimization 
 P(y|x) is the length-averaged likelihood (eq. 4), and L_SFT is the negative log-likelihood of the chosen completion
 (eq. 2). Hugging Face TRL's ORPOTrainer computes the same (`odds_ratio_loss`, with the weight lambda named `beta`,
 default 0.1, this module's default too); tests/test_orpo.py checks this loss against both on the same inputs.
-
-Here, as for the paper's baselines (minidpo/methods/baselines.py), ORPO trains a fresh LoRA adapter on DPO's
-offline pairs and batches (minidpo/methods/offline_train.py); the adapter disabled is only what evaluation measures
-the KL against. L_SFT is the mean NLL per chosen completion token over the batch, Preferred-FT's loss, so at
-lambda = 0 ORPO is Preferred-FT.
+ORPO trains a fresh LoRA adapter on DPO's offline pairs and batches; L_SFT is Preferred-FT's loss, so at lambda = 0
+ORPO is Preferred-FT.
 """
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +25,11 @@ from torch import Tensor
 from minidpo.config import require
 from minidpo.dataset.batching import PairData
 from minidpo.methods.baselines import log1mexp, preferred_ft_loss
-from minidpo.methods.offline_train import BatchConfig, as_unique, make_batch_fn
+from minidpo.methods.dpo import as_unique
+from minidpo.methods.offline_train import BatchConfig, make_batch_fn
 from minidpo.methods.scoring import completion_logps
 from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import Training, TrainRun, train_loop, trainable_adapter
+from minidpo.training.trainer import TrainRun, train_loop, trainable_adapter
 
 # (metric key, short label, format) for the progress line (LoopConfig.show)
 ORPO_SHOW = (("nll/token", "nll", "{:.3f}"), ("log_odds_ratio", "log_or", "{:+.3f}"),
@@ -88,9 +86,7 @@ def train_orpo(model: torch.nn.Module, data: PairData, cfg: ORPOConfig, batch_co
     """Train the model's fresh LoRA adapter (B = 0, applied by the caller) with ORPO on DPO's batches; returns the
     training summary. No reference model is used; the caller evaluates afterwards, as for every method."""
     params = trainable_adapter(model, "train_orpo")
-    loop = replace(run.loop, label=f"orpo lambda={cfg.lambda_:g}", show=ORPO_SHOW)
-    settings = {"method": "orpo", "batch": asdict(batch_config), "steps": loop.steps, "lr": loop.lr,
-                "orpo": asdict(cfg)}
-    training = Training(loop, params, make_batch_fn(data, batch_config, runtime),
-                        lambda batch: orpo_step(model, batch, cfg, batch_config), autocast=runtime.autocast)
-    return train_loop(training, **run.loop_args(params, settings, runtime.log))
+    return train_loop(run, params, make_batch_fn(data, batch_config, runtime),
+                      lambda batch: orpo_step(model, batch, cfg, batch_config),
+                      {"method": "orpo", "batch": asdict(batch_config), "orpo": asdict(cfg)},
+                      autocast=runtime.autocast, log=runtime.log, label=f"orpo lambda={cfg.lambda_:g}", show=ORPO_SHOW)

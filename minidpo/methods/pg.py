@@ -21,8 +21,7 @@ the noisy grad log pi). RLOO draws K completions y_1..y_K per prompt and gives y
 as its baseline: b_i = sum_{j != i} R_j / (K - 1) is independent of y_i, so the estimate stays unbiased, and the
 advantages A_i = R_i - b_i = K / (K - 1) * (R_i - mean_j R_j) sum to zero over each prompt's K completions.
 
-The loss is the surrogate L = -mean_i(A_i * log pi(y_i|x)) with A_i held constant (detached): its gradient is minus
-the estimate above, averaged over the batch, so minimizing L ascends J.
+The loss is the surrogate L = -mean_i(A_i * log pi(y_i|x)) with A_i detached: minimizing it ascends J.
 
 The KL term. RLHF maximizes E_{y~pi}[R(x, y)] - beta * KL(pi(.|x) || ref(.|x)), with
 KL = E_{y~pi}[log pi(y|x) - log ref(y|x)]. This equals E_{y~pi}[r(x, y)] for the per-sequence penalized reward
@@ -35,11 +34,10 @@ the sequence KL (logged as "kl/sampled").
 Adaptive coefficient (Ziegler et al. 2019, TRL's AdaptiveKLController): after each step, with KL the batch's mean
 sequence KL and n the completions it used, beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon).
 
-Sampling. By default RLOO samples from pi itself (temperature 1, full softmax), as evaluation does. With a
-temperature T the sampled policy is softmax(logits / T), and every log-prob (and so the KL penalty) is of that
-tempered policy and the tempered reference, as in TRL's RLOOTrainer: the estimator stays exactly on-policy for it.
-Top-k sampling draws from pi truncated to its k most likely tokens while the log-probs are pi's: off-policy, and
-blind to the tail, which training then tends to fill (measured in minidpo/methods/rloo.py's docstring).
+Sampling. With a temperature T the sampled policy is softmax(logits / T), and every log-prob (and so the KL
+penalty) is of that tempered policy and the tempered reference, as in TRL's RLOOTrainer: the estimator stays exactly
+on-policy for it. Top-k sampling draws from pi truncated to its k most likely tokens while the log-probs are pi's:
+off-policy, and blind to the tail.
 """
 
 from torch import Tensor

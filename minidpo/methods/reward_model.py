@@ -16,22 +16,16 @@ holds the end-of-text token). The body is a copy of the reference with a LoRA ad
 trained fully. The head has no bias: the Bradley-Terry loss depends on r(y_w) - r(y_l) only, so a bias would get
 no gradient.
 
-As a reward for RL. `RewardModelScorer` has the interface every method uses for its reward (`scorer.score(texts)`:
-minidpo.rollout.sample_rollout scores prompt text + completion text, and so do minidpo.methods.evaluate and best-of-N):
-it tokenizes the texts, right-pads them, and returns the normalized reward (r - mean) / std, mean and std measured on
-the distinct completions of the training pairs (the reference's samples, Ziegler et al.'s normalization), so a KL
-coefficient means the same for every reward model. `score_ids` scores token ids directly.
-
-On disk: one safetensors file (`save_reward_model`) with the head, the normalization and the LoRA tensors (keys
-"body.<lora key>"), its LoRA settings and a caller's fingerprint in the metadata; `load_reward_model` puts them on a
-copy of the same reference body.
+As a reward for RL, `RewardModelScorer.score(texts)` (the interface of every reward) returns (r - mean) / std, mean
+and std measured on the distinct completions of the training pairs (the reference's samples, Ziegler et al.'s
+normalization), so a KL coefficient means the same for every reward model.
 """
 
 import copy
 import json
 import math
 from contextlib import nullcontext
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, ContextManager, Sequence
 
@@ -43,14 +37,16 @@ from torch import Tensor
 from minidpo.dataset.batching import PairData, collate_unique, unique_sequences
 from minidpo.dataset.pairs import Pair
 from minidpo.formats.safetensors import SafetensorsError, load_file, load_metadata, save_file
-from minidpo.methods.offline_train import BatchConfig, as_unique, make_batch_fn
+from minidpo.methods.dpo import as_unique
+from minidpo.methods.offline_train import BatchConfig, make_batch_fn
+from minidpo.model.completions import eval_mode
 from minidpo.model.gpt import GPT
 from minidpo.model.lora import LoRAConfig, apply_lora, lora_config_of, lora_state_dict
 from minidpo.model.tokenizer import EOT_ID
 from minidpo.progress import Log, quiet
 from minidpo.training.distributed import barrier, is_main
 from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import Training, TrainRun, train_loop
+from minidpo.training.trainer import TrainRun, train_loop, trainable_parameters
 
 FORMAT = "minidpo-reward-model-v1"
 # (metric key, short label, format) for the progress line (LoopConfig.show); TRL's RewardTrainer names
@@ -61,17 +57,12 @@ class RewardModelFileError(ValueError):
     """A saved reward model that is unreadable, of another format, or does not fit the body it is loaded onto."""
 
 
-# ----------------------------------------------------------------------------- the math
-
 def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor) -> Tensor:
     """Mean over pairs of -log sigmoid(r_w - r_l) (Bradley & Terry 1952: P(y_w > y_l) = sigmoid(r_w - r_l)).
 
     Naive equivalent: -torch.log(torch.sigmoid(r_chosen - r_rejected)).mean(); logsigmoid stays finite where the
     sigmoid rounds to 0.
     """
-    if r_chosen.shape != r_rejected.shape:
-        raise ValueError(f"bradley_terry_loss: r_chosen {tuple(r_chosen.shape)} and r_rejected "
-                         f"{tuple(r_rejected.shape)} must have the same shape (P,)")
     return -F.logsigmoid(r_chosen - r_rejected).mean()
 
 
@@ -118,8 +109,6 @@ class RewardModel(nn.Module):
         return (self(ids, attention_mask, right_padded) - self.shift) / self.scale
 
 
-# ----------------------------------------------------------------------------- training
-
 def reward_model_step(rm: RewardModel, batch: tuple) -> tuple[Tensor, dict[str, Tensor], int, int]:
     """One micro-batch (make_batch_fn's tuple, either layout): every distinct sequence scored once, the
     Bradley-Terry loss over the pairs, TRL RewardTrainer's metrics."""
@@ -152,12 +141,8 @@ def heldout_accuracy(rm: RewardModel, pairs: Sequence[Pair], max_length: int, pa
     """pair_accuracy on held-out pairs: pass PairData.heldout, the pairs DPO's implicit-reward accuracy uses."""
     if not pairs:
         raise ValueError("heldout_accuracy: no pairs given")
-    was_training = rm.training
-    rm.eval()
-    try:
+    with eval_mode(rm):
         return float(pair_accuracy(*pair_rewards(rm, pairs, max_length, pad_id, batch_size)))
-    finally:
-        rm.train(was_training)
 
 
 @torch.no_grad()
@@ -170,45 +155,31 @@ def fit_normalization(rm: RewardModel, pairs: Sequence[Pair], max_length: int, p
     if len(rows) < 2:
         raise ValueError(f"fit_normalization: need at least 2 distinct sequences, got {len(rows)}")
     as_pairs = [Pair("", "", "", p, c, c, 0.0, 0.0) for p, c in rows]  # each row once, as a self-pair
-    was_training = rm.training
-    rm.eval()
-    try:
+    with eval_mode(rm):
         r = pair_rewards(rm, as_pairs, max_length, pad_id, batch_size)[0].double()
-    finally:
-        rm.train(was_training)
     mean, std = float(r.mean()), float(r.std())
     rm.shift.fill_(mean)
     rm.scale.fill_(std if std > 0 else 1.0)
     return mean, std
 
 
-def trainable_reward_parameters(rm: RewardModel) -> dict[str, Tensor]:
-    """The head and the body's LoRA tensors, by name (what the optimizer and the checkpoint see)."""
-    return {k: p for k, p in rm.named_parameters() if p.requires_grad}
-
-
 def train_reward_model(reference: GPT, data: PairData, lora: LoRAConfig, batch_config: BatchConfig, run: TrainRun,
                        runtime: Runtime) -> tuple[RewardModel, dict]:
-    """Fit a reward model on data.train with the Bradley-Terry loss on DPO's batches, resumable from
-    run.run_dir/checkpoint; then fit its normalization on the training pairs and measure its held-out accuracy.
-
-    `reference` is not modified: the body is a copy. Returns (the reward model, {"heldout_accuracy": float or None
-    without held-out pairs, "normalization": {"mean", "std"}, "train": the loop's summary}).
+    """Fit a reward model (on a copy of `reference`) on data.train with the Bradley-Terry loss on DPO's batches, then
+    its normalization on the training pairs; returns (it, {"heldout_accuracy", "normalization", "train"}).
     """
     torch.manual_seed(batch_config.seed)
     body = apply_lora(copy.deepcopy(reference), lora)
     rm = RewardModel(body).to(runtime.device)
-    params = trainable_reward_parameters(rm)
+    params = trainable_parameters(rm)  # the head and the body's LoRA tensors
 
     def step_fn(batch):
         with runtime.autocast:
             return reward_model_step(rm, batch)
 
-    settings = {"method": "reward-model", "lora": asdict(lora), "batch": asdict(batch_config), "steps": run.loop.steps,
-                "lr": run.loop.lr}
-    loop = replace(run.loop, label="reward-model", show=REWARD_MODEL_SHOW)
-    training = Training(loop, params, make_batch_fn(data, batch_config, runtime), step_fn)
-    summary = train_loop(training, **run.loop_args(params, settings, runtime.log))
+    summary = train_loop(run, params, make_batch_fn(data, batch_config, runtime), step_fn,
+                         {"method": "reward-model", "lora": asdict(lora), "batch": asdict(batch_config)},
+                         log=runtime.log, label="reward-model", show=REWARD_MODEL_SHOW)
     mean, std = fit_normalization(rm, data.train, batch_config.max_length, batch_config.pad_id)
     accuracy = (heldout_accuracy(rm, data.heldout, batch_config.max_length, batch_config.pad_id) if data.heldout
                 else None)
@@ -216,8 +187,6 @@ def train_reward_model(reference: GPT, data: PairData, lora: LoRAConfig, batch_c
                 f"{len(data.heldout)} pairs; reward normalized with mean {mean:+.3f}, std {std:.3f}")
     return rm, {"heldout_accuracy": accuracy, "normalization": {"mean": mean, "std": std}, "train": summary}
 
-
-# ----------------------------------------------------------------------------- as the reward of RL
 
 class RewardModelScorer:
     """The reward interface of rollouts, evaluation and best-of-N: `score(texts)` -> (N,) float32 tensor on the
@@ -242,21 +211,14 @@ class RewardModelScorer:
         if empty:
             raise ValueError(f"RewardModelScorer: row {empty[0]} has no tokens; a reward needs a prompt")
         device = self.rm.head.weight.device
-        was_training = self.rm.training
-        self.rm.eval()
         out = []
-        try:
+        with eval_mode(self.rm), self.autocast or nullcontext():
             for i in range(0, len(rows), self.batch_size):
                 ids, mask = self.tok.pad([list(r) for r in rows[i:i + self.batch_size]], padding_side="right",
                                          max_length=self.max_length)  # (B, T)
-                with self.autocast or nullcontext():
-                    out.append(self.rm.normalized(ids.to(device), mask.to(device), right_padded=True).cpu())
-        finally:
-            self.rm.train(was_training)
+                out.append(self.rm.normalized(ids.to(device), mask.to(device), right_padded=True).cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
-
-# ----------------------------------------------------------------------------- save / load, cached as a stage
 
 def save_reward_model(rm: RewardModel, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """One safetensors file (written atomically): head, shift, scale and "body.<lora key>" tensors; metadata: the
@@ -305,12 +267,9 @@ def load_reward_model(body: GPT, path: str | Path) -> RewardModel:
 
 def cached_reward_model(path: Path, fp: str, reference: GPT, build: Callable[[], tuple[RewardModel, dict]],
                         log: Log = quiet) -> tuple[RewardModel, dict]:
-    """The reward model stage: reuse `path` when its metadata fingerprint is `fp`, else build() and save it.
-
-    fp must cover everything the model depends on (reference weights, pairs fingerprint, LoRA, batch and loop
-    settings). Call it on every rank (not inside rank_zero_first: training all-reduces across ranks). Returns (model,
-    info) with info {"heldout_accuracy", "normalization", "train"} as stored in the file's metadata ("train": the
-    loop summary's finite numbers), so a reused model reports exactly what the run that trained it reported.
+    """The reward model stage: reuse `path` when its metadata fingerprint is `fp` (which covers everything the model
+    depends on), else build() and save it. Call it on every rank (training all-reduces). Returns (model, info) as
+    stored in the file's metadata, so a reused model reports exactly what the run that trained it reported.
     """
     if path.is_file():
         try:

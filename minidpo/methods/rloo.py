@@ -1,32 +1,22 @@
 """
 RLOO training: the policy samples K completions of each prompt, the sentiment classifier scores them, and the LoRA
 adapter takes a REINFORCE step with a leave-one-out baseline on the KL-penalized reward (the math, with its
-derivation, is in minidpo/methods/pg.py).
+derivation, is in minidpo/methods/pg.py; the rollouts in minidpo/methods/rollout.py).
 
 References: Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human
 Feedback in LLMs" (arXiv:2402.14740), and TRL's RLOOTrainer (one update per batch of samples, the whole completion
-one action, reward = score - kl_coef * sum_t (log pi - log ref)); the response lengths follow TRL's gpt2-sentiment
-example (a budget per prompt from LengthSampler(min_new_tokens, max_new_tokens)); the loop is
-minidpo.training.trainer's, shared with SFT and DPO.
-
-One step (per micro-batch, `prompts_per_step` prompts on each process):
-1. rollout, no gradient (`minidpo.methods.rollout.sample_rollout`): the CURRENT policy samples K completions per prompt,
-   the classifier scores them, the reference scores them (log-probs of the sampled, tempered distribution).
-2. loss, with gradient (`rloo_loss`): the policy's sequence log-probs of the same rows, the KL-penalized reward
-   (policy log-probs detached), the leave-one-out advantages, the REINFORCE surrogate.
+one action, reward = score - kl_coef * sum_t (log pi - log ref)).
 
 Sampling at a temperature below 1 (the tiny preset's 0.7), with every log-prob of the tempered policy (still
-on-policy, as TRL does), cuts the score-function estimate's noise; what is learned carries over to the
-temperature-1 evaluation (the tuning runs: bench/README.md, "Tuning RLOO and online DPO").
+on-policy, as TRL does), cuts the score-function estimate's noise (bench/README.md, "Tuning RLOO and online DPO").
 
-Exact resume: rollouts are pure functions of (seed, step, micro, rank) and the weights (minidpo/methods/rollout.py); the
-adaptive kl_coef is updated at the end of each optimizer step inside the step itself, and saved in the checkpoint
-(the loop's `LoopState`), so a resumed run continues with the coefficient it had.
+Exact resume: the adaptive kl_coef is updated inside each step and saved in the checkpoint (the loop's
+`LoopState`), so a resumed run continues with the coefficient it had.
 """
 
 import math
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import ContextManager
 
 import torch
@@ -37,7 +27,7 @@ from minidpo.config import require
 from minidpo.methods.pg import RLOO_SHOW, adaptive_kl_coef, kl_penalized_rewards, policy_gradient_loss, rloo_advantages
 from minidpo.methods.rollout import Rollout, RolloutConfig, make_rollout_fn, policy_logps
 from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import Training, TrainRun, train_loop, trainable_adapter
+from minidpo.training.trainer import TrainRun, train_loop, trainable_adapter
 
 
 @dataclass(frozen=True)
@@ -104,7 +94,7 @@ class KLController:
 
 
 def train_rloo(model: torch.nn.Module, tokenizer, scorer, prompts: list, cfg: RLOOConfig, run: TrainRun,
-               runtime: Runtime) -> dict:
+               runtime: Runtime, label: str = "rloo") -> dict:
     """Train the model's fresh LoRA adapter (B = 0: the caller applies it) with RLOO; returns the last logged
     metrics, the final kl_coef and the training seconds. The caller evaluates afterwards, as for every method."""
     get_batch = make_rollout_fn(model, tokenizer, scorer, prompts, cfg, run.loop.grad_accum, runtime)
@@ -117,9 +107,7 @@ def train_rloo(model: torch.nn.Module, tokenizer, scorer, prompts: list, cfg: RL
         kl.observe(log_ratio, rollout.micro)  # after the loss: this step used the previous coefficient
         return loss, metrics, rollout.n_tokens, log_ratio.numel()
 
-    loop = replace(run.loop, show=RLOO_SHOW, item_name="completions", label=f"{run.loop.label} "
-                   + (f"kl_coef={cfg.kl_coef:g}" if cfg.target_kl is None else f"target_kl={cfg.target_kl:g}"))
-    settings = {"rloo": asdict(cfg), "steps": loop.steps, "lr": loop.lr}
-    training = Training(loop, params, get_batch, step_fn, state=kl)
-    summary = train_loop(training, **run.loop_args(params, settings, runtime.log))
+    setting = f"kl_coef={cfg.kl_coef:g}" if cfg.target_kl is None else f"target_kl={cfg.target_kl:g}"
+    summary = train_loop(run, params, get_batch, step_fn, {"rloo": asdict(cfg)}, state=kl, log=runtime.log,
+                         label=f"{label} {setting}", show=RLOO_SHOW, item_name="completions")
     return {**summary, "kl_coef": kl.value}

@@ -1,25 +1,18 @@
 """
 On-policy sampling, shared by the two methods that learn from the policy's own samples: RLOO (minidpo/methods/rloo.py)
-and online DPO (minidpo/methods/online_dpo.py). Both follow TRL's RLOOTrainer and OnlineDPOTrainer: each step the
-CURRENT policy samples K completions per prompt and the reward model scores them. Every log-prob here is of the
-distribution the samples came from (the tempered policy, end-of-text forbidden before min_new_tokens), as in TRL's
-RLOOTrainer; TRL 1.16's OnlineDPOTrainer instead scores its tempered samples with untempered log-probs (see
-minidpo/methods/online_dpo.py for why minidpo tempers both policy and reference). Sampling and scoring run in eval mode
-(no LoRA dropout), as TRL generates under model.eval(); each training step runs in train mode.
+and online DPO (minidpo/methods/online_dpo.py), after TRL's RLOOTrainer and OnlineDPOTrainer: each step the CURRENT
+policy samples K completions per prompt and the reward scores them. Sampling and scoring run in eval mode (no LoRA
+dropout), as TRL generates under model.eval(); each training step runs in train mode.
 
-One rollout (`sample_rollout`), no gradient: the policy samples K completions per prompt from left-padded prompts,
-all in one generate call up to the largest budget; each row is then cut at its prompt's budget (the same
-distribution as generating with that budget: sampling is left to right; the budgets follow TRL's gpt2-sentiment
-example, LengthSampler(min_new_tokens, max_new_tokens) per prompt) and at its first end-of-text, which it keeps, so
-the policy also learns when to stop. The classifier scores prompt text + completion text; the reference (adapter
-disabled) scores each right-padded (prompt + completion) row. The method's loss then needs only the policy's
-log-probs of the same rows, with gradient (`policy_logps`). The sampler is minidpo/model/completions.py's, the
-scorer minidpo/methods/scoring.py's, both configured by the rollout's one `SamplingConfig`.
+One rollout (`sample_rollout`), no gradient: K completions per prompt in one generate call up to the largest budget,
+each row then cut at its prompt's budget (the same distribution as generating with that budget; the budgets follow
+TRL's gpt2-sentiment example, LengthSampler(min_new_tokens, max_new_tokens) per prompt) and at its first
+end-of-text, which it keeps, so the policy also learns when to stop. The classifier scores prompt + completion text;
+the reference (adapter disabled) scores each row. The loss then needs only the policy's log-probs of the same rows.
 
-Which log-probs. generate() forbids end-of-text before min_new_tokens, so what is sampled is pi~: the policy's
-next-token distribution with end-of-text removed and renormalized at those steps. Every log-prob here is of pi~
-(and ref~ for the reference), so the samples are exactly on-policy for the log-probs the loss uses (see
-minidpo/methods/scoring.py for why).
+Which log-probs. generate() forbids end-of-text before min_new_tokens and samples at the rollout's temperature, so
+what is sampled is pi~, that tempered and renormalized distribution. Every log-prob here is of pi~ (and ref~ for the
+reference), so the samples are exactly on-policy for the loss (minidpo/methods/scoring.py says why).
 
 Exact resume. A micro-batch is a pure function of (seed, step, micro, rank) and the weights: the prompts come from
 a seeded stream of shuffled epochs, and the budgets and the sampling generator are seeded from those numbers.
@@ -34,7 +27,7 @@ import torch
 from torch import Tensor
 
 from minidpo.config import require
-from minidpo.dataset.batching import batch_seed, pair_indices
+from minidpo.dataset.batching import batch_seed, stream_indices
 from minidpo.dataset.length_sampler import LengthSampler
 from minidpo.methods.logprobs import LOGPROBS
 from minidpo.methods.scoring import completion_logps
@@ -127,7 +120,7 @@ def make_rollout_fn(model: torch.nn.Module, tokenizer, scorer, prompts: list, cf
 
     def get_batch(step: int, micro: int) -> Rollout:
         slot = (step * grad_accum + micro) * world + rank
-        chosen = [prompts[i] for i in pair_indices(len(prompts), slot * P, P, cfg.seed)]
+        chosen = [prompts[i] for i in stream_indices(len(prompts), slot * P, P, cfg.seed)]
         s = cfg.sampling
         budgets = LengthSampler(s.min_new_tokens, s.max_new_tokens, seed=batch_seed(cfg.seed, slot, 1)).sample(P)
         g = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, slot, 2))

@@ -1,12 +1,11 @@
 """
 The one completion scorer: log p(token | prompt, earlier tokens) of each completion token of right-padded rows, per
-token or summed per row, for every method that scores completions: DPO and its reference (methods/dpo.py),
-Preferred-FT and Unlikelihood (methods/baselines.py), the rollouts of RLOO and online DPO (methods/rollout.py).
+token or summed per row, for every method that scores completions (DPO and its reference, the baselines, ORPO, the
+rollouts of RLOO and online DPO).
 
 How (`logprobs`): "naive" is the plain log_softmax + gather over every position (methods/logprobs.py, to read and
 check); "fused" projects only completion positions through the head and scores them with the kernels of
-methods/fused_logprobs.py, so the (N, T, V) log-softmax never exists. The frozen head weight is read through
-model/cast_cache's `autocast_weight`: under bf16 autocast it is cast once, not at every call.
+methods/fused_logprobs.py, so the (N, T, V) log-softmax never exists.
 
 Of which distribution. By default the model's own. Given the `SamplingConfig` the completions were drawn with, the
 distribution generate() drew them from instead (pi~): the logits divided by the temperature, and end-of-text
@@ -14,11 +13,10 @@ removed (the rest renormalized) at the generated steps before min_new_tokens. On
 with log pi instead, the gradient would also push down end-of-text where it can never be sampled, spending KL on
 nothing. Where end-of-text is forbidden, log pi~(y) = logit(y) - logsumexp over the vocabulary without it: the same
 kernels over the head without its end-of-text row. Never log pi(y) - log(1 - pi(eot)) from a difference: when
-1 - pi(eot) is ~1e-7 that difference is lost to fp32 rounding (and reaches log 0 = +inf in the sum).
+1 - pi(eot) is ~1e-7 that difference is lost to fp32 rounding.
 
 ids must be right-padded: the forward then runs without an attention mask (plain causal, SDPA's fastest kernels),
-every real token sits at its true position and attends only to earlier real tokens, and the pad positions compute
-garbage that `keep` masks out.
+every real token sits at its true position, and the pad positions compute garbage that `keep` masks out.
 """
 
 import torch

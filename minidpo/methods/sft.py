@@ -11,9 +11,7 @@ offset 0 .. len(stream) - block_size - 1 is possible, so every token of the stre
 a target (nanoGPT's `randint(len(data) - block_size)` draws the same range).
 """
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -21,11 +19,11 @@ from torch import Tensor
 from minidpo.config import require
 from minidpo.dataset.batching import batch_seed
 from minidpo.methods.fused_logprobs import fused_token_logps
+from minidpo.model.completions import eval_mode
 from minidpo.model.gpt import GPT
 from minidpo.model.tokenizer import Tokenizer
-from minidpo.training.checkpoint import Checkpointer
 from minidpo.training.runtime import Runtime
-from minidpo.training.trainer import LoopConfig, Training, train_loop, trainable_parameters
+from minidpo.training.trainer import TrainRun, train_loop, trainable_parameters
 
 
 def pack_texts(texts: list[str], tokenizer: Tokenizer) -> Tensor:
@@ -44,7 +42,8 @@ def random_windows(stream: Tensor, batch_size: int, block_size: int, seed: int) 
     y = stream[s + 1:s + block_size + 1]; the last start puts stream[-1] in y.
     """
     if len(stream) < block_size + 1:
-        raise ValueError(f"a window needs block_size + 1 = {block_size + 1} tokens, the stream has {len(stream)}")
+        raise ValueError(f"a window needs at least block_size + 1 = {block_size + 1} tokens, the stream has "
+                         f"{len(stream)}")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(stream) - block_size, (batch_size,), generator=g)  # high is exclusive
     windows = torch.stack([stream[s:s + block_size + 1] for s in starts.tolist()]).long()  # (B, block_size + 1)
@@ -54,10 +53,9 @@ def random_windows(stream: Tensor, batch_size: int, block_size: int, seed: int) 
 def lm_loss(model: GPT, x: Tensor, y: Tensor) -> Tensor:
     """Mean next-token cross-entropy; naive equivalent: F.cross_entropy(model(x).float().flatten(0, 1), y.flatten()).
 
-    The [B, T, V] logits stay in the model's compute dtype (bf16 under autocast): the fused kernel takes each row's
-    logsumexp in fp32, chunk by chunk, and writes the gradient into the logits' own storage. Measured on a 2-core
-    AMX CPU (bench/sft_speed.py), this is most of the gap between a bf16 and an fp32 step: an fp32 copy of
-    [B, T, 50257] and a second [B, T, V] gradient buffer cost more than the whole transformer body.
+    The [B, T, V] logits stay in the model's compute dtype: the fused kernel takes each row's logsumexp in fp32 and
+    writes the gradient into the logits' own storage (an fp32 copy and a second [B, T, V] buffer cost more than the
+    whole transformer body: bench/sft_speed.py).
     """
     logits = model(x)  # (B, T, V)
     return -fused_token_logps(logits, y, inplace_backward=logits.requires_grad).mean()
@@ -67,19 +65,16 @@ def lm_loss(model: GPT, x: Tensor, y: Tensor) -> Tensor:
 def eval_loss(model: GPT, stream: Tensor, block_size: int, batch_size: int = 8, max_batches: int = 20,
               device: str | torch.device = "cpu") -> float:
     """Mean loss over consecutive non-overlapping windows from the start of `stream` (deterministic)."""
-    was_training = model.training
-    model.eval()
     n = min(max_batches * batch_size, (len(stream) - 1) // block_size)
     if n == 0:
         raise ValueError(f"evaluation stream of {len(stream)} tokens is shorter than one block of {block_size}")
-    total, count = 0.0, 0
-    for i in range(0, n, batch_size):
-        rows = range(i, min(i + batch_size, n))
-        w = torch.stack([stream[r * block_size:r * block_size + block_size + 1] for r in rows]).long().to(device)
-        total += lm_loss(model, w[:, :-1], w[:, 1:]).item() * len(rows)
-        count += len(rows)
-    model.train(was_training)
-    return total / count
+    total = 0.0
+    with eval_mode(model):
+        for i in range(0, n, batch_size):
+            rows = range(i, min(i + batch_size, n))
+            w = torch.stack([stream[r * block_size:r * block_size + block_size + 1] for r in rows]).long().to(device)
+            total += lm_loss(model, w[:, :-1], w[:, 1:]).item() * len(rows)
+    return total / n
 
 
 @dataclass(frozen=True)
@@ -94,22 +89,18 @@ class SFTConfig:
         require(self.block_size >= 2, "block_size", f"must be >= 2, got {self.block_size}")
 
 
-def run_sft(model: GPT, stream: Tensor, cfg: SFTConfig, loop: LoopConfig, runtime: Runtime, out_dir: Path | None = None,
-            resume: bool = False, on_step_end: Callable[[int], None] | None = None) -> dict[str, float]:
+def run_sft(model: GPT, stream: Tensor, cfg: SFTConfig, run: TrainRun, runtime: Runtime) -> dict[str, float]:
     """Train every parameter that requires grad (all of them, or only LoRA's) on random windows of `stream`
-    (cfg.batch_size windows of cfg.block_size tokens a step); out_dir: log.jsonl and sft_checkpoint/ (None: none).
+    (cfg.batch_size windows of cfg.block_size tokens a step); run.run_dir: log.jsonl and sft_checkpoint/.
 
-    `runtime.autocast` (e.g. torch.autocast("cpu", dtype=torch.bfloat16)) is entered anew for every step's forward. Not
-    around the loop: autocast caches its bf16 copy of each weight until the outermost region exits, so a loop
-    inside one region would train the fp32 weights while every forward kept using the step-0 copies (the loss
-    stalls near its initial value). Called inside an autocast region, run_sft refuses for that reason.
+    `runtime.autocast` is entered anew for every step's forward, not around the loop: autocast caches its bf16 copy
+    of each trained weight until the outermost region exits, so every forward would keep using the step-0 copies.
+    Called inside an autocast region, run_sft refuses for that reason.
     """
     if any(torch.is_autocast_enabled(t) for t in ("cpu", "cuda")):
         raise RuntimeError("run_sft: called inside a torch.autocast region, whose weight-cast cache would freeze "
                            "the weights every forward sees; pass the context as "
                            "run_sft(..., runtime=Runtime(autocast=...))")
-    if len(stream) < cfg.block_size + 1:
-        raise ValueError(f"SFT needs at least block_size + 1 = {cfg.block_size + 1} tokens of text, got {len(stream)}")
     model.train()
     params = trainable_parameters(model)
 
@@ -123,7 +114,4 @@ def run_sft(model: GPT, stream: Tensor, cfg: SFTConfig, loop: LoopConfig, runtim
             loss = lm_loss(model, x, y)
         return loss, {}, x.numel()
 
-    ckpt = Checkpointer(out_dir / "sft_checkpoint", params) if out_dir is not None else None
-    log_path = out_dir / "log.jsonl" if out_dir is not None else None
-    return train_loop(Training(loop, params, get_batch, step_fn), ckpt, log_path, on_step_end, resume=resume,
-                      log=runtime.log)
+    return train_loop(replace(run, checkpoint="sft_checkpoint"), params, get_batch, step_fn, log=runtime.log)

@@ -1,25 +1,20 @@
 """
 Frozen weights cast to the autocast dtype once, not at every forward.
 
-torch.autocast casts an fp32 weight to bf16 each time a matmul reads it. It caches that cast only for leaf tensors
-that require grad, and only until the outermost autocast region exits (so a training step re-casts the weights it
-trains, as it must). Frozen weights are never cached: under LoRA that is every weight of GPT-2, so each forward
-(policy, reference) copied ~124M fp32 values to bf16: 98 of the 760 aten::copy_ calls of a DPO step at GPT-2
-124M shape (bench/profile_dpo_step.py --shapes; the rest are activation casts), and aten::copy_ was
-the largest op of the bf16 step there, ahead of the matmuls.
+torch.autocast casts an fp32 weight to bf16 each time a matmul reads it, and caches that cast only for leaf tensors
+that require grad until the outermost autocast region exits. Frozen weights are never cached: under LoRA that is
+every weight of GPT-2, so each forward (policy, reference) copied ~124M fp32 values to bf16, the largest op of the
+bf16 DPO step at GPT-2 124M shape (bench/profile_dpo_step.py --shapes).
 
 `autocast_weight(w)` returns w itself outside autocast or when w requires grad (autocast's own rules then apply),
-else a bf16 (the autocast dtype) copy kept beside w and reused while w is unchanged: the copy is keyed on the
-tensor's storage, version counter (bumped by every in-place write: optimizer steps, LoRA merge/unmerge,
-load_state_dict; not writes through `.data`, which minidpo never does) and the dtype, so a changed weight is
-never read stale. The values are exactly what autocast's own cast gives (round to nearest even), so results do not
-change, only the time: `Linear` is nn.Linear with this weight; `linear_token_logprobs` (the fused head) uses it too.
+else a copy in the autocast dtype kept beside w and reused while w is unchanged: the copy is keyed on the tensor's
+storage, version counter (bumped by every in-place write: optimizer steps, LoRA merge/unmerge, load_state_dict) and
+the dtype, so a changed weight is never read stale. The values are exactly autocast's own cast, so results do not
+change, only the time.
 
 Opt-in: model/gpt.py builds plain nn.Linear layers, and `cache_weight_casts(model)` turns them into `Linear` in
-place where a run builds its model (experiment/stages.py, sample.py, the benchmarks). LoRA wraps either kind.
-
-Memory: one half-precision copy of the frozen weights (250 MB for GPT-2 124M) stays alive while the model is used
-under autocast; the fp32 weights remain the source of truth (checkpoints, merges, exports read them).
+place where a run builds its model (experiment/stages.py, sample.py, the benchmarks). LoRA wraps either kind. Memory:
+one half-precision copy of the frozen weights (250 MB for GPT-2 124M) while the model is used under autocast.
 """
 
 import torch
@@ -32,11 +27,6 @@ from torch.utils.weak import WeakIdKeyDictionary
 _CACHE = WeakIdKeyDictionary()
 
 
-def autocast_dtype_now(device_type: str) -> torch.dtype | None:
-    """The dtype autocast casts matmul inputs to on this device type, or None outside autocast."""
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-
-
 def autocast_weight(weight: Tensor) -> Tensor:
     """weight as autocast would hand it to a matmul, cached across calls while weight is frozen and unchanged.
 
@@ -44,7 +34,8 @@ def autocast_weight(weight: Tensor) -> Tensor:
     """
     if torch.compiler.is_compiling():
         return weight  # a traced graph casts (and can hoist the cast) itself; a Python-side cache cannot be traced
-    dtype = autocast_dtype_now(weight.device.type)
+    device = weight.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     if dtype is None or weight.dtype != torch.float32 or weight.requires_grad:
         return weight  # not ours to cache: fp32 math, already half precision, or autocast's per-step cache applies
     key = (weight.data_ptr(), weight._version, dtype)

@@ -1,16 +1,12 @@
 """
-K completions of left-padded prompts, cut at end-of-text: the one sampler behind the preference pairs
-(minidpo/dataset/pairs.py), the on-policy rollouts of RLOO and online DPO (minidpo/methods/rollout.py), best-of-N
-and evaluation (minidpo/methods/evaluate.py), each configured by one `SamplingConfig` (model/generate.py); and the
+K completions of left-padded prompts, cut at end-of-text: the one sampler behind the preference pairs, the rollouts
+of RLOO and online DPO, best-of-N and evaluation, each configured by one `SamplingConfig` (model/generate.py); and the
 distribution that sampler draws from (`sampler_logits`), which the log-probs of its samples must use.
 
-Row b of a call is completion b % k of prompt b // k: the k copies of a prompt sit next to each other, so they share
-a generate call (and, for pairs, a length budget). A completion ends at its first end-of-text, which it keeps (its
-ids include it; `response_text` leaves it out of the text), so a method also learns where to stop.
-
-Budgets. With one budget per prompt, the call generates up to the largest and cuts each row at its own prompt's
-budget: the same distribution as generating with that budget, since sampling is left to right (TRL's gpt2-sentiment
-example draws a budget per prompt from LengthSampler(min_new_tokens, max_new_tokens), as the rollouts do).
+Row b of a call is completion b % k of prompt b // k, so the k copies of a prompt share a generate call (and, for
+pairs, a length budget). A completion ends at its first end-of-text, which it keeps (`response_text` leaves it out
+of the text), so a method also learns where to stop. With one budget per prompt, the call generates up to the
+largest and cuts each row at its own: the same distribution as generating with that budget.
 """
 
 from contextlib import contextmanager

@@ -8,10 +8,7 @@ References:
 2) huggingface/peft's adapter layout: `adapter_model.safetensors` with keys
    `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`, and `adapter_config.json` (LoraConfig's fields),
    so `PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), out_dir)` loads the adapter.
-
-`save_hf` wants plain weights: a model still carrying LoRA layers is refused (fold the adapter in first with
-`minidpo.model.lora.remove_lora(model, merge=True)`, or export just the adapter with `export_peft`). Every file is
-written atomically (minidpo.fileio), so an interrupted export never leaves a half-written file under its final name.
+Every file is written atomically (minidpo.fileio).
 """
 
 import os

@@ -2,20 +2,18 @@
 Generation for the GPT of model/gpt.py: prefill the prompt into the KV cache, decode one token at a time, sample.
 
 References:
-1) gpt-fast (PyTorch team, generate.py): `prefill`, `decode_one_token`, `sample` as small functions over a model
-   whose KV cache is allocated once per call (the cache itself lives in model/gpt.py).
+1) gpt-fast (PyTorch team, generate.py): prefill, decode_one_token and sample as small functions (here `decode`
+   does both feeds) over a model whose KV cache is allocated once per call (the cache lives in model/gpt.py).
 2) nanoGPT (Karpathy, model.py `generate`): temperature and top-k on the last position's logits.
 3) OpenAI gpt-2 (src/sample.py `top_k_logits`, `top_p_logits`) and Holtzman et al. 2020, "The Curious Case of Neural
    Text Degeneration", for nucleus (top-p) sampling. As in Hugging Face transformers, top_k=0 and top_p=1.0 are off.
 
 Sampling at the cost of the softmax. `torch.multinomial(probs, 1)` draws one exponential random number per vocabulary
-entry (an exponential race), which costs far more than the softmax itself. `sample` draws ONE uniform u per row and
-inverts the cumulative distribution (the inverse-CDF method, Devroye 1986 ch. 2), in two levels: sum the weights
-in blocks of 256, find the block whose cumulative mass passes u, then search inside that block only. Besides being
-cheaper than one long cumsum, the two levels are more exact in float32: a token's interval is measured against its
-block's partial sum, not against a running total near 1 whose rounding (~6e-8 per token) adds up over 50,257
-tokens. With top-k the draw happens among the k largest logits only. `sample_naive` is the plain multinomial
-version, kept as the reference the tests compare against.
+entry, which costs far more than the softmax itself. `sample` draws ONE uniform u per row and inverts the cumulative
+distribution (the inverse-CDF method, Devroye 1986 ch. 2), in two levels: sum the weights in blocks of 256, find the
+block whose cumulative mass passes u, then search inside that block only. The two levels are also more exact in
+float32: a token's interval is measured against its block's partial sum, not against a running total near 1 whose
+rounding adds up over 50,257 tokens. `sample_naive` is the plain multinomial version the tests compare against.
 """
 
 import math
@@ -68,14 +66,9 @@ def active_top_p(top_p: float | None) -> float | None:
     return top_p if top_p is not None and top_p < 1.0 else None
 
 
-# ---------------------------------------------------------------------------------------------------- sampling
-
 def softmax_weights(logits: Tensor, temperature: float, overwrite: bool = False) -> Tensor:
-    """float32 softmax(logits / T) over the last dimension.
-
-    torch.softmax is one fused kernel that finishes each row while it is in cache, where max, subtract, exp and
-    sum as separate ops would stream the whole (B, V) tensor from memory four times. `overwrite=True` divides
-    by T in the logits' own memory: a fresh (B, V) buffer per token costs page faults on a CPU."""
+    """float32 softmax(logits / T) over the last dimension, one fused kernel (separate max, subtract, exp and sum
+    would stream the (B, V) tensor four times). `overwrite=True` divides by T in the logits' own memory."""
     x = logits.float()
     if temperature != 1.0:
         # (x - max) / T, not x / T: at a tiny T a finite logit over T overflows to inf (inf - inf = NaN weights, and
@@ -135,8 +128,8 @@ def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, t
     """Next token (B,) from logits (B, V): greedy at temperature 0, else softmax(logits / T) restricted to the top-k
     and then to the nucleus (top-p), drawn with one uniform per row. Same distribution as `sample_naive` (ties at
     the k-th logit aside: top-k keeps exactly k tokens); different random numbers, so different tokens per seed.
-    `overwrite=True` lets it use the logits as scratch space (generate's own logits, never a caller's)."""
-    check_sampling(temperature, top_k, top_p)
+    `overwrite=True` lets it use the logits as scratch space (generate's own logits, never a caller's). The
+    settings are checked where they are made (SamplingConfig, generate), not at every token."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     B, V = logits.shape
@@ -157,7 +150,6 @@ def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, t
 def sample_naive(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  generator: torch.Generator | None = None) -> Tensor:
     """The plain version of `sample`: mask the logits, softmax over the whole vocabulary, torch.multinomial."""
-    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -173,16 +165,10 @@ def sample_naive(logits: Tensor, temperature: float = 1.0, top_k: int | None = N
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator).squeeze(-1)
 
 
-# ---------------------------------------------------------------------------------------------------- decoding
-
-def prefill(model: GPT, idx: Tensor, key_mask: Tensor | None) -> Tensor:
-    """Run the whole prompt (B, T) through the model, filling its cache; logits of the last position (B, V)."""
-    return model.lm_head(model.hidden_states(idx, cache_pos=0, key_mask=key_mask)[:, -1])
-
-
-def decode_one_token(model: GPT, token: Tensor, pos: int, key_mask: Tensor | None) -> Tensor:
-    """Feed one token per row (B, 1) at cache position `pos`; logits of it (B, V)."""
-    return model.lm_head(model.hidden_states(token, cache_pos=pos, key_mask=key_mask)[:, -1])
+def decode(model: GPT, tokens: Tensor, pos: int, key_mask: Tensor | None) -> Tensor:
+    """Feed tokens (B, t) at cache position `pos`, filling the cache: the whole prompt at 0 (gpt-fast's prefill),
+    then one token at a time; logits of the last position (B, V)."""
+    return model.lm_head(model.hidden_states(tokens, cache_pos=pos, key_mask=key_mask)[:, -1])
 
 
 def key_mask_for(attention_mask: Tensor | None, total_len: int) -> Tensor | None:
@@ -230,10 +216,9 @@ def generate(model: GPT, idx: Tensor, max_new_tokens: int, min_new_tokens: int =
             mask = key_mask[:, :pos] if key_mask is not None else None
             if not use_cache:
                 logits = model(out[:, :pos], mask)[:, -1]
-            elif step == 0:
-                logits = prefill(model, idx, mask)
             else:
-                logits = decode_one_token(model, out[:, pos - 1:pos], pos - 1, mask)
+                start = 0 if step == 0 else pos - 1  # the whole prompt first, then the last token
+                logits = decode(model, out[:, start:pos], start, mask)
             if eos_id is not None and step < min_new_tokens:
                 logits[:, eos_id] = -float("inf")
             token = sample(logits, temperature, top_k, top_p, generator, overwrite=True)  # (B,)

@@ -8,15 +8,12 @@ References:
 2) Karpathy's nanoGPT model.py for the module layout; the parameter names follow Hugging Face's GPT2LMHeadModel
    (`transformer.h.0.attn.c_attn.weight`, ...) so checkpoints map one to one, except that every projection is an
    `nn.Linear` ([out, in]) where OpenAI and Hugging Face store Conv1D ([in, out]).
-3) gpt-fast (PyTorch team) for the KV cache: allocated once per `generate` call instead of growing by
-   concatenation. The generation loop itself (`prefill`, `decode_one_token`, `sample`, `generate`) is in
-   generate.py, which imports this file (never the reverse).
+3) gpt-fast (PyTorch team) for the KV cache, allocated once per `generate` call (model/generate.py).
 
 Padding. `attention_mask` ([B, T], 1 for a real token, 0 for a pad) makes left- and right-padded batches exact: a real
 token's position counts only the real tokens before it, and no real token ever attends to a pad. A pad query attends
-to itself only, so its (ignored) output stays finite instead of the NaN an all-masked softmax row would give.
-With `attention_mask=None` attention is plainly causal, which is also exact for right-padded batches: real tokens
-come first and causality already hides the later pads. That lets training use SDPA's fastest (is_causal) kernels.
+to itself only, so its (ignored) output stays finite. With `attention_mask=None` attention is plainly causal, which
+is also exact for right-padded batches, and lets training use SDPA's fastest (is_causal) kernels.
 """
 
 import math

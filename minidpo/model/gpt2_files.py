@@ -4,13 +4,11 @@ fetching them.
 
 Reference: openai/gpt-2 download_model.py (the seven files per model, from
 `https://openaipublic.blob.core.windows.net/gpt-2/models/<size>/<file>`). The pins come from public sources, never
-from a guess. 124M: sizes and sha256 values as a public download script pins them; of those, the checkpoint and
-hparams.json hashes reproduce here from the files' known contents, encoder.json and vocab.bpe equal tiktoken's pins
-(minidpo.model.tokenizer), and the data shard's size and hash are also published by an independent project; the index
-and meta hashes have that one source. 124M and 355M sizes: rasbt/LLMs-from-scratch's tests, which compare them with the
-server's Content-Length. No sha256 was found for any 355M file, nor anything for 774M and 1558M. A file without a
-pinned sha256 is still guarded at load: the data shard by the CRC32C of every tensor (minidpo.formats.tf_bundle, on by
-default), the index by its block CRCs, hparams.json by its checks in minidpo.model.weights.
+from a guess: for 124M, a public download script's sizes and sha256 values (the checkpoint and hparams.json hashes
+reproduce from the files' known contents, encoder.json and vocab.bpe equal tiktoken's pins); for 124M and 355M
+sizes, rasbt/LLMs-from-scratch's tests. No sha256 was found for 355M, nor anything for 774M and 1558M. A file
+without a pinned sha256 is still guarded at load: the data shard by the CRC32C of every tensor
+(minidpo.formats.tf_bundle), the index by its block CRCs, hparams.json by minidpo.model.weights' checks.
 
 Pins apply only to OpenAI's own URL (and so to the cache filled from it); with $MINIDPO_GPT2_URL pointing at a mirror
 or a test server, files are checked by the server's length alone.
@@ -77,12 +75,8 @@ def cache_problems(name: str, directory: Path, base: str) -> dict[str, str]:
 
 def download_gpt2(name: str = "124M", dest_dir: str | os.PathLike | None = None, base_url: str | None = None,
                   log: Log = quiet) -> Path:
-    """Fetch OpenAI's release files of GPT-2 `name` into `dest_dir` (default gpt2_cache_dir(name)); returns it.
-
-    Files come from `<base>/<size>/<file>` (base: see release_url). A file already there is re-checked against its
-    pins and fetched again if it fails; partial ones are resumed; each new file is checked before it is renamed into
-    place (minidpo.formats.download.download_file).
-    """
+    """Fetch OpenAI's release files of GPT-2 `name` from `<release_url()>/<size>/<file>` into `dest_dir` (default
+    gpt2_cache_dir(name)) with minidpo.formats.download.download_file; returns it."""
     if name not in SIZE_OF:
         raise ValueError(f"unknown GPT-2 model {name!r}; expected one of {', '.join(SIZE_OF)}")
     size = SIZE_OF[name]

@@ -1,28 +1,21 @@
 """
 Low-rank adapters (LoRA) for the GPT of model/gpt.py, written by hand.
 
-References:
-1) Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models": freeze W and learn dW = B @ A * (alpha / r)
-   with A (r, in) random and B (out, r) zero, so training starts exactly at the base model (Sec. 4.1).
-2) microsoft/loralib for the API: LoRALinear, mark_only_lora_as_trainable, lora_state_dict, merged weights.
+References: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models": freeze W and learn
+dW = B @ A * (alpha / r) with A (r, in) random and B (out, r) zero, so training starts exactly at the base model
+(Sec. 4.1); microsoft/loralib for the API (LoRALinear, mark_only_lora_as_trainable, lora_state_dict, merging).
 
 Which reference does DPO use? `lora_disabled(model)` switches every adapter off, so the model computes its *base
 weights*: the pretrained weights plus anything already folded into them. That is the right DPO reference only if the
 adapter starts at zero (B = 0; `adapters_are_zero` checks it where training starts), because then policy ==
 reference at step 0; see TRL issues #4723 and #6591 for what goes wrong otherwise. Hence the workflow: SFT adapter ->
 `remove_lora(model, merge=True)` (plain nn.Linear weights that now contain it: the reference) -> fresh `apply_lora`.
-Folding: `merge_lora` (W += dW, layers kept), `unmerge_lora` (undo it), `remove_lora(model, merge)` (plain
-nn.Linear again, the adapter folded in or dropped). `apply_lora` refuses a model that still has LoRA layers, and
-`lora_disabled` a merged one (disabling cannot un-add a merged delta exactly).
-
-On disk (`save_lora`): a directory holding `adapter.safetensors` (the `lora_state_dict` keys, e.g.
-`transformer.h.0.attn.c_attn.lora_A`) and `adapter_config.json` (format, rank, alpha, dropout, targets).
-Hugging Face's layouts (a PEFT adapter, a merged model) are written by minidpo/model/export.py.
+`lora_disabled` refuses a merged model (disabling cannot un-add a merged delta exactly).
 """
 
 import json
 import math
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -104,9 +97,6 @@ class LoRALinear(nn.Module):
         return (self.lora_B @ self.lora_A) * self.scaling
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.disabled and self.merged:
-            raise RuntimeError("LoRALinear is disabled but merged: its base weight still contains the adapter; "
-                               "call unmerge_lora(model) before lora_disabled(model)")
         if self.disabled or self.merged:  # merged: the delta already lives in base.weight
             return self.base(x)
         lora = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)  # (..., in) -> (..., r) -> (..., out)
@@ -127,8 +117,6 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha:g}, dropout={self.dropout_p:g}, merged={self.merged}"
 
-
-# ---------------------------------------------------------------------------------------------- model-level API
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """Every LoRALinear of the model, by module name."""
@@ -220,10 +208,7 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 def remove_lora(model: nn.Module, merge: bool) -> nn.Module:
     """Replace every LoRALinear by its plain nn.Linear: with merge=True the adapter is folded in (e.g. SFT before
-    a DPO adapter, or a merged export), with merge=False it is dropped (back to the reference).
-
-    The base parameters stay frozen (as apply_lora left them); a later apply_lora freezes them anyway.
-    """
+    a DPO adapter, or a merged export), with merge=False it is dropped (back to the reference)."""
     for name, layer in _require_lora(model, "remove_lora").items():
         if merge:
             layer.merge()
@@ -237,12 +222,8 @@ def remove_lora(model: nn.Module, merge: bool) -> nn.Module:
 
 @contextmanager
 def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside this block the model computes exactly its base weights (adapters off): the DPO reference.
-
-    The reference is the base weights, which equals the policy at step 0 only when every adapter started at
-    B = 0 (see the module docstring). A merged model is refused rather than unmerged temporarily, because
-    W + dW - dW is not bit-exact W.
-    """
+    """Inside this block the model computes exactly its base weights (adapters off): the DPO reference. A merged
+    model is refused rather than unmerged temporarily, because W + dW - dW is not bit-exact W."""
     layers = _require_lora(model, "lora_disabled")
     merged = [n for n, layer in layers.items() if layer.merged]
     if merged:
@@ -256,6 +237,11 @@ def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for n, layer in layers.items():
             layer.disabled = previous[n]
+
+
+def reference_of(model: nn.Module) -> AbstractContextManager:
+    """The reference: the model with its adapter disabled; a model without one is its own reference."""
+    return lora_disabled(model) if lora_layers(model) else nullcontext(model)
 
 
 def adapters_are_zero(model: nn.Module) -> bool:
@@ -274,8 +260,6 @@ def lora_config_of(model: nn.Module) -> LoRAConfig:
     config = getattr(model, "lora_config", None)
     return LoRAConfig(rank, alpha, dropout, config.targets if config is not None else tuple(layers))
 
-
-# ---------------------------------------------------------------------------------------------- save / load
 
 def save_lora(model: nn.Module, path: str | Path) -> Path:
     """Write `path/adapter.safetensors` and `path/adapter_config.json` (each atomically); returns the directory."""

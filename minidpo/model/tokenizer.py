@@ -5,9 +5,8 @@ Reference: Radford et al. 2019 (GPT-2), openai/gpt-2 src/encoder.py; the fast BP
 `get_encoding("gpt2")` downloads `encoder.json` and `vocab.bpe` on first use; we ship both in `data/gpt2/` and hand
 tiktoken the ranks directly, so no cache directory, HOME or network is ever touched.
 
-encoder.json maps each token's "data gym" string to its id. That string spells raw bytes with printable unicode
-characters: printable, non-space bytes stand for themselves and the other 68 bytes are mapped, in order, to
-chr(256), chr(257), ... (bytes_to_unicode in OpenAI's encoder.py). Undoing that gives tiktoken's {bytes: rank}.
+encoder.json maps each token's "data gym" string to its id, raw bytes spelled with printable unicode characters
+(bytes_to_unicode in OpenAI's encoder.py); undoing that gives tiktoken's {bytes: rank}.
 """
 
 import hashlib

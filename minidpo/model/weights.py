@@ -7,23 +7,17 @@ GPT2LMHeadModel (state-dict names, config.json keys, Conv1D weights stored [in, 
 
 `load_gpt2(source)` accepts:
 1. an OpenAI release directory: hparams.json + model.ckpt.index + model.ckpt.data-00000-of-00001, read by
-   minidpo.formats.tf_bundle (no TensorFlow), every tensor's CRC32C checked unless `verify=False` (likewise the zip
-   CRC32s of a pytorch_model.bin; safetensors has no checksum);
-2. a `model.safetensors` file (read by minidpo.formats.safetensors: memory-mapped, no needless copies);
-3. a `pytorch_model.bin` (torch.load with weights_only=True);
+   minidpo.formats.tf_bundle (no TensorFlow), every tensor's CRC32C checked unless `verify=False`;
+2. a `model.safetensors` file, or 3. a `pytorch_model.bin` (torch.load with weights_only=True);
 4. a directory with config.json and one of those two files;
-5. a name: gpt2, gpt2-medium, gpt2-large, gpt2-xl or 124M, 355M, 774M, 1558M. The release files are looked up in
-   `<cache_dir()>/gpt2/<124M|355M|774M|1558M>/` (cache_dir() is $MINIDPO_CACHE, else ~/.cache/minidpo) and, if
-   missing or failing their pinned size/sha256, downloaded (minidpo.model.gpt2_files) from $MINIDPO_GPT2_URL, default
-   OpenAI's public storage, with resume.
-Keys may carry the `transformer.` prefix or not; the `attn.bias` / `attn.masked_bias` mask buffers are ignored. A
-state dict of minidpo's own GPT (nn.Linear layout) is recognised by c_attn's [3C, C] shape. Sizes come from
-hparams.json or config.json, else from the safetensors metadata key `minidpo.config` (a JSON GPTConfig), else from
-the tensor shapes for the four released sizes.
+5. a name: gpt2, gpt2-medium, gpt2-large, gpt2-xl or 124M, 355M, 774M, 1558M, looked up in `<cache_dir()>/gpt2/<size>/`
+   and, if missing or failing their pinned size/sha256, downloaded (minidpo.model.gpt2_files).
+Keys may carry the `transformer.` prefix or not. A state dict of minidpo's own GPT is recognised by c_attn's [3C, C]
+shape. Sizes come from hparams.json or config.json, else the safetensors metadata key `minidpo.config`, else the
+tensor shapes of the four released sizes.
 
-What a model will meet is checked at load, each failure a CheckpointError naming the file and the key: sizes must be
-positive integers that GPTConfig accepts (n_head=0 would divide by zero), every name and shape must match the
-config, and every floating tensor must be finite (a NaN weight turns every logit into NaN: greedy text of `!!!!`).
+Checked at load, each failure a CheckpointError naming the file and the key: sizes that GPTConfig accepts, every
+name and shape against the config, every floating tensor finite (a NaN weight turns every logit into NaN).
 """
 
 import json
@@ -50,8 +44,6 @@ IGNORED = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers some HF che
 class CheckpointError(ValueError):
     pass
 
-
-# --------------------------------------------------------------------------- configs
 
 def _read_json(path: Path, keys: tuple[str, ...]) -> dict:
     """A JSON object whose `keys` are positive integers; anything else is one CheckpointError naming file and key."""
@@ -112,8 +104,6 @@ def infer_config(tensors: dict[str, Tensor], path: Path) -> GPTConfig:
     return GPTConfig(block_size=wpe.shape[0], vocab_size=wte.shape[0], n_layer=n_layer,
                      n_head=heads[wte.shape[1]], n_embd=wte.shape[1])
 
-
-# --------------------------------------------------------------------------- names and shapes
 
 class SkipInit(TorchFunctionMode):
     """Inside it, torch.nn.init's functions return their tensor untouched. A loader builds a GPT on the meta device
@@ -193,8 +183,6 @@ def to_state_dict(tensors: dict[str, Tensor], config: GPTConfig, layout: str, pa
         out[dst] = t
     return out
 
-
-# --------------------------------------------------------------------------- readers
 
 def read_torch_bin(path: Path, verify: bool = True) -> dict[str, Tensor]:
     """A state dict via torch.load(weights_only=True): never arbitrary pickle. Zip-format files are memory-mapped;
@@ -317,5 +305,3 @@ def build_model(config: GPTConfig, state: dict[str, Tensor], device: str | torch
     model.lm_head.weight = model.transformer.wte.weight  # assign=True made two Parameters; tie them again
     return model.eval()
 
-
-# --------------------------------------------------------------------------- export

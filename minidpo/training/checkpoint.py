@@ -9,13 +9,9 @@ A checkpoint directory holds, for its latest step N:
                               torch.save bytes of the step, scheduler, every RNG state, the caller's `extra`
                               dict, the run's settings, and the sha256 of the two files above
 
-Every file goes through a uniquely named temporary file, fsync and rename (minidpo.fileio), state.pt last, so a kill
-leaves either the previous complete checkpoint or the new one, and two processes never rename each other's partial
-files. torch.load does not check the CRC-32s of its zip format (a flipped byte can load as a different number), so
-every byte is covered by our own sha256: the payload's is in state.pt, the other files' are in the payload.
-
-References: nanoGPT's ckpt.pt (model + optimizer + step + config) and llm.c's train_gpt2 state files; the layout
-differs in that the step is committed by one atomic rename and every byte is checksummed.
+Every file is written to a uniquely named temporary file, fsynced and renamed (minidpo.fileio), state.pt last, so a
+kill leaves either the previous complete checkpoint or the new one. torch.load does not check the CRC-32s of its zip
+format, so every byte is covered by our own sha256. References: nanoGPT's ckpt.pt and llm.c's train_gpt2 state files.
 """
 
 import hashlib
@@ -101,11 +97,8 @@ def check_settings(directory: Path, stored: dict, settings: dict) -> None:
 
 
 class Checkpointer:
-    """Save and load the checkpoint in `directory` for the tensors in `named_params`.
-
-    `settings` (plain JSON values) records what the run was made with; when given, `load` refuses a checkpoint
-    recorded with other settings (RunConflict naming them), so a folder is never resumed under another run's name.
-    """
+    """Save and load the checkpoint in `directory` for the tensors in `named_params`. `settings` (plain JSON values)
+    records what the run was made with; when given, `load` refuses a checkpoint recorded with other settings."""
 
     def __init__(self, directory: str | Path, named_params: dict[str, Tensor], settings: dict | None = None):
         self.dir = Path(directory)

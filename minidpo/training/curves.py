@@ -1,22 +1,10 @@
 """
 Training curves of one run: curves.png from the run's log.jsonl (and its evaluation points, points.jsonl).
 
-One quantity per panel, its y axis labelled with what it is, each drawn from whatever the run logged
-(minidpo.training.trainer writes one JSON line per logging window, with TRL's metric names, so each method has its
-own keys); a panel nothing was logged for is left out:
-- loss: "loss" (every method);
-- P(positive): the classifier's reward of the training samples ("reward", RLOO and online DPO) and of held-out
-  samples at each evaluation step (points.jsonl);
-- the learned reward model's normalized score of RLHF's training samples (its "reward": not a probability);
-- the KL-penalized reward RLOO maximizes ("rlhf_reward": reward - kl_coef * KL, in the units of its reward);
-- DPO's implicit reward margin in nats ("rewards/margins": beta * the log-ratio margin of chosen over rejected);
-- the reward model's margin on its training pairs ("margin", score of chosen - rejected);
-- KL(policy || reference): sampled on the training samples ("kl/sampled") and exact at each evaluation
-  (points.jsonl);
-- log ref - log pi on DPO's pairs ("logratio/ref_minus_policy", which estimates KL(reference || policy)).
-A series of a few points is drawn with markers, so a run that logged once or four times still shows them. A run
-resumed after a kill logs some steps twice; the last line of each step wins. matplotlib is optional: without it the
-figure is skipped with a one-line how-to.
+One quantity per panel (PANELS), its y axis labelled with what it is, each drawn from whatever the run logged
+(minidpo.training.trainer writes TRL's metric names, so each method has its own keys); a panel nothing was logged
+for is left out. A series of a few points is drawn with markers. A run resumed after a kill logs some steps twice;
+the last line of each step wins. matplotlib is optional: without it the figure is skipped with a one-line how-to.
 """
 
 import json
@@ -36,7 +24,6 @@ PANELS = (
     ("KL(policy || reference), nats", (("kl/sampled", "training samples, sampled"),)),
     ("log ref - log pi on DPO's pairs, nats", (("logratio/ref_minus_policy", "training pairs"),)),
 )
-LEARNED_REWARD_STAGE = "rlhf"  # the stage whose "reward" is the learned reward model's score, not P(positive)
 LEARNED_REWARD_PANEL = PANELS[2][0]
 EVAL_KEYS = {"P(positive), sentiment classifier": ("reward", "evaluation (held-out)"),
              "KL(policy || reference), nats": ("kl", "evaluation, exact")}
@@ -58,17 +45,17 @@ def read_log(path: Path) -> dict[str, list[dict]]:
     return {stage: [by_step[s] for s in sorted(by_step)] for stage, by_step in stages.items()}
 
 
-def curve_series(run_dir: Path) -> dict[str, list[tuple[str, list[float], list[float]]]]:
-    """{panel: [(label, steps, values), ...]} of every curve the run's files hold (empty panels left out)."""
+def curve_series(run_dir: Path, learned_reward: bool = False) -> dict[str, list[tuple[str, list[float], list[float]]]]:
+    """{panel: [(label, steps, values), ...]} of every curve the run's files hold (empty panels left out);
+    learned_reward: the logged "reward" is a learned reward model's score (RLHF's), not P(positive)."""
     run_dir = Path(run_dir)
     stages = read_log(run_dir / "log.jsonl")
     panels: dict[str, list] = {}
     for panel, keys in PANELS:
         for stage, records in stages.items():
-            learned = stage.split()[0] == LEARNED_REWARD_STAGE
             for key, label in keys:
-                if key == "reward" and learned != (panel == LEARNED_REWARD_PANEL):
-                    continue  # RLHF's "reward" is the learned reward model's score; every other stage's, P(positive)
+                if key == "reward" and learned_reward != (panel == LEARNED_REWARD_PANEL):
+                    continue
                 pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
                 if pts:
                     name = label if len(stages) == 1 else f"{stage}: {label}"
@@ -81,16 +68,16 @@ def curve_series(run_dir: Path) -> dict[str, list[tuple[str, list[float], list[f
     return panels
 
 
-def plot_curves(run_dir: str | Path, log: Log = quiet) -> Path | None:
+def plot_curves(run_dir: str | Path, log: Log = quiet, learned_reward: bool = False) -> Path | None:
     """run_dir/curves.png: a panel per logged quantity (loss, rewards, margins, KL) against the step; None when
-    skipped (no matplotlib, no log)."""
+    skipped (no matplotlib, no log). learned_reward as curve_series'."""
     run_dir = Path(run_dir)
-    panels = curve_series(run_dir)
+    panels = curve_series(run_dir, learned_reward)
     if not panels:
         log(f"skipped {run_dir / 'curves.png'}: {run_dir / 'log.jsonl'} has no logged steps")
         return None
     plt = pyplot(log, f"{run_dir / 'curves.png'} (then: python -c \"import minidpo.training.curves as c; "
-                      f"c.plot_curves('{run_dir}')\")")
+                      f"c.plot_curves('{run_dir}', learned_reward={learned_reward})\")")
     if plt is None:
         return None
     names = [p for p, _ in PANELS if p in panels]

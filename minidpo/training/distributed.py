@@ -2,13 +2,9 @@
 Everything about ranks in one place: starting and ending the process group under torchrun, who is rank 0, waiting
 for each other, building a shared artifact once, and averaging gradients.
 
-References: PyTorch's torch.distributed (init_process_group reads MASTER_ADDR/PORT, RANK and WORLD_SIZE that torchrun
-sets) and DistributedDataParallel, whose gradient all-reduce `average_gradients` reproduces for the few trainable
-(LoRA) tensors: one flat buffer, one all_reduce, divide by the world size. Backends as PyTorch recommends: nccl when
-every process has a GPU, gloo on CPU.
-
-Without torchrun (WORLD_SIZE unset or 1) nothing is initialized and every function here is the single-process no-op,
-so the same code runs both ways.
+References: PyTorch's torch.distributed and DistributedDataParallel, whose gradient all-reduce `average_gradients`
+reproduces for the few trainable (LoRA) tensors: one flat buffer, one all_reduce, divide by the world size. nccl
+when every process has a GPU, gloo on CPU. Without torchrun every function here is the single-process no-op.
 """
 
 import os
@@ -41,11 +37,8 @@ def barrier() -> None:
 
 
 def setup_distributed(device: str = "auto") -> tuple[int, int, str | None]:
-    """(rank, world size, device override) under torchrun; (0, 1, None) otherwise.
-
-    nccl with one GPU per local rank when CUDA is available (and `device` does not ask for the CPU), else gloo with
-    the CPU cores shared out between the local processes so that they do not oversubscribe them.
-    """
+    """(rank, world size, device override) under torchrun; (0, 1, None) otherwise. nccl with one GPU per local rank
+    when CUDA is available, else gloo with the CPU cores shared out between the local processes."""
     world = _env_int("WORLD_SIZE", 1)
     if world == 1:
         return 0, 1, None
@@ -83,10 +76,7 @@ def _env_int(name: str, default: int) -> int:
 @contextmanager
 def rank_zero_first() -> Iterator[None]:
     """`with rank_zero_first(): build()`: rank 0 runs the block first, then the other ranks (which then read the
-    cache rank 0 wrote).
-
-    Naive equivalent: the block on every rank at once, each generating the same artifact, or racing to write it.
-    If rank 0 fails, every rank raises instead of waiting forever at a barrier that rank 0 never reaches.
+    cache rank 0 wrote). If rank 0 fails, every rank raises instead of waiting forever at a barrier.
     """
     if not dist.is_initialized():
         yield
@@ -108,9 +98,7 @@ def rank_zero_first() -> Iterator[None]:
 
 def average_gradients(params: Sequence[Tensor], extras: Sequence[Tensor] = ()) -> list[Tensor]:
     """All-reduce the mean gradient over ranks in one flat buffer (what DDP computes), and with it the mean of
-    `extras` (0-dim values such as the step's loss and metrics, so that every rank sees the same loss and a NaN on
-    one rank stops all of them). Returns the averaged extras; a no-op returning `extras` when not distributed.
-
+    `extras` (the step's loss and metrics, so a NaN on one rank stops all of them); returns the averaged extras.
     Naive equivalent: `for p in params: dist.all_reduce(p.grad); p.grad /= world` plus one all_reduce per extra.
     """
     if not dist.is_initialized() or dist.get_world_size() == 1:

@@ -3,29 +3,24 @@ The reward-vs-KL frontier: the DPO paper's Figure 2 (left), Rafailov et al. 2023
 
 Every evaluation of every run (DPO at each beta, RLOO at each kl_coef, best-of-N at each N) is one point: the mean
 reward of samples on held-out prompts against KL(policy || reference). A run's points are appended to
-`<run_dir>/points.jsonl` as they are measured, so a killed and resumed run keeps the points from before the kill;
-`frontier.csv` gathers every run's points with a `method` column (and a `seed` column when runs are repeated over
-seeds), and `frontier.png` draws them in the paper's style: KL on x, reward on y, one colour per method, a point per
-setting and evaluation step (joined by a faint line per setting, from the reference's own point at KL 0).
+`<run_dir>/points.jsonl` as they are measured, so a resumed run keeps the points from before a kill; `frontier.csv`
+gathers every run's points with a `method` column (and `seed`), and `frontier.png` draws them in the paper's style.
 
-Seeds. The paper's figure shows single runs. With several seeds (`seed` set on the points), `aggregate_points`
-gives, for each (method, setting, step), the mean of reward and KL over seeds and its standard error
-std(ddof=1) / sqrt(n); the plot draws those means with error bars in both directions, and frontier_mean.csv holds
-them, so a gap between two methods can be read against the noise of the runs themselves.
+Seeds. With several seeds, `aggregate_points` gives, for each (method, setting, step), the mean of reward and KL
+over seeds and its standard error std(ddof=1) / sqrt(n) (frontier_mean.csv; error bars in the plot), so a gap
+between two methods can be read against the noise of the runs themselves.
 
-The paper's reading (sec. 6.1: every policy evaluated "after each 100 training steps", every checkpoint of every
-run a point). A method's frontier is its upper envelope: over all its settings and evaluated checkpoints (the
-reference, KL 0, included: it is every run's step 0), the best reward reached at or below each KL. `envelope`
-gives its vertices for one seed; `envelope_reward` reads it at a KL, linear between vertices, flat after the last
-vertex up to the largest KL the method reached, and undefined beyond that (never extrapolated). Each seed's
-envelope is read on its own and the readings averaged over seeds (mean +- standard error), since the envelope of
-noisy points is biased upward alike for every method: `envelope.csv` holds the vertices (with each point's own
-standard error over prompts), `equal_kl.csv` each method's reading at EQUAL_KLS and, for every pair of methods,
-the difference paired by seed with its standard error and whether it exceeds two of them.
+The paper's reading (sec. 6.1: every checkpoint of every run a point). A method's frontier is its upper envelope:
+over all its settings and evaluated checkpoints (the reference, KL 0, included), the best reward reached at or below
+each KL. `envelope` gives its vertices for one seed; `envelope_reward` reads it at a KL, linear between vertices,
+flat after the last vertex up to the largest KL the method reached, undefined beyond (never extrapolated). Each
+seed's envelope is read on its own and the readings averaged over seeds, since the envelope of noisy points is
+biased upward alike for every method: `envelope.csv` holds the vertices, `equal_kl.csv` each method's reading at
+EQUAL_KLS and, for every pair of methods, the difference paired by seed with its standard error.
 
 Best-of-N is not an autoregressive policy, so its KL is not measured but bounded: KL(best-of-N || reference) <=
 log N - (N - 1) / N (Stiennon et al. 2020; Beirami et al. 2024): its points hold that bound as `kl_bound` (their `kl`
-is empty), and the plot places them at it, labelled "KL bound".
+is empty), and the plot places them at it.
 """
 
 import csv
@@ -40,12 +35,6 @@ from minidpo.stats import mean_and_se
 COLUMNS = ["method", "setting", "step", "kl", "kl_bound", "kl_sampled", "reward", "seed", "reward_se", "kl_se"]
 MEAN_COLUMNS = ["method", "setting", "step", "seeds", "reward", "reward_se", "kl", "kl_se", "kl_sampled",
                 "kl_sampled_se", "kl_bound"]
-# the order of the legend and the colours (the paper's Figure 2 methods and ours)
-METHOD_LABELS = {"dpo": "DPO", "online-dpo": "online DPO", "rlhf": "RLHF (RLOO on the learned reward)",
-                 "rloo": "RLOO on the true reward (PPO-GT)", "preferred-ft": "Preferred-FT",
-                 "unlikelihood": "Unlikelihood", "orpo": "ORPO", "best-of-n": "best-of-N (KL bound)"}
-MARKERS = {"dpo": "o", "online-dpo": "D", "rlhf": "P", "rloo": "s", "preferred-ft": "v", "unlikelihood": "X",
-           "orpo": "h", "best-of-n": "^"}
 
 
 def append_point(run_dir: Path, point: dict) -> None:
@@ -82,15 +71,15 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
             w.writerows({k: r.get(k) for k in columns} for r in rows)
 
 
-def write_frontier(out: Path, points: list[dict], log: Log = quiet) -> Path:
+def write_frontier(out: Path, points: list[dict], log: Log = quiet, styles: dict | None = None) -> Path:
     """frontier.csv (and frontier_mean.csv when some point was measured over several seeds; frontier.png when
-    matplotlib is installed) from every run's points."""
+    matplotlib is installed, `styles` as plot_frontier's) from every run's points."""
     write_csv(out / "frontier.csv", points, COLUMNS)
     means = aggregate_points(points)
     if any(m["seeds"] > 1 for m in means):
         write_csv(out / "frontier_mean.csv", means, MEAN_COLUMNS)
     write_envelopes(out, points)
-    plot_frontier(out, log)
+    plot_frontier(out, log, styles)
     return out / "frontier.csv"
 
 
@@ -119,11 +108,9 @@ def _number(v) -> float:
 
 def aggregate_points(points: list[dict]) -> list[dict]:
     """One row per (method, setting, step), in order of first appearance: "seeds" (how many points), the mean of
-    reward, kl, kl_sampled and kl_bound over them and each mean's standard error ("_se": std(ddof=1) / sqrt(n), None
-    for one seed). A missing or NaN value (best-of-N has no kl_sampled and no kl, the others no kl_bound) is left out
-    of its mean (None if none is left).
-
-    Naive equivalent per group and key: statistics.mean(v) and statistics.stdev(v) / sqrt(len(v)).
+    reward, kl, kl_sampled and kl_bound over them and each mean's standard error ("_se", None for one seed); a missing
+    or NaN value is left out of its mean. Naive equivalent per group and key: statistics.mean(v) and
+    statistics.stdev(v) / sqrt(len(v)).
     """
     groups: dict[tuple, list[dict]] = {}
     for p in points:
@@ -151,41 +138,46 @@ def pyplot(log: Log, what: str):
     return plt
 
 
-def plot_frontier(out: str | Path, log: Log = quiet) -> Path | None:
+def plot_frontier(out: str | Path, log: Log = quiet, styles: dict[str, tuple[str, str]] | None = None
+                  ) -> Path | None:
     """frontier.png from out/frontier.csv, in the style of the paper's Figure 2 (left): KL(policy || reference) on
     x, reward on y, one colour per method, a point per setting and evaluation step (means over seeds, with standard
-    error bars when there are several), the reference (KL 0) once, in black."""
-    out = Path(out)
-    plt = pyplot(log, f"{out / 'frontier.png'} (then: python -c \"import minidpo.training.frontier as f; "
-                      f"f.plot_frontier('{out}')\")")
+    error bars when there are several), the reference (KL 0) once, in black. `styles`: {method: (legend label,
+    marker)} in legend order (minidpo.registry.STYLES). A method whose points hold a KL bound (best-of-N) is one
+    line over its settings."""
+    out, styles = Path(out), styles or {}
+    plt = pyplot(log, f"{out / 'frontier.png'} (then: python -c \"import minidpo.training.frontier as f, "
+                      f"minidpo.registry as r; f.plot_frontier('{out}', styles=r.STYLES)\")")
     if plt is None:
         return None
     points = read_frontier(out)
     rows = [r for r in aggregate_points(points) if r["reward"] is not None and r["kl"] is not None]
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     colours = plt.get_cmap("tab10")
-    order = list(METHOD_LABELS) + sorted({r["method"] for r in rows} - set(METHOD_LABELS))
-    reference = [r for r in rows if r["kl"] == 0.0 and r["method"] != "best-of-n"]
+    order = list(styles) + sorted({r["method"] for r in rows} - set(styles))
+    reference = [r for r in rows if r["kl"] == 0.0 and r["kl_bound"] is None]
     if reference:
         ax.plot([0.0], [sum(r["reward"] for r in reference) / len(reference)], "*", color="black", markersize=11,
                 label="reference", zorder=3)
     for method in (m for m in order if any(r["method"] == m for r in rows)):
         mine = [r for r in rows if r["method"] == method]
-        colour, marker = colours(order.index(method) % 10), MARKERS.get(method, "o")  # a method keeps its colour
+        colour = colours(order.index(method) % 10)  # a method keeps its colour
+        label, marker = styles.get(method, (method, "o"))
+        bound = any(r["kl_bound"] is not None for r in mine)
         for setting in dict.fromkeys(r["setting"] for r in mine):
             line = sorted((r for r in mine if r["setting"] == setting), key=lambda r: (r["step"], r["kl"]))
-            if method == "best-of-n":
+            if bound:
                 line = sorted(mine, key=lambda r: r["kl"])  # one line over N
             ax.plot([r["kl"] for r in line], [r["reward"] for r in line], "-", color=colour, alpha=0.3, lw=1)
-            if method == "best-of-n":
+            if bound:
                 break
-        shown = [r for r in mine if not (r["kl"] == 0.0 and method != "best-of-n")]
+        shown = [r for r in mine if not (r["kl"] == 0.0 and not bound)]
         errors = any(r["seeds"] > 1 for r in shown)
         ax.errorbar([r["kl"] for r in shown], [r["reward"] for r in shown],
                     yerr=[r["reward_se"] or 0.0 for r in shown] if errors else None,
                     xerr=[r["kl_se"] or 0.0 for r in shown] if errors else None,
                     fmt=marker, color=colour, markersize=5, capsize=2, elinewidth=0.8,
-                    label=METHOD_LABELS.get(method, method))
+                    label=label)
         xs, ys = mean_envelope([p for p in points if p["method"] == method])
         ax.plot(xs, ys, "-", color=colour, lw=1.8, alpha=0.9)
     if rows:
@@ -202,9 +194,6 @@ def plot_frontier(out: str | Path, log: Log = quiet) -> Path | None:
     log(f"wrote {out / 'frontier.csv'} and {out / 'frontier.png'}")
     return out / "frontier.png"
 
-
-# -----------------------------------------------------------------------------
-# the upper envelope of each method, read at equal KL
 
 EQUAL_KLS = (2.5, 5.0, 10.0)
 ENVELOPE_COLUMNS = ["method", "seed", "kl", "reward", "reward_se", "kl_se", "setting", "step"]

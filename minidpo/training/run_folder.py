@@ -32,10 +32,8 @@ def run_folder(out: str | os.PathLike, settings: dict, resume: bool, overwrite: 
                record: Callable[[Path], None],
                missing: Callable[[Path], list[str]] = lambda out: []) -> Iterator[RunFolder]:
     """Enter `out` for a run with `settings` on every rank; `record(out)` writes its config (rank 0, after the
-    check; it may refuse by raising). Yields RunFolder(finished=True) when there is nothing to do, and
-    RunFolder(repairing=True) for a finished run that lacks some of what `missing(out)` lists (a kill between its
-    summary and its last output, or a file deleted since). Marks the run finished on a clean exit, so finishing
-    is the last thing a run writes."""
+    check). Yields RunFolder(finished=True) when there is nothing to do, RunFolder(repairing=True) for a finished
+    run that lacks some of what `missing(out)` lists. Marks the run finished on a clean exit, last."""
     out = Path(out)
     with OutDirLock(out) if is_main() else nullcontext():
         outcome: tuple[str, str] = ("go", "")

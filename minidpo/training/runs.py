@@ -1,17 +1,10 @@
 """
-Run folders that never mislabel results: a folder's outputs belong to the settings recorded in it.
-
-- `check_out_dir` compares the settings of a new run with those recorded in the folder (its config.json) and refuses
-  a mismatch with one message naming the differing options and the ways on (--resume, a new --out-dir,
-  --overwrite); `--overwrite` removes only the files minidpo writes.
-- `mark_finished` / `is_finished`: a finished run says so in its summary.json, so `--resume` can leave it alone.
-- `resume_overrides`: which options a resumed run may change (e.g. more steps) and which it ignores.
-- `OutDirLock`: one run per folder at a time (an advisory flock on <out_dir>/.lock, released by the kernel even
-  when the holder is killed), so two runs never adopt each other's checkpoints or temporary files.
-- `to_portable` / `from_portable`: paths stored in run outputs, relative to the run folder when inside it, so a
-  folder works from any directory and after it is moved.
-
-The model is the experiment-tracking convention of e.g. nanoGPT's out_dir + ckpt.pt config, made strict.
+Run folders that never mislabel results: a folder's outputs belong to the settings recorded in it (its config.json).
+A new run with other settings is refused with one message naming the differing options and the ways on (--resume,
+a new --out-dir, --overwrite, which removes only the files minidpo writes); a finished run says so in its
+summary.json; `OutDirLock` lets one run at a time use a folder (an advisory flock, released by the kernel even when
+the holder is killed); paths stored in outputs are relative to the run folder when inside it, so a folder can move.
+The model is nanoGPT's out_dir + ckpt.pt config, made strict.
 """
 
 import fcntl
@@ -136,28 +129,21 @@ def read_settings(out_dir: str | os.PathLike) -> dict | None:
     return stored
 
 
-def has_outputs(out_dir: Path) -> bool:
-    """Whether out_dir holds anything minidpo writes (besides the lock)."""
-    if not out_dir.is_dir():
-        return False
-    return any(p.name in RUN_OUTPUTS or (subrun_folder(p.name) and p.is_dir()) for p in out_dir.iterdir())
-
-
 def run_state(out_dir: str | os.PathLike) -> RunState:
     out = Path(out_dir)
     stored = read_settings(out)
-    if stored is None:
-        return RunState("unfinished" if has_outputs(out) else "empty")
+    if stored is None:  # unfinished when it holds anything minidpo writes (besides the lock)
+        ours = out.is_dir() and any(p.name in RUN_OUTPUTS or (subrun_folder(p.name) and p.is_dir())
+                                    for p in out.iterdir())
+        return RunState("unfinished" if ours else "empty")
     return RunState("finished" if is_finished(out) else "unfinished", stored)
 
 
 def check_out_dir(out_dir: str | os.PathLike, settings: dict, resume: bool = False, overwrite: bool = False,
                   exclude: Iterable[str] = NOT_SETTINGS, safe: Iterable[str] = RESUME_SAFE) -> RunState:
-    """Check that a run with `settings` may write into out_dir, before anything is written there.
-
-    A folder made with other settings (those in `exclude` aside; with `resume`, those in `safe` too) is refused
-    with one RunConflict naming the differing options; `overwrite` first removes the earlier run's outputs (only
-    files minidpo writes). Returns what the folder holds, so the caller can tell a finished run from one to continue.
+    """Check that a run with `settings` may write into out_dir, before anything is written there: a folder made with
+    other settings (those in `exclude` aside; with `resume`, those in `safe` too) is refused with one RunConflict;
+    `overwrite` first removes the earlier run's outputs. Returns what the folder holds.
     """
     out = Path(out_dir)
     if resume and overwrite:
@@ -222,11 +208,8 @@ def is_finished(out_dir: str | os.PathLike) -> bool:
 
 
 def resume_overrides(stored: dict, given: dict, safe: Iterable[str] = RESUME_SAFE) -> tuple[dict, list[str]]:
-    """(the resumed run's settings, the given options that were ignored).
-
-    A resumed run keeps its recorded settings; of the options given on the command line only those in `safe` (such
-    as more steps) replace them, and the others that differ are returned for the caller to report.
-    """
+    """(the resumed run's settings, the given options that were ignored): of the options given on the command line
+    only those in `safe` (such as more steps) replace the recorded ones."""
     safe = set(safe)
     merged = dict(stored)
     ignored = []

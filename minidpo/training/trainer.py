@@ -1,27 +1,26 @@
 """
-One training loop for every stage (SFT, DPO, RLOO): AdamW, linear warmup then cosine decay, gradient accumulation,
-gradient clipping, data-parallel gradient averaging, a log line every few steps, checkpoints and exact resume.
+One training loop for every stage (SFT, DPO, RLOO, ...): AdamW, linear warmup then cosine decay, gradient
+accumulation, gradient clipping, data-parallel gradient averaging, a log line every few steps, checkpoints and exact
+resume.
 
 References: llm.c's train_gpt2.py (every step logs loss, ms and tokens/s), nanoGPT's train.py (warmup + cosine,
 accumulation), PyTorch's DistributedDataParallel for the gradient all-reduce (`minidpo.training.distributed`).
 
-Exact resume. Batches are a pure function of (step, micro_step, rank): the caller's `get_batch` derives them from the
-seed, so the data position is just the step number. A checkpoint (`minidpo.training.checkpoint`) holds the trainable
-tensors, the optimizer and scheduler state, every RNG state, the step and the caller's own state (`Training.state`, e.g.
-an adaptive KL coefficient); resuming restores all of it, so a run killed at any moment and resumed from its last
-checkpoint ends bit-identical to an uninterrupted run (on the same device and thread count).
+Exact resume. Batches are a pure function of (step, micro_step, rank), so the data position is just the step number.
+A checkpoint (`minidpo.training.checkpoint`) holds the trainable tensors, the optimizer and scheduler state, every RNG
+state, the step and the caller's own state (e.g. an adaptive KL coefficient), so a run killed at any moment and
+resumed from its last checkpoint ends bit-identical to an uninterrupted run (on the same device and thread count).
 
-Throughput and ETA. Step times exclude the caller's `on_step_end` (evaluations) and checkpoint writes. The summary's
-tokens/s and items/s cover the whole run (totals are carried in the checkpoint across resumes); the log line's cover
-its logging window; the ETA uses an exponential moving average of recent step times, skipping each session's first
-step (allocator and kernel warm-up), so it settles instead of swinging with a whole-run average.
+Step times exclude the caller's `on_step_end` (evaluations) and checkpoint writes; the summary's throughput covers
+the whole run (totals are carried in the checkpoint across resumes), the log line's its logging window.
 """
 
 import json
 import math
 import time
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -121,15 +120,8 @@ class StepClock:
         return per_step * steps_left
 
 
-def print_on_main(msg: str) -> None:
-    """The default log of train_loop: the progress lines, printed by rank 0 only."""
-    if is_main():
-        print(msg, flush=True)
-
-
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """The parameters a method trains, by name: those with requires_grad (the LoRA adapters, or every weight in
-    SFT); what train_loop and the checkpoint take."""
+    """The parameters a method trains (those with requires_grad), by name: what train_loop and the checkpoint take."""
     return {k: p for k, p in model.named_parameters() if p.requires_grad}
 
 
@@ -145,8 +137,7 @@ def make_optimizer(cfg: LoopConfig, trainable: list[Tensor]):
 
 
 class LoopState(Protocol):
-    """A method's own state beyond the weights (RLOO's adaptive kl_coef): saved with each checkpoint, given back on
-    resume."""
+    """A method's own state beyond the weights (RLOO's adaptive kl_coef), saved with each checkpoint."""
 
     def state(self) -> dict: ...
 
@@ -154,46 +145,59 @@ class LoopState(Protocol):
 
 
 @dataclass(frozen=True)
-class Training:
-    """One method's training as the loop runs it: the loop's settings, what it trains, its batches and its step.
+class TrainRun:
+    """One training run: the loop's settings, its folder (log.jsonl and the checkpoint; None: neither), a call after
+    each step (periodic evaluation), the settings its checkpoint records (a resume must match them; None: the
+    method's own, given to train_loop) and whether to resume from that checkpoint."""
+    loop: LoopConfig
+    run_dir: Path | None = None
+    on_step_end: Callable[[int], None] | None = None
+    settings: dict | None = None
+    resume: bool = True
+    checkpoint: str = "checkpoint"  # the checkpoint's folder in run_dir
+
+
+def train_loop(run: TrainRun, params: dict[str, Tensor], get_batch: Callable[[int, int], object],
+               step_fn: Callable[[object], tuple], settings: dict | None = None, state: LoopState | None = None,
+               autocast: AbstractContextManager | None = None, log: Log | None = None,
+               **shown) -> dict[str, float]:
+    """Run the optimizer steps left until run.loop.steps; returns the last logged metrics, plus whole-run
+    throughput and "seconds", this session's wall time.
 
     get_batch(step, micro) -> a micro-batch; step_fn(batch) -> (loss, metrics, n_tokens) or (loss, metrics,
     n_tokens, n_items), metrics being 0-dim tensors (the plain mean loss of the micro-batch: the loop divides by
-    grad_accum). step_fn runs inside `autocast` (the runtime's bf16 region, or a no-op)."""
-    loop: LoopConfig
-    params: dict[str, Tensor]
-    get_batch: Callable[[int, int], object]
-    step_fn: Callable[[object], tuple]
-    state: LoopState | None = None
-    autocast: AbstractContextManager = field(default_factory=nullcontext)
-
-
-def train_loop(t: Training, checkpointer: Checkpointer | None = None, log_path: Path | None = None,
-               on_step_end: Callable[[int], None] | None = None, resume: bool = False,
-               log: Log | None = None) -> dict[str, float]:
-    """Run the optimizer steps left until t.loop.steps; returns the last logged metrics, plus whole-run throughput
-    and "seconds", this session's wall time.
+    grad_accum), run inside `autocast` when given. `shown` replaces the loop's label, show or item_name (the
+    method's log line). The checkpoint records run.settings, else the method's `settings` with the loop's steps
+    and lr; `state` is saved with it and given back on resume. `log` gets the progress lines on rank 0 (default:
+    print them).
 
     Each step: forward/backward over grad_accum micro-batches, one all-reduce of gradients, loss and metrics over
     ranks, clip, optimizer step. On a non-finite loss the gradients are dropped and the run stops before the
-    optimizer step, so the weights stay those of the last good step. `t.state` is saved with each checkpoint and
-    given back on resume. `log` gets the progress lines on rank 0 (default: print them).
+    optimizer step, so the weights stay those of the last good step.
     """
     t_session = time.perf_counter()
-    cfg, params, get_batch, step_fn = t.loop, t.params, t.get_batch, t.step_fn
-    say = (log if log is not None else print_on_main) if is_main() else quiet
+    cfg = replace(run.loop, **shown)
+    say = (log if log is not None else partial(print, flush=True)) if is_main() else quiet
+    checkpointer = log_path = None
+    if run.run_dir is not None:
+        run_dir = Path(run.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        recorded = run.settings if run.settings is not None or settings is None else {
+            **settings, "steps": cfg.steps, "lr": cfg.lr}
+        checkpointer, log_path = Checkpointer(run_dir / run.checkpoint, params, recorded), run_dir / "log.jsonl"
+    autocast = autocast if autocast is not None else nullcontext()
     _, world = rank_and_world()
     trainable = [p for p in params.values() if p.requires_grad]
     optimizer, scheduler = make_optimizer(cfg, trainable)
     start, totals, last = 0, Totals(), {}
-    if resume and checkpointer is not None and checkpointer.exists():
+    if run.resume and checkpointer is not None and checkpointer.exists():
         start, extra = checkpointer.load(optimizer, scheduler)
         if start > cfg.steps:
             raise ValueError(f"[{cfg.label}] checkpoint {checkpointer.dir} is at step {start}, past this run's "
                              f"{cfg.steps} steps; give at least {start} steps, or delete it to start again")
         totals, last = Totals(**extra.get("totals", {})), dict(extra.get("last", {}))
-        if t.state is not None and "loop_state" in extra:
-            t.state.load(extra["loop_state"])
+        if state is not None and "loop_state" in extra:
+            state.load(extra["loop_state"])
         say(f"[{cfg.label}] resumed from {checkpointer.dir} at step {start}/{cfg.steps}")
     window, clock = Totals(), StepClock()
     for step in range(start, cfg.steps):
@@ -205,7 +209,7 @@ def train_loop(t: Training, checkpointer: Checkpointer | None = None, log_path: 
         tokens = items = 0
         for micro in range(cfg.grad_accum):
             batch = get_batch(step, micro)
-            with t.autocast:
+            with autocast:
                 out = step_fn(batch)
             loss, metrics, n_tokens = out[:3]
             (loss / cfg.grad_accum).backward()
@@ -247,12 +251,12 @@ def train_loop(t: Training, checkpointer: Checkpointer | None = None, log_path: 
             if log_path is not None and is_main():
                 append_jsonl(log_path, {"stage": cfg.label, **last})
             window = Totals()
-        if on_step_end is not None:  # before the checkpoint: a kill between them re-runs this step, losing nothing
-            on_step_end(done)
+        if run.on_step_end is not None:  # before the checkpoint: a kill between them re-runs this step, losing nothing
+            run.on_step_end(done)
         if checkpointer is not None and is_main() and (
                 (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps):
             checkpointer.save(done, optimizer, scheduler, extra={
-                "loop_state": t.state.state() if t.state is not None else {}, "totals": vars(totals), "last": last})
+                "loop_state": state.state() if state is not None else {}, "totals": vars(totals), "last": last})
     barrier()
     return {**last, "steps": cfg.steps, "steps_this_session": cfg.steps - start,
             "final_loss": last.get("loss", math.nan), "seconds": time.perf_counter() - t_session,
@@ -269,27 +273,6 @@ def trainable_adapter(model: torch.nn.Module, who: str) -> dict[str, torch.nn.Pa
         raise RuntimeError(f"{who}: a new LoRA adapter must start at B = 0, so that the reference is the starting "
                            "policy")
     return trainable_parameters(model)
-
-
-@dataclass(frozen=True)
-class TrainRun:
-    """Where and how long one training run goes: its loop settings and folder (log.jsonl, checkpoint/), a call
-    after each step (periodic evaluation), the settings its checkpoint records (a resume must match them; None: the
-    method's own configs) and whether to resume from that checkpoint."""
-    loop: LoopConfig
-    run_dir: Path
-    on_step_end: Callable[[int], None] | None = None
-    settings: dict | None = None
-    resume: bool = True
-
-    def loop_args(self, params: dict[str, Tensor], settings: dict, log: Log) -> dict:
-        """train_loop's keywords for this run: run_dir/checkpoint (recording self.settings, else `settings`, the
-        method's own configs; resumed from when self.resume and it exists), run_dir/log.jsonl, on_step_end, log."""
-        run_dir = Path(self.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        recorded = self.settings if self.settings is not None else settings
-        return dict(checkpointer=Checkpointer(run_dir / "checkpoint", params, recorded),
-                    log_path=run_dir / "log.jsonl", on_step_end=self.on_step_end, resume=self.resume, log=log)
 
 
 def append_jsonl(path: Path, record: dict) -> None:
