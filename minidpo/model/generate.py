@@ -2,8 +2,8 @@
 Generation for the GPT of model/gpt.py: prefill the prompt into the KV cache, decode one token at a time, sample.
 
 References:
-1) gpt-fast (PyTorch team, generate.py): prefill, decode_one_token and sample as small functions (here `decode`
-   does both feeds) over a model whose KV cache is allocated once per call (the cache lives in model/gpt.py).
+1) gpt-fast (PyTorch team, generate.py): `prefill`, `decode_one_token` and `sample` as small functions over a model
+   whose KV cache is allocated once per call (the cache lives in model/gpt.py).
 2) nanoGPT (Karpathy, model.py `generate`): temperature and top-k on the last position's logits.
 3) OpenAI gpt-2 (src/sample.py `top_k_logits`, `top_p_logits`) and Holtzman et al. 2020, "The Curious Case of Neural
    Text Degeneration", for nucleus (top-p) sampling. As in Hugging Face transformers, top_k=0 and top_p=1.0 are off.
@@ -165,10 +165,14 @@ def sample_naive(logits: Tensor, temperature: float = 1.0, top_k: int | None = N
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator).squeeze(-1)
 
 
-def decode(model: GPT, tokens: Tensor, pos: int, key_mask: Tensor | None) -> Tensor:
-    """Feed tokens (B, t) at cache position `pos`, filling the cache: the whole prompt at 0 (gpt-fast's prefill),
-    then one token at a time; logits of the last position (B, V)."""
-    return model.lm_head(model.hidden_states(tokens, cache_pos=pos, key_mask=key_mask)[:, -1])
+def prefill(model: GPT, idx: Tensor, key_mask: Tensor | None) -> Tensor:
+    """Run the whole prompt (B, T) through the model, filling its cache; logits of the last position (B, V)."""
+    return model.lm_head(model.hidden_states(idx, cache_pos=0, key_mask=key_mask)[:, -1])
+
+
+def decode_one_token(model: GPT, token: Tensor, pos: int, key_mask: Tensor | None) -> Tensor:
+    """Feed one token per row (B, 1) at cache position `pos`; its logits (B, V)."""
+    return model.lm_head(model.hidden_states(token, cache_pos=pos, key_mask=key_mask)[:, -1])
 
 
 def key_mask_for(attention_mask: Tensor | None, total_len: int) -> Tensor | None:
@@ -216,9 +220,10 @@ def generate(model: GPT, idx: Tensor, max_new_tokens: int, min_new_tokens: int =
             mask = key_mask[:, :pos] if key_mask is not None else None
             if not use_cache:
                 logits = model(out[:, :pos], mask)[:, -1]
+            elif step == 0:
+                logits = prefill(model, idx, mask)
             else:
-                start = 0 if step == 0 else pos - 1  # the whole prompt first, then the last token
-                logits = decode(model, out[:, start:pos], start, mask)
+                logits = decode_one_token(model, out[:, pos - 1:pos], pos - 1, mask)
             if eos_id is not None and step < min_new_tokens:
                 logits[:, eos_id] = -float("inf")
             token = sample(logits, temperature, top_k, top_p, generator, overwrite=True)  # (B,)
