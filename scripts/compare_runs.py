@@ -117,6 +117,9 @@ def differences(before: Path, after: Path, sources: tuple[Path | None, Path | No
 
 
 def main(argv: list[str]) -> int:
+    if len(argv) not in (2, 4) or any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip().splitlines()[-1].strip())
+        return 0 if any(a in ("-h", "--help") for a in argv) else 2
     before, after = Path(argv[0]), Path(argv[1])
     sources = (Path(argv[2]), Path(argv[3])) if len(argv) == 4 else (None, None)
     found, compared = differences(before, after, sources)
