@@ -186,7 +186,7 @@ def plot_frontier(out: str | Path, log: Log = quiet, styles: dict[str, tuple[str
     ax.set_xlabel("KL(policy || reference), nats per completion")
     ax.set_ylabel("mean reward: P(positive) of held-out completions")
     ax.set_title("IMDb controlled sentiment: reward vs KL, each method's envelope"
-                 + (f" (mean of {seeds} seeds, standard-error bars)" if seeds > 1 else ""))
+                 + (f"\n(mean of {seeds} seeds, standard-error bars)" if seeds > 1 else ""), fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "frontier.png", dpi=120)
