@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_baselines import some_pairs, tiny_policy  # the same stand-ins as the baselines' tests
+from test_baselines import some_pairs, tiny_policy, toy_data  # the same stand-ins as the baselines' tests
 
 from minidpo.config import ConfigError
-from minidpo.dataset.batching import PairData, collate_pairs, collate_unique, prompt_groups
+from minidpo.dataset.batching import collate_pairs, collate_unique
 from minidpo.dataset.pairs import Pair
 from minidpo.experiment.compare import method_runs
 from minidpo.methods.baselines import preferred_ft_step
@@ -223,11 +223,6 @@ def test_step_at_lambda_0_is_preferred_ft():
     orpo, _, _, _ = orpo_step(model, batch, ORPOConfig(lambda_=0.0), bcfg)
     ft, _, _, _ = preferred_ft_step(model, batch, bcfg)
     torch.testing.assert_close(orpo, ft, rtol=1e-6, atol=1e-6)
-
-
-def toy_data() -> PairData:
-    train = [Pair("p", "c", "r", [1 + i % 5, 2], [10, 11, 12, V - 1], [20, 21, 22], 1.0, 0.0) for i in range(10)]
-    return PairData(train, [], prompt_groups(train), "toy")
 
 
 def run(tmp, steps: int, crash_at: int | None = None) -> GPT:
