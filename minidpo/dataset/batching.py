@@ -54,13 +54,9 @@ def split_pairs(pairs: Sequence[Pair]) -> tuple[list[Pair], list[Pair]]:
     return [p for p in pairs if p.split != "test"], [p for p in pairs if p.split == "test"]
 
 
-def _fits(p: Pair, max_length: int) -> bool:
-    return 1 <= len(p.prompt_ids) < max_length and len(p.chosen_ids) > 0 and len(p.rejected_ids) > 0
-
-
 def fit_pairs(pairs: Sequence[Pair], max_length: int) -> tuple[list[Pair], int]:
     """(pairs that keep a non-empty response within max_length, how many were dropped); one warning per call."""
-    kept = [p for p in pairs if _fits(p, max_length)]
+    kept = [p for p in pairs if 1 <= len(p.prompt_ids) < max_length and p.chosen_ids and p.rejected_ids]
     n_dropped = len(pairs) - len(kept)
     if n_dropped:
         warnings.warn(f"fit_pairs: dropped {n_dropped} of {len(pairs)} pairs with no room for a response in "

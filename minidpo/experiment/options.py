@@ -33,9 +33,9 @@ def require_flag(ok: bool, field: str, detail: str) -> None:
 
 
 def build_configs(cfg, sweeps: dict[str, str]) -> RunConfigs:
-    """Each component's own small config, built from train.py's flags (`cfg`, its TrainConfig). Each checks itself;
+    """Each component's own small config, built from train.py's flags (`cfg`, a TrainConfig). Each checks itself;
     a bad value fails here, before any stage runs, with the flag's name. `sweeps`: the settings a --compare without
-    its own sweeps runs each method at (train.py's COMPARE_SWEEPS)."""
+    its own sweeps runs each method at (train_config.py's COMPARE_SWEEPS)."""
     require_flag(cfg.method in NAMES, "method", f"must be one of {', '.join(NAMES)}, got {cfg.method!r}")
     compare = [m.strip() for m in parse_list("compare", cfg.compare, str)]  # "dpo, rloo" as typed in a shell
     for m in compare:

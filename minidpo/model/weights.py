@@ -122,12 +122,6 @@ def empty_gpt(config: GPTConfig) -> GPT:
         return GPT(config)
 
 
-def model_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """minidpo state-dict key -> shape (nn.Linear layout), read off a weightless GPT; the tied lm_head left out."""
-    model = empty_gpt(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
-
-
 def openai_name(key: str) -> str:
     """minidpo key -> OpenAI variable: transformer.h.0.attn.c_attn.weight -> model/h0/attn/c_attn/w."""
     parts = key.removeprefix("transformer.").split(".")
@@ -143,7 +137,8 @@ def openai_name(key: str) -> str:
 def source_spec(config: GPTConfig, layout: str) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{name in the file: (minidpo key, shape in the file)} for layout "openai", "conv1d" (HF) or "linear"."""
     spec = {}
-    for key, shape in model_shapes(config).items():
+    shapes = {k: tuple(v.shape) for k, v in empty_gpt(config).state_dict().items() if k != "lm_head.weight"}  # tied
+    for key, shape in shapes.items():
         conv = key.endswith(LINEAR) and layout != "linear"
         file_shape = shape[::-1] if conv else shape  # Conv1D stores [in, out]
         if layout == "openai":

@@ -185,7 +185,8 @@ class Checkpointer:
                 raise CheckpointCorrupt(path, "is missing", self.dir)
             if sha256_file(path) != digest:
                 raise CheckpointCorrupt(path, "fails its sha256 check (damaged or replaced)", self.dir)
-        self._check_settings(state["settings"])
+        if self.settings is not None and state["settings"] is not None:
+            check_settings(self.dir, json.loads(state["settings"]), self.settings)
         tensors = self._read(self.dir / state["trainable"], load_file)
         optim_state = state["optimizer"]  # format 1 kept it inline; format 2 names its file
         if isinstance(optim_state, str):
@@ -206,10 +207,6 @@ class Checkpointer:
             raise CheckpointCorrupt(path, "is missing", self.dir) from None
         except Exception as e:
             raise CheckpointCorrupt(path, f"is unreadable ({type(e).__name__}: {e})", self.dir) from None
-
-    def _check_settings(self, raw: str | None) -> None:
-        if self.settings is not None and raw is not None:
-            check_settings(self.dir, json.loads(raw), self.settings)
 
     def _check_tensors(self, tensors: dict[str, Tensor]) -> None:
         missing = sorted(set(self.params) - set(tensors))
