@@ -103,6 +103,7 @@ def run(cfg: TrainConfig, given: set[str], runtime: Runtime, precision: str) -> 
     """One whole run (every method and setting of --compare) with one seed, into cfg.out_dir."""
     t_start = time.perf_counter()
     data_src, data_note = imdb_source(cfg.data)
+    prompt_src = imdb_source(cfg.prompt_data, "prompt_data")[0] if cfg.prompt_data else data_src
     # 1. the model (the bundled model brings the tiny preset's settings unless some were given)
     model, model_desc, notes = load_model_stage(cfg.model, runtime.device, cfg.configs.random_model, cfg.seed)
     if notes and cfg.preset is None and cfg.resume is None:
@@ -133,7 +134,8 @@ def run(cfg: TrainConfig, given: set[str], runtime: Runtime, precision: str) -> 
         # 3. the reward: a sentiment classifier
         scorer = fit_classifier(reviews, runtime.log)
         # 4. prompts (the pairs are built by the first method that needs them, then cached)
-        prompts = make_prompt_sets(reviews, tok, configs.prompts)
+        train_reviews = reviews.train if prompt_src == data_src else load_reviews(prompt_src).train  # --prompt-data
+        prompts = make_prompt_sets(reviews, tok, configs.prompts, train_reviews)
         ctx = RunContext(model, tok, scorer, reviews, prompts, configs, base, out, runtime, settings=run_settings(cfg))
         # 5-6. each method and setting trains a fresh adapter (or none, best-of-N) and is evaluated the same way
         runs = []

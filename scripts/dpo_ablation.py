@@ -47,8 +47,8 @@ ARMS = [
     ("sft", "Preferred-FT first (80 steps on the chosen completions, merged): DPO's reference, pairs and KL are "
             "then the SFT model's, as in the paper", []),
     ("k16", "16 completions per prefix (120 pairs each)", ["--completions-per-prompt", "16"]),
-    ("prefixes", "4,608 prefixes of the full IMDB train split (8x; the classifier is then trained on the full "
-                 "split too)", ["--data", str(FULL_IMDB), "--num-prompts", "4608"]),
+    ("prefixes", "4,608 prefixes of the full IMDB train split (8x); the reward classifier and the evaluation "
+                 "prompts stay the sample's", ["--prompt-data", str(FULL_IMDB), "--num-prompts", "4608"]),
 ]
 RUN = {"seeds": "0,1,2", "extra": []}  # --seeds, and --extra: flags added to every train.py call (a smoke run)
 KLS = (5.0, 10.0)

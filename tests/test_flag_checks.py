@@ -19,6 +19,7 @@ from minidpo.config import ConfigError
     (["--preset", "tiny", "--eval-every", "500"], "--eval-every"),
     (["--preset", "tiny", "--method", "online-dpo", "--compile"], "--compile"),
     (["--preset", "tiny", "--compare", "dpo,rloo", "--compile"], "--compile"),
+    (["--preset", "tiny", "--pairs-mode", "labels", "--prompt-data", "sample"], "--prompt-data"),
 ])
 def test_duplicates_and_bad_values_are_refused_naming_the_flag(argv, flag):
     with pytest.raises(ConfigError) as e:

@@ -64,7 +64,7 @@ def test_held_out_and_evaluation_prompts_never_repeat_a_training_prompt(tok, see
     from minidpo.experiment.stages import make_prompt_sets
     reviews = Reviews(IMDB_SAMPLE_PATH, load_imdb(IMDB_SAMPLE_PATH, "train", ("pos", "neg")),
                       load_imdb(IMDB_SAMPLE_PATH, "test", ("pos", "neg")))
-    sets = make_prompt_sets(reviews, tok, PromptConfig(train=576, heldout=24, eval=128, seed=seed))
+    sets = make_prompt_sets(reviews, tok, PromptConfig(train=576, heldout=24, eval=128, seed=seed), reviews.train)
     train_ids = {tuple(p.ids) for p in sets.train}
     assert len(sets.heldout) == 24 and len(sets.eval) == 128
     assert not [p.text for p in sets.heldout + sets.eval if tuple(p.ids) in train_ids]

@@ -56,7 +56,8 @@ def test_a_corrupt_classifier_cache_is_retrained_not_trusted(monkeypatch, tmp_pa
 def test_asking_for_more_prompts_than_reviews_is_one_clear_error():
     reviews = load_imdb(IMDB_SAMPLE_PATH, "test")[:20]
     with pytest.raises(ValueError, match="--num-prompts"):
-        make_prompt_sets(Reviews(Path("x"), reviews, reviews), Tokenizer(), PromptConfig(train=50, heldout=1, eval=1))
+        make_prompt_sets(Reviews(Path("x"), reviews, reviews), Tokenizer(), PromptConfig(train=50, heldout=1, eval=1),
+                         reviews)
 
 
 def test_a_model_with_a_smaller_vocabulary_or_context_is_refused_before_any_work():

@@ -216,6 +216,7 @@ def test_resuming_a_finished_run_leaves_its_outputs_as_they_were(finished, env):
 @pytest.mark.parametrize("args,names", [
     (["--model", "/nonexistent/model"], "--model /nonexistent/model"),
     (["--data", "/nonexistent/imdb.tar.gz"], "--data /nonexistent/imdb.tar.gz"),
+    (["--prompt-data", "/nonexistent/imdb"], "--prompt-data /nonexistent/imdb"),
     (["--gen-batch-size", "0"], "--gen-batch-size"),
     (["--lora-targets", "bogus"], "--lora-targets"),
     (["--lora-alpha", "0"], "--lora-alpha"),
@@ -229,6 +230,22 @@ def test_bad_paths_and_values_are_one_line_before_any_work_or_write(args, names,
     msg = fails(["train.py", *SMALL, "--out-dir", str(tmp_path / "o"), *args], env)
     assert names in msg
     assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_prompt_data_gives_the_training_prefixes_while_held_out_prompts_and_reward_stay_the_datas(env, tmp_path):
+    imdb = tmp_path / "aclImdb"  # every training review opens with "Zebra", which no review of the sample does
+    for split, n in (("train", 8), ("test", 1)):
+        for label, rating in (("pos", 9), ("neg", 2)):
+            (imdb / split / label).mkdir(parents=True)
+            for i in range(n):
+                (imdb / split / label / f"{i}_{rating}.txt").write_text(f"Zebra {i} {label} was a film I saw once.")
+    run(["train.py", *SMALL, "--steps", "2", "--prompt-data", str(imdb), "--out-dir", str(tmp_path / "o")], env)
+    pairs = [json.loads(line) for line in (tmp_path / "o" / "pairs.jsonl").read_text().splitlines()[1:]]
+    train_prompts = {p["prompt"] for p in pairs if p["split"] != "test"}
+    heldout_prompts = {p["prompt"] for p in pairs if p["split"] == "test"}
+    assert train_prompts and all(p.startswith("Zebra") for p in train_prompts)
+    assert heldout_prompts and not any(p.startswith("Zebra") for p in heldout_prompts)
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["prompt_data"] == str(imdb)
 
 
 def test_an_output_folder_works_from_another_directory_and_after_being_moved(finished, env, tmp_path):

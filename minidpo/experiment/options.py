@@ -43,6 +43,8 @@ def build_configs(cfg, sweeps: dict[str, str]) -> RunConfigs:
     require_flag(cfg.prompt_max_tokens < cfg.max_length, "prompt_max_tokens",
                  f"({cfg.prompt_max_tokens}) must be < --max-length ({cfg.max_length})")
     require_flag(not cfg.precompute_ref or cfg.batching == "unique", "precompute_ref", "needs --batching unique")
+    require_flag(cfg.prompt_data is None or cfg.pairs_mode == "generated", "prompt_data",
+                 "needs --pairs-mode generated (--pairs-mode labels pairs each prefix with its own review's text)")
     methods = [BY_NAME[m] for m in compare or [cfg.method]]
     require_flag(not cfg.precompute_ref or any(m.reference_cache for m in methods), "precompute_ref",
                  "caches the reference's log-probs of offline pairs: it needs --method dpo (the other methods use "

@@ -130,7 +130,7 @@ def model_source(desc: str) -> str:
     return str(Path(desc).resolve())
 
 
-def imdb_source(name: str) -> tuple[Path, str]:
+def imdb_source(name: str, flag: str = "data") -> tuple[Path, str]:
     """(path, note). `auto`: the full set in the cache, else the shipped sample; `sample`: the sample; else a path."""
     from minidpo.dataset.imdb import IMDB_FILENAME, IMDB_SAMPLE_PATH
     from minidpo.formats.download import cache_dir
@@ -146,8 +146,8 @@ def imdb_source(name: str) -> tuple[Path, str]:
         return Path(IMDB_SAMPLE_PATH), ""
     path = Path(name)
     if not path.exists():
-        raise ConfigError(f"--data {name}: no such file or directory (expected aclImdb_v1.tar.gz or an extracted "
-                          "aclImdb directory; `auto` uses the cache or the shipped sample)", "data")
+        raise ConfigError(f"--{flag.replace('_', '-')} {name}: no such file or directory (expected aclImdb_v1.tar.gz "
+                          "or an extracted aclImdb directory; `auto` uses the cache or the shipped sample)", flag)
     return path.resolve(), ""
 
 

@@ -82,11 +82,11 @@ def load_reviews(source: Path) -> Reviews:
     return Reviews(source, load_imdb(source, "train", ("pos", "neg")), load_imdb(source, "test", ("pos", "neg")))
 
 
-def make_prompt_sets(reviews: Reviews, tok: Tokenizer, cfg: PromptConfig) -> PromptSets:
-    """Train prompts from train reviews; held-out and evaluation prompts from test reviews (one per review), none
-    with the token ids of a training prompt."""
+def make_prompt_sets(reviews: Reviews, tok: Tokenizer, cfg: PromptConfig, train_reviews: list) -> PromptSets:
+    """Train prompts from `train_reviews` (reviews.train, or --prompt-data's); held-out and evaluation prompts from
+    reviews.test (one per review), none with the token ids of a training prompt."""
     try:
-        train = make_prompts(reviews.train, tok, cfg.train, cfg.min_tokens, cfg.max_tokens, seed=cfg.seed)
+        train = make_prompts(train_reviews, tok, cfg.train, cfg.min_tokens, cfg.max_tokens, seed=cfg.seed)
         test = make_prompts(reviews.test, tok, cfg.heldout + cfg.eval, cfg.min_tokens, cfg.max_tokens,
                             seed=cfg.seed + 1, exclude=train)
     except ValueError as e:  # one prompt per review: the shipped sample has 600 train and 300 test reviews

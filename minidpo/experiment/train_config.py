@@ -47,6 +47,7 @@ class TrainConfig:
     sft_lora: bool = True           # LoRA during SFT (merged afterwards); false trains every weight
     # 3. reward
     data: str = "auto"              # auto | sample | PATH to aclImdb_v1.tar.gz or an aclImdb directory
+    prompt_data: str | None = None  # the training prefixes' reviews (as --data); reward and evaluation stay --data's
     # 4. prompts and pairs
     pairs_mode: str = "generated"   # generated (the paper's: sampled and ranked) | labels (pos/neg review text)
     pairing: str = "all"            # all (every distinct-score pair) | best_vs_worst (one per prompt)

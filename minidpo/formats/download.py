@@ -130,12 +130,6 @@ def parse_content_range(value: str | None) -> tuple[int | None, int | None]:
     return start, int(total) if total.strip().isdigit() else None
 
 
-def offline_hint(url: str, dest: Path) -> str:
-    return (f"could not reach {url} (the network is unreachable or the host is down). "
-            f"If this machine is offline, download the file on another machine and place it by hand at {dest} "
-            f"(a partial copy at {part_path(dest)} is resumed automatically)")
-
-
 def _open(url: str, offset: int, timeout: float):
     """urlopen with `Range: bytes=offset-` when resuming; returns the response or raises HTTPError/URLError."""
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
@@ -224,8 +218,10 @@ def _fetch(url: str, dest: Path, part: Path, expected_size: int | None, desc: st
             raise
         except urllib.error.URLError as e:  # DNS failure, connection refused, no route: nothing was received
             if isinstance(e.reason, OSError):  # refused, unreachable, DNS (gaierror), connect timeout
-                raise DownloadError(f"downloading {url} to {dest} failed: {offline_hint(url, dest)}; "
-                                    f"cause: {e.reason}") from None
+                raise DownloadError(f"downloading {url} to {dest} failed: could not reach {url} (the network is "
+                                    "unreachable or the host is down). If this machine is offline, download the file "
+                                    f"on another machine and place it by hand at {dest} (a partial copy at "
+                                    f"{part_path(dest)} is resumed automatically); cause: {e.reason}") from None
             raise DownloadError(f"downloading {url} to {dest} failed: {e.reason}") from None
         except (http.client.HTTPException, OSError) as e:  # cut off mid-transfer: resume
             have = part.stat().st_size if part.exists() else 0
