@@ -48,7 +48,9 @@ ARMS = [
             "then the SFT model's, as in the paper", []),
     ("k16", "16 completions per prefix (120 pairs each)", ["--completions-per-prompt", "16"]),
     ("prefixes", "4,608 prefixes of the full IMDB train split (8x); the reward classifier and the evaluation "
-                 "prompts stay the sample's", ["--prompt-data", str(FULL_IMDB), "--num-prompts", "4608"]),
+                 "prompts stay the sample's (16 held-out prompts: the sample's 300 test reviews have 272 whose "
+                 "prefix is no training prompt)",
+     ["--prompt-data", str(FULL_IMDB), "--num-prompts", "4608", "--heldout-prompts", "16"]),
 ]
 RUN = {"seeds": "0,1,2", "extra": []}  # --seeds, and --extra: flags added to every train.py call (a smoke run)
 KLS = (5.0, 10.0)
