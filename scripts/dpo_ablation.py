@@ -8,8 +8,10 @@ mean +- standard error over seeds).
     python scripts/dpo_ablation.py --table-only           # rewrite the table from the arms already finished
     python scripts/dpo_ablation.py --protocol out/tiny-fig2   # also set each arm against RLHF and RLOO there
 
-Every arm is `python train.py --preset tiny --method dpo` (beta 0.1, 80 steps on the pairs of 576 prompts with 8
-completions each, sampled at temperature 0.7) evaluated every 10 steps on 256 held-out prompts, with one change.
+Every arm is the paper's DPO on the tiny preset, `python train.py --preset tiny --method dpo --label-smoothing 0`
+(beta 0.1, 80 steps on the pairs of 576 prompts with 8 completions each, sampled at temperature 0.7; the preset
+itself has used cDPO's label smoothing 0.1 since this ablation), evaluated every 10 steps on 256 held-out prompts,
+with one change (a later flag wins).
 A killed ablation continues where it stopped when run again (finished arms are kept; an unfinished one resumes
 from its checkpoints). The table (out/ablation/ablation.md and .csv) gives, per arm: the envelope's reward at KL 5
 and 10 (mean +- se over seeds; "-" where a seed's envelope does not reach that KL), its difference from the base
@@ -34,10 +36,11 @@ from minidpo.stats import mean_and_se  # noqa: E402
 from minidpo.training.frontier import envelope, envelope_reward, group_by, write_frontier  # noqa: E402
 
 FULL_IMDB = ROOT.parent / "shared" / "data" / "aclImdb_v1.tar.gz"
-BASE = ["--preset", "tiny", "--method", "dpo", "--eval-every", "10", "--eval-prompts", "256"]
+BASE = ["--preset", "tiny", "--method", "dpo", "--label-smoothing", "0", "--eval-every", "10", "--eval-prompts", "256"]
 # (name, what changes, train.py flags): the order they run in, most asked-about first
 ARMS = [
-    ("base", "the tiny preset (temperature 0.7, 8 completions, 576 prefixes, sigmoid loss, 80 steps)", []),
+    ("base", "the paper's DPO on the tiny preset (temperature 0.7, 8 completions, 576 prefixes, sigmoid loss, 80 "
+             "steps)", []),
     ("temp1", "pairs sampled at temperature 1.0, the distribution that is evaluated", ["--gen-temperature", "1.0"]),
     ("k4", "4 completions per prefix (the paper's 6 pairs)", ["--completions-per-prompt", "4"]),
     ("margin", "near ties dropped: training pairs whose scores differ by < 0.1", ["--min-score-margin", "0.1"]),
