@@ -3,7 +3,7 @@ minidpo end to end: the DPO paper's IMDb experiment (Rafailov et al. 2023, sec. 
 
     python train.py                          # GPT-2 124M + full IMDB when available, else the bundled model (tiny)
     python train.py --preset tiny            # bundled small model + shipped IMDB sample, minutes on a CPU
-    python train.py --preset tiny --method dpo --out-dir out/tiny-dpo     # the paper's offline DPO (tiny's method)
+    python train.py --preset tiny --method dpo --out-dir out/tiny-dpo     # offline DPO, tiny's method (cDPO 0.1)
     python train.py --preset tiny --method rloo --out-dir out/tiny-rloo   # the policy-gradient (RL) baseline instead
     python train.py --preset tiny --method online-dpo --out-dir out/tiny-online   # DPO on the policy's own samples
     python train.py --preset tiny --compare dpo,online-dpo,rlhf,rloo,best-of-n --out-dir out/tiny-compare  # -> frontier

@@ -17,7 +17,8 @@ from its checkpoints). The table (out/ablation/ablation.md and .csv) gives, per 
 and 10 (mean +- se over seeds; "-" where a seed's envelope does not reach that KL), its difference from the base
 arm paired by seed, the held-out implicit-reward accuracy, and the step whose mean reward is highest (where the
 run peaks). With --protocol, each arm's envelope is also set against RLHF's and RLOO's from a `--preset tiny-fig2`
-run over the same seeds (unpaired: se = sqrt(se_a^2 + se_b^2)).
+run over the same seeds (unpaired: se = sqrt(se_a^2 + se_b^2)); the sft arm's KL is from its SFT model, every other
+arm's and theirs from the original model, so its differences are marked as such and carry no verdict.
 """
 
 import argparse
@@ -154,14 +155,16 @@ def table(out: Path, protocol: Path | None) -> list[dict]:
         summary = json.loads((folder / "summary.json").read_text())
         mine = readings(read_rows(folder / "frontier.csv"), "dpo")
         row = {"arm": name, "change": what}
-        if "sft_model" in summary:
+        other_reference = "sft_model" in summary  # its KL is from the SFT model; RLHF's and RLOO's from the original
+        if other_reference:
             sft = summary["sft_model"]
             row["change"] += (f" (the SFT model itself: reward {fmt(**sft['reward'])} at KL "
                               f"{fmt(**sft['kl_from_original'])} from the original)")
         for kl in KLS:
             row[f"reward@{kl:g}"] = fmt(*stat(list(mine[kl].values())))
             paired = [mine[kl][s] - base[kl][s] for s in mine[kl] if s in base[kl]]
-            row[f"vs base@{kl:g}"] = fmt(*stat(paired)) if name != "base" else ""
+            row[f"vs base@{kl:g}"] = (fmt(*stat(paired)) + (" (KL from another reference)" if other_reference else "")
+                                      if name != "base" else "")
             for method, theirs in rivals.items():
                 a, b = stat(list(mine[kl].values())), stat(list(theirs[kl].values()))
                 if a[0] is None or b[0] is None or a[1] is None or b[1] is None:
@@ -169,6 +172,7 @@ def table(out: Path, protocol: Path | None) -> list[dict]:
                     continue
                 diff, se = a[0] - b[0], math.hypot(a[1], b[1])
                 verdict = "beats" if diff > 2 * se else "loses" if diff < -2 * se else "ties"
+                verdict = "KL from another reference" if other_reference else verdict
                 row[f"vs {method}@{kl:g}"] = f"{diff:+.3f} +- {se:.3f} ({verdict})"
         acc = next(iter(summary["implicit_reward_accuracy"].get("dpo", {}).values()), None)
         row["implicit accuracy"] = fmt(acc["mean"], acc["se"], acc["seeds"]) if acc else "-"
