@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from minidpo.config import ConfigError
+from minidpo.config import ConfigError, flag_name
 from minidpo.model.gpt import GPT
 
 REPO = Path(__file__).resolve().parents[2]
@@ -146,7 +146,7 @@ def imdb_source(name: str, flag: str = "data") -> tuple[Path, str]:
         return Path(IMDB_SAMPLE_PATH), ""
     path = Path(name)
     if not path.exists():
-        raise ConfigError(f"--{flag.replace('_', '-')} {name}: no such file or directory (expected aclImdb_v1.tar.gz "
+        raise ConfigError(f"{flag_name(flag)} {name}: no such file or directory (expected aclImdb_v1.tar.gz "
                           "or an extracted aclImdb directory; `auto` uses the cache or the shipped sample)", flag)
     return path.resolve(), ""
 
