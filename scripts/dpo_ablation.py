@@ -155,7 +155,8 @@ def table(out: Path, protocol: Path | None) -> list[dict]:
         summary = json.loads((folder / "summary.json").read_text())
         mine = readings(read_rows(folder / "frontier.csv"), "dpo")
         row = {"arm": name, "change": what}
-        other_reference = "sft_model" in summary  # its KL is from the SFT model; RLHF's and RLOO's from the original
+        # the sft arm's KL is from its SFT model, everyone else's from the original: its differences get no verdict
+        other_reference = "KL from another reference" if "sft_model" in summary else None
         if other_reference:
             sft = summary["sft_model"]
             row["change"] += (f" (the SFT model itself: reward {fmt(**sft['reward'])} at KL "
@@ -163,16 +164,15 @@ def table(out: Path, protocol: Path | None) -> list[dict]:
         for kl in KLS:
             row[f"reward@{kl:g}"] = fmt(*stat(list(mine[kl].values())))
             paired = [mine[kl][s] - base[kl][s] for s in mine[kl] if s in base[kl]]
-            row[f"vs base@{kl:g}"] = (fmt(*stat(paired)) + (" (KL from another reference)" if other_reference else "")
-                                      if name != "base" else "")
+            note = f" ({other_reference})" if other_reference else ""
+            row[f"vs base@{kl:g}"] = fmt(*stat(paired)) + note if name != "base" else ""
             for method, theirs in rivals.items():
                 a, b = stat(list(mine[kl].values())), stat(list(theirs[kl].values()))
                 if a[0] is None or b[0] is None or a[1] is None or b[1] is None:
                     row[f"vs {method}@{kl:g}"] = "-"
                     continue
                 diff, se = a[0] - b[0], math.hypot(a[1], b[1])
-                verdict = "beats" if diff > 2 * se else "loses" if diff < -2 * se else "ties"
-                verdict = "KL from another reference" if other_reference else verdict
+                verdict = other_reference or ("beats" if diff > 2 * se else "loses" if diff < -2 * se else "ties")
                 row[f"vs {method}@{kl:g}"] = f"{diff:+.3f} +- {se:.3f} ({verdict})"
         acc = next(iter(summary["implicit_reward_accuracy"].get("dpo", {}).values()), None)
         row["implicit accuracy"] = fmt(acc["mean"], acc["se"], acc["seeds"]) if acc else "-"
